@@ -1,0 +1,1 @@
+"""batchd: runs large LLM workloads through the Message Batches API, durably."""
