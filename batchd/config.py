@@ -1,0 +1,228 @@
+"""Configuration: TOML file plus environment, into one frozen, validated `Config`.
+
+Every key is documented in config.example.toml. A bad value fails at start with a
+message that names the key; unknown keys are errors too (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from batchd.wire import DEFAULT_BASE_URL, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
+
+CREDENTIAL_NAME = "anthropic-api-key"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    path: Path = Path("batchd.db")
+    busy_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    api_key_file: Path | None = None
+    request_timeout_s: float = 60.0
+    max_retries: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    max_requests: int = 10_000
+    max_bytes: int = MAX_BATCH_BYTES
+    max_in_flight_requests: int = 100_000
+    linger_s: float = 5.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PollingConfig:
+    interval_s: float = 30.0
+    max_concurrency: int = 8
+    not_found_grace_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsConfig:
+    chunk_size: int = 5000
+    max_line_bytes: int = 256 * 1024 * 1024
+    max_download_attempts: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    polling: PollingConfig = field(default_factory=PollingConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# TOML key -> dataclass field, where the file uses a friendlier name than the field.
+_KEY_ALIASES = {
+    "request_timeout_seconds": "request_timeout_s",
+    "linger_seconds": "linger_s",
+    "interval_seconds": "interval_s",
+    "not_found_grace_seconds": "not_found_grace_s",
+}
+_SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any) and the environment into a validated Config."""
+    env = os.environ if env is None else env
+    if path is None and env.get("BATCHD_CONFIG"):
+        path = Path(env["BATCHD_CONFIG"])
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    base_url_in_file = isinstance(raw.get("api"), dict) and "base_url" in raw["api"]
+    sections = {name: _build_section(name, raw.pop(name, {})) for name in _SECTIONS}
+    if raw:
+        raise ConfigError(f"unknown config section or key: {', '.join(sorted(raw))}")
+    config = Config(**sections)
+    if env.get("ANTHROPIC_BASE_URL") and not base_url_in_file:
+        # As the official SDK does; an explicit key in the file wins.
+        config = replace(config, api=replace(config.api, base_url=env["ANTHROPIC_BASE_URL"]))
+    _validate(config)
+    return config
+
+
+def _build_section(name: str, values: Any) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    if name == "api" and "api_key" in values:
+        raise ConfigError(
+            "[api] api_key: the key is never read from the config file; set "
+            "ANTHROPIC_API_KEY (or [api] api_key_env) or [api] api_key_file"
+        )
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        field_name = _KEY_ALIASES.get(key, key)
+        if field_name not in known:
+            raise ConfigError(f"[{name}] {key}: unknown key")
+        default = getattr(cls(), field_name)
+        kwargs[field_name] = _coerce(f"[{name}] {key}", value, default)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, Path) or default is None:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _validate(config: Config) -> None:
+    b = config.batching
+    _check(
+        1 <= b.max_requests <= MAX_REQUESTS_PER_BATCH,
+        f"[batching] max_requests: must be 1..{MAX_REQUESTS_PER_BATCH}, got {b.max_requests}",
+    )
+    _check(
+        1024 <= b.max_bytes <= MAX_BATCH_BYTES,
+        f"[batching] max_bytes: must be 1024..{MAX_BATCH_BYTES}, got {b.max_bytes}",
+    )
+    _check(b.max_in_flight_requests >= 1, "[batching] max_in_flight_requests: must be >= 1")
+    _check(b.linger_s >= 0, "[batching] linger_seconds: must be >= 0")
+    _check(b.max_attempts >= 1, "[batching] max_attempts: must be >= 1")
+    p = config.polling
+    _check(p.interval_s > 0, "[polling] interval_seconds: must be > 0")
+    _check(p.max_concurrency >= 1, "[polling] max_concurrency: must be >= 1")
+    _check(p.not_found_grace_s >= 0, "[polling] not_found_grace_seconds: must be >= 0")
+    _check(config.results.chunk_size >= 1, "[results] chunk_size: must be >= 1")
+    _check(config.results.max_line_bytes >= 1024, "[results] max_line_bytes: must be >= 1024")
+    _check(config.api.request_timeout_s > 0, "[api] request_timeout_seconds: must be > 0")
+    _check(config.api.max_retries >= 0, "[api] max_retries: must be >= 0")
+    _check(
+        config.api.base_url.startswith(("http://", "https://")),
+        f"[api] base_url: must start with http:// or https://, got {config.api.base_url!r}",
+    )
+    _check(
+        config.logging.format in {"auto", "json", "console"},
+        "[logging] format: must be auto, json or console",
+    )
+    _check(
+        config.logging.level in {"debug", "info", "warning", "error"},
+        "[logging] level: must be debug, info, warning or error",
+    )
+    _check(0 <= config.metrics.port <= 65535, "[metrics] port: must be 0..65535")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> str | None:
+    """The API key from the environment, a file, or systemd's credentials; never logged."""
+    env = os.environ if env is None else env
+    if config.api.api_key_file is not None:
+        return _read_key_file(config.api.api_key_file, "[api] api_key_file")
+    if env.get(config.api.api_key_env):
+        return env[config.api.api_key_env].strip()
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
+        return _read_key_file(Path(credentials) / CREDENTIAL_NAME, "systemd credential")
+    return None
+
+
+def _read_key_file(path: Path, what: str) -> str:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"{what}: {path} is empty")
+    return key

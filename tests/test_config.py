@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from batchd.config import Config, ConfigError, load_config, resolve_api_key
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "batchd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_documented_defaults() -> None:
+    config = load_config(None, env={})
+    assert config == Config()
+    assert config.batching.max_requests == 10_000
+    assert config.batching.max_bytes == 256_000_000
+
+
+def test_example_config_loads_and_equals_the_defaults() -> None:
+    example = Path(__file__).parent.parent / "config.example.toml"
+    assert load_config(example, env={}) == Config()
+
+
+def test_values_and_friendly_key_names_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[batching]\nmax_requests = 500\nlinger_seconds = 2\n"
+        '[polling]\ninterval_seconds = 1.5\n[database]\npath = "x.db"\n',
+    )
+    config = load_config(path, env={})
+    assert config.batching.max_requests == 500
+    assert config.batching.linger_s == 2.0
+    assert config.polling.interval_s == 1.5
+    assert config.database.path == Path("x.db")
+
+
+def test_batchd_config_env_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[batching]\nmax_requests = 7\n")
+    assert load_config(None, env={"BATCHD_CONFIG": str(path)}).batching.max_requests == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[batching]\nmax_requests = 100001\n", "[batching] max_requests"),
+        ("[batching]\nmax_requests = 'many'\n", "[batching] max_requests"),
+        ("[batching]\nmax_bytes = 300000000\n", "[batching] max_bytes"),
+        ("[batching]\nmax_reqests = 5\n", "[batching] max_reqests: unknown key"),
+        ("[polling]\ninterval_seconds = 0\n", "[polling] interval_seconds"),
+        ("[bogus]\nx = 1\n", "bogus"),
+        ("[api]\napi_key = 'sk-secret'\n", "[api] api_key"),
+        ("[api]\nbase_url = 'ftp://x'\n", "[api] base_url"),
+        ("[logging]\nformat = 'xml'\n", "[logging] format"),
+        ("[batching\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_fails_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert named in str(caught.value)
+    assert "sk-secret" not in str(caught.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_base_url_comes_from_the_environment_unless_the_file_sets_it(tmp_path: Path) -> None:
+    env = {"ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+    assert load_config(None, env=env).api.base_url == "http://127.0.0.1:9"
+    path = write(tmp_path, "[api]\nbase_url = 'http://10.0.0.1:1'\n")
+    assert load_config(path, env=env).api.base_url == "http://10.0.0.1:1"
+
+
+def test_api_key_from_env_file_or_systemd_credential(tmp_path: Path) -> None:
+    config = load_config(None, env={})
+    assert resolve_api_key(config, env={"ANTHROPIC_API_KEY": " k1\n"}) == "k1"
+    (tmp_path / "anthropic-api-key").write_text("k2\n")
+    assert resolve_api_key(config, env={"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "k2"
+    assert resolve_api_key(config, env={}) is None
+    key_file = tmp_path / "key"
+    key_file.write_text("k3")
+    path = write(tmp_path, f"[api]\napi_key_file = '{key_file}'\n")
+    assert resolve_api_key(load_config(path, env={}), env={"ANTHROPIC_API_KEY": "k1"}) == "k3"
+    key_file.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        resolve_api_key(load_config(path, env={}), env={})
