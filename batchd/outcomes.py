@@ -1,0 +1,140 @@
+"""One result line ─► an `Outcome`: what happened, a readable reason, retryable or not, usage.
+
+Spec §4: `{"custom_id": ..., "result": {"type": succeeded|errored|canceled|expired, ...}}`.
+Parsing is defensive (unknown keys allowed, null usage fields are zero) but a line we
+cannot attribute or classify raises `MalformedResultLine`: the daemon keeps such lines
+aside, it never drops them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from batchd.domain import Outcome, Usage
+
+# §4.1 / §8.9: transient failures; resubmitting the same request can succeed.
+_TRANSIENT_ERROR_TYPES = frozenset(
+    {"api_error", "overloaded_error", "rate_limit_error", "timeout_error"}
+)
+# The request itself (or our account) is the problem: resubmitting it as is would only
+# fail again, possibly after another day's wait.
+_CLIENT_ERROR_TYPES = frozenset(
+    {
+        "invalid_request_error",
+        "authentication_error",
+        "billing_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+    }
+)
+_EXPIRED_REASON = "expired: the batch reached its 24 hour expiry before this request was processed"
+_CANCELED_REASON = "canceled: the batch was canceled before this request was processed"
+_SNIPPET_BYTES = 80
+
+
+class MalformedResultLine(ValueError):
+    """A results line that is not a result we can attribute to a task and classify."""
+
+
+def parse_result_line(line: bytes) -> Outcome:
+    """Parse one JSONL result line; raises `MalformedResultLine` with the reason."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedResultLine(f"not JSON ({exc}): {line[:_SNIPPET_BYTES]!r}") from exc
+    if not isinstance(record, dict):
+        raise MalformedResultLine(f"not a JSON object: {line[:_SNIPPET_BYTES]!r}")
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise MalformedResultLine(f"no custom_id: {line[:_SNIPPET_BYTES]!r}")
+    result = record.get("result")
+    if not isinstance(result, dict):
+        raise MalformedResultLine(f"custom_id {custom_id!r}: no result object")
+    result_type = result.get("type")
+    result_json = orjson.dumps(result).decode()
+    if result_type == "succeeded":
+        return _succeeded(custom_id, result, result_json)
+    if result_type == "errored":
+        return _errored(custom_id, result, result_json)
+    if result_type == "expired":
+        return Outcome(custom_id, "expired", result_json, _EXPIRED_REASON, retryable=True)
+    if result_type == "canceled":
+        # Retryable here means "not the request's fault"; the store decides with the
+        # task's cancel flag and attempts whether it goes back to pending.
+        return Outcome(custom_id, "canceled", result_json, _CANCELED_REASON, retryable=True)
+    raise MalformedResultLine(f"custom_id {custom_id!r}: unknown result.type {result_type!r}")
+
+
+def _succeeded(custom_id: str, result: dict[str, Any], result_json: str) -> Outcome:
+    message = result.get("message")
+    if not isinstance(message, dict):
+        raise MalformedResultLine(f"custom_id {custom_id!r}: succeeded without a message object")
+    model = message.get("model")
+    return Outcome(
+        custom_id,
+        "succeeded",
+        result_json,
+        error=None,
+        retryable=False,
+        usage=_usage(message.get("usage")),
+        model=model if isinstance(model, str) else None,
+    )
+
+
+def _usage(raw: object) -> Usage:
+    """§4.2: only input/output tokens are certain; the cache counts may be absent or null."""
+    if not isinstance(raw, dict):
+        return Usage()
+
+    def tokens(key: str) -> int:
+        value = raw.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return Usage(
+        input_tokens=tokens("input_tokens"),
+        output_tokens=tokens("output_tokens"),
+        cache_creation_input_tokens=tokens("cache_creation_input_tokens"),
+        cache_read_input_tokens=tokens("cache_read_input_tokens"),
+    )
+
+
+def _errored(custom_id: str, result: dict[str, Any], result_json: str) -> Outcome:
+    error_type, message = _error_details(result.get("error"))
+    if error_type is None:
+        reason = "errored: the result carries no error type"
+    elif message:
+        reason = f"errored: {error_type}: {message}"
+    else:
+        reason = f"errored: {error_type}"
+    return Outcome(custom_id, "errored", result_json, reason, retryable=is_retryable(error_type))
+
+
+def _error_details(envelope: object) -> tuple[str | None, str | None]:
+    """§4.1: the type is at `result.error.error.type`; some doc examples put it one level up."""
+    if not isinstance(envelope, dict):
+        return None, None
+    inner = envelope.get("error")
+    source = inner if isinstance(inner, dict) else envelope
+    error_type = source.get("type")
+    message = source.get("message")
+    return (
+        error_type if isinstance(error_type, str) and error_type else None,
+        message if isinstance(message, str) else None,
+    )
+
+
+def is_retryable(error_type: str | None) -> bool:
+    """Whether an errored request may be resubmitted unchanged.
+
+    Types outside §4.1's list may appear ("type values will grow over time", §6.1).
+    An unknown `*_error` type is treated as transient: the store caps attempts, so the
+    worst case is a few unbilled retries (errored requests are not billed, §5), while
+    calling it permanent would fail work that a resubmission would finish. Anything not
+    shaped like an error type, or a missing type, we cannot judge: not retryable.
+    """
+    if error_type is None or error_type in _CLIENT_ERROR_TYPES:
+        return False
+    return error_type in _TRANSIENT_ERROR_TYPES or error_type.endswith("_error")
