@@ -1,0 +1,323 @@
+"""The Prometheus registry's exact text, and /metrics and /healthz over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import aiosqlite
+import pytest
+from structlog.testing import capture_logs
+
+from batchd.metrics import (
+    API_ERRORS,
+    API_REQUESTS,
+    BATCHD_METRICS,
+    BATCHES_IN_FLIGHT,
+    CALLBACK_ERRORS,
+    CONTENT_TYPE,
+    REQUESTS_SUBMITTED,
+    TASKS,
+    TOKENS,
+    ApiReachability,
+    Health,
+    MetricSpec,
+    MetricsServer,
+    Registry,
+    api_observer,
+    batchd_registry,
+)
+
+# --- the text format -------------------------------------------------------------------
+
+
+def test_render_is_exact_text_format_with_help_type_and_escaping() -> None:
+    registry = Registry(
+        [
+            MetricSpec("demo_requests_total", "counter", 'Requests.\nSee "docs" \\ here.'),
+            MetricSpec("demo_items", "gauge", "Items by path.", ("path", "kind")),
+        ]
+    )
+    registry.inc("demo_requests_total", 2)
+    registry.set("demo_items", 1.5, kind="a", path='C:\\dir "x"\nnext')
+    registry.set("demo_items", 3, path="/b", kind="b")
+    assert registry.render() == (
+        '# HELP demo_requests_total Requests.\\nSee "docs" \\\\ here.\n'
+        "# TYPE demo_requests_total counter\n"
+        "demo_requests_total 2\n"
+        "# HELP demo_items Items by path.\n"
+        "# TYPE demo_items gauge\n"
+        'demo_items{path="/b",kind="b"} 3\n'
+        'demo_items{path="C:\\\\dir \\"x\\"\\nnext",kind="a"} 1.5\n'
+    )
+
+
+def test_labels_render_in_declared_order_whatever_the_keyword_order() -> None:
+    registry = Registry([API_REQUESTS])
+    registry.inc(API_REQUESTS, status=200, endpoint="create")
+    registry.inc(API_REQUESTS, endpoint="create", status=200)
+    registry.inc(API_REQUESTS, endpoint="poll", status=429)
+    assert registry.render().splitlines()[2:] == [
+        'batchd_api_requests_total{endpoint="create",status="200"} 2',
+        'batchd_api_requests_total{endpoint="poll",status="429"} 1',
+    ]
+    assert registry.value(API_REQUESTS, endpoint="create", status="200") == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0"), (12_400, "12400"), (0.25, "0.25"), (math.inf, "+Inf"), (-math.inf, "-Inf")],
+)
+def test_values_render_as_prometheus_numbers(value: float, text: str) -> None:
+    registry = Registry([MetricSpec("demo", "gauge", "A number.")])
+    registry.set("demo", value)
+    assert registry.render().splitlines()[-1] == f"demo {text}"
+
+
+def test_nan_renders_as_nan() -> None:
+    registry = Registry([MetricSpec("demo", "gauge", "A number.")])
+    registry.set("demo", math.nan)
+    assert registry.render().splitlines()[-1] == "demo NaN"
+
+
+def test_misuse_is_refused_loudly() -> None:
+    registry = Registry([API_REQUESTS, MetricSpec("demo", "gauge", "A number.")])
+    with pytest.raises(ValueError, match="takes labels"):
+        registry.inc(API_REQUESTS, endpoint="create")
+    with pytest.raises(ValueError, match="cannot decrease"):
+        registry.inc(API_REQUESTS, -1, endpoint="create", status=200)
+    with pytest.raises(ValueError, match="only gauges"):
+        registry.set(API_REQUESTS, 1, endpoint="create", status=200)
+    with pytest.raises(KeyError, match="not registered"):
+        registry.inc("batchd_nope_total")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(API_REQUESTS)
+    with pytest.raises(ValueError, match="invalid label name"):
+        MetricSpec("demo", "gauge", "x", ("bad-name",))
+    with pytest.raises(ValueError, match="invalid metric name"):
+        MetricSpec("demo metric", "gauge", "x")
+
+
+def test_batchd_registry_declares_every_metric_and_starts_series_at_zero() -> None:
+    text = batchd_registry().render()
+    for spec in BATCHD_METRICS:
+        assert f"# HELP {spec.name} " in text
+        assert f"# TYPE {spec.name} {spec.kind}\n" in text
+    # rate() needs a series from the first scrape on, not from the first increment.
+    assert "batchd_requests_submitted_total 0\n" in text
+    assert "batchd_batches_created_total 0\n" in text
+    assert 'batchd_tokens_total{kind="cache_read_input"} 0\n' in text
+    names = {spec.name for spec in BATCHD_METRICS}
+    assert {
+        "batchd_tasks",
+        "batchd_batches_in_flight",
+        "batchd_requests_submitted_total",
+        "batchd_results_written_total",
+        "batchd_api_requests_total",
+        "batchd_api_errors_total",
+        "batchd_retries_total",
+        "batchd_tokens_total",
+        "batchd_batches_created_total",
+    } <= names
+
+
+async def test_a_failing_callback_leaves_its_gauge_empty_and_is_counted() -> None:
+    registry = batchd_registry()
+    healthy = True
+
+    async def in_flight() -> float:
+        if not healthy:
+            raise RuntimeError("database is locked")
+        return 3
+
+    registry.set_callback(BATCHES_IN_FLIGHT, in_flight)
+    await registry.refresh()
+    assert "batchd_batches_in_flight 3\n" in registry.render()
+    healthy = False
+    with capture_logs() as logs:
+        await registry.refresh()
+    # A stale "3" would look true; a missing sample shows up as a gap on the dashboard.
+    assert "\nbatchd_batches_in_flight " not in registry.render()
+    assert registry.value(CALLBACK_ERRORS, metric="batchd_batches_in_flight") == 1
+    assert [entry["event"] for entry in logs] == ["metrics_callback_failed"]
+
+
+def test_callbacks_only_fill_gauges() -> None:
+    registry = batchd_registry()
+
+    async def nothing() -> float:
+        return 0
+
+    with pytest.raises(ValueError, match="callbacks fill gauges"):
+        registry.set_callback(REQUESTS_SUBMITTED, nothing)
+
+
+async def test_callback_shape_must_match_the_labels() -> None:
+    registry = batchd_registry()
+
+    async def a_number() -> float:
+        return 1
+
+    registry.set_callback(TASKS, a_number)
+    with capture_logs():
+        await registry.refresh()
+    assert registry.value(CALLBACK_ERRORS, metric="batchd_tasks") == 1
+
+
+def test_api_reachability_tolerates_idleness_and_short_outages() -> None:
+    now = 1000.0
+    reachability = ApiReachability(clock=lambda: now)
+    assert reachability.problem(300) is None  # no call made yet: nothing wrong
+    reachability.record_failure()
+    now += 299
+    assert reachability.problem(300) is None
+    reachability.record_failure()  # still failing since the first failure
+    now += 1
+    assert reachability.problem(300) == "API unreachable for 300 s"
+    reachability.record_success()
+    assert reachability.problem(300) is None
+
+
+def test_api_observer_counts_responses_and_tracks_reachability() -> None:
+    now = 0.0
+    registry = batchd_registry()
+    reachability = ApiReachability(clock=lambda: now)
+    on_response = api_observer(registry, reachability)
+    on_response("create", 200, 0.2)
+    on_response("retrieve", 429, 0.1)  # rate limited: the API answered
+    assert reachability.problem(0) is None
+    on_response("retrieve", 0, 30.0)  # no response at all
+    on_response("retrieve", 529, 0.1)
+    assert reachability.problem(0) == "API unreachable for 0 s"
+    assert registry.value(API_REQUESTS, endpoint="create", status=200) == 1
+    assert registry.value(API_REQUESTS, endpoint="retrieve", status=429) == 1
+    assert registry.value(API_REQUESTS, endpoint="retrieve", status=529) == 1
+    assert registry.value(API_ERRORS, endpoint="retrieve", kind="http") == 2
+    assert registry.value(API_ERRORS, endpoint="retrieve", kind="connection") == 1
+    on_response("retrieve", 200, 0.1)
+    assert reachability.problem(0) is None
+
+
+# --- the HTTP listener, against a real database ----------------------------------------
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    async with aiosqlite.connect(tmp_path / "tasks.db", isolation_level=None) as db:
+        await db.execute("CREATE TABLE tasks (custom_id TEXT PRIMARY KEY, status TEXT)")
+        await db.execute("CREATE TABLE batches (id INTEGER PRIMARY KEY, state TEXT)")
+        yield db
+
+
+class FakeDaemonHealth:
+    """What the daemon's health check would report, switchable by the test."""
+
+    def __init__(self) -> None:
+        self.reasons: tuple[str, ...] = ()
+
+    async def __call__(self) -> Health:
+        return Health(self.reasons)
+
+
+@pytest.fixture
+async def served(
+    database: aiosqlite.Connection,
+) -> AsyncIterator[tuple[str, Registry, FakeDaemonHealth]]:
+    registry = batchd_registry()
+
+    async def task_counts() -> Mapping[str, int]:
+        async with database.execute("SELECT status, count(*) FROM tasks GROUP BY status") as cur:
+            return {str(status): int(count) async for status, count in cur}
+
+    async def batches_in_flight() -> int:
+        sql = "SELECT count(*) FROM batches WHERE state IN ('creating', 'in_progress')"
+        async with database.execute(sql) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    registry.set_callback(TASKS, task_counts)
+    registry.set_callback(BATCHES_IN_FLIGHT, batches_in_flight)
+    health = FakeDaemonHealth()
+    async with AsyncExitStack() as stack:
+        server = MetricsServer(registry, health, port=0)
+        await stack.enter_async_context(server)
+        yield f"http://127.0.0.1:{server.port}", registry, health
+
+
+async def get(url: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+async def test_metrics_reflect_the_database_at_scrape_time(
+    served: tuple[str, Registry, FakeDaemonHealth], database: aiosqlite.Connection
+) -> None:
+    base_url, registry, _ = served
+    await database.executemany(
+        "INSERT INTO tasks VALUES (?, ?)",
+        [("a", "pending"), ("b", "pending"), ("c", "succeeded")],
+    )
+    await database.execute("INSERT INTO batches (state) VALUES ('in_progress'), ('completed')")
+    registry.inc(TOKENS, 1200, kind="input")
+
+    status, content_type, text = await get(f"{base_url}/metrics")
+    assert status == 200
+    assert content_type == CONTENT_TYPE
+    assert 'batchd_tasks{status="pending"} 2\n' in text
+    assert 'batchd_tasks{status="succeeded"} 1\n' in text
+    assert "batchd_batches_in_flight 1\n" in text
+    assert 'batchd_tokens_total{kind="input"} 1200\n' in text
+
+    await database.execute("UPDATE tasks SET status = 'submitted' WHERE custom_id = 'a'")
+    _, _, text = await get(f"{base_url}/metrics")
+    assert 'batchd_tasks{status="pending"} 1\n' in text
+    assert 'batchd_tasks{status="submitted"} 1\n' in text
+
+
+async def test_healthz_is_200_ok_only_when_healthy(
+    served: tuple[str, Registry, FakeDaemonHealth],
+) -> None:
+    base_url, _, health = served
+    assert await get(f"{base_url}/healthz") == (200, "text/plain; charset=utf-8", "ok\n")
+    health.reasons = ("database not answering", "API unreachable for 301 s")
+    status, _, text = await get(f"{base_url}/healthz")
+    assert (status, text) == (503, "database not answering\nAPI unreachable for 301 s\n")
+
+
+async def test_healthz_is_503_when_the_check_fails_or_hangs() -> None:
+    async def broken() -> Health:
+        raise RuntimeError("boom")
+
+    async def hung() -> Health:
+        await asyncio.sleep(10)
+        raise AssertionError("unreachable")
+
+    registry = Registry()
+    async with MetricsServer(registry, broken) as server:
+        with capture_logs():
+            status, _, text = await get(f"http://127.0.0.1:{server.port}/healthz")
+        assert (status, text) == (503, "health check failed: RuntimeError\n")
+    async with MetricsServer(registry, hung, health_timeout_s=0.1) as server:
+        status, _, text = await get(f"http://127.0.0.1:{server.port}/healthz")
+        assert (status, text) == (503, "health check did not answer within 0.1 s\n")
+
+
+async def test_server_binds_loopback_by_default_and_stops_cleanly() -> None:
+    server = MetricsServer(Registry(), FakeDaemonHealth())
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = server.port
+    await server.start()
+    port = server.port
+    assert port > 0
+    with pytest.raises(aiohttp.ClientConnectorError):
+        # Not reachable on another local address: bound to 127.0.0.1 only.
+        await get(f"http://127.0.0.2:{port}/healthz")
+    await server.stop()
+    await server.stop()
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await get(f"http://127.0.0.1:{port}/healthz")
