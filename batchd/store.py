@@ -1,20 +1,72 @@
 """Every SQL statement of batchd, behind methods named for what they mean.
 
-INTERFACE STUB: the signatures and docstrings are the contract; bodies to be written.
-See docs/design.md for the states and the transactions.
+One writer connection behind an asyncio.Lock (pitfalls: coroutines sharing a connection
+share its transaction) and one reader connection. Every write is one `BEGIN IMMEDIATE`
+transaction run in a shielded inner task, so a cancelled caller never leaves half of
+one behind. See docs/design.md for the states and the transactions.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from importlib import resources
+from itertools import islice
 from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
-from batchd.domain import BatchRecord, Outcome, PendingTask, TaskRow, TaskStatus, WriteReport
-from batchd.wire import MessageBatch
+import aiosqlite
+import orjson
+
+from batchd.domain import (
+    FINAL_TASK_STATUSES,
+    BatchRecord,
+    BatchState,
+    Outcome,
+    PendingTask,
+    TaskRow,
+    TaskStatus,
+    WriteReport,
+)
+from batchd.wire import MessageBatch, RequestCounts, parse_timestamp
 
 Clock = Callable[[], datetime]
+Db = aiosqlite.Connection
+Row = tuple[Any, ...]
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Bigger pages and cache roughly halve the shuffled UPDATEs of the write-back (pitfalls).
+_PAGE_SIZE = 16384
+_PRAGMAS = (
+    "PRAGMA synchronous = FULL",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA cache_size = -65536",
+    # The write-back staging table holds one chunk: keep it off disk (~10% faster).
+    "PRAGMA temp_store = MEMORY",
+)
+_ENQUEUE_CHUNK = 5000
+_MIGRATION_FILE = re.compile(r"(\d+)_(\w+)\.sql")
+_RESULT_TYPES = frozenset({"succeeded", "errored", "canceled", "expired"})
+_USER_CANCELED = "canceled at user request"
+_STATE_OF_PROCESSING = {
+    "in_progress": BatchState.IN_PROGRESS,
+    "canceling": BatchState.CANCELING,
+    "ended": BatchState.ENDED,
+}
+# What to tell a user for the SQLite errors that come from the environment.
+_HINTS = (
+    ("readonly", "this user must be able to write the file and its directory"),
+    ("unable to open", "the directory must exist and be writable by this user"),
+    ("disk is full", "free some disk space"),
+    ("not a database", "the path points at a file that is not a SQLite database"),
+    ("locked", "another process held the write lock longer than busy_timeout_ms"),
+)
 
 
 class StoreError(Exception):
@@ -44,8 +96,31 @@ class FinishReport:
     missing_requeued: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Migration:
+    version: int
+    name: str
+    script: str
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction body to undo it; never leaves the store."""
+
+
 class Store:
     """One writer connection behind an asyncio.Lock, one reader connection."""
+
+    def __init__(self, path: Path, stack: AsyncExitStack, writer: Db, reader: Db, clock: Clock):
+        self._path = path
+        self._stack = stack
+        self._writer = writer
+        self._reader = reader
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
     async def open(
@@ -56,91 +131,787 @@ class Store:
         clock: Clock | None = None,
         migrate: bool = True,
     ) -> Store:
-        raise NotImplementedError
+        """Open (creating if needed) the database at `path`; apply missing migrations."""
+        stack = AsyncExitStack()
+        try:
+            with _sqlite_errors(path, "open"):
+                writer = await _connect(stack, path, busy_timeout_ms, new_page_size=True)
+                reader = await _connect(stack, path, busy_timeout_ms, new_page_size=False)
+                # A stray write through the reader would bypass the lock: forbid it.
+                await reader.execute("PRAGMA query_only = ON")
+            store = cls(path, stack, writer, reader, clock or _utc_now)
+            if migrate:
+                await store.migrate()
+            else:
+                await store._check_version(_shipped_migrations())
+        except BaseException:
+            await stack.aclose()
+            raise
+        return store
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Let a write in progress finish (it may be shielded from its caller), then close."""
+        self._closed = True
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._stack.aclose()
 
     async def migrate(self) -> list[int]:
-        raise NotImplementedError
+        """Apply every shipped migration not yet recorded, each in its own transaction."""
+        shipped = _shipped_migrations()
+        await self._transact(_create_migrations_table)
+        await self._check_version(shipped)
+        applied = []
+        for migration in shipped:
+            if await self._transact(self._apply_migration, migration):
+                applied.append(migration.version)
+        return applied
+
+    async def _check_version(self, shipped: list[_Migration]) -> None:
+        supported = max((m.version for m in shipped), default=0)
+        recorded = await self._recorded_version()
+        if recorded > supported:
+            raise SchemaTooNewError(
+                f"{self._path}: database schema version {recorded} is newer than this batchd "
+                f"supports ({supported}); upgrade batchd"
+            )
+
+    async def _recorded_version(self) -> int:
+        exists = await self._read(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        )
+        if not exists:
+            return 0
+        rows = await self._read("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        return int(rows[0][0])
+
+    async def _apply_migration(self, db: Db, migration: _Migration) -> bool:
+        # Checked inside the transaction: another process may have migrated meanwhile.
+        done = await db.execute_fetchall(
+            "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
+        )
+        if list(done):
+            return False
+        # Statement by statement: executescript would COMMIT first and escape the lock.
+        for statement in _statements(migration.script):
+            await db.execute(statement)
+        await db.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.name, self._now()),
+        )
+        return True
+
+    # -- transactions ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[Db]:
+        """The one way to write: the lock, `BEGIN IMMEDIATE`, COMMIT or ROLLBACK."""
+        async with self._lock:
+            db = self._writer
+            # IMMEDIATE waits for the write lock under busy_timeout; a deferred transaction
+            # that upgrades would fail at once with "database is locked" (pitfalls).
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (disk full, I/O error).
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise
+
+    async def _transact(
+        self, body: Callable[Concatenate[Db, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run `body(db, ...)` as one transaction in a task the caller's cancellation can't stop.
+
+        Cancelling an awaited statement does not stop it (pitfalls), so a cancelled caller
+        must not be able to interrupt the body between statements either.
+        """
+        if self._closed:
+            raise StoreError(f"{self._path}: the store is closed")
+
+        async def run() -> T:
+            with _sqlite_errors(self._path, "write to"):
+                async with self._write() as db:
+                    return await body(db, *args, **kwargs)
+
+        task = asyncio.create_task(run(), name="batchd-store-write")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return await asyncio.shield(task)
+
+    async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
+        """One statement on the reader, fully fetched: no read transaction outlives it."""
+        with _sqlite_errors(self._path, "read"):
+            return cast(list[Row], list(await self._reader.execute_fetchall(sql, params)))
+
+    def _now(self) -> str:
+        return _format_time(self._clock())
+
+    # -- intake ------------------------------------------------------------------------------
 
     async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
-        raise NotImplementedError
+        """Insert new tasks; custom_ids already stored or repeated in `items` are reported."""
+        inserted = 0
+        duplicates: list[str] = []
+        seen: set[str] = set()
+        source = iter(items)
+        while chunk := list(islice(source, _ENQUEUE_CHUNK)):
+            fresh: dict[str, str] = {}
+            for custom_id, params in chunk:
+                if custom_id not in seen and custom_id not in fresh:
+                    fresh[custom_id] = params
+            existing, count = await self._transact(self._insert_tasks, fresh)
+            inserted += count
+            for custom_id, _ in chunk:
+                if custom_id in seen or custom_id in existing:
+                    duplicates.append(custom_id)
+                seen.add(custom_id)
+        return EnqueueReport(inserted, tuple(duplicates))
 
-    def iter_pending(self, *, page_size: int = 1000) -> AsyncIterator[PendingTask]:
-        raise NotImplementedError
+    async def _insert_tasks(self, db: Db, fresh: dict[str, str]) -> tuple[set[str], int]:
+        rows = await db.execute_fetchall(
+            "SELECT custom_id FROM tasks WHERE custom_id IN (SELECT value FROM json_each(?))",
+            (_json_list(fresh),),
+        )
+        existing = {row[0] for row in rows}
+        new = [(cid, params) for cid, params in fresh.items() if cid not in existing]
+        count = await _run_many(
+            db, "INSERT OR IGNORE INTO tasks (custom_id, params) VALUES (?, ?)", new
+        )
+        return existing, count
+
+    async def iter_pending(self, *, page_size: int = 1000) -> AsyncIterator[PendingTask]:
+        """Pending tasks, oldest first, a page per query (keyset: no long read transaction)."""
+        after = 0
+        while True:
+            rows = await self._read(
+                "SELECT id, custom_id, params, attempts FROM tasks"
+                " WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                (after, page_size),
+            )
+            for row in rows:
+                yield PendingTask(*row)
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
 
     async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
-        raise NotImplementedError
+        """Pending tasks the chunker refused become `invalid` with the reason; returns count."""
+        return await self._transact(self._mark_invalid, reasons)
+
+    async def _mark_invalid(self, db: Db, reasons: Sequence[tuple[int, str]]) -> int:
+        now = self._now()
+        return await _run_many(
+            db,
+            "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?"
+            " WHERE id = ? AND status = 'pending'",
+            [(reason, now, task_id) for task_id, reason in reasons],
+        )
+
+    # -- submission (design steps 1-4) ---------------------------------------------------------
 
     async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
-        raise NotImplementedError
+        """Claim the tasks for a new `creating` batch; None if any stopped being pending."""
+        if not task_ids:
+            raise ValueError("record_intent needs at least one task")
+        try:
+            return await self._transact(self._claim, task_ids, body_bytes)
+        except _Rollback:
+            return None
+
+    async def _claim(self, db: Db, task_ids: Sequence[int], body_bytes: int) -> int:
+        now = self._now()
+        async with db.execute(
+            "INSERT INTO batches (state, request_count, body_bytes, intent_at)"
+            " VALUES ('creating', ?, ?, ?)",
+            (len(task_ids), body_bytes, now),
+        ) as cursor:
+            local_id = cursor.lastrowid
+        assert local_id is not None
+        # One JSON array parameter: no limit on bound variables, no temp table to fill.
+        task_list = _json_list(task_ids)
+        claimed = await _run(
+            db,
+            "UPDATE tasks SET status = 'submitted', batch_id = ?, attempts = attempts + 1,"
+            " submitted_at = ?, error = NULL"
+            " WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending'",
+            (local_id, now, task_list),
+        )
+        if claimed != len(task_ids):
+            raise _Rollback
+        await db.execute(
+            "INSERT INTO batch_tasks (batch_id, task_id) SELECT ?, value FROM json_each(?)",
+            (local_id, task_list),
+        )
+        return local_id
 
     async def mark_created(self, local_id: int, batch: MessageBatch) -> bool:
-        raise NotImplementedError
+        """Record the API's id for a `creating` batch (also adopts one found by reconcile)."""
+        return await self._transact(self._mark_created, local_id, batch)
+
+    async def _mark_created(self, db: Db, local_id: int, batch: MessageBatch) -> bool:
+        changed = await _run(
+            db,
+            "UPDATE batches SET api_batch_id = :api_id, state = :state, submitted_at = :now,"
+            " api_created_at = :created, processing_status = :processing,"
+            " request_counts = :counts, results_url = :url, ended_at = :ended"
+            " WHERE id = :local AND state = 'creating'",
+            {
+                **_batch_params(batch),
+                "state": _STATE_OF_PROCESSING[batch["processing_status"]].value,
+                "created": _format_time(parse_timestamp(batch["created_at"])),
+                "now": self._now(),
+                "local": local_id,
+            },
+        )
+        return changed == 1
 
     async def release_intent(
         self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
     ) -> None:
-        raise NotImplementedError
+        """The create was refused: the batch is `rejected`, its tasks go back (no attempt)."""
+        await self._transact(self._release_intent, local_id, reason, invalid)
+
+    async def _release_intent(
+        self, db: Db, local_id: int, reason: str, invalid: Sequence[tuple[str, str]]
+    ) -> None:
+        rejected = await _run(
+            db,
+            "UPDATE batches SET state = 'rejected', note = ? WHERE id = ? AND state = 'creating'",
+            (reason, local_id),
+        )
+        if not rejected:
+            return
+        now = self._now()
+        await _run_many(
+            db,
+            "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?,"
+            " attempts = attempts - 1"
+            " WHERE custom_id = ? AND batch_id = ? AND status = 'submitted'",
+            [(error, now, custom_id, local_id) for custom_id, error in invalid],
+        )
+        await _cancel_flagged(db, local_id, now, attempts_delta=-1)
+        await _run(
+            db,
+            "UPDATE tasks SET status = 'pending', batch_id = NULL, attempts = attempts - 1,"
+            " error = NULL WHERE batch_id = ? AND status = 'submitted'",
+            (local_id,),
+        )
+
+    # -- batches -------------------------------------------------------------------------------
 
     async def batches_in(self, *states: str) -> list[BatchRecord]:
-        raise NotImplementedError
+        """Batches in any of `states`, oldest first."""
+        if not states:
+            return []
+        rows = await self._read(
+            f"SELECT {_BATCH_COLUMNS} FROM batches"
+            " WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (_json_list(states),),
+        )
+        return [_batch_record(row) for row in rows]
 
     async def known_api_batch_ids(self) -> set[str]:
-        raise NotImplementedError
+        """Every API batch id we know of: adopted or created, and suspected duplicates."""
+        rows = await self._read(
+            "SELECT api_batch_id FROM batches WHERE api_batch_id IS NOT NULL"
+            " UNION SELECT api_batch_id FROM duplicate_batches"
+        )
+        return {row[0] for row in rows}
 
     async def in_flight_request_count(self) -> int:
-        raise NotImplementedError
+        """Requests counting against the API's processing queue (ours, at least)."""
+        rows = await self._read(
+            "SELECT coalesce(sum(request_count), 0) FROM batches"
+            " WHERE state IN ('creating', 'in_progress', 'canceling')"
+        )
+        return int(rows[0][0])
 
     async def update_batch(self, local_id: int, batch: MessageBatch) -> None:
-        raise NotImplementedError
+        """Record a poll; `ended` / `canceling` move the batch state forward, never back."""
+        await self._transact(self._update_batch, local_id, batch)
+
+    async def _update_batch(self, db: Db, local_id: int, batch: MessageBatch) -> None:
+        await _run(
+            db,
+            "UPDATE batches SET processing_status = :processing, request_counts = :counts,"
+            " results_url = :url, ended_at = :ended, last_polled_at = :now,"
+            " not_found_since = NULL,"
+            " state = CASE"
+            "   WHEN :processing = 'ended' AND state IN ('in_progress', 'canceling') THEN 'ended'"
+            "   WHEN :processing = 'canceling' AND state = 'in_progress' THEN 'canceling'"
+            "   ELSE state END"
+            " WHERE id = :local AND api_batch_id = :api_id"
+            " AND state IN ('in_progress', 'canceling', 'ended')",
+            {**_batch_params(batch), "now": self._now(), "local": local_id},
+        )
 
     async def note_not_found(self, local_id: int, since: datetime | None) -> None:
-        raise NotImplementedError
+        """Set (first 404 of a run, spec 7.6) or clear `not_found_since`."""
+        stamp = None if since is None else _format_time(since)
+        await self._transact(
+            _run_in, "UPDATE batches SET not_found_since = ? WHERE id = ?", (stamp, local_id)
+        )
 
     async def mark_lost(self, local_id: int, reason: str) -> int:
-        raise NotImplementedError
+        """The API no longer knows the batch: requeue its tasks; returns how many."""
+        return await self._transact(self._mark_lost, local_id, reason)
+
+    async def _mark_lost(self, db: Db, local_id: int, reason: str) -> int:
+        rows = list(
+            await db.execute_fetchall(
+                "UPDATE batches SET state = 'lost', note = ? WHERE id = ?"
+                " AND state IN ('in_progress', 'canceling', 'ended') RETURNING api_batch_id",
+                (reason, local_id),
+            )
+        )
+        if not rows:
+            return 0
+        await _cancel_flagged(db, local_id, self._now(), attempts_delta=0)
+        # Attempts stay counted: the API may have processed (and billed) them.
+        return await _run(
+            db,
+            "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?"
+            " WHERE batch_id = ? AND status = 'submitted'",
+            (f"batch {rows[0][0]} lost: {reason}", local_id),
+        )
+
+    async def note_download_failed(self, local_id: int, note: str) -> int:
+        """Count a failed results download; returns the attempts so far."""
+        rows = await self._transact(
+            _fetch_in,
+            "UPDATE batches SET download_attempts = download_attempts + 1, note = ?"
+            " WHERE id = ? RETURNING download_attempts",
+            (note, local_id),
+        )
+        if not rows:
+            raise StoreError(f"{self._path}: no batch with local id {local_id}")
+        return int(rows[0][0])
+
+    async def record_duplicate(self, local_id: int, api_batch_id: str, note: str) -> None:
+        """Remember an API batch that probably repeats local batch `local_id`'s requests."""
+        await self._transact(
+            _run_in,
+            "INSERT OR IGNORE INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
+            " VALUES (?, ?, ?, ?)",
+            (api_batch_id, local_id, self._now(), note),
+        )
+
+    async def duplicate_batches(self) -> list[tuple[str, str, str]]:
+        """(api_batch_id, detected_at, note) of every suspected duplicate, oldest first."""
+        rows = await self._read(
+            "SELECT api_batch_id, detected_at, note FROM duplicate_batches"
+            " ORDER BY detected_at, api_batch_id"
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    # -- results (design steps 6-7) --------------------------------------------------------------
 
     async def write_results(
         self, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
     ) -> WriteReport:
-        raise NotImplementedError
+        """Apply a chunk of result lines to the tasks of batch `local_id`, in one transaction."""
+        staged: dict[str, Outcome] = {}
+        for outcome in outcomes:
+            if outcome.result_type not in _RESULT_TYPES:
+                raise ValueError(f"unknown result type {outcome.result_type!r}")
+            # A repeated line within the chunk counts as ignored, like a re-download.
+            staged.setdefault(outcome.custom_id, outcome)
+        unmatched, written, requeued = await self._transact(
+            self._write_results, local_id, list(staged.values()), max_attempts
+        )
+        ignored = len(outcomes) - written - requeued - len(unmatched)
+        return WriteReport(written, requeued, ignored, unmatched)
+
+    async def _write_results(
+        self, db: Db, local_id: int, outcomes: list[Outcome], max_attempts: int
+    ) -> tuple[tuple[str, ...], int, int]:
+        await db.execute(_CREATE_STAGING)
+        await db.execute("DELETE FROM temp.result_staging")
+        await _run_many(db, _INSERT_STAGING, [_staging_row(outcome) for outcome in outcomes])
+        names = {"local": local_id, "max_attempts": max_attempts, "now": self._now()}
+        unmatched = await db.execute_fetchall(_UNMATCHED_STAGED, names)
+        requeue = await db.execute_fetchall(_COUNT_REQUEUES, names)
+        changed = await _run(db, _APPLY_STAGED, names)
+        await db.execute("DELETE FROM temp.result_staging")  # frees the chunk's text now
+        requeued = int(next(iter(requeue))[0])
+        return tuple(row[0] for row in unmatched), changed - requeued, requeued
 
     async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
-        raise NotImplementedError
+        """Keep result lines that matched no task of their batch (never dropped)."""
+        now = self._now()
+        await self._transact(
+            _run_many_in,
+            "INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
+            " VALUES (?, ?, ?, ?)",
+            [(api_batch_id, custom_id, line, now) for custom_id, line in lines],
+        )
 
     async def finish_batch(self, local_id: int, reason: str) -> FinishReport:
-        raise NotImplementedError
+        """All lines written: requeue tasks that got none, mark the batch `completed`."""
+        return await self._transact(self._finish_batch, local_id, reason)
 
-    async def note_download_failed(self, local_id: int, note: str) -> int:
-        raise NotImplementedError
+    async def _finish_batch(self, db: Db, local_id: int, reason: str) -> FinishReport:
+        now = self._now()
+        completed = await _run(
+            db,
+            "UPDATE batches SET state = 'completed', completed_at = ?"
+            " WHERE id = ? AND state = 'ended'",
+            (now, local_id),
+        )
+        if not completed:
+            return FinishReport(())
+        await _cancel_flagged(db, local_id, now, attempts_delta=0)
+        rows = await db.execute_fetchall(
+            "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?"
+            " WHERE batch_id = ? AND status = 'submitted' RETURNING id, custom_id",
+            (reason, local_id),
+        )
+        return FinishReport(tuple(custom_id for _, custom_id in sorted(rows)))
 
-    async def record_duplicate(self, local_id: int, api_batch_id: str, note: str) -> None:
-        raise NotImplementedError
+    # -- user-facing reads and commands ------------------------------------------------------------
 
     async def status_counts(self) -> dict[TaskStatus, int]:
-        raise NotImplementedError
+        """How many tasks are in each status, zeros included."""
+        rows = await self._read("SELECT status, count(*) FROM tasks GROUP BY status")
+        counts = dict.fromkeys(TaskStatus, 0)
+        counts.update({TaskStatus(status): count for status, count in rows})
+        return counts
 
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
-        raise NotImplementedError
+        """The tasks asked for, in the order asked; unknown custom_ids are left out."""
+        rows = await self._read(
+            "SELECT t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, t.result,"
+            " t.created_at, t.submitted_at, t.completed_at"
+            " FROM json_each(?) AS asked"
+            " JOIN tasks AS t ON t.custom_id = asked.value"
+            " LEFT JOIN batches AS b ON b.id = t.batch_id"
+            " ORDER BY asked.key",
+            (_json_list(dict.fromkeys(custom_ids)),),
+        )
+        return [TaskRow(row[0], TaskStatus(row[1]), *row[2:]) for row in rows]
 
-    def iter_result_lines(self, statuses: Sequence[TaskStatus]) -> AsyncIterator[tuple[str, str]]:
-        raise NotImplementedError
+    async def iter_result_lines(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[tuple[str, str]]:
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
+        after = 0
+        wanted = _json_list(statuses)
+        while True:
+            rows = await self._read(
+                "SELECT id, custom_id, result FROM tasks"
+                " WHERE status IN (SELECT value FROM json_each(?))"
+                " AND result IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
+                (wanted, after, page_size),
+            )
+            for _, custom_id, result in rows:
+                yield custom_id, result
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
-        raise NotImplementedError
+        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+        return await self._transact(self._request_cancel, list(dict.fromkeys(custom_ids)))
+
+    async def _request_cancel(self, db: Db, custom_ids: list[str]) -> CancelReport:
+        asked = _json_list(custom_ids)
+        rows = await db.execute_fetchall(
+            "SELECT custom_id, status FROM tasks"
+            " WHERE custom_id IN (SELECT value FROM json_each(?))",
+            (asked,),
+        )
+        status_of: dict[str, str] = {row[0]: row[1] for row in rows}
+        await db.execute(
+            "UPDATE tasks SET status = 'canceled', error = ?, completed_at = ?"
+            " WHERE custom_id IN (SELECT value FROM json_each(?)) AND status = 'pending'",
+            (_USER_CANCELED, self._now(), asked),
+        )
+        await db.execute(
+            "UPDATE tasks SET cancel_requested = 1"
+            " WHERE custom_id IN (SELECT value FROM json_each(?)) AND status = 'submitted'",
+            (asked,),
+        )
+
+        def having(*statuses: str | None) -> tuple[str, ...]:
+            return tuple(cid for cid in custom_ids if status_of.get(cid) in statuses)
+
+        return CancelReport(
+            canceled=having(TaskStatus.PENDING),
+            flagged=having(TaskStatus.SUBMITTED),
+            not_cancelable=having(*FINAL_TASK_STATUSES),
+            unknown=having(None),
+        )
 
     async def batches_to_cancel(self) -> list[BatchRecord]:
-        raise NotImplementedError
+        """In-progress batches in which every task still waiting was canceled by the user."""
+        rows = await self._read(
+            f"SELECT {_BATCH_COLUMNS} FROM batches AS b WHERE state = 'in_progress'"
+            " AND EXISTS (SELECT 1 FROM tasks AS t"
+            "   WHERE t.batch_id = b.id AND t.status = 'submitted')"
+            " AND NOT EXISTS (SELECT 1 FROM tasks AS t"
+            "   WHERE t.batch_id = b.id AND t.status = 'submitted' AND t.cancel_requested = 0)"
+            " ORDER BY id"
+        )
+        return [_batch_record(row) for row in rows]
 
     async def mark_canceling(self, local_id: int) -> None:
-        raise NotImplementedError
+        """We asked the API to cancel the batch."""
+        await self._transact(
+            _run_in,
+            "UPDATE batches SET state = 'canceling' WHERE id = ? AND state = 'in_progress'",
+            (local_id,),
+        )
 
     async def retry_tasks(
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
-        raise NotImplementedError
+        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+        not_final = set(statuses) - FINAL_TASK_STATUSES
+        if not_final:
+            raise ValueError(f"only final tasks can be retried, not {sorted(not_final)}")
+        which = " AND custom_id IN (SELECT value FROM json_each(?))" if custom_ids else ""
+        params = [_json_list(statuses)] + ([_json_list(custom_ids)] if custom_ids else [])
+        # Usage and model go too: they would describe a result that is no longer there.
+        return await self._transact(
+            _run_in,
+            "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
+            " error = NULL, cancel_requested = 0, completed_at = NULL, model = NULL,"
+            " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
+            " cache_read_input_tokens = NULL"
+            f" WHERE status IN (SELECT value FROM json_each(?)){which}",
+            params,
+        )
 
-    async def duplicate_batches(self) -> list[tuple[str, str, str]]:
-        raise NotImplementedError
+
+# -- write-back SQL (design step 6) ------------------------------------------------------------
+
+_CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS result_staging (
+    custom_id TEXT NOT NULL,
+    result_type TEXT NOT NULL,
+    result_json TEXT NOT NULL,
+    error TEXT,
+    retryable INTEGER NOT NULL,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cache_creation_input_tokens INTEGER,
+    cache_read_input_tokens INTEGER,
+    model TEXT
+)"""
+_INSERT_STAGING = (
+    "INSERT INTO temp.result_staging VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # column order above
+)
+# Unmatched: no task with that custom_id was ever in this batch (batch_tasks remembers
+# requeued ones, whose re-downloaded lines are merely ignored).
+_UNMATCHED_STAGED = """
+SELECT s.custom_id FROM temp.result_staging AS s
+WHERE NOT EXISTS (SELECT 1 FROM tasks JOIN batch_tasks AS m ON m.task_id = tasks.id
+                  WHERE tasks.custom_id = s.custom_id AND m.batch_id = :local)
+ORDER BY s.rowid"""
+# Another try: a transient failure, attempts left, and the user did not ask to cancel.
+_RETRY = """(s.result_type <> 'succeeded' AND s.retryable
+    AND tasks.attempts < :max_attempts AND tasks.cancel_requested = 0)"""
+# The guard: only tasks of THIS batch still waiting, so a repeated line is a no-op.
+_STAGED_TASKS = """tasks.custom_id = s.custom_id AND tasks.batch_id = :local
+    AND tasks.status = 'submitted'"""
+_COUNT_REQUEUES = f"""
+SELECT count(*) FROM temp.result_staging AS s JOIN tasks ON {_STAGED_TASKS}
+WHERE {_RETRY}"""
+_APPLY_STAGED = f"""
+UPDATE tasks SET
+    status = CASE
+        WHEN s.result_type = 'succeeded' THEN 'succeeded'
+        WHEN s.result_type = 'canceled' AND tasks.cancel_requested = 1 THEN 'canceled'
+        WHEN {_RETRY} THEN 'pending'
+        ELSE s.result_type END,
+    batch_id = CASE WHEN {_RETRY} THEN NULL ELSE tasks.batch_id END,
+    result = CASE WHEN {_RETRY} THEN NULL ELSE s.result_json END,
+    error = CASE
+        WHEN s.result_type = 'succeeded' THEN NULL
+        WHEN s.result_type = 'canceled' AND tasks.cancel_requested = 1 THEN '{_USER_CANCELED}'
+        ELSE s.error END,
+    completed_at = CASE WHEN {_RETRY} THEN NULL ELSE :now END,
+    model = s.model,
+    input_tokens = s.input_tokens,
+    output_tokens = s.output_tokens,
+    cache_creation_input_tokens = s.cache_creation_input_tokens,
+    cache_read_input_tokens = s.cache_read_input_tokens
+FROM temp.result_staging AS s
+WHERE {_STAGED_TASKS}"""
+
+_BATCH_COLUMNS = (
+    "id, api_batch_id, state, request_count, body_bytes, intent_at, submitted_at,"
+    " processing_status, request_counts, api_created_at, ended_at, results_url,"
+    " not_found_since, download_attempts, note"
+)
+
+
+def _staging_row(outcome: Outcome) -> Row:
+    usage = outcome.usage
+    return (
+        outcome.custom_id,
+        outcome.result_type,
+        outcome.result_json,
+        outcome.error,
+        int(outcome.retryable),
+        usage and usage.input_tokens,
+        usage and usage.output_tokens,
+        usage and usage.cache_creation_input_tokens,
+        usage and usage.cache_read_input_tokens,
+        outcome.model,
+    )
+
+
+def _batch_params(batch: MessageBatch) -> dict[str, Any]:
+    ended = batch["ended_at"]
+    return {
+        "api_id": batch["id"],
+        "processing": batch["processing_status"],
+        "counts": orjson.dumps(batch["request_counts"]).decode(),
+        "url": batch["results_url"],
+        "ended": None if ended is None else _format_time(parse_timestamp(ended)),
+    }
+
+
+def _batch_record(row: Row) -> BatchRecord:
+    return BatchRecord(
+        local_id=row[0],
+        api_batch_id=row[1],
+        state=BatchState(row[2]),
+        request_count=row[3],
+        body_bytes=row[4],
+        intent_at=_parse_time(row[5]),
+        submitted_at=_parse_optional_time(row[6]),
+        processing_status=row[7],
+        request_counts=None if row[8] is None else cast(RequestCounts, orjson.loads(row[8])),
+        api_created_at=_parse_optional_time(row[9]),
+        ended_at=_parse_optional_time(row[10]),
+        results_url=row[11],
+        not_found_since=_parse_optional_time(row[12]),
+        download_attempts=row[13],
+        note=row[14],
+    )
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+async def _connect(
+    stack: AsyncExitStack, path: Path, busy_timeout_ms: int, *, new_page_size: bool
+) -> Db:
+    db = await stack.enter_async_context(aiosqlite.connect(path, isolation_level=None))
+    await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    # page_size only takes effect before the first table exists.
+    if new_page_size and next(iter(await db.execute_fetchall("PRAGMA page_count")))[0] == 0:
+        await db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+    mode = next(iter(await db.execute_fetchall("PRAGMA journal_mode = WAL")))[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(f"cannot open database {path}: journal_mode is {mode}, WAL is required")
+    for pragma in _PRAGMAS:
+        await db.execute(pragma)
+    return db
+
+
+async def _create_migrations_table(db: Db) -> None:
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+
+
+def _shipped_migrations() -> list[_Migration]:
+    found: dict[int, _Migration] = {}
+    for entry in resources.files("batchd.migrations").iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _MIGRATION_FILE.fullmatch(entry.name)
+        if match is None:
+            raise StoreError(f"migration {entry.name} is not named NNN_name.sql")
+        version = int(match[1])
+        if version in found:
+            raise StoreError(f"two migrations share version {version}: {entry.name}")
+        found[version] = _Migration(version, match[2], entry.read_text(encoding="utf-8"))
+    return [found[version] for version in sorted(found)]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script where SQLite itself says a statement ends (quotes, comments, triggers)."""
+    start = 0
+    for end, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start : end + 1]):
+            yield script[start : end + 1]
+            start = end + 1
+    if script[start:].strip():
+        yield script[start:]  # a last statement without ';', or trailing comments
+
+
+async def _run(db: Db, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+    async with db.execute(sql, params) as cursor:
+        return cursor.rowcount
+
+
+async def _run_many(db: Db, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+    async with db.executemany(sql, rows) as cursor:
+        return cursor.rowcount
+
+
+# Transaction bodies for one-statement writes, so they need no method of their own.
+async def _run_in(db: Db, sql: str, params: Sequence[Any]) -> int:
+    return await _run(db, sql, params)
+
+
+async def _run_many_in(db: Db, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+    return await _run_many(db, sql, rows)
+
+
+async def _fetch_in(db: Db, sql: str, params: Sequence[Any]) -> list[Row]:
+    return cast(list[Row], list(await db.execute_fetchall(sql, params)))
+
+
+async def _cancel_flagged(db: Db, local_id: int, now: str, *, attempts_delta: int) -> None:
+    """Tasks the user canceled must not go back to the queue with their batch."""
+    await _run(
+        db,
+        "UPDATE tasks SET status = 'canceled', error = ?, completed_at = ?,"
+        " attempts = attempts + ?"
+        " WHERE batch_id = ? AND status = 'submitted' AND cancel_requested = 1",
+        (_USER_CANCELED, now, attempts_delta, local_id),
+    )
+
+
+@contextmanager
+def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
+    """SQLite errors from the environment become StoreError naming the path and a remedy."""
+    try:
+        yield
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise  # our bugs, not the environment's
+    except sqlite3.Error as exc:
+        message = f"cannot {action} database {path}: {exc}"
+        hint = next((hint for key, hint in _HINTS if key in str(exc)), None)
+        raise StoreError(f"{message} ({hint})" if hint else message) from exc
+
+
+def _json_list(values: Iterable[Any]) -> str:
+    return orjson.dumps(list(values)).decode()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _format_time(moment: datetime) -> str:
+    """The SQL default's form, `%Y-%m-%dT%H:%M:%fZ` (milliseconds), so all of them sort."""
+    utc = moment.astimezone(UTC)
+    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _parse_optional_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
