@@ -1,0 +1,249 @@
+"""Run the fake API: in-process (`async with FakeApiServer(config)`) or from the CLI.
+
+async with FakeApiServer(FakeApiConfig(port=0, processing_seconds=0.3)) as server:
+    server.base_url      # http://127.0.0.1:PORT, for a client's base_url
+    server.state         # FakeState, for inspection
+    server.faults.config = FaultConfig(http_fault_rate=0.5)   # at run time
+    server.clock.advance(3600)                                 # move time on
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from batchd.fakeapi.admin import add_admin_routes
+from batchd.fakeapi.app import FakeApi, create_app
+from batchd.fakeapi.faults import (
+    DEFAULT_FAULT_KINDS,
+    ENDPOINTS,
+    FAULT_KINDS,
+    FaultConfig,
+    FaultInjector,
+    parse_names,
+)
+from batchd.fakeapi.persistence import StateFileError, load_state
+from batchd.fakeapi.state import FakeClock, FakeState, Timeline
+from batchd.wire import MAX_BATCH_BYTES, RESULTS_RETENTION_DAYS
+
+DEFAULT_CLI_PORT = 8765
+
+
+@dataclass(frozen=True)
+class FakeApiConfig:
+    """How the fake behaves; every default is the real API's or off."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port, see FakeApiServer.base_url
+    api_key: str | None = None  # None: any non-empty key is accepted
+    processing_seconds: float = 3.0  # each request finishes within this; 0: at once
+    expiry_seconds: float = 24 * 3600.0
+    cancel_delay_seconds: float = 1.0
+    retention_seconds: float = RESULTS_RETENTION_DAYS * 86400.0
+    incremental_counts: bool = False
+    models: tuple[str, ...] = ()  # allow-list; empty: any model
+    seed: int | None = None
+    state_path: Path | None = None
+    max_body_bytes: int = MAX_BATCH_BYTES
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+class FakeApiServer:
+    """The fake on a loopback port for the duration of an `async with`."""
+
+    def __init__(self, config: FakeApiConfig | None = None) -> None:
+        self.config = config or FakeApiConfig()
+        self.clock = FakeClock()
+        timeline = Timeline(
+            processing_seconds=self.config.processing_seconds,
+            expiry_seconds=self.config.expiry_seconds,
+            cancel_delay_seconds=self.config.cancel_delay_seconds,
+            retention_seconds=self.config.retention_seconds,
+            incremental_counts=self.config.incremental_counts,
+        )
+        self.state = FakeState(clock=self.clock, timeline=timeline, seed=self.config.seed)
+        self.faults = FaultInjector(config=self.config.faults, seed=self.config.seed)
+        self.api = FakeApi(
+            state=self.state,
+            clock=self.clock,
+            faults=self.faults,
+            api_key=self.config.api_key,
+            models=frozenset(self.config.models),
+            max_body_bytes=self.config.max_body_bytes,
+            state_path=self.config.state_path,
+        )
+        self._runner: web.AppRunner | None = None
+        self.port = self.config.port
+
+    @property
+    def base_url(self) -> str:
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        state_path = self.config.state_path
+        if state_path is not None and state_path.exists():
+            self.clock.offset = timedelta(seconds=load_state(state_path, self.state))
+        app = create_app(self.api)
+        add_admin_routes(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeApiServer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `batchd fake-api` options."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add(
+        "--port",
+        type=int,
+        default=DEFAULT_CLI_PORT,
+        help="port; 0 picks a free one and prints it (default: %(default)s)",
+    )
+    add("--api-key", help="require exactly this key (default: any non-empty key)")
+    add(
+        "--processing-seconds",
+        type=float,
+        default=3.0,
+        help="each request finishes within this many seconds; 0 ends batches at once",
+    )
+    add(
+        "--expiry-seconds",
+        type=float,
+        default=24 * 3600.0,
+        help="batches expire this long after creation (default: 24 h)",
+    )
+    add(
+        "--cancel-delay-seconds",
+        type=float,
+        default=1.0,
+        help="time a cancel spends in 'canceling' (default: %(default)s)",
+    )
+    add(
+        "--incremental-counts",
+        action="store_true",
+        help="move request_counts while processing (default: only at the end, as documented)",
+    )
+    add("--models", default="", help="comma list of known models; others give errored lines")
+    add("--seed", type=int, help="seed every random choice (ids, order, faults)")
+    add("--state", type=Path, help="keep state in this JSON file across restarts")
+    add("--error-rate", type=float, default=0.0, help="share of requests that come back errored")
+    add(
+        "--retryable-error-share",
+        type=float,
+        default=0.5,
+        help="of the errored ones, share with api_error/overloaded_error (default: %(default)s)",
+    )
+    add("--expire-rate", type=float, default=0.0, help="share of requests that come back expired")
+    add("--fault-rate", type=float, default=0.0, help="share of HTTP calls that fail")
+    add(
+        "--fault-kinds",
+        default=",".join(DEFAULT_FAULT_KINDS),
+        help=f"comma list of {', '.join(FAULT_KINDS)} (default: %(default)s)",
+    )
+    add(
+        "--fault-endpoints",
+        default="all",
+        help=f"comma list of {', '.join(ENDPOINTS)}, or all (default: %(default)s)",
+    )
+    add("--retry-after", type=float, default=1.0, help="retry-after seconds sent with 429")
+    add("--slow-seconds", type=float, default=2.0, help="delay of the 'slow' fault")
+    add(
+        "--results-truncate-rate",
+        type=float,
+        default=0.0,
+        help="share of results downloads cut off midway",
+    )
+    add(
+        "--not-found-after-create-seconds",
+        type=float,
+        default=0.0,
+        help="retrieve answers 404 this long after a batch's creation",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> FakeApiConfig:
+    """Raises ValueError naming a bad fault setting."""
+    faults = FaultConfig(
+        error_rate=args.error_rate,
+        retryable_error_share=args.retryable_error_share,
+        expire_rate=args.expire_rate,
+        http_fault_rate=args.fault_rate,
+        http_fault_kinds=tuple(parse_names(args.fault_kinds, FAULT_KINDS)),  # type: ignore[arg-type]
+        http_fault_endpoints=tuple(parse_names(args.fault_endpoints, ENDPOINTS)),  # type: ignore[arg-type]
+        retry_after_seconds=args.retry_after,
+        slow_seconds=args.slow_seconds,
+        results_truncate_rate=args.results_truncate_rate,
+        not_found_after_create_seconds=args.not_found_after_create_seconds,
+    )
+    return FakeApiConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        processing_seconds=args.processing_seconds,
+        expiry_seconds=args.expiry_seconds,
+        cancel_delay_seconds=args.cancel_delay_seconds,
+        incremental_counts=args.incremental_counts,
+        models=tuple(name.strip() for name in args.models.split(",") if name.strip()),
+        seed=args.seed,
+        state_path=args.state,
+        faults=faults,
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; print the base URL first. Returns the exit code."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"batchd fake-api: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with FakeApiServer(config) as server:
+            print(f"batchd fake-api listening on {server.base_url}", flush=True)
+            await stop.wait()
+    except (OSError, StateFileError) as exc:
+        print(f"batchd fake-api: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return 0

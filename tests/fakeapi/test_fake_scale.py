@@ -1,0 +1,61 @@
+"""A full-size batch: 100,000 requests accepted and streamed back complete (§5)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import aiohttp
+import orjson
+
+from batchd.fakeapi.server import FakeApiServer
+from batchd.wire import BATCHES_PATH, MAX_REQUESTS_PER_BATCH
+from tests.fakeapi.conftest import MODEL
+
+
+async def test_100k_requests_are_accepted_and_stream_back_complete(
+    fake: FakeApiServer, http: aiohttp.ClientSession
+) -> None:
+    started = time.monotonic()
+    body = orjson.dumps(
+        {
+            "requests": [
+                {
+                    "custom_id": f"t{n}",
+                    "params": {
+                        "model": MODEL,
+                        "max_tokens": 8,
+                        "messages": [{"role": "user", "content": f"q{n}"}],
+                    },
+                }
+                for n in range(MAX_REQUESTS_PER_BATCH)
+            ]
+        }
+    )
+    url = fake.base_url + BATCHES_PATH
+    async with http.post(
+        url, data=io.BytesIO(body), headers={"content-type": "application/json"}
+    ) as response:
+        assert response.status == 200, await response.text()
+        batch = await response.json()
+    assert batch["request_counts"]["processing"] == MAX_REQUESTS_PER_BATCH
+    fake.clock.advance(1.0)
+
+    seen = 0
+    pieces = 0
+    tail = b""
+    async with http.get(f"{url}/{batch['id']}/results") as response:
+        assert response.status == 200
+        async for chunk in response.content.iter_chunked(1 << 20):
+            pieces += 1
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                result = orjson.loads(line)
+                n = result["custom_id"][1:]
+                assert f"q{n}" in result["result"]["message"]["content"][0]["text"]
+                seen += 1
+    assert tail == b""
+    assert seen == MAX_REQUESTS_PER_BATCH
+    assert pieces > 1  # streamed, not one write
+    assert time.monotonic() - started < 10
