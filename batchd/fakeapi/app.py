@@ -149,6 +149,8 @@ async def _guarded(request: web.Request, handler: Handler, api: FakeApi) -> web.
             "Service unavailable",
             should_retry=faults.config.should_retry,
         )
+    # anthropic-version is not required: the real answer when it is missing is
+    # UNCONFIRMED (§9), and refusing it would only break clients that the API accepts.
     if not _authenticated(request, api.api_key):
         # §6.1, §9: 401 with the 2025-captured message, never retried.
         raise ApiError(401, "authentication_error", "invalid x-api-key")

@@ -130,7 +130,12 @@ RequestFate = Literal["succeeded", "errored", "expired"]
 def draw_request_fate(
     rng: random.Random, config: FaultConfig
 ) -> tuple[RequestFate, tuple[str, str] | None]:
-    """The injected fate of one request, and its error (type, message) when errored."""
+    """The injected fate of one request, and its error (type, message) when errored.
+
+    An injected `expired` request reports `expired` when the batch ends normally, not
+    only at `expires_at` as on the real API: tests see expired lines without waiting for
+    an expiry (set a short `expiry_seconds` to exercise the real path).
+    """
     if config.error_rate == 0.0 and config.expire_rate == 0.0:
         return "succeeded", None
     roll = rng.random()
