@@ -1,0 +1,177 @@
+"""Command line: parses arguments and calls into the rest; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from batchd import commands
+from batchd.config import Config, ConfigError, load_config, resolve_api_key
+from batchd.daemon import EXIT_AUTH, EXIT_FAILURE, run_daemon
+from batchd.demo import run_demo
+from batchd.domain import FAILED_TASK_STATUSES, TaskStatus
+from batchd.fakeapi.server import add_arguments as add_fake_api_arguments
+from batchd.fakeapi.server import serve as serve_fake_api
+from batchd.logs import configure_logging
+from batchd.store import Store, StoreError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchd",
+        description="Run large LLM workloads through the Message Batches API, durably.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML config file (default: $BATCHD_CONFIG)")
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument(
+        "--exit-when-idle", action="store_true", help="return once nothing is pending or in flight"
+    )
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    enqueue = sub.add_parser("enqueue", help="add tasks from a JSONL file of API request items")
+    enqueue.add_argument("file", help='path, or "-" for standard input')
+    status = sub.add_parser("status", help="counts per status, batches in flight, or tasks")
+    status.add_argument("custom_ids", nargs="*")
+    status.add_argument("--json", action="store_true")
+    results = sub.add_parser("results", help="export result lines in the API's JSONL shape")
+    results.add_argument("-o", "--output", type=Path, help="file (default: standard output)")
+    results.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in TaskStatus],
+        help="only these statuses (repeatable; default: all with a result)",
+    )
+    cancel = sub.add_parser("cancel", help="cancel tasks")
+    cancel.add_argument("custom_ids", nargs="+")
+    retry = sub.add_parser("retry", help="put failed tasks back in the queue")
+    retry.add_argument("custom_ids", nargs="*")
+    retry.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in TaskStatus],
+        help="statuses to retry (default: errored, expired, canceled)",
+    )
+    demo = sub.add_parser("demo", help="run everything against the bundled fake API")
+    demo.add_argument("--tasks", type=int, default=36)
+    fake = sub.add_parser("fake-api", help="serve the Message Batches API emulator")
+    add_fake_api_arguments(fake)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "fake-api":
+        return asyncio.run(serve_fake_api(args))
+    if args.command == "demo":
+        configure_logging(args.log_format or "console", "warning")
+        return asyncio.run(run_demo(args.tasks))
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"batchd: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    daemon_output = sys.stdout if args.command == "run" else sys.stderr
+    configure_logging(
+        args.log_format or config.logging.format, config.logging.level, stream=daemon_output
+    )
+    try:
+        return asyncio.run(_dispatch(args, config))
+    except (StoreError, ConfigError) as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+async def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    if args.command == "run":
+        api_key = resolve_api_key(config)
+        if not api_key:
+            print(
+                f"batchd: no API key: set ${config.api.api_key_env}, [api] api_key_file, or a "
+                "systemd credential named anthropic-api-key",
+                file=sys.stderr,
+            )
+            return EXIT_AUTH
+        return await run_daemon(config, api_key, exit_when_idle=args.exit_when_idle)
+    handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
+        "migrate": _migrate,
+        "enqueue": _enqueue,
+        "status": _status,
+        "results": _results,
+        "cancel": _cancel,
+        "retry": _retry,
+    }
+    store = await Store.open(config.database.path, busy_timeout_ms=config.database.busy_timeout_ms)
+    try:
+        return await handlers[args.command](store, args)
+    finally:
+        await store.close()
+
+
+async def _migrate(store: Store, args: argparse.Namespace) -> int:
+    print("database schema is up to date")  # Store.open applied whatever was missing.
+    return 0
+
+
+async def _enqueue(store: Store, args: argparse.Namespace) -> int:
+    try:
+        stream = commands.open_input(args.file)
+    except OSError as exc:
+        print(f"batchd: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    with stream:
+        summary = await commands.enqueue_file(store, stream)
+    print(commands.render_enqueue(summary))
+    return 1 if summary.bad_lines else 0
+
+
+async def _status(store: Store, args: argparse.Namespace) -> int:
+    if args.custom_ids:
+        rows = await store.tasks_by_custom_id(args.custom_ids)
+        if args.json:
+            print(orjson.dumps([commands.task_json(r) for r in rows]).decode())
+        else:
+            print("\n".join(commands.render_task(r) for r in rows))
+        missing = set(args.custom_ids) - {r.custom_id for r in rows}
+        for custom_id in sorted(missing):
+            print(f"{custom_id}: no such task", file=sys.stderr)
+        return 1 if missing else 0
+    snapshot = await commands.status_snapshot(store)
+    print(orjson.dumps(snapshot).decode() if args.json else commands.render_status(snapshot))
+    return 0
+
+
+async def _results(store: Store, args: argparse.Namespace) -> int:
+    statuses = [TaskStatus(s) for s in args.status] if args.status else list(TaskStatus)
+    if args.output is None:
+        count = await commands.export_results(store, sys.stdout.buffer, statuses)
+    else:
+        with args.output.open("wb") as out:
+            count = await commands.export_results(store, out, statuses)
+    print(f"exported {count} result line(s)", file=sys.stderr)
+    return 0
+
+
+async def _cancel(store: Store, args: argparse.Namespace) -> int:
+    report = await store.request_cancel(args.custom_ids)
+    print(commands.render_cancel(report))
+    return 1 if report.unknown else 0
+
+
+async def _retry(store: Store, args: argparse.Namespace) -> int:
+    statuses = [TaskStatus(s) for s in args.status] if args.status else sorted(FAILED_TASK_STATUSES)
+    count = await store.retry_tasks(statuses, args.custom_ids)
+    print(f"requeued {count} task(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

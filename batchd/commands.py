@@ -1,0 +1,207 @@
+"""The user-facing commands other than `run`: enqueue, status, results, cancel, retry."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
+from batchd.store import CancelReport, EnqueueReport, Store
+
+_ACTIVE_BATCH_STATES = (
+    BatchState.CREATING,
+    BatchState.IN_PROGRESS,
+    BatchState.CANCELING,
+    BatchState.ENDED,
+)
+_ENQUEUE_CHUNK = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    line_number: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueSummary:
+    inserted: int
+    duplicates: tuple[str, ...]
+    bad_lines: tuple[BadLine, ...]
+
+
+def _parse_request_line(text: bytes) -> tuple[str, str] | str:
+    """(custom_id, params text) or the reason the line is unusable.
+
+    A line with a custom_id but unusable params is kept: the daemon marks it invalid with
+    the reason, so nothing the user sent disappears silently.
+    """
+    try:
+        item = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "custom_id is missing or not a string"
+    if "params" not in item:
+        return "params is missing"
+    return custom_id, orjson.dumps(item["params"]).decode()
+
+
+def _request_lines(stream: IO[bytes], bad: list[BadLine]) -> Iterator[tuple[str, str]]:
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        parsed = _parse_request_line(raw)
+        if isinstance(parsed, str):
+            bad.append(BadLine(number, parsed))
+        else:
+            yield parsed
+
+
+async def enqueue_file(store: Store, stream: IO[bytes]) -> EnqueueSummary:
+    """Insert every usable line of a JSONL file of `{"custom_id", "params"}` items."""
+    bad: list[BadLine] = []
+    inserted = 0
+    duplicates: list[str] = []
+    batch: list[tuple[str, str]] = []
+    for item in _request_lines(stream, bad):
+        batch.append(item)
+        if len(batch) >= _ENQUEUE_CHUNK:
+            report = await store.enqueue(batch)
+            inserted, batch = inserted + report.inserted, []
+            duplicates.extend(report.duplicates)
+    if batch:
+        report = await store.enqueue(batch)
+        inserted += report.inserted
+        duplicates.extend(report.duplicates)
+    return EnqueueSummary(inserted, tuple(duplicates), tuple(bad))
+
+
+def open_input(path: str) -> IO[bytes]:
+    return sys.stdin.buffer if path == "-" else Path(path).open("rb")
+
+
+async def status_snapshot(store: Store) -> dict[str, Any]:
+    """Everything `batchd status` shows, as plain JSON-ready data."""
+    counts = await store.status_counts()
+    batches = await store.batches_in(*_ACTIVE_BATCH_STATES)
+    duplicates = await store.duplicate_batches()
+    return {
+        "tasks": {str(status): counts[status] for status in TaskStatus},
+        "batches_in_flight": [_batch_json(batch) for batch in batches],
+        "duplicate_batches": [
+            {"batch_id": batch_id, "detected_at": detected_at, "note": note}
+            for batch_id, detected_at, note in duplicates
+        ],
+    }
+
+
+def _batch_json(batch: BatchRecord) -> dict[str, Any]:
+    return {
+        "batch_id": batch.api_batch_id,
+        "local_id": batch.local_id,
+        "state": str(batch.state),
+        "requests": batch.request_count,
+        "body_bytes": batch.body_bytes,
+        "request_counts": dict(batch.request_counts) if batch.request_counts else None,
+        "submitted_at": _iso(batch.submitted_at),
+        "ended_at": _iso(batch.ended_at),
+        "note": batch.note,
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def render_status(snapshot: dict[str, Any]) -> str:
+    tasks: dict[str, int] = snapshot["tasks"]
+    lines = [f"tasks: {sum(tasks.values())}"]
+    lines += [f"  {status:<10} {count:>10,}" for status, count in tasks.items()]
+    batches = snapshot["batches_in_flight"]
+    lines.append(f"batches in flight: {len(batches)}")
+    for batch in batches:
+        counts = batch["request_counts"] or {}
+        done = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        lines.append(
+            f"  {batch['batch_id'] or '(creating)':<36} {batch['state']:<11} "
+            f"{batch['requests']:>7,} requests  {done}"
+        )
+    for duplicate in snapshot["duplicate_batches"]:
+        lines.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")
+    return "\n".join(lines)
+
+
+def task_json(row: TaskRow) -> dict[str, Any]:
+    return {
+        "custom_id": row.custom_id,
+        "status": str(row.status),
+        "attempts": row.attempts,
+        "batch_id": row.api_batch_id,
+        "error": row.error,
+        "result": orjson.loads(row.result_json) if row.result_json else None,
+        "created_at": row.created_at,
+        "submitted_at": row.submitted_at,
+        "completed_at": row.completed_at,
+    }
+
+
+def render_task(row: TaskRow) -> str:
+    text = f"{row.custom_id}: {row.status} (attempts {row.attempts}"
+    text += f", batch {row.api_batch_id})" if row.api_batch_id else ")"
+    if row.error:
+        text += f"\n  error: {row.error}"
+    return text
+
+
+async def export_results(store: Store, out: IO[bytes], statuses: Sequence[TaskStatus]) -> int:
+    """Write `{"custom_id", "result"}` lines, the API's own JSONL shape; returns the count."""
+    count = 0
+    rows: AsyncIterator[tuple[str, str]] = store.iter_result_lines(statuses)
+    async for custom_id, result_json in rows:
+        out.write(
+            b'{"custom_id":'
+            + orjson.dumps(custom_id)
+            + b',"result":'
+            + result_json.encode()
+            + b"}\n"
+        )
+        count += 1
+    return count
+
+
+def render_cancel(report: CancelReport) -> str:
+    parts = [
+        f"canceled {len(report.canceled)} pending task(s)",
+        f"flagged {len(report.flagged)} submitted task(s): their batch is canceled once every "
+        "task in it is flagged; a result that arrives first is kept",
+    ]
+    if report.not_cancelable:
+        parts.append(f"already finished: {', '.join(report.not_cancelable[:10])}")
+    if report.unknown:
+        parts.append(f"unknown custom_id: {', '.join(report.unknown[:10])}")
+    return "\n".join(parts)
+
+
+def render_enqueue(summary: EnqueueSummary | EnqueueReport) -> str:
+    text = f"enqueued {summary.inserted} task(s)"
+    if summary.duplicates:
+        text += (
+            f"; {len(summary.duplicates)} duplicate custom_id(s) skipped "
+            f"(first: {summary.duplicates[0]})"
+        )
+    if isinstance(summary, EnqueueSummary):
+        for bad in summary.bad_lines[:20]:
+            text += f"\nline {bad.line_number}: {bad.reason}"
+        if len(summary.bad_lines) > 20:
+            text += f"\n... and {len(summary.bad_lines) - 20} more bad line(s)"
+    return text

@@ -1,0 +1,370 @@
+"""The daemon: its loops, signals and shutdown. Every background task is supervised."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import aiohttp
+import structlog
+
+from batchd.client import ApiError, BatchesClient, RetryPolicy
+from batchd.collector import Collector
+from batchd.config import Config
+from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
+from batchd.metrics import (
+    BATCHES_CREATED,
+    BATCHES_IN_FLIGHT,
+    REQUESTS_SUBMITTED,
+    TASKS,
+    ApiReachability,
+    Health,
+    MetricsServer,
+    Registry,
+    api_observer,
+    batchd_registry,
+)
+from batchd.notify import Notifier
+from batchd.poller import Poller
+from batchd.store import Store, StoreError
+from batchd.submitter import AuthenticationFailed, Submitter
+
+log = structlog.get_logger("batchd.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+# EX_CONFIG from sysexits.h: the unit file tells systemd not to restart on it, since a
+# restart cannot fix a refused key.
+EXIT_AUTH = 78
+
+# /healthz fails when the API has failed with no success for this long.
+API_SILENCE_S = 300.0
+# The watchdog's database probe: a read that takes longer than this means we are wedged.
+PROBE_TIMEOUT_S = 10.0
+STATUS_INTERVAL_S = 10.0
+_LOOPS = frozenset({"submitter", "poller", "collector"})
+
+Clock = Callable[[], datetime]
+T = TypeVar("T")
+StatusListener = Callable[[str], object]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Daemon:
+    """Submits, polls and collects until stopped (or, with exit_when_idle, until done)."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        client: BatchesClient,
+        *,
+        exit_when_idle: bool = False,
+        clock: Clock = utc_now,
+        reconcile_grace_s: float = 60.0,
+        on_status: StatusListener | None = None,
+        notifier: Notifier | None = None,
+        registry: Registry | None = None,
+        reachability: ApiReachability | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._exit_when_idle = exit_when_idle
+        self._on_status = on_status
+        self._stop = asyncio.Event()
+        self._wake_submitter = asyncio.Event()
+        self._wake_poller = asyncio.Event()
+        self._wake_collector = asyncio.Event()
+        self._exit_code = EXIT_OK
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Helpers (watchdog, status) are not drained: cancelled once the loops are done.
+        self._aux: set[asyncio.Task[None]] = set()
+        self.notifier = notifier or Notifier(None)
+        self.registry = registry or batchd_registry()
+        self.reachability = reachability or ApiReachability()
+        self.submitter = Submitter(
+            store,
+            client,
+            config.batching,
+            clock=clock,
+            monotonic=time.monotonic,
+            reconcile_grace_s=reconcile_grace_s,
+        )
+        self.poller = Poller(
+            store,
+            client,
+            max_concurrency=config.polling.max_concurrency,
+            not_found_grace_s=config.polling.not_found_grace_s,
+            clock=clock,
+        )
+        self.collector = Collector(
+            store,
+            client,
+            config.results,
+            max_attempts=config.batching.max_attempts,
+            clock=clock,
+            registry=self.registry,
+        )
+
+    def stop(self, exit_code: int = EXIT_OK) -> None:
+        """Stop taking new work; loops finish the step in hand and return."""
+        if not self._stop.is_set():
+            log.info("daemon_stopping", exit_code=exit_code)
+            self.notifier.stopping()
+            self.notifier.status("stopping: finishing the step in hand")
+        self._exit_code = max(self._exit_code, exit_code)
+        self._stop.set()
+        for event in (self._wake_submitter, self._wake_poller, self._wake_collector):
+            event.set()
+
+    async def run(self, shutdown_timeout_s: float = 20.0) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            log.info("daemon_started", exit_when_idle=self._exit_when_idle)
+            self._spawn("submitter", self._submit_loop)
+            self._spawn("poller", self._poll_loop)
+            self._spawn("collector", self._collect_loop)
+            if self._exit_when_idle:
+                self._spawn("idle_watch", self._idle_loop)
+            self._spawn_aux("watchdog", lambda: self.notifier.watchdog_loop(self.alive))
+            self._spawn_aux("status", self._status_loop)
+            self.notifier.ready()  # the store was opened and migrated before run()
+            await self._stop.wait()
+            await self._drain(shutdown_timeout_s)
+        except asyncio.CancelledError:
+            self.stop()
+            await self._drain(0)
+            raise
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            for task in self._aux:
+                task.cancel()
+            await asyncio.gather(*self._aux, return_exceptions=True)
+        log.info("daemon_stopped", exit_code=self._exit_code)
+        return self._exit_code
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stop.is_set():
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            raise SystemExit(EXIT_FAILURE)
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        self.stop()
+
+    def _spawn(self, name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.create_task(self._supervised(name, loop_fn), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _spawn_aux(self, name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.create_task(self._supervised(name, loop_fn), name=name)
+        self._aux.add(task)
+        task.add_done_callback(self._aux.discard)
+
+    async def alive(self) -> bool:
+        """The watchdog's probe: every loop still running and the database answering."""
+        if not self._stop.is_set() and not {t.get_name() for t in self._tasks} >= _LOOPS:
+            return False
+        try:
+            # A read: abandoning it at the timeout is harmless.
+            await asyncio.wait_for(self._store.status_counts(), PROBE_TIMEOUT_S)
+        except (TimeoutError, StoreError):
+            return False
+        return True
+
+    async def health(self) -> Health:
+        """What /healthz reports; answering at all proves the event loop turns."""
+        reasons = []
+        if missing := _LOOPS - {t.get_name() for t in self._tasks}:
+            reasons.append(f"loops not running: {', '.join(sorted(missing))}")
+        if not await self.alive():
+            reasons.append("database not answering")
+        if problem := self.reachability.problem(API_SILENCE_S):
+            reasons.append(problem)
+        return Health(tuple(reasons))
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self._guarded("status", self._publish_status, None)
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _publish_status(self) -> None:
+        counts = await self._store.status_counts()
+        in_flight = len(await self._store.batches_in(*IN_FLIGHT_BATCH_STATES))
+        done = sum(counts[status] for status in FINAL_TASK_STATUSES)
+        text = (
+            f"{counts[TaskStatus.PENDING]:,} pending, {in_flight:,} batches in flight, "
+            f"{done:,} done"
+        )
+        self.notifier.status(text)
+        if self._on_status is not None:
+            self._on_status(text)
+
+    async def _supervised(self, name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await loop_fn()
+        except asyncio.CancelledError:
+            raise
+        except AuthenticationFailed:
+            self.stop(EXIT_AUTH)
+        except Exception:
+            # A loop that dies would leave work silently undone: stop the daemon loudly.
+            log.exception("loop_crashed", loop=name)
+            self.stop(EXIT_FAILURE)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Give loops time to finish their step; then cancel (store writes are shielded)."""
+        if not self._tasks:
+            return
+        _, still_running = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in still_running:
+            task.cancel()
+        if still_running:
+            log.warning("loops_cancelled", loops=sorted(t.get_name() for t in still_running))
+            await asyncio.wait(still_running)
+
+    async def _pause(self, wake: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=seconds)
+        wake.clear()
+
+    async def _submit_loop(self) -> None:
+        delay = 0.0
+        while not self._stop.is_set():
+            await self._pause(self._wake_submitter, delay)
+            if self._stop.is_set():
+                return
+            delay = await self._guarded(
+                "submit", self._submit_step, self._config.polling.interval_s
+            )
+
+    async def _submit_step(self) -> float:
+        await self.submitter.cancel_requested()
+        for batch in await self.submitter.creating_batches():
+            await self.submitter.reconcile(batch)
+        if await self.submitter.creating_batches():
+            # One unresolved create at a time, so reconciliation can never confuse two.
+            return min(2.0, self._config.polling.interval_s)
+        result = await self.submitter.submit_once()
+        if result.created:
+            self.registry.inc(BATCHES_CREATED, result.created)
+            self.registry.inc(REQUESTS_SUBMITTED, result.requests)
+            self._wake_poller.set()
+            return 0.0
+        if result.retry_after_s is not None:
+            return result.retry_after_s
+        return min(1.0, max(0.05, self._config.batching.linger_s / 4)) if result.waiting else 1.0
+
+    async def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            report = await self._guarded("poll", self.poller.poll_all, None)
+            if report is not None and report.ended:
+                self._wake_collector.set()
+            await self._pause(self._wake_poller, self._config.polling.interval_s)
+
+    async def _collect_loop(self) -> None:
+        while not self._stop.is_set():
+            finished = await self._guarded("collect", self.collector.collect_all, 0)
+            if finished:
+                self._wake_submitter.set()
+            await self._pause(self._wake_collector, self._config.polling.interval_s)
+
+    async def _idle_loop(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(0.2)
+            if await self._is_idle():
+                log.info("daemon_idle")
+                self.stop(EXIT_OK)
+
+    async def _is_idle(self) -> bool:
+        counts = await self._store.status_counts()
+        if counts[TaskStatus.PENDING] or counts[TaskStatus.SUBMITTED]:
+            return False
+        active = (
+            BatchState.CREATING,
+            BatchState.IN_PROGRESS,
+            BatchState.CANCELING,
+            BatchState.ENDED,
+        )
+        return not await self._store.batches_in(*active)
+
+    async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
+        """Run one step; API and database faults are logged and retried, never fatal."""
+        try:
+            return await fn()
+        except (ApiError, StoreError) as exc:
+            log.warning("step_failed", step=step, error=str(exc), error_type=type(exc).__name__)
+            return fallback
+
+
+async def run_daemon(
+    config: Config,
+    api_key: str,
+    *,
+    exit_when_idle: bool = False,
+    reconcile_grace_s: float = 60.0,
+    on_started: Callable[[Daemon], Awaitable[None]] | None = None,
+) -> int:
+    """Open the database and the HTTP session, run the daemon, close both in reverse."""
+    async with AsyncExitStack() as stack:
+        notifier = Notifier.from_environment()
+        stack.callback(notifier.close)
+        store = await Store.open(
+            config.database.path, busy_timeout_ms=config.database.busy_timeout_ms
+        )
+        stack.push_async_callback(store.close)
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        registry, reachability = batchd_registry(), ApiReachability()
+        client = BatchesClient(
+            session,
+            base_url=config.api.base_url,
+            api_key=api_key,
+            policy=RetryPolicy(max_retries=config.api.max_retries),
+            control_timeout_s=config.api.request_timeout_s,
+            on_response=api_observer(registry, reachability),
+        )
+        daemon = Daemon(
+            config,
+            store,
+            client,
+            exit_when_idle=exit_when_idle,
+            reconcile_grace_s=reconcile_grace_s,
+            notifier=notifier,
+            registry=registry,
+            reachability=reachability,
+        )
+        _register_database_gauges(registry, store)
+        if config.metrics.enabled:
+            server = MetricsServer(
+                registry, daemon.health, host=config.metrics.host, port=config.metrics.port
+            )
+            await stack.enter_async_context(server)
+            log.info("metrics_listening", host=config.metrics.host, port=server.port)
+        if on_started is not None:
+            await on_started(daemon)
+        return await daemon.run()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _register_database_gauges(registry: Registry, store: Store) -> None:
+    """Gauges read from the database at scrape time: /metrics shows what it says now."""
+
+    async def task_counts() -> dict[str, float]:
+        return {str(status): count for status, count in (await store.status_counts()).items()}
+
+    async def in_flight() -> float:
+        return len(await store.batches_in(*IN_FLIGHT_BATCH_STATES))
+
+    registry.set_callback(TASKS, task_counts)
+    registry.set_callback(BATCHES_IN_FLIGHT, in_flight)

@@ -1,0 +1,87 @@
+"""Every in-flight batch polled at once, with a bounded number of requests in the air."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from batchd.client import ApiError, BatchesClient, NotFoundError
+from batchd.domain import BatchRecord, BatchState
+from batchd.store import Store
+
+log = structlog.get_logger("batchd.poller")
+
+
+@dataclass(frozen=True, slots=True)
+class PollReport:
+    polled: int = 0
+    ended: int = 0
+    failed: int = 0
+    lost: int = 0
+
+
+class Poller:
+    def __init__(
+        self,
+        store: Store,
+        client: BatchesClient,
+        *,
+        max_concurrency: int,
+        not_found_grace_s: float,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self._grace = timedelta(seconds=not_found_grace_s)
+        self._clock = clock
+
+    async def poll_all(self) -> PollReport:
+        """One cycle: retrieve every batch still processing, record what changed."""
+        batches = await self._store.batches_in(BatchState.IN_PROGRESS, BatchState.CANCELING)
+        outcomes = await asyncio.gather(*(self._poll(batch) for batch in batches))
+        return PollReport(
+            polled=len(batches),
+            ended=outcomes.count("ended"),
+            failed=outcomes.count("failed"),
+            lost=outcomes.count("lost"),
+        )
+
+    async def _poll(self, batch: BatchRecord) -> str:
+        assert batch.api_batch_id is not None
+        async with self._limit:
+            try:
+                remote = await self._client.retrieve(batch.api_batch_id)
+            except NotFoundError:
+                return await self._not_found(batch)
+            except ApiError as exc:
+                # Transport faults never fail tasks: the next cycle tries again.
+                log.warning("batch_poll_failed", batch_id=batch.api_batch_id, error=str(exc))
+                return "failed"
+        await self._store.update_batch(batch.local_id, remote)
+        counts = remote["request_counts"]
+        log.debug(
+            "batch_polled", batch_id=remote["id"], status=remote["processing_status"], **counts
+        )
+        if remote["processing_status"] == "ended":
+            log.info("batch_ended", batch_id=remote["id"], **counts)
+            return "ended"
+        return "polled"
+
+    async def _not_found(self, batch: BatchRecord) -> str:
+        """Spec §7.6: 404s right after a create are transient; a lasting one is a loss."""
+        now = self._clock()
+        if batch.not_found_since is None:
+            await self._store.note_not_found(batch.local_id, now)
+            log.warning("batch_not_found", batch_id=batch.api_batch_id)
+            return "failed"
+        started = max(batch.not_found_since, batch.submitted_at or batch.not_found_since)
+        if now - started < self._grace:
+            return "failed"
+        requeued = await self._store.mark_lost(batch.local_id, "404 on retrieve")
+        log.error("batch_lost", batch_id=batch.api_batch_id, requeued=requeued)
+        return "lost"

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real SQLite file, the fake API on loopback, a daemon config."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchd.config import Config
+from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from batchd.logs import configure_logging
+from batchd.store import Store
+
+
+def request_params(text: str, *, max_tokens: int = 50, **extra: Any) -> str:
+    """The JSON text of a Messages API request whose user message is `text`."""
+    return orjson.dumps(
+        {
+            "model": "claude-haiku-4-5-20251001",
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": text}],
+            **extra,
+        }
+    ).decode()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "batchd.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def fake_api() -> AsyncIterator[FakeApiServer]:
+    """The fake API with a short timeline, started in-process on a free port."""
+    async with FakeApiServer(FakeApiConfig(port=0, processing_seconds=0.3, seed=1)) as server:
+        yield server
+
+
+@pytest.fixture
+def daemon_config(db_path: Path) -> Callable[..., Config]:
+    """A Config for the daemon under test, with quick timings; override per test."""
+
+    def make(base_url: str, **batching: Any) -> Config:
+        config = Config()
+        return replace(
+            config,
+            database=replace(config.database, path=db_path),
+            api=replace(config.api, base_url=base_url, max_retries=3, request_timeout_s=10.0),
+            batching=replace(config.batching, linger_s=0.05, **batching),
+            polling=replace(config.polling, interval_s=0.1, not_found_grace_s=1.0),
+        )
+
+    return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quiet_logs() -> None:
+    """Warnings and errors only, so a failing test's output shows what matters."""
+    configure_logging("console", "warning")
