@@ -91,6 +91,7 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
+        self.metrics_port: int | None = None  # set once the metrics listener is bound
         self.submitter = Submitter(
             store,
             client,
@@ -350,6 +351,7 @@ async def run_daemon(
                 registry, daemon.health, host=config.metrics.host, port=config.metrics.port
             )
             await stack.enter_async_context(server)
+            daemon.metrics_port = server.port
             log.info("metrics_listening", host=config.metrics.host, port=server.port)
         if on_started is not None:
             await on_started(daemon)

@@ -9,6 +9,8 @@ one behind. See docs/design.md for the states and the transactions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -135,6 +137,7 @@ class Store:
         stack = AsyncExitStack()
         try:
             with _sqlite_errors(path, "open"):
+                _create_group_writable(path)
                 writer = await _connect(stack, path, busy_timeout_ms, new_page_size=True)
                 reader = await _connect(stack, path, busy_timeout_ms, new_page_size=False)
                 # A stray write through the reader would bypass the lock: forbid it.
@@ -797,6 +800,17 @@ def _batch_record(row: Row) -> BatchRecord:
 
 
 # -- small helpers -----------------------------------------------------------------------------
+
+
+def _create_group_writable(path: Path) -> None:
+    """Create a new database file 0660 (less the umask) rather than SQLite's 0644.
+
+    Users feed the daemon from other accounts through a shared group (docs/operations.md);
+    SQLite copies the main file's mode onto -wal and -shm, so this one mode decides all.
+    """
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660))
 
 
 async def _connect(
