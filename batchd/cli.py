@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "fake-api":
         return asyncio.run(serve_fake_api(args))
     if args.command == "demo":
-        configure_logging(args.log_format or "console", "warning")
+        configure_logging(args.log_format or "console", "info")
         return asyncio.run(run_demo(args.tasks))
     try:
         config = load_config(args.config)
