@@ -45,6 +45,7 @@ class BatchingConfig:
     max_in_flight_requests: int = 100_000
     linger_s: float = 5.0
     max_attempts: int = 3
+    reconcile_grace_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class Config:
 _KEY_ALIASES = {
     "request_timeout_seconds": "request_timeout_s",
     "linger_seconds": "linger_s",
+    "reconcile_grace_seconds": "reconcile_grace_s",
     "interval_seconds": "interval_s",
     "not_found_grace_seconds": "not_found_grace_s",
 }
@@ -177,6 +179,7 @@ def _validate(config: Config) -> None:
     _check(b.max_in_flight_requests >= 1, "[batching] max_in_flight_requests: must be >= 1")
     _check(b.linger_s >= 0, "[batching] linger_seconds: must be >= 0")
     _check(b.max_attempts >= 1, "[batching] max_attempts: must be >= 1")
+    _check(b.reconcile_grace_s >= 0, "[batching] reconcile_grace_seconds: must be >= 0")
     p = config.polling
     _check(p.interval_s > 0, "[polling] interval_seconds: must be > 0")
     _check(p.max_concurrency >= 1, "[polling] max_concurrency: must be >= 1")

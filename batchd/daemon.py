@@ -70,7 +70,6 @@ class Daemon:
         *,
         exit_when_idle: bool = False,
         clock: Clock = utc_now,
-        reconcile_grace_s: float = 60.0,
         on_status: StatusListener | None = None,
         notifier: Notifier | None = None,
         registry: Registry | None = None,
@@ -98,7 +97,7 @@ class Daemon:
             config.batching,
             clock=clock,
             monotonic=time.monotonic,
-            reconcile_grace_s=reconcile_grace_s,
+            reconcile_grace_s=config.batching.reconcile_grace_s,
         )
         self.poller = Poller(
             store,
@@ -314,7 +313,6 @@ async def run_daemon(
     api_key: str,
     *,
     exit_when_idle: bool = False,
-    reconcile_grace_s: float = 60.0,
     on_started: Callable[[Daemon], Awaitable[None]] | None = None,
 ) -> int:
     """Open the database and the HTTP session, run the daemon, close both in reverse."""
@@ -340,7 +338,6 @@ async def run_daemon(
             store,
             client,
             exit_when_idle=exit_when_idle,
-            reconcile_grace_s=reconcile_grace_s,
             notifier=notifier,
             registry=registry,
             reachability=reachability,
