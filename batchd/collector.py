@@ -10,6 +10,7 @@ import structlog
 
 from batchd.client import ApiError, BatchesClient, NotFoundError
 from batchd.config import ResultsConfig
+from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.metrics import RESULTS_WRITTEN, Registry
 from batchd.outcomes import MalformedResultLine, parse_result_line
@@ -79,7 +80,9 @@ class Collector:
             if await self._download_failed(batch, note) < self._config.max_download_attempts:
                 return False
         reason = f"no result line for this request in batch {batch.api_batch_id}"
+        crash_point("results_streamed")
         report = await self._store.finish_batch(batch.local_id, reason)
+        crash_point("batch_finished")
         if report.missing_requeued:
             log.error(
                 "results_missing",
@@ -106,6 +109,7 @@ class Collector:
             url, batch_id=api_batch_id, max_line_bytes=self._config.max_line_bytes
         ) as stream:
             async for line in stream:
+                crash_point("result_line_read")
                 tally.lines += 1
                 try:
                     outcome = parse_result_line(line)
@@ -135,6 +139,7 @@ class Collector:
         tally: _Tally,
     ) -> None:
         report = await self._store.write_results(batch.local_id, outcomes, self._max_attempts)
+        crash_point("results_chunk_written")
         tally.written += report.written
         tally.requeued += report.requeued
         tally.ignored += report.ignored

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from batchd.client import ApiError, BatchesClient, NotFoundError
+from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState
 from batchd.store import Store
 
@@ -62,6 +63,7 @@ class Poller:
                 # Transport faults never fail tasks: the next cycle tries again.
                 log.warning("batch_poll_failed", batch_id=batch.api_batch_id, error=str(exc))
                 return "failed"
+        crash_point("poll_retrieved")
         await self._store.update_batch(batch.local_id, remote)
         counts = remote["request_counts"]
         log.debug(

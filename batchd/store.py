@@ -25,6 +25,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import aiosqlite
 import orjson
 
+from batchd.crashpoints import crash_point
 from batchd.domain import (
     FINAL_TASK_STATUSES,
     BatchRecord,
@@ -216,6 +217,7 @@ class Store:
             await db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                crash_point("store_commit")  # tests/crash: a kill -9 inside a transaction
                 await db.execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back by itself (disk full, I/O error).

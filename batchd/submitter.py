@@ -27,6 +27,7 @@ from batchd.client import (
     RequestTooLargeError,
 )
 from batchd.config import BatchingConfig
+from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState
 from batchd.store import Store
 from batchd.wire import MessageBatch, parse_timestamp, request_total
@@ -99,6 +100,7 @@ class Submitter:
             chunk = await build_chunk(pending, max_requests=max_requests, max_bytes=self._max_bytes)
         finally:
             await pending.aclose()  # type: ignore[attr-defined]
+        crash_point("chunk_built")
         if chunk.invalid:
             marked = await self._store.mark_invalid(chunk.invalid)
             log.warning("tasks_invalid", count=marked, first_reason=chunk.invalid[0][1])
@@ -116,6 +118,7 @@ class Submitter:
         if local_id is None:
             log.info("intent_conflict", reason="a task changed while the batch was built")
             return SubmitResult(waiting=True)
+        crash_point("intent_recorded")
         try:
             batch = await self._client.create(chunk.body)
         except CreateOutcomeUnknown as exc:
@@ -123,8 +126,10 @@ class Submitter:
             return SubmitResult(waiting=True)
         except ApiStatusError as exc:
             return await self._refused(local_id, chunk, exc)
+        crash_point("create_returned")
         self._pending_seen_at = None
         await self._store.mark_created(local_id, batch)
+        crash_point("batch_recorded")
         log.info(
             "batch_created",
             batch_id=batch["id"],
@@ -165,6 +170,7 @@ class Submitter:
         candidates = await self._matching_api_batches(batch, now)
         if candidates:
             adopted, *others = sorted(candidates, key=lambda b: b["created_at"])
+            crash_point("reconcile_matched")
             await self._store.mark_created(batch.local_id, adopted)
             log.warning("batch_adopted", batch_id=adopted["id"], local_id=batch.local_id)
             for other in others:

@@ -1,0 +1,107 @@
+"""kill -9 at named points and at random moments, restart, and nothing is lost or paid twice.
+
+Each scenario runs `batchd run` as a real process against the fake API (served by this
+test's event loop, so it outlives every daemon), kills it again and again, lets a last
+run finish, then checks the invariants of tests/crash/crash_harness.py.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batchd.fakeapi.faults import FaultConfig
+from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from tests.crash.crash_harness import (
+    RunLog,
+    assert_nothing_lost_or_duplicated,
+    check_invariants,
+    enqueue,
+    run_daemon,
+    write_config,
+)
+
+TASKS = 80  # 20 batches of 4, each written back in 2 chunks of 2 lines
+RANDOM_KILL_TASKS = 240
+
+# In order: each point is reachable from the state the previous kills leave behind
+# (e.g. `reconcile_matched` needs the batch a `create_returned` kill left unrecorded).
+# `store_commit:N` dies inside the N-th write transaction of the run, before COMMIT.
+KILL_POINTS = (
+    "chunk_built:1",
+    "intent_recorded:1",  # the intent is committed, the create never sent
+    "create_returned:1",  # the batch exists on the API, its id is not recorded
+    "reconcile_matched:1",  # ...and the restart dies again while adopting it
+    "batch_recorded:1",
+    "poll_retrieved:2",
+    "result_line_read:3",  # mid-stream, before the first chunk is written
+    "results_chunk_written:1",  # after chunk 1 of a batch, before chunk 2
+    "results_streamed:1",  # every line written, the batch not yet finished
+    "batch_finished:1",
+    "store_commit:3",
+    "store_commit:8",
+    "store_commit:15",
+    "store_commit:24",
+    "create_returned:2",
+    "results_chunk_written:3",
+)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer(FakeApiConfig(port=0, processing_seconds=0.3, seed=7)) as server:
+        yield server
+
+
+async def test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothing(
+    fake: FakeApiServer, tmp_path: Path
+) -> None:
+    setup = write_config(tmp_path, fake.base_url)
+    await enqueue(setup, TASKS)
+    log = RunLog()
+
+    for point in KILL_POINTS:
+        run = await run_daemon(setup, log, crash_at=point)
+        assert run.killed, (point, run.returncode, run.stderr[-2000:])
+        assert run.crash_point == point, run.stderr[-2000:]
+    final = await run_daemon(setup, log)
+    assert final.returncode == 0, final.stderr[-2000:]
+
+    ledger = check_invariants(setup.db_path, fake)
+    assert_nothing_lost_or_duplicated(ledger, TASKS)
+    assert log.kills == len(KILL_POINTS)
+    # The fake saw every task at least once and no task more often than recorded.
+    assert ledger.submissions >= TASKS
+    print(f"\nnamed kill points: {len(log.points)} kinds, {log.kills} kills; {ledger}")
+
+
+async def test_kills_at_random_moments_with_faults_lose_and_duplicate_nothing(
+    tmp_path: Path,
+) -> None:
+    # Retryable per-request errors and lost create answers make the restarts meet
+    # requeues and reconciliation too.
+    faults = FaultConfig(
+        error_rate=0.15,
+        retryable_error_share=1.0,
+        http_fault_rate=0.15,
+        http_fault_kinds=("commit_drop", "500", "drop"),
+        http_fault_endpoints=("create", "retrieve", "results"),
+    )
+    config = FakeApiConfig(port=0, processing_seconds=0.3, seed=11, faults=faults)
+    rng = random.Random(20240611)
+    async with FakeApiServer(config) as server:
+        setup = write_config(tmp_path, server.base_url)
+        await enqueue(setup, RANDOM_KILL_TASKS)
+        log = RunLog()
+        for _ in range(8):
+            await run_daemon(setup, log, kill_after_s=rng.uniform(0.5, 1.6))
+        server.faults.config = FaultConfig(error_rate=0.15, retryable_error_share=1.0)
+        final = await run_daemon(setup, log, timeout_s=40)
+        assert final.returncode == 0, final.stderr[-2000:]
+        ledger = check_invariants(setup.db_path, server)
+    assert_nothing_lost_or_duplicated(ledger, RANDOM_KILL_TASKS)
+    assert log.kills >= 6  # most runs were still busy when killed
+    print(f"\nrandom kills: {log.kills}; faults {dict(server.faults.injected)}; {ledger}")
