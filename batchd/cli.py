@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import TextIO, cast
 
 import orjson
 
@@ -18,7 +22,18 @@ from batchd.domain import FAILED_TASK_STATUSES, TaskStatus
 from batchd.fakeapi.server import add_arguments as add_fake_api_arguments
 from batchd.fakeapi.server import serve as serve_fake_api
 from batchd.logs import configure_logging
-from batchd.store import Store, StoreError
+from batchd.progress import (
+    LogThroughBar,
+    ProgressBar,
+    ProgressSnapshot,
+    RunView,
+    run_with_progress,
+    watch,
+    watch_snapshot,
+)
+from batchd.prune import DurationError, open_export, parse_duration, prune
+from batchd.spending import estimate_status, render_estimate
+from batchd.store import Store, StoreAccounts, StoreError
 
 EXIT_USAGE = 2
 
@@ -42,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts per status, batches in flight, or tasks")
     status.add_argument("custom_ids", nargs="*")
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw every --interval seconds (Ctrl-C to stop)"
+    )
+    status.add_argument("--interval", type=float, default=2.0, help="seconds (default: 2)")
+    status.add_argument("--count", type=int, help="with --watch: stop after this many")
+    estimate = sub.add_parser("estimate", help="what the pending tasks would cost")
+    estimate.add_argument("--json", action="store_true")
+    prune_cmd = sub.add_parser("prune", help="remove old finished tasks, then vacuum")
+    prune_cmd.add_argument(
+        "--older-than", required=True, help="completed before this long ago: 30d, 12h, 2w"
+    )
+    prune_cmd.add_argument("--export", type=Path, help="write them to this new JSONL file first")
+    prune_cmd.add_argument("--no-vacuum", action="store_true", help="skip the VACUUM")
     results = sub.add_parser("results", help="export result lines in the API's JSONL shape")
     results.add_argument("-o", "--output", type=Path, help="file (default: standard output)")
     results.add_argument(
@@ -79,12 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"batchd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    daemon_output = sys.stdout if args.command == "run" else sys.stderr
+    daemon_output: TextIO = sys.stdout if args.command == "run" else sys.stderr
+    if args.command == "run" and args.exit_when_idle and sys.stderr.isatty():
+        args.progress_bar = ProgressBar(sys.stderr)
+        if daemon_output.isatty():
+            daemon_output = cast(TextIO, LogThroughBar(daemon_output, args.progress_bar))
     configure_logging(
         args.log_format or config.logging.format, config.logging.level, stream=daemon_output
     )
     try:
         return asyncio.run(_dispatch(args, config))
+    except KeyboardInterrupt:
+        return 130 if args.command != "status" else 0  # Ctrl-C ends `status --watch`
     except (StoreError, ConfigError) as exc:
         print(f"batchd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -100,11 +134,16 @@ async def _dispatch(args: argparse.Namespace, config: Config) -> int:
                 file=sys.stderr,
             )
             return EXIT_AUTH
-        return await run_daemon(config, api_key, exit_when_idle=args.exit_when_idle)
+        if args.exit_when_idle:
+            view = RunView(getattr(args, "progress_bar", None))
+            return await run_with_progress(config, api_key, view)
+        return await run_daemon(config, api_key)
     handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
         "migrate": _migrate,
         "enqueue": _enqueue,
-        "status": _status,
+        "status": partial(_status, config=config),
+        "estimate": partial(_estimate, config=config),
+        "prune": _prune,
         "results": _results,
         "cancel": _cancel,
         "retry": _retry,
@@ -133,7 +172,9 @@ async def _enqueue(store: Store, args: argparse.Namespace) -> int:
     return 1 if summary.bad_lines else 0
 
 
-async def _status(store: Store, args: argparse.Namespace) -> int:
+async def _status(store: Store, args: argparse.Namespace, *, config: Config) -> int:
+    if args.watch:
+        return await _watch(store, args, config)
     if args.custom_ids:
         rows = await store.tasks_by_custom_id(args.custom_ids)
         if args.json:
@@ -144,8 +185,55 @@ async def _status(store: Store, args: argparse.Namespace) -> int:
         for custom_id in sorted(missing):
             print(f"{custom_id}: no such task", file=sys.stderr)
         return 1 if missing else 0
-    snapshot = await commands.status_snapshot(store)
+    snapshot = await commands.status_snapshot(store, config)
     print(orjson.dumps(snapshot).decode() if args.json else commands.render_status(snapshot))
+    return 0
+
+
+async def _watch(store: Store, args: argparse.Namespace, config: Config) -> int:
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        print("batchd: --interval must be > 0 and --count >= 1", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def read() -> ProgressSnapshot:
+        status = await commands.status_snapshot(store, config)
+        return watch_snapshot(status, datetime.now(UTC))
+
+    await watch(
+        read,
+        sys.stdout,
+        interval_s=args.interval,
+        tty=sys.stdout.isatty(),
+        count=args.count,
+        monotonic=time.monotonic,
+        clock_text=lambda: f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
+    )
+    return 0
+
+
+async def _estimate(store: Store, args: argparse.Namespace, *, config: Config) -> int:
+    figures = await estimate_status(StoreAccounts(store), config)
+    print(orjson.dumps(figures).decode() if args.json else render_estimate(figures))
+    return 0
+
+
+async def _prune(store: Store, args: argparse.Namespace) -> int:
+    try:
+        cutoff = datetime.now(UTC) - parse_duration(args.older_than)
+    except DurationError as exc:
+        print(f"batchd: --older-than {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.export is None:
+        report = await prune(store, cutoff, vacuum=not args.no_vacuum)
+    else:
+        try:
+            export = open_export(args.export)
+        except OSError as exc:
+            print(f"batchd: cannot create {args.export}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        with export:
+            report = await prune(store, cutoff, export=export, vacuum=not args.no_vacuum)
+    print(commands.render_prune(report))
     return 0
 
 

@@ -14,7 +14,7 @@ from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.metrics import RESULTS_WRITTEN, Registry
 from batchd.outcomes import MalformedResultLine, parse_result_line
-from batchd.store import Store
+from batchd.store import Store, StoreAccounts
 from batchd.wire import RESULTS_RETENTION_DAYS
 
 log = structlog.get_logger("batchd.collector")
@@ -84,6 +84,9 @@ class Collector:
         report = await self._store.finish_batch(batch.local_id, reason)
         crash_point("batch_finished")
         if report.missing_requeued:
+            await StoreAccounts(self._store).keep_missing(
+                batch.api_batch_id, report.missing_requeued
+            )
             log.error(
                 "results_missing",
                 batch_id=batch.api_batch_id,

@@ -5,14 +5,18 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from batchd.config import Config
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
-from batchd.store import CancelReport, EnqueueReport, Store
+from batchd.prune import PruneReport
+from batchd.spending import budget_status, render_budget, render_usage, usage_status
+from batchd.store import CancelReport, EnqueueReport, Store, StoreAccounts
+from batchd.wire import RESULTS_RETENTION_DAYS
 
 _ACTIVE_BATCH_STATES = (
     BatchState.CREATING,
@@ -21,6 +25,9 @@ _ACTIVE_BATCH_STATES = (
     BatchState.ENDED,
 )
 _ENQUEUE_CHUNK = 5000
+# Results not yet stored this close to the API's retention limit are flagged (as the
+# collector's `results_near_archival` log line does).
+RETENTION_MARGIN = timedelta(days=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +97,59 @@ def open_input(path: str) -> IO[bytes]:
     return sys.stdin.buffer if path == "-" else Path(path).open("rb")
 
 
-async def status_snapshot(store: Store) -> dict[str, Any]:
-    """Everything `batchd status` shows, as plain JSON-ready data."""
+async def status_snapshot(
+    store: Store,
+    config: Config | None = None,
+    now: datetime | None = None,
+    *,
+    accounting: bool = True,
+) -> dict[str, Any]:
+    """Everything `batchd status` shows, as plain JSON-ready data.
+
+    `accounting=False` leaves out usage, cost, budget and result gaps: the run's progress
+    bar reads this several times a second.
+    """
+    config = config or Config()
+    now = now or datetime.now(UTC)
     counts = await store.status_counts()
     batches = await store.batches_in(*_ACTIVE_BATCH_STATES)
     duplicates = await store.duplicate_batches()
-    return {
+    snapshot: dict[str, Any] = {
         "tasks": {str(status): counts[status] for status in TaskStatus},
         "batches_in_flight": [_batch_json(batch) for batch in batches],
         "duplicate_batches": [
             {"batch_id": batch_id, "detected_at": detected_at, "note": note}
             for batch_id, detected_at, note in duplicates
         ],
+        "retention": retention_warnings(batches, now),
     }
+    if accounting:
+        accounts = StoreAccounts(store)
+        snapshot["usage"] = await usage_status(accounts, config)
+        snapshot["budget"] = await budget_status(accounts, config, batches, now)
+        unmatched, missing = await accounts.result_gaps()
+        snapshot["results"] = {"unmatched": unmatched, "missing_requeued": missing}
+    return snapshot
+
+
+def retention_warnings(batches: Sequence[BatchRecord], now: datetime) -> list[dict[str, Any]]:
+    """Batches whose results are not stored yet and will soon be (or are) archived."""
+    limit = timedelta(days=RESULTS_RETENTION_DAYS)
+    warnings = []
+    for batch in batches:
+        created = batch.api_created_at
+        if created is None or now - created < limit - RETENTION_MARGIN:
+            continue
+        warnings.append(
+            {
+                "batch_id": batch.api_batch_id,
+                "state": str(batch.state),
+                "created_at": created.isoformat(),
+                "age_days": round((now - created) / timedelta(days=1), 2),
+                "archived_in_days": round((created + limit - now) / timedelta(days=1), 2),
+            }
+        )
+    return warnings
 
 
 def _batch_json(batch: BatchRecord) -> dict[str, Any]:
@@ -136,9 +183,36 @@ def render_status(snapshot: dict[str, Any]) -> str:
             f"  {batch['batch_id'] or '(creating)':<36} {batch['state']:<11} "
             f"{batch['requests']:>7,} requests  {done}"
         )
-    for duplicate in snapshot["duplicate_batches"]:
-        lines.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")
+    if "usage" in snapshot:
+        lines += render_usage(snapshot["usage"])
+    if snapshot.get("budget"):
+        lines += render_budget(snapshot["budget"])
+    lines += status_alerts(snapshot)
     return "\n".join(lines)
+
+
+def status_alerts(snapshot: dict[str, Any]) -> list[str]:
+    """The lines that need a person's attention, loudly."""
+    alerts = [
+        f"RESULTS NEAR ARCHIVAL: {w['batch_id']} ({w['state']}) was created {w['age_days']} "
+        f"days ago; its results are not stored yet and are archived in "
+        f"{w['archived_in_days']} days"
+        for w in snapshot.get("retention", [])
+    ]
+    results = snapshot.get("results") or {}
+    if results.get("unmatched"):
+        alerts.append(
+            f"UNMATCHED RESULTS: {results['unmatched']} result line(s) matched no task of "
+            "their batch: kept in the unmatched_results table"
+        )
+    if results.get("missing_requeued"):
+        alerts.append(
+            f"MISSING RESULTS: {results['missing_requeued']} request(s) had no line in a "
+            "whole results stream: requeued, listed in the missing_results table"
+        )
+    for duplicate in snapshot["duplicate_batches"]:
+        alerts.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")
+    return alerts
 
 
 def task_json(row: TaskRow) -> dict[str, Any]:
@@ -204,4 +278,20 @@ def render_enqueue(summary: EnqueueSummary | EnqueueReport) -> str:
             text += f"\nline {bad.line_number}: {bad.reason}"
         if len(summary.bad_lines) > 20:
             text += f"\n... and {len(summary.bad_lines) - 20} more bad line(s)"
+    return text
+
+
+def render_prune(report: PruneReport) -> str:
+    text = (
+        f"pruned {report.deleted:,} finished task(s) completed before "
+        f"{report.cutoff:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    if report.exported:
+        text += f"; {report.exported:,} exported first"
+    text += (
+        f"\nforgot {report.batches_deleted:,} batch(es) and {report.batch_links_deleted:,} "
+        "batch-task link(s) that no longer carry any task"
+    )
+    size = f"{report.bytes_before / 1e6:,.1f} MB -> {report.bytes_after / 1e6:,.1f} MB"
+    text += f"\nvacuumed: {size}" if report.vacuumed else "\nnot vacuumed (--no-vacuum)"
     return text

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from batchd.pricing import ModelPrice
 from batchd.wire import DEFAULT_BASE_URL, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
 
 CREDENTIAL_NAME = "anthropic-api-key"
@@ -76,6 +77,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """`[pricing.MODEL]` tables: list prices (USD per million tokens) over the defaults."""
+
+    models: Mapping[str, ModelPrice] = field(default_factory=dict)
+
+
+BUDGET_PERIODS = ("day", "month", "total")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """Submission pauses once spending in the period (UTC) would pass max_spend_usd."""
+
+    max_spend_usd: float | None = None  # None: no budget
+    period: str = "month"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -84,6 +103,8 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 # TOML key -> dataclass field, where the file uses a friendlier name than the field.
@@ -128,6 +149,12 @@ def _build_section(name: str, values: Any) -> Any:
     cls = _SECTIONS[name]
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] must be a table")
+    if name == "pricing":
+        return PricingConfig(
+            {model: _build_price(model, price) for model, price in values.items()}
+        )
+    if name == "budget":
+        return _build_budget(values)
     if name == "api" and "api_key" in values:
         raise ConfigError(
             "[api] api_key: the key is never read from the config file; set "
@@ -142,6 +169,47 @@ def _build_section(name: str, values: Any) -> Any:
         default = getattr(cls(), field_name)
         kwargs[field_name] = _coerce(f"[{name}] {key}", value, default)
     return cls(**kwargs)
+
+
+_PRICE_KEYS = ("input", "output", "cache_write", "cache_read")
+
+
+def _build_price(model: str, values: Any) -> ModelPrice:
+    """input and output are required; cache prices default to 1.25x / 0.1x of input."""
+    where = f'[pricing."{model}"]'
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a table with input and output prices")
+    for key in values:
+        if key not in _PRICE_KEYS:
+            raise ConfigError(f"{where} {key}: unknown key (expected {', '.join(_PRICE_KEYS)})")
+    for key in ("input", "output"):
+        if key not in values:
+            raise ConfigError(f"{where} {key}: required (USD per million tokens)")
+    usd = {key: _usd(f"{where} {key}", value) for key, value in values.items()}
+    derived = ModelPrice.of(usd["input"], usd["output"])
+    return replace(derived, **{k: v for k, v in usd.items() if k.startswith("cache_")})
+
+
+def _build_budget(values: dict[str, Any]) -> BudgetConfig:
+    for key in values:
+        if key not in {"max_spend_usd", "period"}:
+            raise ConfigError(f"[budget] {key}: unknown key")
+    limit = values.get("max_spend_usd")
+    if limit is not None:
+        limit = _usd("[budget] max_spend_usd", limit)
+        _check(limit > 0, "[budget] max_spend_usd: must be > 0")
+    period = values.get("period", BudgetConfig().period)
+    _check(
+        period in BUDGET_PERIODS,
+        f"[budget] period: must be {', '.join(BUDGET_PERIODS)}, got {period!r}",
+    )
+    return BudgetConfig(limit, period)
+
+
+def _usd(key: str, value: Any) -> float:
+    usd = float(_coerce(key, value, 0.0))
+    _check(usd >= 0, f"{key}: must be >= 0, got {value!r}")
+    return usd
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

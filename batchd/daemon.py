@@ -14,6 +14,7 @@ from typing import TypeVar
 import aiohttp
 import structlog
 
+from batchd.budget import BudgetGate
 from batchd.client import ApiError, BatchesClient, RetryPolicy
 from batchd.collector import Collector
 from batchd.config import Config
@@ -98,6 +99,7 @@ class Daemon:
             clock=clock,
             monotonic=time.monotonic,
             reconcile_grace_s=config.batching.reconcile_grace_s,
+            budget=BudgetGate.from_config(store, config, clock=clock),
         )
         self.poller = Poller(
             store,

@@ -931,3 +931,178 @@ def _parse_time(text: str) -> datetime:
 
 def _parse_optional_time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+# -- usage, cost inputs, result gaps and housekeeping (issue 7) ----------------------------------
+
+UsageRow = tuple[str, int, int, int, int, int]  # model, requests, input, output, cache w, cache r
+SizeRow = tuple[str | None, int, int, int]  # model, requests, params bytes, sum of max_tokens
+# Read from the params text without trusting it: rows the chunker will refuse (bad JSON,
+# no model) give a NULL model and 0 max_tokens instead of an SQL error.
+_REQUEST_SIZE_COLUMNS = """
+    CASE WHEN json_valid(params) AND json_type(params, '$.model') = 'text'
+         THEN json_extract(params, '$.model') END AS model,
+    length(CAST(params AS BLOB)) AS request_bytes,
+    CASE WHEN json_valid(params) AND json_type(params, '$.max_tokens') = 'integer'
+         THEN json_extract(params, '$.max_tokens') ELSE 0 END AS max_tokens"""
+_SIZE_TOTALS = "model, count(*), sum(request_bytes), sum(max_tokens)"
+_PRUNE_COLUMNS = (
+    "id, custom_id, status, result, error, params, model, input_tokens, output_tokens,"
+    " cache_creation_input_tokens, cache_read_input_tokens, created_at, completed_at"
+)
+_FINISHED_BATCH_STATES = ("completed", "rejected", "lost")
+
+
+class StoreAccounts:
+    """Reads and writes about money, gaps and old rows, on a Store's own connections.
+
+    A companion rather than more Store methods, so this feature's SQL sits in one place at
+    the end of the module and the Store class is left as it is; it goes through the same
+    reader, writer lock and shielded transactions as every other statement.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def usage_by_model(self, since_day: str | None = None) -> list[UsageRow]:
+        """Usage of succeeded results per model (the ledger), on or after `since_day`."""
+        rows = await self._store._read(
+            "SELECT model, sum(requests), sum(input_tokens), sum(output_tokens),"
+            " sum(cache_creation_input_tokens), sum(cache_read_input_tokens)"
+            " FROM usage_ledger WHERE day >= ? GROUP BY model ORDER BY model",
+            (since_day or "",),
+        )
+        return [cast(UsageRow, tuple(row)) for row in rows]
+
+    async def pending_sizes(self, limit: int | None = None) -> list[SizeRow]:
+        """Request sizes per model of pending tasks (the oldest `limit`, or all)."""
+        rows = await self._store._read(
+            f"SELECT {_SIZE_TOTALS} FROM (SELECT {_REQUEST_SIZE_COLUMNS} FROM tasks"
+            " WHERE status = 'pending' ORDER BY id LIMIT ?) GROUP BY model ORDER BY model",
+            (-1 if limit is None else limit,),
+        )
+        return [cast(SizeRow, tuple(row)) for row in rows]
+
+    async def pending_fingerprint(self, limit: int) -> tuple[int, int, int, int]:
+        """(count, min id, max id, sum of ids) of the oldest `limit` pending tasks (index only)."""
+        rows = await self._store._read(
+            "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0), coalesce(sum(id), 0)"
+            " FROM (SELECT id FROM tasks WHERE status = 'pending' ORDER BY id LIMIT ?)",
+            (limit,),
+        )
+        count, low, high, total = rows[0]
+        return int(count), int(low), int(high), int(total)
+
+    async def batch_sizes(self, local_ids: Sequence[int]) -> dict[int, list[SizeRow]]:
+        """Request sizes per model of every task each batch carried, whatever became of it."""
+        rows = await self._store._read(
+            f"SELECT batch_id, {_SIZE_TOTALS} FROM (SELECT m.batch_id, {_REQUEST_SIZE_COLUMNS}"
+            " FROM batch_tasks AS m JOIN tasks ON tasks.id = m.task_id"
+            " WHERE m.batch_id IN (SELECT value FROM json_each(?)))"
+            " GROUP BY batch_id, model ORDER BY batch_id, model",
+            (_json_list(local_ids),),
+        )
+        sizes: dict[int, list[SizeRow]] = {local_id: [] for local_id in local_ids}
+        for local_id, *size in rows:
+            sizes[local_id].append(cast(SizeRow, tuple(size)))
+        return sizes
+
+    async def keep_missing(self, api_batch_id: str, custom_ids: Sequence[str]) -> None:
+        """Remember requests a whole results stream had no line for (they were requeued)."""
+        now = self._store._now()
+        await self._store._transact(
+            _run_many_in,
+            "INSERT OR IGNORE INTO missing_results (api_batch_id, custom_id, detected_at)"
+            " VALUES (?, ?, ?)",
+            [(api_batch_id, custom_id, now) for custom_id in custom_ids],
+        )
+
+    async def result_gaps(self) -> tuple[int, int]:
+        """(result lines kept as unmatched, requests found missing from a whole stream)."""
+        rows = await self._store._read(
+            "SELECT (SELECT count(*) FROM unmatched_results),"
+            " (SELECT count(*) FROM missing_results)"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def prunable_tasks(self, cutoff: datetime, after_id: int, limit: int) -> list[Row]:
+        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
+        return await self._store._read(
+            f"SELECT {_PRUNE_COLUMNS} FROM tasks WHERE id > ?"
+            " AND status IN (SELECT value FROM json_each(?)) AND completed_at < ?"
+            " ORDER BY id LIMIT ?",
+            (after_id, _json_list(sorted(FINAL_TASK_STATUSES)), _format_time(cutoff), limit),
+        )
+
+    async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
+        """Delete these tasks, if they are still final and completed before `cutoff`."""
+        return await self._store._transact(
+            _run_in,
+            "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+            " AND status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
+            (_json_list(task_ids), _json_list(sorted(FINAL_TASK_STATUSES)), _format_time(cutoff)),
+        )
+
+    async def forget_empty_batches(self) -> tuple[int, int]:
+        """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to.
+
+        One short transaction per batch, so users' INSERTs never wait long. A batch named
+        in duplicate_batches stays: that report must survive.
+        """
+        finished = await self._store._read(
+            "SELECT id FROM batches WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (_json_list(_FINISHED_BATCH_STATES),),
+        )
+        links = batches = 0
+        for (local_id,) in finished:
+            links_gone, batch_gone = await self._store._transact(_forget_batch, local_id)
+            links += links_gone
+            batches += batch_gone
+        return links, batches
+
+    async def database_bytes(self) -> int:
+        """The main file's size as SQLite counts it (pages x page size)."""
+        rows = await self._store._read(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+        )
+        return int(rows[0][0])
+
+    async def vacuum(self) -> None:
+        """Rewrite the file without its free pages.
+
+        VACUUM cannot run inside a transaction, so not through `_transact`: it runs on the
+        writer connection under the store's lock, so no write of this process interleaves,
+        and it waits for another process's write lock under busy_timeout like any writer.
+        With `temp_store = MEMORY` VACUUM would build the whole copy in RAM: the copy goes
+        to a temporary file for the duration, whatever the connection uses otherwise.
+        """
+        store = self._store
+        if store._closed:
+            raise StoreError(f"{store._path}: the store is closed")
+        async with store._lock:
+            with _sqlite_errors(store._path, "vacuum"):
+                rows = await store._writer.execute_fetchall("PRAGMA temp_store")
+                previous = int(next(iter(rows))[0])
+                await store._writer.execute("PRAGMA temp_store = FILE")
+                try:
+                    await store._writer.execute("VACUUM")
+                finally:
+                    await store._writer.execute(f"PRAGMA temp_store = {previous}")
+
+
+async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:
+    links = await _run(
+        db,
+        "DELETE FROM batch_tasks WHERE batch_id = ?"
+        " AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = batch_tasks.task_id)",
+        (local_id,),
+    )
+    batches = await _run(
+        db,
+        "DELETE FROM batches WHERE id = :id"
+        " AND NOT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = :id)"
+        " AND NOT EXISTS (SELECT 1 FROM tasks WHERE batch_id = :id)"
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = :id)",
+        {"id": local_id},
+    )
+    return links, batches

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from batchd.budget import BudgetGate
 from batchd.chunker import Chunk, build_chunk
 from batchd.client import (
     ApiError,
@@ -64,7 +65,9 @@ class Submitter:
         clock: Callable[[], datetime],
         monotonic: Callable[[], float],
         reconcile_grace_s: float,
+        budget: BudgetGate | None = None,
     ) -> None:
+        self.budget = budget  # None: no [budget] configured
         self._store = store
         self._client = client
         self._config = config
@@ -76,6 +79,8 @@ class Submitter:
 
     async def submit_once(self) -> SubmitResult:
         """Create at most one batch from the oldest pending tasks."""
+        if self.budget is not None and await self.budget.pause_reason():
+            return SubmitResult(waiting=True)  # the gate logs submission_paused_budget
         capacity = self._config.max_in_flight_requests - await self._store.in_flight_request_count()
         if capacity <= 0:
             return SubmitResult(waiting=await self._has_pending())

@@ -152,13 +152,14 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
     assert query(db_path, "SELECT version, name, applied_at FROM schema_migrations") == [
         (1, "initial", "2026-11-24T15:40:37.123Z"),
         (2, "batch_tasks", "2026-11-24T15:40:37.123Z"),
+        (3, "usage_ledger", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await Store.open(db_path, clock=clock)
     try:
         assert await reopened.migrate() == []
     finally:
         await reopened.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(2,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(3,)]
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):
@@ -191,7 +192,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(2\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(3\)"):
             await Store.open(db_path, migrate=migrate)
 
 

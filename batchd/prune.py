@@ -1,0 +1,140 @@
+"""`batchd prune`: remove finished tasks completed before a cutoff, then vacuum.
+
+Only final tasks (succeeded, errored, expired, canceled, invalid) with a `completed_at`
+before the cutoff go; pending and submitted ones never do, and each delete re-checks
+that, so a task retried meanwhile stays. With an export file the tasks are all written
+and synced first, then deleted: a crash can leave exported tasks undeleted (pruned on the
+next run, exported again), never deleted tasks unexported. Spending survives in the
+usage ledger (migration 003), so costs and budgets do not change when tasks are pruned.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchd.store import Row, Store, StoreAccounts
+
+_PAGE = 5000
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class DurationError(ValueError):
+    """A duration that is not like 30d, 12h, 2w."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `2w`, `45s`: a whole number and one unit."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise DurationError(f"{text!r}: expected a number and a unit (s, m, h, d, w), like 30d")
+    return timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    cutoff: datetime
+    deleted: int
+    exported: int
+    batch_links_deleted: int
+    batches_deleted: int
+    bytes_before: int
+    bytes_after: int
+    vacuumed: bool
+
+
+async def prune(
+    store: Store,
+    cutoff: datetime,
+    *,
+    export: IO[bytes] | None = None,
+    vacuum: bool = True,
+) -> PruneReport:
+    """Delete final tasks completed before `cutoff` (exporting them first), then vacuum."""
+    accounts = StoreAccounts(store)
+    bytes_before = await accounts.database_bytes()
+    task_ids = await _collect(accounts, cutoff, export)
+    deleted = 0
+    for start in range(0, len(task_ids), _PAGE):
+        deleted += await accounts.delete_tasks(task_ids[start : start + _PAGE], cutoff)
+    links, batches = await accounts.forget_empty_batches()
+    if vacuum:
+        await accounts.vacuum()
+    return PruneReport(
+        cutoff=cutoff,
+        deleted=deleted,
+        exported=len(task_ids) if export is not None else 0,
+        batch_links_deleted=links,
+        batches_deleted=batches,
+        bytes_before=bytes_before,
+        bytes_after=await accounts.database_bytes(),
+        vacuumed=vacuum,
+    )
+
+
+async def _collect(
+    accounts: StoreAccounts, cutoff: datetime, export: IO[bytes] | None
+) -> list[int]:
+    """Ids of the tasks to delete, written to `export` (and synced) on the way."""
+    task_ids: list[int] = []
+    after = 0
+    while rows := await accounts.prunable_tasks(cutoff, after, _PAGE):
+        if export is not None:
+            export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
+        task_ids.extend(row[0] for row in rows)
+        after = rows[-1][0]
+    if export is not None:
+        export.flush()
+        os.fsync(export.fileno())
+    return task_ids
+
+
+def export_line(row: Row) -> dict[str, Any]:
+    """A pruned task as a results line: `custom_id` and `result` first, as the API writes
+    them, then what else the row held, so the export loses nothing."""
+    (_, custom_id, status, result, error, params, model, *tokens, created, completed) = row
+    return {
+        "custom_id": custom_id,
+        "result": None if result is None else _json(result),
+        "status": status,
+        "error": error,
+        "model": model,
+        "usage": None
+        if tokens[0] is None
+        else dict(
+            zip(
+                (
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_creation_input_tokens",
+                    "cache_read_input_tokens",
+                ),
+                tokens,
+                strict=True,
+            )
+        ),
+        "created_at": created,
+        "completed_at": completed,
+        "params": _json(params),
+    }
+
+
+def _json(text: str) -> Any:
+    # Parsed, not spliced: invalid tasks may hold params that are not JSON (kept as a
+    # string), and a line of the export must stay valid JSON whatever a user stored.
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def open_export(path: Path) -> IO[bytes]:
+    """A new file: never overwrite an earlier export (it may be the only copy)."""
+    return path.open("xb")
