@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from batchd.client import ApiError, BatchesClient, NotFoundError
+from batchd.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
 from batchd.config import ResultsConfig
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
@@ -57,6 +57,8 @@ class Collector:
             try:
                 if await self._collect(batch):
                     finished += 1
+            except AuthenticationError:
+                raise  # not a download fault: counting it would only burn attempts
             except ApiError as exc:
                 await self._download_failed(batch, str(exc))
         return finished

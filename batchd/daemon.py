@@ -15,7 +15,7 @@ import aiohttp
 import structlog
 
 from batchd.budget import BudgetGate
-from batchd.client import ApiError, BatchesClient, RetryPolicy
+from batchd.client import ApiError, AuthenticationError, BatchesClient, RetryPolicy
 from batchd.collector import Collector
 from batchd.config import Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
@@ -305,6 +305,11 @@ class Daemon:
         """Run one step; API and database faults are logged and retried, never fatal."""
         try:
             return await fn()
+        except AuthenticationError as exc:
+            # Every later call would be refused too: stop (exit 78) instead of looping.
+            # A refused key is not a crash: no traceback wanted.
+            log.error("authentication_failed", step=step, error=str(exc))  # noqa: TRY400
+            raise AuthenticationFailed(str(exc)) from exc
         except (ApiError, StoreError) as exc:
             log.warning("step_failed", step=step, error=str(exc), error_type=type(exc).__name__)
             return fallback

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from batchd.client import ApiError, BatchesClient, NotFoundError
+from batchd.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState
 from batchd.store import Store
@@ -59,6 +59,8 @@ class Poller:
                 remote = await self._client.retrieve(batch.api_batch_id)
             except NotFoundError:
                 return await self._not_found(batch)
+            except AuthenticationError:
+                raise  # not this batch's fault: every call will be refused
             except ApiError as exc:
                 # Transport faults never fail tasks: the next cycle tries again.
                 log.warning("batch_poll_failed", batch_id=batch.api_batch_id, error=str(exc))

@@ -75,6 +75,8 @@ class Submitter:
         self._monotonic = monotonic
         self._reconcile_grace = timedelta(seconds=reconcile_grace_s)
         self._pending_seen_at: float | None = None
+        # local_id -> when this process last knew that batch's create to be in flight.
+        self._unknown_since: dict[int, datetime] = {}
         self._max_bytes = config.max_bytes
 
     async def submit_once(self) -> SubmitResult:
@@ -127,6 +129,7 @@ class Submitter:
         try:
             batch = await self._client.create(chunk.body)
         except CreateOutcomeUnknown as exc:
+            self._unknown_since[local_id] = self._clock()
             log.warning("batch_create_unknown", local_id=local_id, error=str(exc))
             return SubmitResult(waiting=True)
         except ApiStatusError as exc:
@@ -172,8 +175,14 @@ class Submitter:
     async def reconcile(self, batch: BatchRecord) -> None:
         """Decide what became of a create whose answer we never saw (design step 4)."""
         now = self._clock()
+        # The grace runs from when the create stopped being in flight, not from the intent:
+        # a create may last far longer than the grace (its timeout allows for a 256 MB
+        # upload) and land at its very end. A batch found at start-up may have been in
+        # flight when the last process died, so its grace starts now.
+        unknown_since = self._unknown_since.setdefault(batch.local_id, now)
         candidates = await self._matching_api_batches(batch, now)
         if candidates:
+            del self._unknown_since[batch.local_id]
             adopted, *others = sorted(candidates, key=lambda b: b["created_at"])
             crash_point("reconcile_matched")
             await self._store.mark_created(batch.local_id, adopted)
@@ -185,8 +194,9 @@ class Submitter:
                     "duplicate_batch_suspected", batch_id=other["id"], local_id=batch.local_id
                 )
             return
-        if now - batch.intent_at < self._reconcile_grace:
+        if now - unknown_since < self._reconcile_grace:
             return
+        del self._unknown_since[batch.local_id]
         await self._store.release_intent(
             batch.local_id, "create outcome unknown and no such batch on the API: resubmitting"
         )
@@ -222,6 +232,8 @@ class Submitter:
                 continue
             try:
                 await self._client.cancel(batch.api_batch_id)
+            except AuthenticationError:
+                raise
             except ApiError as exc:
                 log.warning("batch_cancel_failed", batch_id=batch.api_batch_id, error=str(exc))
                 continue

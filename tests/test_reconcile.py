@@ -6,10 +6,12 @@ ours, so "the grace period has passed" needs no sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +19,16 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from batchd.client import BatchesClient, BytesBody, RetryPolicy
-from batchd.config import BatchingConfig
+from batchd.config import BatchingConfig, Config
+from batchd.daemon import run_daemon
 from batchd.domain import BatchState, TaskStatus
+from batchd.fakeapi import app
 from batchd.fakeapi.faults import FaultConfig, FaultKind
-from batchd.fakeapi.server import FakeApiServer
+from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from batchd.fakeapi.validation import parse_create_body
 from batchd.store import Store
 from batchd.submitter import Submitter
 from tests.conftest import request_params
@@ -157,3 +163,36 @@ async def test_two_matching_batches_one_is_adopted_the_other_recorded_and_shown_
     )
     assert status.returncode == 0, status.stderr
     assert f"POSSIBLE DUPLICATE BATCH {second['id']}" in status.stdout
+
+
+async def test_a_create_slower_than_the_grace_is_adopted_when_it_lands_not_sent_twice(
+    store: Store,
+    daemon_config: Callable[..., Config],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server takes longer over the create than our timeout allows and creates the
+    # batch after we gave up. The call lasted longer than the grace period (as a 256 MB
+    # upload can: the create timeout allows for the upload, the grace does not), so the
+    # grace must count from when we gave up on the call, not from the intent, or the list
+    # is read, and the requests sent again, before the batch exists there.
+    await store.enqueue((cid, request_params(f"question {cid}")) for cid in CUSTOM_IDS)
+    await store.close()
+
+    async def slow_create(request: web.Request) -> web.StreamResponse:
+        api = request.app[app.FAKE_API]
+        body = await request.read()  # all received; the server is still working on it
+        await asyncio.sleep(1.5)  # past our 1 s timeout: the create lands after we gave up
+        batch = api.state.create(parse_create_body(body), api.faults.config)
+        return app.json_response(request, batch.view(api.clock(), api.state.timeline, ""))
+
+    monkeypatch.setattr(app, "create_batch", slow_create)
+    async with FakeApiServer(FakeApiConfig(processing_seconds=0.2)) as fake:
+        config = daemon_config(fake.base_url, reconcile_grace_s=1.0)
+        config = replace(config, api=replace(config.api, request_timeout_s=1.0))
+        assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
+        assert fake.state.stats.creates_attempted == 1  # never sent twice
+        assert set(fake.state.stats.submissions.values()) == {1}
+    with sqlite3.connect(db_path) as db:
+        states = db.execute("SELECT state FROM batches").fetchall()
+    assert states == [("completed",)]
