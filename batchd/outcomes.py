@@ -84,20 +84,21 @@ def _succeeded(custom_id: str, result: dict[str, Any], result_json: str) -> Outc
     )
 
 
+def _tokens(value: object) -> int:
+    # `type() is int`, not isinstance: JSON true/false must not count as 1/0 tokens.
+    return value if type(value) is int else 0
+
+
 def _usage(raw: object) -> Usage:
     """§4.2: only input/output tokens are certain; the cache counts may be absent or null."""
     if not isinstance(raw, dict):
         return Usage()
-
-    def tokens(key: str) -> int:
-        value = raw.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
+    get = raw.get
     return Usage(
-        input_tokens=tokens("input_tokens"),
-        output_tokens=tokens("output_tokens"),
-        cache_creation_input_tokens=tokens("cache_creation_input_tokens"),
-        cache_read_input_tokens=tokens("cache_read_input_tokens"),
+        _tokens(get("input_tokens")),
+        _tokens(get("output_tokens")),
+        _tokens(get("cache_creation_input_tokens")),
+        _tokens(get("cache_read_input_tokens")),
     )
 
 

@@ -50,9 +50,12 @@ _PRAGMAS = (
     "PRAGMA synchronous = FULL",
     "PRAGMA foreign_keys = ON",
     "PRAGMA cache_size = -65536",
-    # The write-back staging table holds one chunk: keep it off disk (~10% faster).
-    "PRAGMA temp_store = MEMORY",
+    # No temp_store = MEMORY: a multi-row UPDATE keeps a statement journal of every page it
+    # changes, which in memory grew the daemon by ~340 MB claiming a 256 MB batch (bench/).
 )
+# The reader streams pending rows and counts: the OS page cache serves it as well, and a
+# second 64 MB cache filled by reading a 256 MB batch's params would be ~30% of the RSS.
+_READER_CACHE = "PRAGMA cache_size = -8192"
 _ENQUEUE_CHUNK = 5000
 _MIGRATION_FILE = re.compile(r"(\d+)_(\w+)\.sql")
 _RESULT_TYPES = frozenset({"succeeded", "errored", "canceled", "expired"})
@@ -143,6 +146,7 @@ class Store:
                 reader = await _connect(stack, path, busy_timeout_ms, new_page_size=False)
                 # A stray write through the reader would bypass the lock: forbid it.
                 await reader.execute("PRAGMA query_only = ON")
+                await reader.execute(_READER_CACHE)
             store = cls(path, stack, writer, reader, clock or _utc_now)
             if migrate:
                 await store.migrate()
@@ -535,14 +539,25 @@ class Store:
     ) -> tuple[tuple[str, ...], int, int]:
         await db.execute(_CREATE_STAGING)
         await db.execute("DELETE FROM temp.result_staging")
-        await _run_many(db, _INSERT_STAGING, [_staging_row(outcome) for outcome in outcomes])
+        found = await db.execute_fetchall(
+            _TASK_IDS, (_json_list(outcome.custom_id for outcome in outcomes),)
+        )
+        task_ids: dict[str, int] = dict(cast(Iterable[tuple[str, int]], found))
+        rows = [
+            _staging_row(seq, task_ids.get(outcome.custom_id), outcome)
+            for seq, outcome in enumerate(outcomes)
+        ]
+        # Shuffled lines (spec §4.3) staged in task rowid order: the UPDATE then walks the
+        # tasks table's pages in order instead of jumping between them for every line.
+        rows.sort(key=_by_task_id)
+        await _run_many(db, _INSERT_STAGING, rows)
         names = {"local": local_id, "max_attempts": max_attempts, "now": self._now()}
         unmatched = await db.execute_fetchall(_UNMATCHED_STAGED, names)
-        requeue = await db.execute_fetchall(_COUNT_REQUEUES, names)
-        changed = await _run(db, _APPLY_STAGED, names)
+        statuses = await db.execute_fetchall(_APPLY_STAGED, names)
         await db.execute("DELETE FROM temp.result_staging")  # frees the chunk's text now
-        requeued = int(next(iter(requeue))[0])
-        return tuple(row[0] for row in unmatched), changed - requeued, requeued
+        changed = list(statuses)
+        requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
+        return tuple(row[0] for row in unmatched), len(changed) - requeued, requeued
 
     async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
         """Keep result lines that matched no task of their batch (never dropped)."""
@@ -695,6 +710,8 @@ class Store:
 
 _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS result_staging (
+    seq INTEGER NOT NULL,
+    task_id INTEGER,
     custom_id TEXT NOT NULL,
     result_type TEXT NOT NULL,
     result_json TEXT NOT NULL,
@@ -707,24 +724,26 @@ CREATE TEMP TABLE IF NOT EXISTS result_staging (
     model TEXT
 )"""
 _INSERT_STAGING = (
-    "INSERT INTO temp.result_staging VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # column order above
+    "INSERT INTO temp.result_staging VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # as above
 )
+# custom_id is unique, so each line names at most one task: look its rowid up once, and
+# every later statement joins on the rowid instead of searching the custom_id index.
+_TASK_IDS = "SELECT custom_id, id FROM tasks WHERE custom_id IN (SELECT value FROM json_each(?))"
 # Unmatched: no task with that custom_id was ever in this batch (batch_tasks remembers
-# requeued ones, whose re-downloaded lines are merely ignored).
+# requeued ones, whose re-downloaded lines are merely ignored). In the lines' own order.
 _UNMATCHED_STAGED = """
 SELECT s.custom_id FROM temp.result_staging AS s
-WHERE NOT EXISTS (SELECT 1 FROM tasks JOIN batch_tasks AS m ON m.task_id = tasks.id
-                  WHERE tasks.custom_id = s.custom_id AND m.batch_id = :local)
-ORDER BY s.rowid"""
+WHERE s.task_id IS NULL
+   OR NOT EXISTS (SELECT 1 FROM batch_tasks AS m
+                  WHERE m.batch_id = :local AND m.task_id = s.task_id)
+ORDER BY s.seq"""
 # Another try: a transient failure, attempts left, and the user did not ask to cancel.
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < :max_attempts AND tasks.cancel_requested = 0)"""
 # The guard: only tasks of THIS batch still waiting, so a repeated line is a no-op.
-_STAGED_TASKS = """tasks.custom_id = s.custom_id AND tasks.batch_id = :local
-    AND tasks.status = 'submitted'"""
-_COUNT_REQUEUES = f"""
-SELECT count(*) FROM temp.result_staging AS s JOIN tasks ON {_STAGED_TASKS}
-WHERE {_RETRY}"""
+_STAGED_TASKS = """tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+    AND tasks.batch_id = :local AND tasks.status = 'submitted'"""
+# RETURNING the new status counts the requeued tasks (now 'pending') without a second join.
 _APPLY_STAGED = f"""
 UPDATE tasks SET
     status = CASE
@@ -745,7 +764,8 @@ UPDATE tasks SET
     cache_creation_input_tokens = s.cache_creation_input_tokens,
     cache_read_input_tokens = s.cache_read_input_tokens
 FROM temp.result_staging AS s
-WHERE {_STAGED_TASKS}"""
+WHERE {_STAGED_TASKS}
+RETURNING tasks.status"""
 
 _BATCH_COLUMNS = (
     "id, api_batch_id, state, request_count, body_bytes, intent_at, submitted_at,"
@@ -754,9 +774,11 @@ _BATCH_COLUMNS = (
 )
 
 
-def _staging_row(outcome: Outcome) -> Row:
+def _staging_row(seq: int, task_id: int | None, outcome: Outcome) -> Row:
     usage = outcome.usage
     return (
+        seq,
+        task_id,
         outcome.custom_id,
         outcome.result_type,
         outcome.result_json,
@@ -768,6 +790,11 @@ def _staging_row(outcome: Outcome) -> Row:
         usage and usage.cache_read_input_tokens,
         outcome.model,
     )
+
+
+def _by_task_id(row: Row) -> tuple[bool, int]:
+    """Staging order: by task rowid; lines that name no task last, in their own order."""
+    return (row[1] is None, row[1] or 0)
 
 
 def _batch_params(batch: MessageBatch) -> dict[str, Any]:

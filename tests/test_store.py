@@ -553,6 +553,34 @@ async def test_a_line_for_a_task_of_another_batch_is_unmatched(store: Store, db_
     ]
 
 
+async def test_a_shuffled_chunk_lands_on_each_task_and_reports_unmatched_in_line_order(
+    store: Store, db_path: Path
+):
+    # The store stages a chunk in task rowid order; the report must still follow the lines.
+    local_id = await submitted_batch(store, "msgbatch_1", "t1", "t2", "t3", "t4")
+    await submitted_batch(store, "msgbatch_2", "other")
+    lines = [
+        outcome("t4", usage=Usage(4, 40)),
+        outcome("nobody"),
+        outcome("t2", "errored", error="overloaded", retryable=True),
+        outcome("other"),
+        outcome("t1", usage=Usage(1, 10)),
+        outcome("t3", "errored", error="bad request"),
+    ]
+    report = await store.write_results(local_id, lines, max_attempts=3)
+    assert (report.written, report.requeued, report.ignored) == (3, 1, 0)
+    assert report.unmatched == ("nobody", "other")
+    rows = {
+        row[0]: row[1:]
+        for row in query(db_path, "SELECT custom_id, status, input_tokens, error FROM tasks")
+    }
+    assert rows["t1"] == ("succeeded", 1, None)
+    assert rows["t4"] == ("succeeded", 4, None)
+    assert rows["t2"] == ("pending", None, "overloaded")
+    assert rows["t3"] == ("errored", None, "bad request")
+    assert rows["other"] == ("submitted", None, None)
+
+
 async def test_a_downloaded_again_line_of_a_resubmitted_task_is_ignored(
     store: Store, db_path: Path
 ):

@@ -64,6 +64,14 @@ def test_missing_or_null_cache_counts_are_zero(usage: dict[str, object]) -> None
     assert outcome.model is None
 
 
+def test_token_counts_that_are_not_whole_numbers_count_zero() -> None:
+    usage = {"input_tokens": True, "output_tokens": 2.5, "cache_read_input_tokens": "3"}
+    line = orjson.dumps(
+        {"custom_id": "a", "result": {"type": "succeeded", "message": {"usage": usage}}}
+    )
+    assert parse_result_line(line).usage == Usage()
+
+
 def test_succeeded_without_usage_counts_zero() -> None:
     line = b'{"custom_id":"a","result":{"type":"succeeded","message":{"model":"m"}}}'
     assert parse_result_line(line).usage == Usage()

@@ -1,0 +1,216 @@
+"""End to end: batchd against the floor and against a plain SDK script, same tasks, same fake.
+
+    python3 bench/e2e.py [--tasks 100000] [--batch-size 10000] [--no-sdk] [--profile FILE]
+
+The fake API runs in a child process (`batchd fake-api --port 0 --processing-seconds 0`),
+and so does the daemon (`batchd run --exit-when-idle`). Each contender gets its own copy
+of the freshly ingested database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import anthropic
+import orjson
+
+from batchd.resultstream import iter_lines
+from batchd.store import Store
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (
+    DaemonRun,
+    FakeApiProcess,
+    command_line,
+    machine,
+    run_daemon,
+    tasks,
+    write_config,
+)
+
+HEADERS = {"x-api-key": "bench", "anthropic-version": "2023-06-01"}
+_SELECT = "SELECT custom_id, params FROM tasks WHERE status = 'pending' ORDER BY id"
+_UPDATE = (
+    "UPDATE tasks SET status = ?, result = ?, model = ?, input_tokens = ?, output_tokens = ?,"
+    " completed_at = ? WHERE custom_id = ?"
+)
+
+
+async def ingest(db: Path, count: int) -> float:
+    """What `batchd enqueue` does: Store.enqueue in chunked transactions."""
+    started = time.perf_counter()
+    store = await Store.open(db)
+    try:
+        report = await store.enqueue(tasks(count))
+    finally:
+        await store.close()
+    assert report.inserted == count, report
+    return time.perf_counter() - started
+
+
+def copy_db(source: Path, target: Path) -> Path:
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return target
+
+
+def _update_row(result: dict[str, object], custom_id: str, now: str) -> tuple[object, ...]:
+    message = result.get("message")
+    usage = message.get("usage", {}) if isinstance(message, dict) else {}
+    return (
+        result["type"],
+        orjson.dumps(result).decode(),
+        message.get("model") if isinstance(message, dict) else None,
+        usage.get("input_tokens"),
+        usage.get("output_tokens"),
+        now,
+        custom_id,
+    )
+
+
+def _write_back(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    db.executemany(_UPDATE, rows)
+    db.execute("COMMIT")
+
+
+async def floor(db_path: Path, base_url: str, batch_size: int) -> float:
+    """The least work: read rows, splice bodies, POST, poll, stream, parse, write back."""
+    started = time.perf_counter()
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    rows = db.execute(_SELECT).fetchall()
+    url = base_url + "/v1/messages/batches"
+    now = datetime.now(UTC).isoformat()
+    async with aiohttp.ClientSession(headers=HEADERS) as session:
+        for start in range(0, len(rows), batch_size):
+            part = rows[start : start + batch_size]
+            body = b'{"requests":[%s]}' % b",".join(
+                b'{"custom_id":"%s","params":%s}' % (cid.encode(), params.encode())
+                for cid, params in part
+            )
+            async with session.post(url, data=body) as resp:
+                batch = await resp.json()
+            while batch["processing_status"] != "ended":
+                await asyncio.sleep(0.1)
+                async with session.get(f"{url}/{batch['id']}") as resp:
+                    batch = await resp.json()
+            updates = []
+            async with session.get(batch["results_url"]) as resp:
+                async for line in iter_lines(resp.content.iter_any(), 1 << 28):
+                    record = orjson.loads(line)
+                    updates.append(_update_row(record["result"], record["custom_id"], now))
+            _write_back(db, updates)
+    db.close()
+    return time.perf_counter() - started
+
+
+def sdk_script(db_path: Path, base_url: str, batch_size: int) -> float:
+    """What a user would write with the official SDK: create, poll, results, update."""
+    started = time.perf_counter()
+    client = anthropic.Anthropic(api_key="bench", base_url=base_url)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    rows = db.execute(_SELECT).fetchall()
+    now = datetime.now(UTC).isoformat()
+    for start in range(0, len(rows), batch_size):
+        requests = [
+            {"custom_id": cid, "params": orjson.loads(params)}
+            for cid, params in rows[start : start + batch_size]
+        ]
+        batch = client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        while batch.processing_status != "ended":
+            time.sleep(0.1)
+            batch = client.messages.batches.retrieve(batch.id)
+        updates = [
+            _update_row(entry.result.model_dump(mode="json"), entry.custom_id, now)
+            for entry in client.messages.batches.results(batch.id)
+        ]
+        _write_back(db, updates)
+    db.close()
+    client.close()
+    return time.perf_counter() - started
+
+
+def check_done(db_path: Path, count: int) -> None:
+    with sqlite3.connect(db_path) as db:
+        done = db.execute(
+            "SELECT count(*) FROM tasks WHERE status = 'succeeded' AND result IS NOT NULL"
+        ).fetchone()[0]
+    db.close()
+    if done != count:
+        raise SystemExit(f"{db_path}: only {done} of {count} tasks have their result")
+
+
+def stages(run: DaemonRun) -> list[tuple[str, float]]:
+    """Cumulative seconds since the daemon logged `daemon_started`, per stage end."""
+    [start] = run.times("daemon_started")
+    marks = [
+        ("chunk+submit (last batch_created)", "batch_created"),
+        ("poll (last batch_ended)", "batch_ended"),
+        ("results written (last results_written)", "results_written"),
+        ("idle exit (daemon_stopped)", "daemon_stopped"),
+    ]
+    # A batch the API reports ended in its create answer is never polled: no batch_ended.
+    return [(label, max(run.times(event), default=start) - start) for label, event in marks]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=10_000, help="[batching] max_requests")
+    parser.add_argument("--no-sdk", action="store_true", help="skip the SDK script")
+    parser.add_argument("--profile", type=Path, help="cProfile the daemon into this file")
+    args = parser.parse_args()
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
+    print(f"# reproduce: {command_line()}")
+    with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
+        work = Path(tmp)
+        ingest_s = asyncio.run(ingest(work / "batchd.db", args.tasks))
+        print(f"ingest (Store.enqueue) {args.tasks:,} tasks: {ingest_s:.2f} s")
+        floor_db = copy_db(work / "batchd.db", work / "floor.db")
+        sdk_db = copy_db(work / "batchd.db", work / "sdk.db")
+        with FakeApiProcess("--processing-seconds", "0") as fake:
+            config = write_config(
+                work / "batchd.toml",
+                work / "batchd.db",
+                fake.base_url,
+                max_requests=args.batch_size,
+            )
+            run = run_daemon(config, profile=args.profile)
+            if run.exit_code != 0:
+                raise SystemExit(f"daemon exited with {run.exit_code}")
+            check_done(work / "batchd.db", args.tasks)
+            floor_s = asyncio.run(floor(floor_db, fake.base_url, args.batch_size))
+            check_done(floor_db, args.tasks)
+            sdk_s = None
+            if not args.no_sdk:
+                sdk_s = sdk_script(sdk_db, fake.base_url, args.batch_size)
+                check_done(sdk_db, args.tasks)
+    report(run, floor_s, sdk_s)
+
+
+def report(run: DaemonRun, floor_s: float, sdk_s: float | None) -> None:
+    [start] = run.times("daemon_started")
+    batchd_s = max(run.times("daemon_stopped")) - start
+    print(f"batchd: {run.wall_s:.2f} s wall from spawn to exit ({batchd_s:.2f} s from start)")
+    for label, seconds in stages(run):
+        print(f"  {label}: {seconds:.2f} s")
+    print(f"  peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_s:.2f} s")
+    print(f"floor: {floor_s:.2f} s; batchd / floor = {run.wall_s / floor_s:.2f}x")
+    if sdk_s is not None:
+        print(f"SDK script: {sdk_s:.2f} s; SDK / batchd = {sdk_s / run.wall_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
