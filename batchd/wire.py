@@ -19,6 +19,8 @@ BATCHES_PATH = "/v1/messages/batches"
 # 2^20 bytes is UNCONFIRMED, so we take the smaller reading everywhere (daemon and fake).
 MAX_REQUESTS_PER_BATCH = 100_000
 MAX_BATCH_BYTES = 256_000_000
+# The API's own pattern text (it appears in its 400 message); always use fullmatch():
+# with match(), `$` also matches before a trailing newline and "id\n" would pass.
 CUSTOM_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # §1.1: list page size.
 LIST_LIMIT_DEFAULT = 20

@@ -103,6 +103,7 @@ async def test_a_request_too_big_for_any_batch_is_invalid_and_the_rest_go_on() -
         ('{"model": "m", "max_tokens": 5, "stream": true, "messages": [1]}', "ok", "stream"),
         (params(), "has space", "custom_id"),
         (params(), "x" * 65, "custom_id"),
+        (params(), "trailing-newline\n", "custom_id"),
     ],
 )
 def test_validation_names_the_problem(raw: str, custom_id: str, reason: str) -> None:

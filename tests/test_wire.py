@@ -17,6 +17,7 @@ def test_custom_id_pattern_matches_the_api_rule() -> None:
     assert not CUSTOM_ID_PATTERN.match("a" * 65)
     assert not CUSTOM_ID_PATTERN.match("has space")
     assert not CUSTOM_ID_PATTERN.match("")
+    assert not CUSTOM_ID_PATTERN.fullmatch("trailing-newline\n")
 
 
 def test_request_total_sums_every_count() -> None:

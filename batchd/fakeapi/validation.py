@@ -104,7 +104,7 @@ def _check_envelope(index: int, item: object) -> tuple[str, dict[str, object]]:
         raise CreateRejected(f"{where}.custom_id: String should have at least 1 character")
     if len(custom_id) > 64:
         raise CreateRejected(f"{where}.custom_id: String should have at most 64 characters")
-    if not CUSTOM_ID_PATTERN.match(custom_id):
+    if not CUSTOM_ID_PATTERN.fullmatch(custom_id):
         raise CreateRejected(
             f"{where}.custom_id: String should match pattern '{CUSTOM_ID_PATTERN.pattern}'"
         )
