@@ -78,6 +78,10 @@ class Submitter:
         # local_id -> when this process last knew that batch's create to be in flight.
         self._unknown_since: dict[int, datetime] = {}
         self._max_bytes = config.max_bytes
+        # Bisection after a 400 that names no request: batches are halved until the one
+        # request the API refuses is alone (then it is marked invalid).
+        self._max_requests_cap: int | None = None
+        self._last_single_refusal: str | None = None
 
     async def submit_once(self) -> SubmitResult:
         """Create at most one batch from the oldest pending tasks."""
@@ -86,7 +90,8 @@ class Submitter:
         capacity = self._config.max_in_flight_requests - await self._store.in_flight_request_count()
         if capacity <= 0:
             return SubmitResult(waiting=await self._has_pending())
-        chunk = await self._next_chunk(min(self._config.max_requests, capacity))
+        limit = min(self._config.max_requests, capacity, self._max_requests_cap or capacity)
+        chunk = await self._next_chunk(limit)
         try:
             if not chunk.task_ids:
                 self._pending_seen_at = None
@@ -136,6 +141,7 @@ class Submitter:
             return await self._refused(local_id, chunk, exc)
         crash_point("create_returned")
         self._pending_seen_at = None
+        self._last_single_refusal = None
         await self._store.mark_created(local_id, batch)
         crash_point("batch_recorded")
         log.info(
@@ -150,11 +156,16 @@ class Submitter:
     async def _refused(self, local_id: int, chunk: Chunk, exc: ApiStatusError) -> SubmitResult:
         """The API answered and created nothing: put the tasks back, maybe minus culprits."""
         invalid: list[tuple[str, str]] = []
+        bisecting = False
         retry_after = exc.retry_after_s
         if isinstance(exc, BadRequestError) and (match := _BAD_INDEX.search(exc.message)):
             index = int(match.group(1))
             if index < len(chunk.custom_ids):
                 invalid.append((chunk.custom_ids[index], f"refused by the API: {exc.message}"))
+        elif isinstance(exc, BadRequestError) and self._bisect(chunk, exc.message):
+            bisecting = len(chunk) > 1
+            if not bisecting:
+                invalid.append((chunk.custom_ids[0], f"refused by the API: {exc.message}"))
         elif isinstance(exc, RequestTooLargeError):
             # Our byte count is exact, so the server's limit is lower than configured.
             self._max_bytes = max(1024, chunk.body.size // 2)
@@ -165,12 +176,37 @@ class Submitter:
             raise AuthenticationFailed(str(exc)) from exc
         if isinstance(exc, RateLimitError):
             log.warning("batch_create_rate_limited", retry_after_s=retry_after)
+        elif bisecting:
+            pass  # the next, smaller batch goes at once
         elif not invalid:
             log.error("batch_create_refused", status=exc.status, error=exc.message)
             retry_after = retry_after or 60.0
         else:
             log.warning("task_refused", custom_id=invalid[0][0], error=exc.message)
         return SubmitResult(waiting=True, retry_after_s=retry_after)
+
+    def _bisect(self, chunk: Chunk, message: str) -> bool:
+        """Halve the next batches to find the request a whole-batch 400 is about.
+
+        False when bisection cannot help: the same refusal of two lone requests in a row
+        means the problem is not in the requests (a header, an account setting), so they
+        go back to pending and submission waits, loudly, instead of failing every task.
+        """
+        if len(chunk) > 1:
+            self._max_requests_cap = max(1, len(chunk) // 2)
+            log.warning(
+                "batch_refused_bisecting",
+                count=len(chunk),
+                next_count=self._max_requests_cap,
+                error=message,
+            )
+            return True
+        if message == self._last_single_refusal:
+            self._max_requests_cap = self._last_single_refusal = None
+            return False
+        self._max_requests_cap = None  # culprit found: full batches again
+        self._last_single_refusal = message
+        return True
 
     async def reconcile(self, batch: BatchRecord) -> None:
         """Decide what became of a create whose answer we never saw (design step 4)."""

@@ -1,0 +1,85 @@
+"""A whole-batch 400 that names no request: the batch is halved until the culprit is alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batchd.config import Config
+from batchd.daemon import run_daemon
+from batchd.fakeapi import validation
+from batchd.fakeapi.server import FakeApiServer
+from batchd.store import Store
+from tests.conftest import request_params
+
+
+def refuse_batches_holding(monkeypatch: pytest.MonkeyPatch, refused: set[str]) -> None:
+    """The fake refuses any batch that holds one of these ids, naming no index."""
+    check_envelope = validation._check_envelope
+
+    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
+        custom_id, params = check_envelope(index, item)
+        if custom_id in refused:
+            raise validation.CreateRejected("requests: a request in this batch is refused")
+        return custom_id, params
+
+    monkeypatch.setattr(validation, "_check_envelope", stricter)
+
+
+def rows(db_path: Path) -> dict[str, tuple[str, int, str | None]]:
+    with sqlite3.connect(db_path) as db:
+        found = db.execute("SELECT custom_id, status, attempts, error FROM tasks").fetchall()
+    return {custom_id: (status, attempts, error) for custom_id, status, attempts, error in found}
+
+
+async def test_bisection_isolates_the_refused_requests_and_sends_all_the_others(
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused = {"t-13", "t-29"}
+    refuse_batches_holding(monkeypatch, refused)
+    await store.enqueue((f"t-{n}", request_params(f"bisect {n}")) for n in range(40))
+    config = daemon_config(fake_api.base_url, max_requests=16)
+    assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
+
+    found = rows(db_path)
+    for custom_id, (status, attempts, error) in found.items():
+        if custom_id in refused:
+            assert (status, attempts) == ("invalid", 0)
+            assert "a request in this batch is refused" in (error or "")
+        else:
+            assert (status, attempts) == ("succeeded", 1), custom_id
+            assert fake_api.state.stats.submissions[custom_id] == 1
+
+
+async def test_a_refusal_that_is_not_about_any_request_fails_at_most_one_task(
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    everything = {f"t-{n}" for n in range(8)}
+    refuse_batches_holding(monkeypatch, everything)  # e.g. an account setting: every batch
+    await store.enqueue((custom_id, request_params(custom_id)) for custom_id in sorted(everything))
+    config = daemon_config(fake_api.base_url, max_requests=8)
+    running = asyncio.create_task(run_daemon(config, "k", exit_when_idle=True))
+    await asyncio.sleep(1.5)
+    found = rows(db_path)
+    statuses = [status for status, _, _ in found.values()]
+    # The first lone request looks guilty; the second identical refusal shows the problem
+    # is not in the requests, so the rest wait for it to be fixed instead of failing.
+    assert statuses.count("invalid") == 1
+    assert statuses.count("pending") == 7
+    assert fake_api.state.stats.creates_accepted == 0
+    assert not running.done()  # waiting for the refusal to stop, not spinning through tasks
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
