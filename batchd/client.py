@@ -276,6 +276,7 @@ class BatchesClient:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
         on_response: Callable[[str, int, float], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self._session = session
         self._batches_url = base_url.rstrip("/") + BATCHES_PATH
@@ -290,6 +291,7 @@ class BatchesClient:
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._on_response = on_response
+        self._on_retry = on_retry  # metrics hook: called with the endpoint before each retry
 
     # ── endpoints ──
 
@@ -386,6 +388,8 @@ class BatchesClient:
                 retry_after = exc.retry_after_s if isinstance(exc, ApiStatusError) else None
                 delay = self._policy.delay_s(retries_done, retry_after, self._rng)
                 retries_done += 1
+                if self._on_retry is not None:
+                    self._on_retry(endpoint)
                 log.info(
                     "api_retry",
                     endpoint=endpoint,

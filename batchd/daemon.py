@@ -23,7 +23,10 @@ from batchd.metrics import (
     BATCHES_CREATED,
     BATCHES_IN_FLIGHT,
     REQUESTS_SUBMITTED,
+    RETRIES,
     TASKS,
+    TOKEN_KINDS,
+    TOKENS,
     ApiReachability,
     Health,
     MetricsServer,
@@ -33,7 +36,7 @@ from batchd.metrics import (
 )
 from batchd.notify import Notifier
 from batchd.poller import Poller
-from batchd.store import Store, StoreError
+from batchd.store import Store, StoreAccounts, StoreError
 from batchd.submitter import AuthenticationFailed, Submitter
 
 log = structlog.get_logger("batchd.daemon")
@@ -209,6 +212,9 @@ class Daemon:
             f"{counts[TaskStatus.PENDING]:,} pending, {in_flight:,} batches in flight, "
             f"{done:,} done"
         )
+        budget = self.submitter.budget
+        if budget is not None and budget.paused_reason:
+            text += f"; paused: budget ({budget.paused_reason})"
         self.notifier.status(text)
         if self._on_status is not None:
             self._on_status(text)
@@ -339,6 +345,7 @@ async def run_daemon(
             policy=RetryPolicy(max_retries=config.api.max_retries),
             control_timeout_s=config.api.request_timeout_s,
             on_response=api_observer(registry, reachability),
+            on_retry=lambda endpoint: registry.inc(RETRIES, endpoint=endpoint),
         )
         daemon = Daemon(
             config,
@@ -372,5 +379,12 @@ def _register_database_gauges(registry: Registry, store: Store) -> None:
     async def in_flight() -> float:
         return len(await store.batches_in(*IN_FLIGHT_BATCH_STATES))
 
+    async def tokens() -> dict[str, float]:
+        totals = [0, 0, 0, 0]
+        for _, _, *by_kind in await StoreAccounts(store).usage_by_model():
+            totals = [total + (value or 0) for total, value in zip(totals, by_kind, strict=True)]
+        return dict(zip(TOKEN_KINDS, map(float, totals), strict=True))
+
     registry.set_callback(TASKS, task_counts)
     registry.set_callback(BATCHES_IN_FLIGHT, in_flight)
+    registry.set_callback(TOKENS, tokens)

@@ -153,10 +153,14 @@ class Registry:
         return self._samples[spec.name].get(_label_values(spec, labels), 0.0)
 
     def set_callback(self, name: str | MetricSpec, callback: GaugeCallback) -> None:
-        """Fill a gauge at scrape time; its series are replaced by what the callback returns."""
+        """Fill a metric at scrape time; its series are replaced by what the callback returns.
+
+        Gauges, or counters whose source is itself a running total that never decreases
+        (the usage ledger), so the database stays the one source of truth.
+        """
         spec = self._spec(name)
-        if spec.kind != "gauge" or len(spec.labels) > 1:
-            raise ValueError(f"{spec.name}: callbacks fill gauges with at most one label")
+        if len(spec.labels) > 1:
+            raise ValueError(f"{spec.name}: callbacks fill metrics with at most one label")
         self._callbacks[spec.name] = callback
 
     async def refresh(self) -> None:

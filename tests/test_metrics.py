@@ -146,14 +146,22 @@ async def test_a_failing_callback_leaves_its_gauge_empty_and_is_counted() -> Non
     assert [entry["event"] for entry in logs] == ["metrics_callback_failed"]
 
 
-def test_callbacks_only_fill_gauges() -> None:
+async def test_callbacks_fill_metrics_with_at_most_one_label() -> None:
     registry = batchd_registry()
 
     async def nothing() -> float:
         return 0
 
-    with pytest.raises(ValueError, match="callbacks fill gauges"):
-        registry.set_callback(REQUESTS_SUBMITTED, nothing)
+    with pytest.raises(ValueError, match="at most one label"):
+        registry.set_callback(API_REQUESTS, nothing)  # endpoint and status
+
+    async def ledger_total() -> float:
+        return 42
+
+    # A counter may come from a running total kept elsewhere (the usage ledger).
+    registry.set_callback(REQUESTS_SUBMITTED, ledger_total)
+    await registry.refresh()
+    assert "batchd_requests_submitted_total 42" in registry.render()
 
 
 async def test_callback_shape_must_match_the_labels() -> None:

@@ -122,3 +122,6 @@ async def test_metrics_and_health_report_what_the_database_says(
     assert "batchd_requests_submitted_total 20" in text
     assert re.search(r'batchd_api_requests_total\{endpoint="create",status="200"\} 1', text)
     assert re.search(r'batchd_results_written_total\{outcome="written"\} 20', text)
+    input_tokens = re.search(r'batchd_tokens_total\{kind="input"\} (\d+)', text)
+    assert input_tokens
+    assert int(input_tokens.group(1)) > 0  # from the usage ledger, as the database says

@@ -37,6 +37,8 @@ from batchd.client import (
     ServerError,
     parse_retry_after,
 )
+from batchd.fakeapi.faults import FaultConfig
+from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.wire import ANTHROPIC_VERSION, error_body
 
 Serve = Callable[[web.Application], Awaitable[str]]  # the `serve` fixture
@@ -812,3 +814,29 @@ async def test_consumer_errors_inside_results_are_not_stream_errors(
 
     with pytest.raises(TimeoutError, match="consumer's own"):
         await consume()
+
+
+async def test_every_retry_is_reported_to_the_metrics_hook() -> None:
+    faults = FaultConfig(
+        http_fault_rate=1.0, http_fault_kinds=("500",), http_fault_endpoints=("retrieve",)
+    )
+    retried: list[str] = []
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    async with (
+        FakeApiServer(FakeApiConfig(faults=faults, seed=1)) as fake,
+        aiohttp.ClientSession() as session,
+    ):
+        client = BatchesClient(
+            session,
+            base_url=fake.base_url,
+            api_key="k",
+            policy=RetryPolicy(max_retries=3),
+            sleep=no_wait,
+            on_retry=retried.append,
+        )
+        with pytest.raises(ServerError):
+            await client.retrieve("msgbatch_missing")
+    assert retried == ["retrieve", "retrieve", "retrieve"]
