@@ -142,8 +142,8 @@ class Daemon:
             self._spawn("collector", self._collect_loop)
             if self._exit_when_idle:
                 self._spawn("idle_watch", self._idle_loop)
-            self._spawn_aux("watchdog", lambda: self.notifier.watchdog_loop(self.alive))
-            self._spawn_aux("status", self._status_loop)
+            self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
+            self._spawn("status", self._status_loop, auxiliary=True)
             self.notifier.ready()  # the store was opened and migrated before run()
             await self._stop.wait()
             await self._drain(shutdown_timeout_s)
@@ -167,15 +167,14 @@ class Daemon:
         log.info("signal_received", signal=signal.Signals(signum).name)
         self.stop()
 
-    def _spawn(self, name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+    def _spawn(
+        self, name: str, loop_fn: Callable[[], Awaitable[None]], *, auxiliary: bool = False
+    ) -> None:
+        """Start a supervised task; auxiliary ones are cancelled, not drained, at the end."""
+        tasks = self._aux if auxiliary else self._tasks
         task = asyncio.create_task(self._supervised(name, loop_fn), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _spawn_aux(self, name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
-        task = asyncio.create_task(self._supervised(name, loop_fn), name=name)
-        self._aux.add(task)
-        task.add_done_callback(self._aux.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def alive(self) -> bool:
         """The watchdog's probe: every loop still running and the database answering."""
