@@ -15,6 +15,9 @@ from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.logs import configure_logging
 from batchd.store import Store
 
+# Fixtures for tests that run batchd as users do (`fake_api_process`, `cli_env`).
+pytest_plugins = ["tests.cli_support"]
+
 
 def request_params(text: str, *, max_tokens: int = 50, **extra: Any) -> str:
     """The JSON text of a Messages API request whose user message is `text`."""

@@ -4,73 +4,21 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import pytest
 
+from tests.cli_support import batchd
 from tests.conftest import request_params
 
-BATCHD = [sys.executable, "-m", "batchd.cli"]
 
-
-def batchd(
-    *args: str, env: dict[str, str], stdin: bytes | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*BATCHD, *args], env=env, input=stdin, capture_output=True, timeout=timeout, check=False
-    )
-
-
-@pytest.fixture
-def fake_api_process() -> Iterator[str]:
-    """`batchd fake-api --port 0` as a user starts it; yields the base URL it prints."""
-    process = subprocess.Popen(
-        [*BATCHD, "fake-api", "--port", "0", "--processing-seconds", "0.2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()
-        match = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert match, line
-        yield match.group(0)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        assert process.returncode == 0  # SIGTERM is a clean stop
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def env(tmp_path: Path, fake_api_process: str) -> dict[str, str]:
-    config = tmp_path / "batchd.toml"
-    config.write_text(
-        f'[database]\npath = "{tmp_path / "cli.db"}"\n'
-        "[batching]\nlinger_seconds = 0.05\nmax_requests = 4\n"
-        "[polling]\ninterval_seconds = 0.1\n"
-    )
-    return {
-        **os.environ,
-        "BATCHD_CONFIG": str(config),
-        "ANTHROPIC_BASE_URL": fake_api_process,
-        "ANTHROPIC_API_KEY": "sk-test-secret-key",
-    }
-
-
-def test_enqueue_run_status_results_cancel_retry(env: dict[str, str], tmp_path: Path) -> None:
+def test_enqueue_run_status_results_cancel_retry(cli_env: dict[str, str], tmp_path: Path) -> None:
     lines = [
         orjson.dumps({"custom_id": f"c-{n}", "params": orjson.loads(request_params(f"q{n}"))})
         for n in range(10)
     ]
     lines += [b"{broken json", b'{"params": {}}', lines[0]]
-    enqueued = batchd("enqueue", "-", env=env, stdin=b"\n".join(lines) + b"\n")
+    enqueued = batchd("enqueue", "-", env=cli_env, stdin=b"\n".join(lines) + b"\n")
     out = enqueued.stdout.decode()
     assert enqueued.returncode == 1  # bad lines are reported, the good ones kept
     assert "enqueued 10 task(s)" in out
@@ -78,39 +26,39 @@ def test_enqueue_run_status_results_cancel_retry(env: dict[str, str], tmp_path: 
     assert "line 11: not valid JSON" in out
     assert "line 12: custom_id is missing" in out
 
-    canceled = batchd("cancel", "c-9", "nope", env=env)
+    canceled = batchd("cancel", "c-9", "nope", env=cli_env)
     assert "canceled 1 pending task(s)" in canceled.stdout.decode()
     assert canceled.returncode == 1  # "nope" is unknown
 
-    run = batchd("run", "--exit-when-idle", env=env)
+    run = batchd("run", "--exit-when-idle", env=cli_env)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
     logs = run.stdout.decode()
     assert '"event": "batch_created"' in logs  # JSON lines when not on a terminal
     assert "sk-test-secret-key" not in logs + run.stderr.decode()
 
-    status = batchd("status", "--json", env=env)
+    status = batchd("status", "--json", env=cli_env)
     snapshot = orjson.loads(status.stdout)
     assert snapshot["tasks"]["succeeded"] == 9
     assert snapshot["tasks"]["canceled"] == 1
     assert snapshot["batches_in_flight"] == []
 
-    one = orjson.loads(batchd("status", "c-3", "--json", env=env).stdout)
+    one = orjson.loads(batchd("status", "c-3", "--json", env=cli_env).stdout)
     assert one[0]["status"] == "succeeded"
     assert "q3" in one[0]["result"]["message"]["content"][0]["text"]
-    human = batchd("status", env=env).stdout.decode()
+    human = batchd("status", env=cli_env).stdout.decode()
     assert re.search(r"succeeded\s+9", human)
 
     out_file = tmp_path / "results.jsonl"
-    exported = batchd("results", "-o", str(out_file), "--status", "succeeded", env=env)
+    exported = batchd("results", "-o", str(out_file), "--status", "succeeded", env=cli_env)
     assert exported.returncode == 0
     results = [orjson.loads(line) for line in out_file.read_bytes().splitlines()]
     assert sorted(r["custom_id"] for r in results) == [f"c-{n}" for n in range(9)]
     assert all(r["result"]["type"] == "succeeded" for r in results)
 
-    retried = batchd("retry", "--status", "canceled", env=env)
+    retried = batchd("retry", "--status", "canceled", env=cli_env)
     assert "requeued 1 task(s)" in retried.stdout.decode()
-    assert batchd("run", "--exit-when-idle", env=env).returncode == 0
-    assert orjson.loads(batchd("status", "c-9", "--json", env=env).stdout)[0]["status"] == (
+    assert batchd("run", "--exit-when-idle", env=cli_env).returncode == 0
+    assert orjson.loads(batchd("status", "c-9", "--json", env=cli_env).stdout)[0]["status"] == (
         "succeeded"
     )
 

@@ -13,28 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.cli_support import BATCHD, batchd
 from tests.conftest import request_params
-from tests.test_cli import (
-    BATCHD,
-    batchd,
-    fake_api_process,  # noqa: F401  (the fixture)
-)
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, fake_api_process: str) -> dict[str, str]:  # noqa: F811
-    config = tmp_path / "batchd.toml"
-    config.write_text(
-        f'[database]\npath = "{tmp_path / "cli.db"}"\n'
-        "[batching]\nlinger_seconds = 0.05\nmax_requests = 4\n"
-        "[polling]\ninterval_seconds = 0.1\n"
-    )
-    return {
-        **os.environ,
-        "BATCHD_CONFIG": str(config),
-        "ANTHROPIC_BASE_URL": fake_api_process,
-        "ANTHROPIC_API_KEY": "sk-test",
-    }
 
 
 def enqueue(env: dict[str, str], count: int, *, model: str = "claude-haiku-4-5") -> list[bytes]:

@@ -1,0 +1,61 @@
+"""Running batchd as users do: real processes, a real `batchd fake-api`, a config file."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BATCHD = [sys.executable, "-m", "batchd.cli"]
+
+
+def batchd(
+    *args: str, env: dict[str, str], stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*BATCHD, *args], env=env, input=stdin, capture_output=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def fake_api_process() -> Iterator[str]:
+    """`batchd fake-api --port 0` as a user starts it; yields the base URL it prints."""
+    process = subprocess.Popen(
+        [*BATCHD, "fake-api", "--port", "0", "--processing-seconds", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert match, line
+        yield match.group(0)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        assert process.returncode == 0  # SIGTERM is a clean stop
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, fake_api_process: str) -> dict[str, str]:
+    config = tmp_path / "batchd.toml"
+    config.write_text(
+        f'[database]\npath = "{tmp_path / "cli.db"}"\n'
+        "[batching]\nlinger_seconds = 0.05\nmax_requests = 4\n"
+        "[polling]\ninterval_seconds = 0.1\n"
+    )
+    return {
+        **os.environ,
+        "BATCHD_CONFIG": str(config),
+        "ANTHROPIC_BASE_URL": fake_api_process,
+        "ANTHROPIC_API_KEY": "sk-test-secret-key",
+    }
