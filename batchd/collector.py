@@ -1,24 +1,40 @@
-"""Ended batches ─► results streamed, parsed and written back in chunked transactions."""
+"""Ended batches ─► results streamed and staged, then applied to the tasks in id ranges."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import orjson
 import structlog
 
-from batchd.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
+from batchd.client import (
+    ApiError,
+    AuthenticationError,
+    BatchesClient,
+    NotFoundError,
+    ResultsStreamError,
+)
 from batchd.config import ResultsConfig
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.metrics import RESULTS_WRITTEN, Registry
 from batchd.outcomes import MalformedResultLine, parse_result_line
 from batchd.store import Store, StoreAccounts
-from batchd.wire import RESULTS_RETENTION_DAYS
+from batchd.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 
 log = structlog.get_logger("batchd.collector")
 
+# Results are archived (gone) this long after the batch was created (spec §7.5).
+_RETENTION = timedelta(days=RESULTS_RETENTION_DAYS)
+# Back-to-back apply transactions leave a user's INSERT almost no moment to take the write
+# lock: SQLite's busy handler retries only every 100 ms once it has waited 228 ms. So after
+# this long of applying, a pause that holds at least one of those retries (costs ~5%).
+_WRITERS_WAIT_S = 1.0
+_WRITERS_PAUSE_S = 0.12
 # Warn loudly when results of an unfinished download are this close to being archived.
 _RETENTION_WARNING = timedelta(days=RESULTS_RETENTION_DAYS - 2)
 
@@ -33,6 +49,16 @@ class _Tally:
 
 
 class Collector:
+    """Downloads each ended batch's results into staging, applies them, finishes the batch.
+
+    Two phases per download, so the write lock is never held across network I/O and each
+    write transaction is short: the stream's lines are staged chunk by chunk (TEMP table
+    transactions, no lock on the database file), then applied in ranges of task ids, one
+    guarded transaction per range (store.py, design step 6). A crash in either phase
+    leaves the batch `ended`: the next run downloads again, and lines already applied
+    are ignored by the guard.
+    """
+
     def __init__(
         self,
         store: Store,
@@ -70,46 +96,44 @@ class Collector:
             await self._download_failed(batch, "ended without a results_url")
             return False
         try:
-            tally = await self._stream(batch, batch.api_batch_id, batch.results_url)
+            tally = await self._download(batch, batch.api_batch_id, batch.results_url)
         except NotFoundError as exc:
-            # Spec §7.6: transient 404s right after the end; retried a bounded number of times.
-            await self._download_failed(batch, f"results not found: {exc}")
-            return False
+            return await self._results_not_found(batch, exc)
         if tally.lines < batch.request_count:
             # Fewer lines than requests means a cut-off stream, never "missing": requeuing
-            # them would pay twice for results that exist.
+            # them would pay twice for results that exist. Only these count toward the
+            # limit, not transport failures (which never prove anything is missing).
             note = f"results stream held {tally.lines} of {batch.request_count} lines"
-            if await self._download_failed(batch, note) < self._config.max_download_attempts:
+            short = await self._store.note_short_stream(batch.local_id, note)
+            log.warning(
+                "results_download_failed", batch_id=batch.api_batch_id, attempts=short, error=note
+            )
+            if short < self._config.max_download_attempts:
                 return False
-        reason = f"no result line for this request in batch {batch.api_batch_id}"
         crash_point("results_streamed")
-        report = await self._store.finish_batch(batch.local_id, reason)
-        crash_point("batch_finished")
-        if report.missing_requeued:
-            await StoreAccounts(self._store).keep_missing(
-                batch.api_batch_id, report.missing_requeued
-            )
-            log.error(
-                "results_missing",
-                batch_id=batch.api_batch_id,
-                count=len(report.missing_requeued),
-                first=report.missing_requeued[0],
-            )
-        log.info(
-            "results_written",
-            batch_id=batch.api_batch_id,
-            lines=tally.lines,
-            written=tally.written,
-            requeued=tally.requeued,
-            ignored=tally.ignored,
-            unmatched=tally.unmatched,
-        )
+        await self._finish(batch, batch.api_batch_id, tally)
         return True
 
-    async def _stream(self, batch: BatchRecord, api_batch_id: str, url: str) -> _Tally:
+    async def _download(self, batch: BatchRecord, api_batch_id: str, url: str) -> _Tally:
         tally = _Tally()
+        await self._store.clear_staging()  # what a download that stopped midway left
+        try:
+            await self._stage_stream(batch, api_batch_id, url, tally)
+        except ResultsStreamError:
+            # Cut midway: the lines before the cut are whole. Apply them now (the stream
+            # is closed), so the next download only has the rest left to write.
+            await self._apply(batch, tally)
+            raise
+        crash_point("results_staged")
+        await self._apply(batch, tally)
+        return tally
+
+    async def _stage_stream(
+        self, batch: BatchRecord, api_batch_id: str, url: str, tally: _Tally
+    ) -> None:
+        # Staging a chunk while the next is parsed (SQLite releases the GIL) was measured:
+        # no gain on 2 cores (bench/README.md), so it is done in line.
         outcomes: list[Outcome] = []
-        lines: dict[str, str] = {}
         async with self._client.results(
             url, batch_id=api_batch_id, max_line_bytes=self._config.max_line_bytes
         ) as stream:
@@ -117,56 +141,116 @@ class Collector:
                 crash_point("result_line_read")
                 tally.lines += 1
                 try:
-                    outcome = parse_result_line(line)
+                    outcomes.append(parse_result_line(line))
                 except MalformedResultLine as exc:
-                    # An expected data problem, not a crash: no traceback wanted.
-                    log.error("result_line_malformed", batch_id=api_batch_id, error=str(exc))  # noqa: TRY400
-                    await self._store.keep_unmatched(
-                        api_batch_id,
-                        [(f"malformed-line-{tally.lines}", line.decode(errors="replace"))],
-                    )
+                    await self._keep_malformed(api_batch_id, tally.lines, line, exc)
                     continue
-                outcomes.append(outcome)
-                lines[outcome.custom_id] = line.decode()
                 if len(outcomes) >= self._config.chunk_size:
-                    await self._write(batch, api_batch_id, outcomes, lines, tally)
-                    outcomes, lines = [], {}
+                    await self._stage(batch, api_batch_id, outcomes, tally=tally)
+                    outcomes = []
         if outcomes:
-            await self._write(batch, api_batch_id, outcomes, lines, tally)
-        return tally
+            await self._stage(batch, api_batch_id, outcomes, tally=tally)
 
-    async def _write(
-        self,
-        batch: BatchRecord,
-        api_batch_id: str,
-        outcomes: list[Outcome],
-        lines: dict[str, str],
-        tally: _Tally,
+    async def _keep_malformed(
+        self, api_batch_id: str, number: int, line: bytes, exc: MalformedResultLine
     ) -> None:
-        report = await self._store.write_results(batch.local_id, outcomes, self._max_attempts)
-        crash_point("results_chunk_written")
-        tally.written += report.written
-        tally.requeued += report.requeued
-        tally.ignored += report.ignored
-        if self._registry is not None:
-            for outcome, count in (
-                ("written", report.written),
-                ("requeued", report.requeued),
-                ("ignored", report.ignored),
-                ("unmatched", len(report.unmatched)),
-            ):
-                self._registry.inc(RESULTS_WRITTEN, count, outcome=outcome)
-        if report.unmatched:
-            tally.unmatched += len(report.unmatched)
-            await self._store.keep_unmatched(
-                api_batch_id, [(custom_id, lines[custom_id]) for custom_id in report.unmatched]
+        # An expected data problem, not a crash: no traceback wanted.
+        log.error("result_line_malformed", batch_id=api_batch_id, error=str(exc))
+        await self._store.keep_unmatched(
+            api_batch_id, [(f"malformed-line-{number}", line.decode(errors="replace"))]
+        )
+
+    async def _stage(
+        self, batch: BatchRecord, api_batch_id: str, outcomes: Sequence[Outcome], *, tally: _Tally
+    ) -> None:
+        report = await self._store.stage_results(batch.local_id, outcomes)
+        self._count(tally, ignored=report.repeated, unmatched=len(report.unmatched))
+        if not report.unmatched:
+            return
+        unmatched = [outcomes[position] for position in report.unmatched]
+        await self._store.keep_unmatched(
+            api_batch_id, [(outcome.custom_id, _line_of(outcome)) for outcome in unmatched]
+        )
+        log.error(
+            "results_unmatched",
+            batch_id=api_batch_id,
+            count=len(unmatched),
+            first=unmatched[0].custom_id,
+        )
+
+    async def _apply(self, batch: BatchRecord, tally: _Tally) -> None:
+        after = 0
+        busy_since = time.monotonic()
+        while applied := await self._store.apply_staged(
+            batch.local_id, self._max_attempts, self._config.chunk_size, after
+        ):
+            crash_point("results_chunk_written")
+            report, after = applied.report, applied.last_task_id
+            self._count(
+                tally, written=report.written, requeued=report.requeued, ignored=report.ignored
             )
+            if time.monotonic() - busy_since >= _WRITERS_WAIT_S:
+                await asyncio.sleep(_WRITERS_PAUSE_S)
+                busy_since = time.monotonic()
+        await self._store.clear_staging()
+
+    async def _finish(self, batch: BatchRecord, api_batch_id: str, tally: _Tally) -> None:
+        reason = f"no result line for this request in batch {api_batch_id}"
+        report = await self._store.finish_batch(batch.local_id, reason)
+        crash_point("batch_finished")
+        if report.missing_requeued:
+            await StoreAccounts(self._store).keep_missing(api_batch_id, report.missing_requeued)
             log.error(
-                "results_unmatched",
+                "results_missing",
                 batch_id=api_batch_id,
-                count=len(report.unmatched),
-                first=report.unmatched[0],
+                count=len(report.missing_requeued),
+                first=report.missing_requeued[0],
             )
+        log.info(
+            "results_written",
+            batch_id=api_batch_id,
+            lines=tally.lines,
+            written=tally.written,
+            requeued=tally.requeued,
+            ignored=tally.ignored,
+            unmatched=tally.unmatched,
+        )
+
+    async def _results_not_found(self, batch: BatchRecord, exc: NotFoundError) -> bool:
+        archived_at = await self._archived_at(batch)
+        if archived_at is None:
+            # Spec §7.6: 404s right after the end are transient; retried until archival.
+            await self._download_failed(batch, f"results not found: {exc}")
+            return False
+        reason = f"results of batch {batch.api_batch_id} archived at {archived_at}, never written"
+        report = await self._store.finish_batch(batch.local_id, reason)
+        # Loud on purpose: these requests will be sent, and paid for, a second time.
+        log.error(
+            "results_archived",
+            batch_id=batch.api_batch_id,
+            archived_at=archived_at,
+            requests=batch.request_count,
+            requeued=len(report.missing_requeued),
+            first=report.missing_requeued[0] if report.missing_requeued else None,
+        )
+        return True
+
+    async def _archived_at(self, batch: BatchRecord) -> str | None:
+        """When the batch's results were archived (spec §7.5), or None if they should exist."""
+        assert batch.api_batch_id is not None
+        try:
+            current = await self._client.retrieve(batch.api_batch_id)
+        except NotFoundError:
+            current = None  # deleted, or a transient 404 (§7.6): only its age can tell
+        if current is not None and current.get("archived_at"):
+            return current["archived_at"]
+        if current is not None:
+            created = parse_timestamp(current["created_at"])
+        else:
+            created = batch.api_created_at or batch.intent_at
+        if self._clock() - created >= _RETENTION:
+            return (created + _RETENTION).isoformat()
+        return None
 
     async def _download_failed(self, batch: BatchRecord, note: str) -> int:
         attempts = await self._store.note_download_failed(batch.local_id, note)
@@ -175,9 +259,40 @@ class Collector:
         )
         return attempts
 
+    def _count(
+        self,
+        tally: _Tally,
+        *,
+        written: int = 0,
+        requeued: int = 0,
+        ignored: int = 0,
+        unmatched: int = 0,
+    ) -> None:
+        tally.written += written
+        tally.requeued += requeued
+        tally.ignored += ignored
+        tally.unmatched += unmatched
+        if self._registry is None:
+            return
+        for outcome, count in (
+            ("written", written),
+            ("requeued", requeued),
+            ("ignored", ignored),
+            ("unmatched", unmatched),
+        ):
+            self._registry.inc(RESULTS_WRITTEN, count, outcome=outcome)
+
     def _warn_if_near_archival(self, batch: BatchRecord) -> None:
         created = batch.api_created_at or batch.intent_at
         if self._clock() - created >= _RETENTION_WARNING:
             log.error(
                 "results_near_archival", batch_id=batch.api_batch_id, created_at=created.isoformat()
             )
+
+
+def _line_of(outcome: Outcome) -> str:
+    """An unmatched line as kept: the API's line shape rebuilt from its parsed parts (the
+    `result` as stored for every task), rather than holding every raw line of a chunk in
+    memory for the rare line that matches no task."""
+    custom_id = orjson.dumps(outcome.custom_id).decode()
+    return f'{{"custom_id":{custom_id},"result":{outcome.result_json}}}'

@@ -103,6 +103,19 @@ class FinishReport:
 
 
 @dataclass(frozen=True, slots=True)
+class AppliedRange:
+    last_task_id: int  # apply the next range after this one
+    report: WriteReport
+
+
+@dataclass(frozen=True, slots=True)
+class StageReport:
+    staged: int  # lines kept for a task of the batch, to be applied
+    repeated: int  # further lines for a task already staged: ignored
+    unmatched: tuple[int, ...]  # positions in the chunk of lines that match no task of the batch
+
+
+@dataclass(frozen=True, slots=True)
 class _Migration:
     version: int
     name: str
@@ -212,16 +225,19 @@ class Store:
     # -- transactions ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[Db]:
+    async def _write(self, *, temp_only: bool = False) -> AsyncIterator[Db]:
         """The one way to write: the lock, `BEGIN IMMEDIATE`, COMMIT or ROLLBACK."""
         async with self._lock:
             db = self._writer
             # IMMEDIATE waits for the write lock under busy_timeout; a deferred transaction
-            # that upgrades would fail at once with "database is locked" (pitfalls).
-            await db.execute("BEGIN IMMEDIATE")
+            # that upgrades would fail at once with "database is locked" (pitfalls). A body
+            # that writes only TEMP tables never upgrades: its deferred BEGIN takes no write
+            # lock on the database file, so users' INSERTs do not wait for it.
+            await db.execute("BEGIN" if temp_only else "BEGIN IMMEDIATE")
             try:
                 yield db
-                crash_point("store_commit")  # tests/crash: a kill -9 inside a transaction
+                if not temp_only:
+                    crash_point("store_commit")  # tests/crash: a kill -9 inside a transaction
                 await db.execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back by itself (disk full, I/O error).
@@ -237,12 +253,27 @@ class Store:
         Cancelling an awaited statement does not stop it (pitfalls), so a cancelled caller
         must not be able to interrupt the body between statements either.
         """
+        return await self._shielded(False, body, *args, **kwargs)
+
+    async def _transact_temp(
+        self, body: Callable[Concatenate[Db, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`_transact` for a body that reads the database but writes only TEMP tables."""
+        return await self._shielded(True, body, *args, **kwargs)
+
+    async def _shielded(
+        self,
+        temp_only: bool,  # positional: keywords belong to the body
+        body: Callable[Concatenate[Db, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         if self._closed:
             raise StoreError(f"{self._path}: the store is closed")
 
         async def run() -> T:
             with _sqlite_errors(self._path, "write to"):
-                async with self._write() as db:
+                async with self._write(temp_only=temp_only) as db:
                     return await body(db, *args, **kwargs)
 
         task = asyncio.create_task(run(), name="batchd-store-write")
@@ -487,6 +518,20 @@ class Store:
             (f"batch {rows[0][0]} lost: {reason}", local_id),
         )
 
+    async def note_short_stream(self, local_id: int, note: str) -> int:
+        """Count a whole results stream with fewer lines than requests; returns how many
+        such streams so far (transport failures are counted apart, `note_download_failed`)."""
+        rows = await self._transact(
+            _fetch_in,
+            "UPDATE batches SET download_attempts = download_attempts + 1,"
+            " short_downloads = short_downloads + 1, note = ?"
+            " WHERE id = ? RETURNING short_downloads",
+            (note, local_id),
+        )
+        if not rows:
+            raise StoreError(f"{self._path}: no batch with local id {local_id}")
+        return int(rows[0][0])
+
     async def note_download_failed(self, local_id: int, note: str) -> int:
         """Count a failed results download; returns the attempts so far."""
         rows = await self._transact(
@@ -521,43 +566,90 @@ class Store:
     async def write_results(
         self, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
     ) -> WriteReport:
-        """Apply a chunk of result lines to the tasks of batch `local_id`, in one transaction."""
-        staged: dict[str, Outcome] = {}
-        for outcome in outcomes:
-            if outcome.result_type not in _RESULT_TYPES:
-                raise ValueError(f"unknown result type {outcome.result_type!r}")
-            # A repeated line within the chunk counts as ignored, like a re-download.
-            staged.setdefault(outcome.custom_id, outcome)
-        unmatched, written, requeued = await self._transact(
-            self._write_results, local_id, list(staged.values()), max_attempts
-        )
+        """Apply a chunk of result lines to the tasks of batch `local_id`, in one transaction.
+
+        The collector stages a whole batch instead (`stage_results`, `apply_staged`); this
+        is the same SQL in one transaction, for a few lines at once.
+        """
+        _check_result_types(outcomes)
+        return await self._transact(self._write_results, local_id, outcomes, max_attempts)
+
+    async def _write_results(
+        self, db: Db, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
+    ) -> WriteReport:
+        await _clear_staging(db)
+        staged = await self._stage(db, local_id, outcomes)
+        applied = await self._apply_range(db, local_id, max_attempts, -1, 0)
+        await _clear_staging(db)  # frees the chunk's text now
+        written, requeued = (applied.report.written, applied.report.requeued) if applied else (0, 0)
+        # A repeated unmatched line counts once, as a repeated matched one does.
+        unmatched = tuple(dict.fromkeys(outcomes[at].custom_id for at in staged.unmatched))
         ignored = len(outcomes) - written - requeued - len(unmatched)
         return WriteReport(written, requeued, ignored, unmatched)
 
-    async def _write_results(
-        self, db: Db, local_id: int, outcomes: list[Outcome], max_attempts: int
-    ) -> tuple[tuple[str, ...], int, int]:
-        await db.execute(_CREATE_STAGING)
-        await db.execute("DELETE FROM temp.result_staging")
+    async def clear_staging(self) -> None:
+        """Forget staged lines (of a download that stopped midway): a batch stages alone."""
+        await self._transact_temp(_clear_staging)
+
+    async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        """Keep a chunk of a batch's lines in the staging table; no task changes yet.
+
+        Writes only the TEMP table, so it takes no write lock: users' INSERTs never wait.
+        """
+        _check_result_types(outcomes)
+        return await self._transact_temp(self._stage, local_id, outcomes)
+
+    async def _stage(self, db: Db, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        await _create_staging(db)
         found = await db.execute_fetchall(
-            _TASK_IDS, (_json_list(outcome.custom_id for outcome in outcomes),)
+            _MEMBER_TASK_IDS,
+            {"local": local_id, "custom_ids": _json_list(o.custom_id for o in outcomes)},
         )
         task_ids: dict[str, int] = dict(cast(Iterable[tuple[str, int]], found))
-        rows = [
-            _staging_row(seq, task_ids.get(outcome.custom_id), outcome)
-            for seq, outcome in enumerate(outcomes)
-        ]
-        # Shuffled lines (spec §4.3) staged in task rowid order: the UPDATE then walks the
-        # tasks table's pages in order instead of jumping between them for every line.
-        rows.sort(key=_by_task_id)
-        await _run_many(db, _INSERT_STAGING, rows)
-        names = {"local": local_id, "max_attempts": max_attempts, "now": self._now()}
-        unmatched = await db.execute_fetchall(_UNMATCHED_STAGED, names)
-        statuses = await db.execute_fetchall(_APPLY_STAGED, names)
-        await db.execute("DELETE FROM temp.result_staging")  # frees the chunk's text now
-        changed = list(statuses)
+        rows: list[Row] = []
+        unmatched: list[int] = []
+        for position, outcome in enumerate(outcomes):
+            task_id = task_ids.get(outcome.custom_id)
+            if task_id is None:
+                unmatched.append(position)
+            else:
+                rows.append(_staging_row(local_id, task_id, outcome))
+        # OR IGNORE: the first line for a task wins, a repeated one is ignored (as if it
+        # were downloaded again).
+        staged = await _run_many(db, _INSERT_STAGING, rows)
+        return StageReport(staged, len(rows) - staged, tuple(unmatched))
+
+    async def apply_staged(
+        self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
+    ) -> AppliedRange | None:
+        """Apply the staged lines of the next `max_rows` task ids above `after_task_id` in
+        one transaction; None once none is left. Staging is left as it is (`clear_staging`).
+        """
+        return await self._transact(
+            self._apply_range, local_id, max_attempts, max_rows, after_task_id
+        )
+
+    async def _apply_range(
+        self, db: Db, local_id: int, max_attempts: int, max_rows: int, after_task_id: int
+    ) -> AppliedRange | None:
+        # Only reads staging: deleting the applied rows here (scattered over the staging
+        # table) journaled most of its pages in every transaction, doubling the lock time.
+        await _create_staging(db)
+        rows = await db.execute_fetchall(_NEXT_RANGE, (after_task_id, max_rows))
+        first, last, count = next(iter(rows))
+        if not count:
+            return None
+        names = {
+            "local": local_id,
+            "max_attempts": max_attempts,
+            "now": self._now(),
+            "first": first,
+            "last": last,
+        }
+        changed = list(await db.execute_fetchall(_APPLY_STAGED, names))
         requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
-        return tuple(row[0] for row in unmatched), len(changed) - requeued, requeued
+        report = WriteReport(len(changed) - requeued, requeued, count - len(changed), ())
+        return AppliedRange(last, report)
 
     async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
         """Keep result lines that matched no task of their batch (never dropped)."""
@@ -708,10 +800,22 @@ class Store:
 
 # -- write-back SQL (design step 6) ------------------------------------------------------------
 
+# Where the staged lines of a batch wait: a TEMP table of the writer connection, so in
+# SQLite's temporary file (temp_store FILE: no RAM for it), never in the database file or
+# its WAL. Staging it takes no write lock and no fsync; a crash loses it, which is
+# harmless: the batch is still `ended` and its results are downloaded and staged again.
+# (A scratch database ATTACHed beside the main one would do the same with a file of our
+# own to create, protect and delete; the TEMP file is created 0600 and already unlinked.)
+# A transaction applies a contiguous range of task ids, whose rows share pages of `tasks`,
+# instead of a shuffled chunk that touches every page (bench/README.md). Rows are appended
+# in arrival order and found by the task_id index: keying the table itself by task_id made
+# staging 5x slower (shuffled inserts of ~1 KB rows split its pages). One batch is staged
+# at a time (the collector clears it first).
 _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS result_staging (
-    seq INTEGER NOT NULL,
-    task_id INTEGER,
+    seq INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL UNIQUE,
+    batch_id INTEGER NOT NULL,
     custom_id TEXT NOT NULL,
     result_type TEXT NOT NULL,
     result_json TEXT NOT NULL,
@@ -724,24 +828,28 @@ CREATE TEMP TABLE IF NOT EXISTS result_staging (
     model TEXT
 )"""
 _INSERT_STAGING = (
-    "INSERT INTO temp.result_staging VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # as above
+    "INSERT OR IGNORE INTO temp.result_staging"
+    " VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # the columns above, in order
 )
-# custom_id is unique, so each line names at most one task: look its rowid up once, and
-# every later statement joins on the rowid instead of searching the custom_id index.
-_TASK_IDS = "SELECT custom_id, id FROM tasks WHERE custom_id IN (SELECT value FROM json_each(?))"
-# Unmatched: no task with that custom_id was ever in this batch (batch_tasks remembers
-# requeued ones, whose re-downloaded lines are merely ignored). In the lines' own order.
-_UNMATCHED_STAGED = """
-SELECT s.custom_id FROM temp.result_staging AS s
-WHERE s.task_id IS NULL
-   OR NOT EXISTS (SELECT 1 FROM batch_tasks AS m
-                  WHERE m.batch_id = :local AND m.task_id = s.task_id)
-ORDER BY s.seq"""
+# Matched: a task with that custom_id was in this batch (batch_tasks remembers requeued
+# ones, whose re-downloaded lines are then merely ignored by the guard below). custom_id is
+# unique, so a line names at most one task: its rowid is looked up once, here.
+# CROSS JOIN keeps the lines as the outer loop: the planner would otherwise walk every
+# member of the batch for each chunk.
+_MEMBER_TASK_IDS = """
+SELECT t.custom_id, t.id FROM json_each(:custom_ids) AS line
+CROSS JOIN tasks AS t ON t.custom_id = line.value
+CROSS JOIN batch_tasks AS m ON m.batch_id = :local AND m.task_id = t.id"""
+# The first and last task ids and the count of the next range of staged lines.
+_NEXT_RANGE = """
+SELECT min(task_id), max(task_id), count(*)
+FROM (SELECT task_id FROM temp.result_staging WHERE task_id > ? ORDER BY task_id LIMIT ?)"""
 # Another try: a transient failure, attempts left, and the user did not ask to cancel.
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < :max_attempts AND tasks.cancel_requested = 0)"""
 # The guard: only tasks of THIS batch still waiting, so a repeated line is a no-op.
-_STAGED_TASKS = """tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+_STAGED_TASKS = """s.task_id BETWEEN :first AND :last AND s.batch_id = :local
+    AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND tasks.batch_id = :local AND tasks.status = 'submitted'"""
 # RETURNING the new status counts the requeued tasks (now 'pending') without a second join.
 _APPLY_STAGED = f"""
@@ -774,11 +882,11 @@ _BATCH_COLUMNS = (
 )
 
 
-def _staging_row(seq: int, task_id: int | None, outcome: Outcome) -> Row:
+def _staging_row(local_id: int, task_id: int, outcome: Outcome) -> Row:
     usage = outcome.usage
     return (
-        seq,
         task_id,
+        local_id,
         outcome.custom_id,
         outcome.result_type,
         outcome.result_json,
@@ -792,9 +900,22 @@ def _staging_row(seq: int, task_id: int | None, outcome: Outcome) -> Row:
     )
 
 
-def _by_task_id(row: Row) -> tuple[bool, int]:
-    """Staging order: by task rowid; lines that name no task last, in their own order."""
-    return (row[1] is None, row[1] or 0)
+def _check_result_types(outcomes: Iterable[Outcome]) -> None:
+    for outcome in outcomes:
+        if outcome.result_type not in _RESULT_TYPES:
+            raise ValueError(f"unknown result type {outcome.result_type!r}")
+
+
+async def _create_staging(db: Db) -> None:
+    # Before the TEMP database's first table, pages as large as the main file's: staging
+    # ~1 KB rows into 4 KB pages took ~30% longer (a no-op once the table exists).
+    await db.execute(f"PRAGMA temp.page_size = {_PAGE_SIZE}")
+    await db.execute(_CREATE_STAGING)
+
+
+async def _clear_staging(db: Db) -> None:
+    await _create_staging(db)
+    await db.execute("DELETE FROM temp.result_staging")
 
 
 def _batch_params(batch: MessageBatch) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Write-back alone: parse result lines and write them with Store.write_results, while a
+"""Write-back alone: parse result lines, stage and apply them as the collector does, while a
 user's connection keeps inserting tasks (how long does its INSERT wait for the lock?).
 
     python3 bench/writeback.py [--tasks 100000] [--batch-size 100000] [--chunk-size N]
@@ -15,11 +15,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batchd.collector import Collector
 from batchd.config import ResultsConfig
+from batchd.domain import Outcome, TaskStatus
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_lines
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
@@ -93,44 +97,103 @@ class UserInserts:
             time.sleep(0.005)
         conn.close()
 
+    def summary(self) -> str:
+        waits = sorted(self.waits)
+        return (
+            f"user INSERTs {len(waits)}, wait p99 {waits[int(len(waits) * 0.99)] * 1000:.0f} ms,"
+            f" max {waits[-1] * 1000:.0f} ms, failed {self.failures}"
+        )
 
-async def bench(db: Path, count: int, batch_size: int, chunk_size: int) -> None:
+
+async def write_back(store: Store, local: int, outcomes: list[Outcome], chunk_size: int) -> int:
+    """The store's calls one after another: stage the batch chunk by chunk, then apply it in
+    id ranges (the collector also overlaps staging with parsing, see `collect`)."""
+    await store.clear_staging()
+    for start in range(0, len(outcomes), chunk_size):
+        await store.stage_results(local, outcomes[start : start + chunk_size])
+    written = after = 0
+    while applied := await store.apply_staged(local, 3, chunk_size, after):
+        written, after = written + applied.report.written, applied.last_task_id
+    await store.clear_staging()
+    return written
+
+
+class MemoryResults:
+    """Stands in for BatchesClient.results: each batch's lines from memory, no network."""
+
+    def __init__(self, lines: dict[str, list[bytes]]) -> None:
+        self._lines = lines
+
+    @asynccontextmanager
+    async def results(self, url: str, **_: object) -> AsyncIterator[AsyncIterator[bytes]]:
+        async def stream() -> AsyncIterator[bytes]:
+            for line in self._lines[url]:
+                yield line
+
+        yield stream()
+
+
+async def prepare(db: Path, count: int, batch_size: int) -> tuple[Store, dict[int, list[bytes]]]:
     store = await Store.open(db)
     await store.enqueue(tasks(count))
-    batches: list[tuple[int, list[bytes]]] = []
+    batches: dict[int, list[bytes]] = {}
     ids = [row[0] for row in await store._read("SELECT id FROM tasks ORDER BY id")]
     for first in range(0, count, batch_size):
         local = await store.record_intent(ids[first : first + batch_size], 1)
         assert local is not None
         await store.mark_created(local, api_batch(f"msgbatch_{first}"))  # type: ignore[arg-type]
-        batches.append((local, fake_lines(min(batch_size, count - first), first)))
-    parse_s = write_s = finish_s = 0.0
+        batches[local] = fake_lines(min(batch_size, count - first), first)
+    return store, batches
+
+
+async def serial(db: Path, count: int, batch_size: int, chunk_size: int) -> float:
+    """parse_result_line alone, then the store's stage and apply calls alone."""
+    store, batches = await prepare(db, count, batch_size)
+    parse_s = write_s = 0.0
     written = 0
     with UserInserts(db) as user:
-        for local, lines in batches:
+        for local, lines in batches.items():
             started = time.perf_counter()
             outcomes = [parse_result_line(line) for line in lines]
             parse_s += time.perf_counter() - started
             started = time.perf_counter()
-            for start in range(0, len(outcomes), chunk_size):
-                report = await store.write_results(local, outcomes[start : start + chunk_size], 3)
-                written += report.written
+            written += await write_back(store, local, outcomes, chunk_size)
             write_s += time.perf_counter() - started
-            started = time.perf_counter()
             await store.finish_batch(local, "missing")
-            finish_s += time.perf_counter() - started
     await store.close()
     assert written == count, written
-    waits = sorted(user.waits)
     print(f"parse_result_line: {count / parse_s:,.0f} lines/s ({parse_s:.2f} s)")
+    print(f"stage + apply, serial (chunk_size {chunk_size}): {count / write_s:,.0f} rows/s", end="")
+    print(f" ({write_s:.2f} s); {user.summary()}")
+    return parse_s
+
+
+async def collect(db: Path, count: int, batch_size: int, chunk_size: int, parse_s: float) -> None:
+    """The real Collector over lines in memory: parse, stage (overlapped), apply, finish."""
+    store, batches = await prepare(db, count, batch_size)
+    by_url = {
+        f"http://127.0.0.1/msgbatch_{n * batch_size}/results": lines
+        for n, lines in enumerate(batches.values())
+    }
+    config = ResultsConfig(chunk_size=chunk_size)
+    collector = Collector(
+        store, MemoryResults(by_url), config, max_attempts=3, clock=lambda: datetime.now(UTC)
+    )  # type: ignore[arg-type]
+    with UserInserts(db) as user:
+        started = time.perf_counter()
+        finished = await collector.collect_all()
+        wall = time.perf_counter() - started
+    done = await store.status_counts()
+    await store.close()
+    assert finished == len(batches), finished
+    assert done[TaskStatus.SUCCEEDED] == count, done
     print(
-        f"write_results (chunk_size {chunk_size}): {count / write_s:,.0f} rows/s ({write_s:.2f} s)"
+        f"Collector (parse + stage + apply + finish): {wall:.2f} s, {count / wall:,.0f} lines/s;"
+        f" {user.summary()}"
     )
-    print(f"finish_batch: {finish_s:.3f} s")
+    added = wall - parse_s
     print(
-        f"user INSERTs meanwhile: {len(waits)}, wait p50 {waits[len(waits) // 2] * 1000:.1f} ms,"
-        f" p99 {waits[int(len(waits) * 0.99)] * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms,"
-        f" failed {user.failures}"
+        f"  write-back beyond parsing ({wall:.2f} - {parse_s:.2f} s): {count / added:,.0f} rows/s"
     )
 
 
@@ -143,7 +206,9 @@ def main() -> None:
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"# reproduce: {command_line()}")
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
-        asyncio.run(bench(Path(tmp) / "batchd.db", args.tasks, args.batch_size, args.chunk_size))
+        sizes = (args.tasks, args.batch_size, args.chunk_size)
+        parse_s = asyncio.run(serial(Path(tmp) / "serial.db", *sizes))
+        asyncio.run(collect(Path(tmp) / "collector.db", *sizes, parse_s))
 
 
 if __name__ == "__main__":

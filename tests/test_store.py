@@ -153,13 +153,14 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (1, "initial", "2026-11-24T15:40:37.123Z"),
         (2, "batch_tasks", "2026-11-24T15:40:37.123Z"),
         (3, "usage_ledger", "2026-11-24T15:40:37.123Z"),
+        (4, "short_downloads", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await Store.open(db_path, clock=clock)
     try:
         assert await reopened.migrate() == []
     finally:
         await reopened.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(3,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(4,)]
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):
@@ -192,7 +193,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(3\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(4\)"):
             await Store.open(db_path, migrate=migrate)
 
 
@@ -621,6 +622,50 @@ async def test_note_download_failed_counts_attempts(store: Store):
     assert await store.note_download_failed(local_id, "truncated") == 2
     [batch] = await store.batches_in(BatchState.ENDED)
     assert (batch.download_attempts, batch.note) == (2, "truncated")
+
+
+async def test_short_streams_are_counted_apart_from_transport_failures(store: Store, db_path: Path):
+    local_id = await submitted_batch(store, "msgbatch_1", "a", "b")
+    for _ in range(3):
+        await store.note_download_failed(local_id, "connection reset")
+    assert await store.note_short_stream(local_id, "1 of 2 lines") == 1
+    assert await store.note_short_stream(local_id, "1 of 2 lines") == 2
+    assert query(db_path, "SELECT download_attempts, short_downloads, note FROM batches") == [
+        (5, 2, "1 of 2 lines")
+    ]
+
+
+async def test_staged_lines_are_applied_range_by_range_in_task_id_order(
+    store: Store, db_path: Path
+):
+    local_id = await submitted_batch(store, "msgbatch_1", "a", "b", "c", "d", "e")
+    other = await submitted_batch(store, "msgbatch_2", "x")
+    lines = [outcome("e"), outcome("x"), outcome("b"), outcome("b", "errored"), outcome("a")]
+    staged = await store.stage_results(local_id, lines)
+    assert (staged.staged, staged.repeated, staged.unmatched) == (3, 1, (1,))
+    staged = await store.stage_results(local_id, [outcome("c", "expired", retryable=True)])
+    assert staged.staged == 1
+    ranges = []
+    after = 0
+    while applied := await store.apply_staged(local_id, 3, max_rows=2, after_task_id=after):
+        ranges.append(applied.report)
+        after = applied.last_task_id
+    # Ranges of two task ids: (a, b), then (c, e); d never had a line.
+    assert [(r.written, r.requeued, r.ignored) for r in ranges] == [(2, 0, 0), (1, 1, 0)]
+    assert dict(query(db_path, "SELECT custom_id, status FROM tasks")) == {
+        "a": "succeeded",
+        "b": "succeeded",
+        "c": "pending",
+        "d": "submitted",
+        "e": "succeeded",
+        "x": "submitted",
+    }
+    # Applying the same staged lines again (a re-download) changes nothing.
+    again = await store.apply_staged(local_id, 3, max_rows=10)
+    assert again is not None
+    assert (again.report.written, again.report.ignored) == (0, 4)
+    await store.clear_staging()
+    assert await store.apply_staged(other, 3, max_rows=10) is None
 
 
 async def test_duplicate_batches_are_recorded_once_and_known(store: Store):

@@ -1,0 +1,327 @@
+"""The collector: results staged, then applied in task-id ranges; short streams, transport
+failures and archived results, against a results server on loopback and real SQLite files."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from batchd.client import BatchesClient, RetryPolicy
+from batchd.collector import Collector
+from batchd.config import ResultsConfig
+from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from batchd.metrics import RESULTS_WRITTEN, Registry
+from batchd.store import StageReport, Store
+from tests.crash.crash_harness import (
+    RunLog,
+    assert_nothing_lost_or_duplicated,
+    check_invariants,
+    enqueue,
+    run_daemon,
+    write_config,
+)
+from tests.test_store import START, FakeClock, add_tasks, api_batch, claim, outcome, query
+
+
+@dataclass
+class ApiStub:
+    """Results bodies, statuses and batch objects a test sets; every request is counted."""
+
+    base_url: str = ""
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+
+    def url(self, api_id: str) -> str:
+        return f"{self.base_url}/results/{api_id}"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, clock=clock)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ApiStub]:
+    stub = ApiStub()
+
+    async def results(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        stub.hits[name] = stub.hits.get(name, 0) + 1
+        status = stub.statuses.get(name, 200)
+        if status != 200:
+            error = {"type": "not_found_error" if status == 404 else "api_error", "message": "x"}
+            return web.json_response({"type": "error", "error": error}, status=status)
+        return web.Response(body=stub.bodies[name])
+
+    async def retrieve(request: web.Request) -> web.Response:
+        batch = stub.batches.get(request.match_info["id"])
+        if batch is None:
+            error = {"type": "not_found_error", "message": "no such batch"}
+            return web.json_response({"type": "error", "error": error}, status=404)
+        return web.json_response(batch)
+
+    app = web.Application()
+    app.router.add_get("/results/{name}", results)
+    app.router.add_get("/v1/messages/batches/{id}", retrieve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield stub
+    finally:
+        await runner.cleanup()
+
+
+def line(custom_id: str, text: str | None = None) -> bytes:
+    """A succeeded line whose answer names its own custom_id (unless told otherwise)."""
+    message = {
+        "model": "claude-x",
+        "content": [{"type": "text", "text": text or f"answer for {custom_id}"}],
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    }
+    return orjson.dumps(
+        {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
+    )
+
+
+async def ended_batch(store: Store, db_path: Path, api: ApiStub, api_id: str, *ids: str) -> int:
+    await add_tasks(store, *ids)
+    local_id = await claim(store, *ids)
+    assert await store.mark_created(local_id, api_batch(api_id, "ended"))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (api.url(api_id), local_id))
+    conn.close()
+    return local_id
+
+
+async def collect(
+    store: Store, api: ApiStub, clock: FakeClock, registry: Registry | None = None, **config: int
+) -> int:
+    async with aiohttp.ClientSession() as session:
+        client = BatchesClient(session, base_url=api.base_url, api_key="k", policy=RetryPolicy(0))
+        collector = Collector(
+            store, client, ResultsConfig(**config), max_attempts=3, clock=clock, registry=registry
+        )
+        return await collector.collect_all()
+
+
+def answers(db_path: Path) -> dict[str, tuple[str, str | None]]:
+    rows = query(db_path, "SELECT custom_id, status, result FROM tasks")
+    return {cid: (status, _text(result)) for cid, status, result in rows}
+
+
+def _text(result: str | None) -> str | None:
+    message = orjson.loads(result).get("message") if result else None
+    return message["content"][0]["text"] if message else None
+
+
+# -- staging, then applying in ranges -----------------------------------------------------------
+
+
+async def test_a_shuffled_20k_batch_lands_each_result_on_its_own_task(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock
+) -> None:
+    # Two batches whose tasks interleave in the table: every apply range of batch A spans
+    # rowids of batch B, whose tasks must stay untouched.
+    ids_a = [f"a-{n}" for n in range(20_000)]
+    ids_b = [f"b-{n}" for n in range(500)]
+    await add_tasks(store, *(cid for pair in zip(ids_a[:500], ids_b, strict=True) for cid in pair))
+    await add_tasks(store, *ids_a[500:])
+    local_a = await claim(store, *ids_a)
+    await claim(store, *ids_b)
+    assert await store.mark_created(local_a, api_batch("msgbatch_a", "ended"))
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (api.url("a"), local_a))
+    conn.close()
+    lines = [line(cid) for cid in ids_a] + [line("b-3"), line("nobody")]
+    random.Random(6).shuffle(lines)
+    lines.append(line("a-7", "a second, different line for a-7"))  # in a later chunk: ignored
+    api.bodies["a"] = b"\n".join(lines) + b"\n"
+    registry = Registry([RESULTS_WRITTEN])
+
+    with capture_logs() as logs:
+        assert await collect(store, api, clock, registry, chunk_size=1500) == 1
+
+    got = answers(db_path)
+    assert all(got[cid] == ("succeeded", f"answer for {cid}") for cid in ids_a)
+    assert {got[cid] for cid in ids_b} == {("submitted", None)}
+    assert sorted(e["first"] for e in logs if e["event"] == "results_unmatched") == [
+        "b-3",
+        "nobody",
+    ]
+    kept = dict(query(db_path, "SELECT custom_id, line FROM unmatched_results"))
+    assert set(kept) == {"b-3", "nobody"}
+    assert orjson.loads(kept["nobody"]) == orjson.loads(line("nobody"))
+    outcomes = ("written", "requeued", "ignored", "unmatched")
+    counts = {name: registry.value(RESULTS_WRITTEN, outcome=name) for name in outcomes}
+    assert counts == {"written": 20_000, "requeued": 0, "ignored": 1, "unmatched": 2}
+    assert query(db_path, "SELECT state FROM batches WHERE id = ?", (local_a,)) == [("completed",)]
+
+
+async def test_staging_takes_no_write_lock_and_changes_no_task_until_applied(
+    store: Store, db_path: Path
+) -> None:
+    local_id = await ended_batch(store, db_path, ApiStub(), "msgbatch_1", "a", "b", "c")
+
+    async def stage_while_a_user_inserts(db: Any) -> StageReport:
+        report = await store._stage(db, local_id, [outcome("c"), outcome("a"), outcome("zz")])
+        # Inside the staging transaction: a user's write must not wait at all.
+        with sqlite3.connect(db_path, timeout=0) as conn:
+            conn.execute("INSERT INTO tasks (custom_id, params) VALUES ('user-1', '{}')")
+        conn.close()
+        return report
+
+    staged = await store._transact_temp(stage_while_a_user_inserts)
+    assert (staged.staged, staged.repeated, staged.unmatched) == (2, 0, (2,))
+    assert query(db_path, "SELECT status FROM tasks WHERE custom_id = 'a'") == [("submitted",)]
+    first = await store.apply_staged(local_id, 3, max_rows=1)
+    assert first is not None
+    assert (first.report.written, first.report.ignored) == (1, 0)
+    second = await store.apply_staged(local_id, 3, max_rows=1, after_task_id=first.last_task_id)
+    assert second is not None
+    assert second.report.written == 1
+    assert await store.apply_staged(local_id, 3, 1, second.last_task_id) is None
+    await store.clear_staging()
+    assert await store.apply_staged(local_id, 3, 10) is None
+
+
+async def test_a_restart_between_staging_and_applying_downloads_again_harmlessly(
+    db_path: Path, api: ApiStub, clock: FakeClock
+) -> None:
+    ids = [f"t-{n}" for n in range(50)]
+    api.bodies["1"] = b"\n".join(line(cid) for cid in reversed(ids))
+    store = await Store.open(db_path, clock=clock)
+    local_id = await ended_batch(store, db_path, api, "1", *ids)
+    await store.stage_results(local_id, [outcome(cid) for cid in ids[:30]])
+    first = await store.apply_staged(local_id, 3, max_rows=10)  # one range, then the "crash"
+    assert first is not None
+    assert first.report.written == 10
+    await store.close()  # the TEMP staging table goes with the connection, as with kill -9
+
+    store = await Store.open(db_path, clock=clock)
+    registry = Registry([RESULTS_WRITTEN])
+    try:
+        assert await collect(store, api, clock, registry, chunk_size=7) == 1
+    finally:
+        await store.close()
+    outcomes = ("written", "ignored", "unmatched")
+    counts = {name: registry.value(RESULTS_WRITTEN, outcome=name) for name in outcomes}
+    assert counts == {"written": 40, "ignored": 10, "unmatched": 0}
+    got = answers(db_path)
+    # The first range kept what was applied before the "crash"; the rest came from the
+    # download after it, each line on its own task.
+    assert {got[cid] for cid in ids[:10]} == {("succeeded", None)}
+    assert all(got[cid] == ("succeeded", f"answer for {cid}") for cid in ids[10:])
+
+
+async def test_kill_after_staging_before_applying_then_restart_pays_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    async with FakeApiServer(FakeApiConfig(port=0, processing_seconds=0.2, seed=3)) as fake:
+        setup = write_config(tmp_path, fake.base_url)
+        await enqueue(setup, 12)
+        log = RunLog()
+        for point in ("results_staged:1", "results_staged:2", "results_chunk_written:2"):
+            run = await run_daemon(setup, log, crash_at=point)
+            assert run.killed, (point, run.returncode, run.stderr[-2000:])
+            assert run.crash_point == point
+        final = await run_daemon(setup, log)
+        assert final.returncode == 0, final.stderr[-2000:]
+        ledger = check_invariants(setup.db_path, fake)
+    assert_nothing_lost_or_duplicated(ledger, 12)
+    assert ledger.submissions == 12  # every batch's results were downloaded again, not resent
+
+
+# -- short streams and transport failures --------------------------------------------------------
+
+
+async def test_transport_failures_do_not_count_toward_finishing_a_short_stream(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock
+) -> None:
+    local_id = await ended_batch(store, db_path, api, "1", "a", "b", "c")
+    api.statuses["1"] = 500
+    for _ in range(3):
+        assert await collect(store, api, clock, max_download_attempts=2) == 0
+    assert query(db_path, "SELECT download_attempts, short_downloads FROM batches") == [(3, 0)]
+
+    api.statuses["1"] = 200
+    api.bodies["1"] = line("a") + b"\n" + line("b") + b"\n"  # whole, but one line short
+    assert await collect(store, api, clock, max_download_attempts=2) == 0
+    assert answers(db_path)["c"] == ("submitted", None)  # downloaded again, not requeued
+    assert query(db_path, "SELECT state, short_downloads FROM batches") == [("ended", 1)]
+
+    assert await collect(store, api, clock, max_download_attempts=2) == 1
+    assert answers(db_path)["c"] == ("pending", None)  # the second short stream: missing
+    assert query(db_path, "SELECT custom_id FROM missing_results") == [("c",)]
+    assert query(
+        db_path, "SELECT state, download_attempts FROM batches WHERE id = ?", (local_id,)
+    ) == [("completed", 5)]
+
+
+# -- results gone: archived, or a transient 404 -------------------------------------------------
+
+
+def api_object(api_id: str, archived_at: str | None) -> dict[str, Any]:
+    return {**api_batch(api_id, "ended"), "archived_at": archived_at}
+
+
+async def test_archived_results_finish_the_batch_and_requeue_loudly(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock
+) -> None:
+    await ended_batch(store, db_path, api, "1", "a", "b", "c")
+    api.statuses["1"] = 404
+    api.batches["1"] = api_object("1", "2026-12-23T15:40:38.500000+00:00")
+
+    with capture_logs() as logs:
+        assert await collect(store, api, clock) == 1
+
+    [archived] = [e for e in logs if e["event"] == "results_archived"]
+    assert archived["log_level"] == "error"
+    assert (archived["requests"], archived["requeued"], archived["first"]) == (3, 3, "a")
+    assert {status for status, _ in answers(db_path).values()} == {"pending"}
+    assert query(db_path, "SELECT state FROM batches") == [("completed",)]
+
+
+async def test_a_results_404_of_a_young_batch_is_retried_and_an_old_one_is_archived(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock
+) -> None:
+    await ended_batch(store, db_path, api, "1", "a")
+    api.statuses["1"] = 404
+    api.batches["1"] = api_object("1", None)  # §7.6: a transient 404 right after the end
+    for _ in range(12):
+        assert await collect(store, api, clock) == 0
+    assert answers(db_path)["a"] == ("submitted", None)
+    assert query(db_path, "SELECT state, download_attempts FROM batches") == [("ended", 12)]
+
+    del api.batches["1"]  # the batch itself is gone too: only its age can tell
+    clock.now = START + timedelta(days=28)
+    with capture_logs() as logs:
+        assert await collect(store, api, clock) == 0
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["results_near_archival"]
+    clock.now = START + timedelta(days=29, seconds=2)
+    with capture_logs() as logs:
+        assert await collect(store, api, clock) == 1
+    assert "results_archived" in [e["event"] for e in logs]
+    assert answers(db_path)["a"] == ("pending", None)
