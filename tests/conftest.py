@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,14 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path)
+def store_clock() -> Callable[[], datetime] | None:
+    """The store's clock: real time here; a module overrides this fixture to fix time."""
+    return None
+
+
+@pytest.fixture
+async def store(db_path: Path, store_clock: Callable[[], datetime] | None) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, clock=store_clock)
     try:
         yield opened
     finally:

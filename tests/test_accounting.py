@@ -35,10 +35,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, clock=clock)
-    yield opened
-    await opened.close()
+def store_clock(clock: FakeClock) -> FakeClock:
+    return clock
 
 
 async def test_status_reports_tokens_cost_and_saving_computed_by_hand(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,10 +22,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, clock=clock)
-    yield opened
-    await opened.close()
+def store_clock(clock: FakeClock) -> FakeClock:
+    return clock
 
 
 def test_durations() -> None:
