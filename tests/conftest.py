@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from batchd.config import Config
+from batchd.fakeapi import validation
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.logs import configure_logging
 from batchd.store import Store
@@ -80,3 +81,22 @@ def daemon_config(db_path: Path) -> Callable[..., Config]:
 def quiet_logs() -> None:
     """Warnings and errors only, so a failing test's output shows what matters."""
     configure_logging("console", "warning")
+
+
+def refuse_in_fake(
+    monkeypatch: pytest.MonkeyPatch, refused: set[str], message: Callable[[int], str]
+) -> None:
+    """Make the fake refuse any create holding one of `refused`, with `message(index)`.
+
+    Our chunker already refuses every custom_id the real API would, so this emulates a
+    server-side rule the client cannot know about.
+    """
+    check_envelope = validation._check_envelope
+
+    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
+        custom_id, params = check_envelope(index, item)
+        if custom_id in refused:
+            raise validation.CreateRejected(message(index))
+        return custom_id, params
+
+    monkeypatch.setattr(validation, "_check_envelope", stricter)

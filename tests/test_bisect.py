@@ -11,23 +11,14 @@ import pytest
 
 from batchd.config import Config
 from batchd.daemon import run_daemon
-from batchd.fakeapi import validation
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import Store
-from tests.conftest import request_params
+from tests.conftest import refuse_in_fake, request_params
 
 
 def refuse_batches_holding(monkeypatch: pytest.MonkeyPatch, refused: set[str]) -> None:
     """The fake refuses any batch that holds one of these ids, naming no index."""
-    check_envelope = validation._check_envelope
-
-    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
-        custom_id, params = check_envelope(index, item)
-        if custom_id in refused:
-            raise validation.CreateRejected("requests: a request in this batch is refused")
-        return custom_id, params
-
-    monkeypatch.setattr(validation, "_check_envelope", stricter)
+    refuse_in_fake(monkeypatch, refused, lambda _: "requests: a request in this batch is refused")
 
 
 def rows(db_path: Path) -> dict[str, tuple[str, int, str | None]]:

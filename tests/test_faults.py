@@ -19,13 +19,12 @@ import pytest
 
 from batchd.config import Config
 from batchd.daemon import EXIT_AUTH, Daemon, run_daemon
-from batchd.fakeapi import validation
 from batchd.fakeapi.faults import ENDPOINTS, Endpoint, FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.fakeapi.state import Timeline
 from batchd.metrics import API_REQUESTS, RESULTS_WRITTEN
 from batchd.store import Store
-from tests.conftest import request_params
+from tests.conftest import refuse_in_fake, request_params
 
 
 def prompt(n: int) -> str:
@@ -249,21 +248,13 @@ async def test_a_400_naming_one_request_marks_only_that_task_and_sends_the_rest(
     db_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Our chunker already refuses every custom_id the API would, so no real row gets a
-    # synchronous 400 from the fake. Emulate a server-side rule we do not know about: the
-    # fake rejects these two ids the way the API rejects a request, naming its index.
+    # The fake rejects these two ids the way the API rejects a request, naming its index.
     refused = {"refused-1", "refused-2"}
-    check_envelope = validation._check_envelope
-
-    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
-        custom_id, params = check_envelope(index, item)
-        if custom_id in refused:
-            raise validation.CreateRejected(
-                f"requests.{index}.custom_id: refused by a rule the client cannot know"
-            )
-        return custom_id, params
-
-    monkeypatch.setattr(validation, "_check_envelope", stricter)
+    refuse_in_fake(
+        monkeypatch,
+        refused,
+        lambda index: f"requests.{index}.custom_id: refused by a rule the client cannot know",
+    )
     ids = await enqueue(store, 6)
     await store.enqueue((cid, request_params(f"bad {cid}")) for cid in sorted(refused))
     config = daemon_config(fake_api.base_url, max_requests=10)

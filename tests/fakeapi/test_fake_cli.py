@@ -16,8 +16,9 @@ from batchd.fakeapi.server import add_arguments, config_from_args
 from tests.fakeapi.conftest import HEADERS, requests_body
 
 
-async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
+async def spawn(*args: str) -> asyncio.subprocess.Process:
+    """`python -m batchd.fakeapi --port 0 ARGS`, with its output piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "batchd.fakeapi",
@@ -27,6 +28,10 @@ async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    process = await spawn(*args)
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
     match = re.fullmatch(r"batchd fake-api listening on (http://127\.0\.0\.1:\d+)\n", line)
@@ -55,17 +60,7 @@ async def test_serves_until_a_signal_and_exits_0(signum: int, tmp_path: Path) ->
 
 
 async def test_bad_fault_settings_exit_2_with_a_message() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchd.fakeapi",
-        "--port",
-        "0",
-        "--fault-kinds",
-        "418",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn("--fault-kinds", "418")
     _, stderr = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 2
     assert b"unknown fault kind '418'" in stderr
