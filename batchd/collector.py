@@ -52,7 +52,7 @@ class Collector:
     """Downloads each ended batch's results into staging, applies them, finishes the batch.
 
     Two phases per download, so the write lock is never held across network I/O and each
-    write transaction is short: the stream's lines are staged chunk by chunk (TEMP table
+    write transaction is short: the stream's lines are staged chunk by chunk (staging database
     transactions, no lock on the database file), then applied in ranges of task ids, one
     guarded transaction per range (store.py, design step 6). A crash in either phase
     leaves the batch `ended`: the next run downloads again, and lines already applied

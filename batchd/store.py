@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
 import aiosqlite
 import orjson
@@ -36,11 +36,15 @@ from batchd.domain import (
     TaskStatus,
     WriteReport,
 )
+from batchd.staging import StagingKeys
 from batchd.wire import MessageBatch, RequestCounts, parse_timestamp
 
 Clock = Callable[[], datetime]
 Db = aiosqlite.Connection
 Row = tuple[Any, ...]
+# How a store call holds the writer: a write transaction, a transaction that writes only
+# the staging database, or no transaction at all (ATTACH and DETACH refuse to run in one).
+_WriteMode = Literal["immediate", "staging", "no_transaction"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -138,6 +142,8 @@ class Store:
         self._lock = asyncio.Lock()
         self._writes: set[asyncio.Task[Any]] = set()
         self._closed = False
+        # The batch whose lines are being staged (one at a time, like the staging database).
+        self._staging: StagingKeys | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -156,6 +162,7 @@ class Store:
             with _sqlite_errors(path, "open"):
                 _create_group_writable(path)
                 writer = await _connect(stack, path, busy_timeout_ms, new_page_size=True)
+                await _attach_staging(writer)
                 reader = await _connect(stack, path, busy_timeout_ms, new_page_size=False)
                 # A stray write through the reader would bypass the lock: forbid it.
                 await reader.execute("PRAGMA query_only = ON")
@@ -225,18 +232,21 @@ class Store:
     # -- transactions ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _write(self, *, temp_only: bool = False) -> AsyncIterator[Db]:
+    async def _write(self, mode: _WriteMode) -> AsyncIterator[Db]:
         """The one way to write: the lock, `BEGIN IMMEDIATE`, COMMIT or ROLLBACK."""
         async with self._lock:
             db = self._writer
+            if mode == "no_transaction":  # ATTACH / DETACH: refused inside a transaction
+                yield db
+                return
             # IMMEDIATE waits for the write lock under busy_timeout; a deferred transaction
             # that upgrades would fail at once with "database is locked" (pitfalls). A body
-            # that writes only TEMP tables never upgrades: its deferred BEGIN takes no write
-            # lock on the database file, so users' INSERTs do not wait for it.
-            await db.execute("BEGIN" if temp_only else "BEGIN IMMEDIATE")
+            # that writes only the staging database never upgrades: its deferred BEGIN
+            # takes no write lock on the database file, so users' INSERTs do not wait.
+            await db.execute("BEGIN" if mode == "staging" else "BEGIN IMMEDIATE")
             try:
                 yield db
-                if not temp_only:
+                if mode == "immediate":
                     crash_point("store_commit")  # tests/crash: a kill -9 inside a transaction
                 await db.execute("COMMIT")
             except BaseException:
@@ -253,17 +263,17 @@ class Store:
         Cancelling an awaited statement does not stop it (pitfalls), so a cancelled caller
         must not be able to interrupt the body between statements either.
         """
-        return await self._shielded(False, body, *args, **kwargs)
+        return await self._shielded("immediate", body, *args, **kwargs)
 
-    async def _transact_temp(
+    async def _transact_staging(
         self, body: Callable[Concatenate[Db, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """`_transact` for a body that reads the database but writes only TEMP tables."""
-        return await self._shielded(True, body, *args, **kwargs)
+        """`_transact` for a body that reads the database but writes only staging."""
+        return await self._shielded("staging", body, *args, **kwargs)
 
     async def _shielded(
         self,
-        temp_only: bool,  # positional: keywords belong to the body
+        mode: _WriteMode,  # positional: keywords belong to the body
         body: Callable[Concatenate[Db, P], Awaitable[T]],
         *args: P.args,
         **kwargs: P.kwargs,
@@ -273,7 +283,7 @@ class Store:
 
         async def run() -> T:
             with _sqlite_errors(self._path, "write to"):
-                async with self._write(temp_only=temp_only) as db:
+                async with self._write(mode) as db:
                     return await body(db, *args, **kwargs)
 
         task = asyncio.create_task(run(), name="batchd-store-write")
@@ -589,18 +599,22 @@ class Store:
 
     async def clear_staging(self) -> None:
         """Forget staged lines (of a download that stopped midway): a batch stages alone."""
-        await self._transact_temp(_clear_staging)
+        self._staging = None
+        await self._shielded("no_transaction", _reset_staging)
 
     async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
         """Keep a chunk of a batch's lines in the staging table; no task changes yet.
 
-        Writes only the TEMP table, so it takes no write lock: users' INSERTs never wait.
+        Writes only the staging database, so it takes no write lock: users' INSERTs never wait.
         """
         _check_result_types(outcomes)
-        return await self._transact_temp(self._stage, local_id, outcomes)
+        return await self._transact_staging(self._stage, local_id, outcomes)
 
     async def _stage(self, db: Db, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
-        await _create_staging(db)
+        keys = self._staging
+        if keys is None or keys.local_id != local_id:
+            first = await db.execute_fetchall(_FIRST_MEMBER, (local_id,))
+            keys = self._staging = StagingKeys(local_id, next(iter(first))[0] or 0)
         found = await db.execute_fetchall(
             _MEMBER_TASK_IDS,
             {"local": local_id, "custom_ids": _json_list(o.custom_id for o in outcomes)},
@@ -613,7 +627,7 @@ class Store:
             if task_id is None:
                 unmatched.append(position)
             else:
-                rows.append(_staging_row(local_id, task_id, outcome))
+                rows.append(_staging_row(keys.key(task_id), local_id, task_id, outcome))
         # OR IGNORE: the first line for a task wins, a repeated one is ignored (as if it
         # were downloaded again).
         staged = await _run_many(db, _INSERT_STAGING, rows)
@@ -634,7 +648,6 @@ class Store:
     ) -> AppliedRange | None:
         # Only reads staging: deleting the applied rows here (scattered over the staging
         # table) journaled most of its pages in every transaction, doubling the lock time.
-        await _create_staging(db)
         rows = await db.execute_fetchall(_NEXT_RANGE, (after_task_id, max_rows))
         first, last, count = next(iter(rows))
         if not count:
@@ -800,19 +813,21 @@ class Store:
 
 # -- write-back SQL (design step 6) ------------------------------------------------------------
 
-# Where the staged lines of a batch wait: a TEMP table of the writer connection, so in
-# SQLite's temporary file (temp_store FILE: no RAM for it), never in the database file or
-# its WAL. Staging it takes no write lock and no fsync; a crash loses it, which is
-# harmless: the batch is still `ended` and its results are downloaded and staged again.
-# (A scratch database ATTACHed beside the main one would do the same with a file of our
-# own to create, protect and delete; the TEMP file is created 0600 and already unlinked.)
+# Where the staged lines of a batch wait: a private database ATTACHed to the writer as
+# `staging` from '' (a temporary file SQLite creates 0600 and unlinks as it opens it; no
+# RAM for it), never in the database file or its WAL. Staging takes no write lock and no
+# fsync; a crash loses it, which is harmless: the batch is still `ended` and its results
+# are downloaded and staged again. Clearing it is a DETACH (the file is dropped whole): a
+# DELETE of a TEMP table walked every page of a batch's lines (0.2 s per 100,000).
 # A transaction applies a contiguous range of task ids, whose rows share pages of `tasks`,
-# instead of a shuffled chunk that touches every page (bench/README.md). Rows are appended
-# in arrival order and found by the task_id index: keying the table itself by task_id made
-# staging 5x slower (shuffled inserts of ~1 KB rows split its pages). One batch is staged
-# at a time (the collector clears it first).
+# instead of a shuffled chunk that touches every page (bench/README.md). Rows are keyed by
+# the bucket of their task id (staging.py), appended within it in arrival order, and found
+# by the task_id index: keying the table by task_id itself made staging 5x slower
+# (shuffled inserts of ~1 KB rows split its pages), keying it by arrival made the apply
+# read a random staging page per line. One batch is staged at a time (the collector
+# clears it first).
 _CREATE_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS result_staging (
+CREATE TABLE IF NOT EXISTS staging.results (
     seq INTEGER PRIMARY KEY,
     task_id INTEGER NOT NULL UNIQUE,
     batch_id INTEGER NOT NULL,
@@ -828,22 +843,24 @@ CREATE TEMP TABLE IF NOT EXISTS result_staging (
     model TEXT
 )"""
 _INSERT_STAGING = (
-    "INSERT OR IGNORE INTO temp.result_staging"
-    " VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # the columns above, in order
+    "INSERT OR IGNORE INTO staging.results"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # the columns above, in order
 )
 # Matched: a task with that custom_id was in this batch (batch_tasks remembers requeued
 # ones, whose re-downloaded lines are then merely ignored by the guard below). custom_id is
 # unique, so a line names at most one task: its rowid is looked up once, here.
 # CROSS JOIN keeps the lines as the outer loop: the planner would otherwise walk every
-# member of the batch for each chunk.
+# member of the batch for each chunk. (A dict of the whole batch's members was no faster
+# and held ~12 MB per 100,000.)
 _MEMBER_TASK_IDS = """
 SELECT t.custom_id, t.id FROM json_each(:custom_ids) AS line
 CROSS JOIN tasks AS t ON t.custom_id = line.value
 CROSS JOIN batch_tasks AS m ON m.batch_id = :local AND m.task_id = t.id"""
+_FIRST_MEMBER = "SELECT min(task_id) FROM batch_tasks WHERE batch_id = ?"
 # The first and last task ids and the count of the next range of staged lines.
 _NEXT_RANGE = """
 SELECT min(task_id), max(task_id), count(*)
-FROM (SELECT task_id FROM temp.result_staging WHERE task_id > ? ORDER BY task_id LIMIT ?)"""
+FROM (SELECT task_id FROM staging.results WHERE task_id > ? ORDER BY task_id LIMIT ?)"""
 # Another try: a transient failure, attempts left, and the user did not ask to cancel.
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < :max_attempts AND tasks.cancel_requested = 0)"""
@@ -871,7 +888,7 @@ UPDATE tasks SET
     output_tokens = s.output_tokens,
     cache_creation_input_tokens = s.cache_creation_input_tokens,
     cache_read_input_tokens = s.cache_read_input_tokens
-FROM temp.result_staging AS s
+FROM staging.results AS s
 WHERE {_STAGED_TASKS}
 RETURNING tasks.status"""
 
@@ -882,9 +899,10 @@ _BATCH_COLUMNS = (
 )
 
 
-def _staging_row(local_id: int, task_id: int, outcome: Outcome) -> Row:
+def _staging_row(key: int, local_id: int, task_id: int, outcome: Outcome) -> Row:
     usage = outcome.usage
     return (
+        key,
         task_id,
         local_id,
         outcome.custom_id,
@@ -906,16 +924,29 @@ def _check_result_types(outcomes: Iterable[Outcome]) -> None:
             raise ValueError(f"unknown result type {outcome.result_type!r}")
 
 
-async def _create_staging(db: Db) -> None:
-    # Before the TEMP database's first table, pages as large as the main file's: staging
-    # ~1 KB rows into 4 KB pages took ~30% longer (a no-op once the table exists).
-    await db.execute(f"PRAGMA temp.page_size = {_PAGE_SIZE}")
+async def _attach_staging(db: Db) -> None:
+    """Attach an empty staging database; outside any transaction."""
+    await db.execute("ATTACH DATABASE '' AS staging")
+    # Before its first table, pages as large as the main file's: staging ~1 KB rows into
+    # 4 KB pages took ~30% longer.
+    await db.execute(f"PRAGMA staging.page_size = {_PAGE_SIZE}")
+    # Room for the buckets (staging.py) of a range or two of task ids being applied.
+    await db.execute("PRAGMA staging.cache_size = -8192")
+    # Disposable: no fsync; the rollback journal of a chunk's few pages kept in memory.
+    await db.execute("PRAGMA staging.synchronous = OFF")
+    await db.execute("PRAGMA staging.journal_mode = MEMORY")
     await db.execute(_CREATE_STAGING)
 
 
+async def _reset_staging(db: Db) -> None:
+    """Drop every staged line at once; outside any transaction."""
+    await db.execute("DETACH DATABASE staging")
+    await _attach_staging(db)
+
+
 async def _clear_staging(db: Db) -> None:
-    await _create_staging(db)
-    await db.execute("DELETE FROM temp.result_staging")
+    """Drop every staged line, inside a transaction (a few lines: `write_results`)."""
+    await db.execute("DELETE FROM staging.results")
 
 
 def _batch_params(batch: MessageBatch) -> dict[str, Any]:

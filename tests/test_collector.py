@@ -191,7 +191,7 @@ async def test_staging_takes_no_write_lock_and_changes_no_task_until_applied(
         conn.close()
         return report
 
-    staged = await store._transact_temp(stage_while_a_user_inserts)
+    staged = await store._transact_staging(stage_while_a_user_inserts)
     assert (staged.staged, staged.repeated, staged.unmatched) == (2, 0, (2,))
     assert query(db_path, "SELECT status FROM tasks WHERE custom_id = 'a'") == [("submitted",)]
     first = await store.apply_staged(local_id, 3, max_rows=1)
@@ -216,7 +216,7 @@ async def test_a_restart_between_staging_and_applying_downloads_again_harmlessly
     first = await store.apply_staged(local_id, 3, max_rows=10)  # one range, then the "crash"
     assert first is not None
     assert first.report.written == 10
-    await store.close()  # the TEMP staging table goes with the connection, as with kill -9
+    await store.close()  # the staging database goes with the connection, as with kill -9
 
     store = await Store.open(db_path, clock=clock)
     registry = Registry([RESULTS_WRITTEN])
