@@ -217,6 +217,7 @@ class Collector:
         )
 
     async def _results_not_found(self, batch: BatchRecord, exc: NotFoundError) -> bool:
+        assert batch.api_batch_id is not None
         archived_at = await self._archived_at(batch)
         if archived_at is None:
             # Spec §7.6: 404s right after the end are transient; retried until archival.
@@ -224,6 +225,10 @@ class Collector:
             return False
         reason = f"results of batch {batch.api_batch_id} archived at {archived_at}, never written"
         report = await self._store.finish_batch(batch.local_id, reason)
+        if report.missing_requeued:
+            await StoreAccounts(self._store).keep_missing(
+                batch.api_batch_id, report.missing_requeued, archived=True
+            )
         # Loud on purpose: these requests will be sent, and paid for, a second time.
         log.error(
             "results_archived",

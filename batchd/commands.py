@@ -127,8 +127,12 @@ async def status_snapshot(
         accounts = StoreAccounts(store)
         snapshot["usage"] = await usage_status(accounts, config)
         snapshot["budget"] = await budget_status(accounts, config, batches, now)
-        unmatched, missing = await accounts.result_gaps()
-        snapshot["results"] = {"unmatched": unmatched, "missing_requeued": missing}
+        gaps = await accounts.result_gaps()
+        snapshot["results"] = {
+            "unmatched": gaps.unmatched,
+            "missing_requeued": gaps.missing_requeued,
+            "archived_requeued": gaps.archived_requeued,
+        }
     return snapshot
 
 
@@ -209,6 +213,12 @@ def status_alerts(snapshot: dict[str, Any]) -> list[str]:
         alerts.append(
             f"MISSING RESULTS: {results['missing_requeued']} request(s) had no line in a "
             "whole results stream: requeued, listed in the missing_results table"
+        )
+    if results.get("archived_requeued"):
+        alerts.append(
+            f"ARCHIVED RESULTS: {results['archived_requeued']} request(s) of batches whose "
+            "results were archived before they were written: requeued, so sent and paid for "
+            "again; listed in the missing_results table (reason 'archived')"
         )
     for duplicate in snapshot["duplicate_batches"]:
         alerts.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")

@@ -107,6 +107,13 @@ class FinishReport:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultGaps:
+    unmatched: int  # result lines that matched no task of their batch
+    missing_requeued: int  # requests a whole results stream had no line for
+    archived_requeued: int  # requests whose results were archived before being written
+
+
+@dataclass(frozen=True, slots=True)
 class AppliedRange:
     last_task_id: int  # apply the next range after this one
     report: WriteReport
@@ -1186,23 +1193,29 @@ class StoreAccounts:
             sizes[local_id].append(cast(SizeRow, tuple(size)))
         return sizes
 
-    async def keep_missing(self, api_batch_id: str, custom_ids: Sequence[str]) -> None:
-        """Remember requests a whole results stream had no line for (they were requeued)."""
+    async def keep_missing(
+        self, api_batch_id: str, custom_ids: Sequence[str], *, archived: bool = False
+    ) -> None:
+        """Remember requests whose result never came (they were requeued): no line in a
+        whole results stream, or, `archived`, results archived before they were written."""
         now = self._store._now()
+        reason = "archived" if archived else "no_line"
         await self._store._transact(
             _run_many_in,
-            "INSERT OR IGNORE INTO missing_results (api_batch_id, custom_id, detected_at)"
-            " VALUES (?, ?, ?)",
-            [(api_batch_id, custom_id, now) for custom_id in custom_ids],
+            "INSERT OR IGNORE INTO missing_results (api_batch_id, custom_id, detected_at, reason)"
+            " VALUES (?, ?, ?, ?)",
+            [(api_batch_id, custom_id, now, reason) for custom_id in custom_ids],
         )
 
-    async def result_gaps(self) -> tuple[int, int]:
-        """(result lines kept as unmatched, requests found missing from a whole stream)."""
+    async def result_gaps(self) -> ResultGaps:
+        """Result lines kept as unmatched, and requests requeued for want of a result."""
         rows = await self._store._read(
             "SELECT (SELECT count(*) FROM unmatched_results),"
-            " (SELECT count(*) FROM missing_results)"
+            " (SELECT count(*) FROM missing_results WHERE reason = 'no_line'),"
+            " (SELECT count(*) FROM missing_results WHERE reason = 'archived')"
         )
-        return int(rows[0][0]), int(rows[0][1])
+        unmatched, missing, archived = rows[0]
+        return ResultGaps(int(unmatched), int(missing), int(archived))
 
     async def prunable_tasks(self, cutoff: datetime, after_id: int, limit: int) -> list[Row]:
         """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""

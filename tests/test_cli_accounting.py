@@ -63,7 +63,7 @@ def test_estimate_run_status_watch_and_prune(cli_env: dict[str, str], tmp_path: 
     assert usage["unpriced_models"] == ["claude-unknown-7"]
     assert usage["cost_usd"] > 0
     assert usage["standard_cost_usd"] == pytest.approx(2 * usage["cost_usd"])
-    assert status["results"] == {"unmatched": 0, "missing_requeued": 0}
+    assert status["results"] == {"unmatched": 0, "missing_requeued": 0, "archived_requeued": 0}
     assert status["budget"] is None
 
     watched = batchd("status", "--watch", "--interval", "0.05", "--count", "2", env=cli_env)

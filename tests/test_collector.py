@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from batchd.client import BatchesClient, RetryPolicy
 from batchd.collector import Collector
+from batchd.commands import render_status, status_snapshot
 from batchd.config import ResultsConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.metrics import RESULTS_WRITTEN, Registry
@@ -300,6 +301,16 @@ async def test_archived_results_finish_the_batch_and_requeue_loudly(
     assert (archived["requests"], archived["requeued"], archived["first"]) == (3, 3, "a")
     assert {status for status, _ in answers(db_path).values()} == {"pending"}
     assert query(db_path, "SELECT state FROM batches") == [("completed",)]
+    # Paid for once already, and sent again: `batchd status` says so, apart from lines
+    # missing from a whole stream.
+    assert query(
+        db_path, "SELECT api_batch_id, custom_id, reason FROM missing_results ORDER BY custom_id"
+    ) == [("1", "a", "archived"), ("1", "b", "archived"), ("1", "c", "archived")]
+    snapshot = await status_snapshot(store)
+    assert snapshot["results"] == {"unmatched": 0, "missing_requeued": 0, "archived_requeued": 3}
+    assert "ARCHIVED RESULTS: 3 request(s) of batches whose results were archived" in (
+        render_status(snapshot)
+    )
 
 
 async def test_a_results_404_of_a_young_batch_is_retried_and_an_old_one_is_archived(

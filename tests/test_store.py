@@ -154,13 +154,14 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (2, "batch_tasks", "2026-11-24T15:40:37.123Z"),
         (3, "usage_ledger", "2026-11-24T15:40:37.123Z"),
         (4, "short_downloads", "2026-11-24T15:40:37.123Z"),
+        (5, "missing_reason", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await Store.open(db_path, clock=clock)
     try:
         assert await reopened.migrate() == []
     finally:
         await reopened.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(4,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(5,)]
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):
@@ -182,6 +183,25 @@ async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Pat
         await upgraded.close()
 
 
+async def test_upgrade_to_v5_keeps_missing_results_as_missing_lines(db_path: Path):
+    store = await Store.open(db_path)
+    await store.close()
+    with sqlite3.connect(db_path) as conn:  # a v4 database with one missing result
+        conn.execute("ALTER TABLE missing_results DROP COLUMN reason")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 5")
+        conn.execute("INSERT INTO missing_results VALUES ('msgbatch_1', 'a', '2026-11-01')")
+    conn.close()
+    upgraded = await Store.open(db_path, migrate=False)
+    try:
+        assert await upgraded.migrate() == [5]
+    finally:
+        await upgraded.close()
+    assert query(db_path, "SELECT custom_id, reason FROM missing_results") == [("a", "no_line")]
+    with sqlite3.connect(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO missing_results VALUES ('msgbatch_1', 'b', 'now', 'lost')")
+    conn.close()
+
+
 async def test_new_database_uses_wal_and_large_pages(store: Store, db_path: Path):
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert query(db_path, "PRAGMA page_size") == [(16384,)]
@@ -193,7 +213,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(4\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(5\)"):
             await Store.open(db_path, migrate=migrate)
 
 
