@@ -15,10 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
+import batchd.store
 from batchd.config import Config
 from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
@@ -245,6 +248,37 @@ async def test_a_full_database_pauses_the_write_back_and_the_daemon_catches_up_a
     await writer.execute("PRAGMA max_page_count = 1073741823")  # space freed
 
     assert await asyncio.wait_for(running, 20) == 0
+    assert {status for status, _, _ in rows(db_path).values()} == {"succeeded"}
+
+
+async def test_a_full_staging_file_fails_the_download_which_is_retried(
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await store.enqueue((f"t-{n}", request_params(f"{n} " + "z" * 4000)) for n in range(40))
+    await store.close()
+    attach = batchd.store._attach_staging
+    attached: list[int] = []
+
+    async def attach_while_the_disk_is_full(db: Any) -> None:
+        # The temporary directory is full for the daemon's first download (a page cap is
+        # how SQLite fills a disk); the next download's new staging file has room again.
+        await attach(db)
+        attached.append(1)
+        if len(attached) <= 2:  # at open, then for the first download
+            await db.execute("PRAGMA staging.max_page_count = 1")
+
+    monkeypatch.setattr(batchd.store, "_attach_staging", attach_while_the_disk_is_full)
+    config = daemon_config(fake_api.base_url, max_requests=40)
+    with capture_logs() as logs:
+        code = await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30)
+    assert code == 0
+    failures = [e for e in logs if e["event"] == "step_failed" and "full" in e["error"]]
+    assert len(failures) == 1, [e["event"] for e in logs]
+    assert len(attached) >= 3
     assert {status for status, _, _ in rows(db_path).values()} == {"succeeded"}
 
 
