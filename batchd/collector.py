@@ -23,7 +23,7 @@ from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.metrics import RESULTS_WRITTEN, Registry
 from batchd.outcomes import MalformedResultLine, parse_result_line
-from batchd.store import Store, StoreAccounts
+from batchd.store import Store
 from batchd.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 
 log = structlog.get_logger("batchd.collector")
@@ -199,7 +199,6 @@ class Collector:
         report = await self._store.finish_batch(batch.local_id, reason)
         crash_point("batch_finished")
         if report.missing_requeued:
-            await StoreAccounts(self._store).keep_missing(api_batch_id, report.missing_requeued)
             log.error(
                 "results_missing",
                 batch_id=api_batch_id,
@@ -224,11 +223,7 @@ class Collector:
             await self._download_failed(batch, f"results not found: {exc}")
             return False
         reason = f"results of batch {batch.api_batch_id} archived at {archived_at}, never written"
-        report = await self._store.finish_batch(batch.local_id, reason)
-        if report.missing_requeued:
-            await StoreAccounts(self._store).keep_missing(
-                batch.api_batch_id, report.missing_requeued, archived=True
-            )
+        report = await self._store.finish_batch(batch.local_id, reason, archived=True)
         # Loud on purpose: these requests will be sent, and paid for, a second time.
         log.error(
             "results_archived",

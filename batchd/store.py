@@ -149,8 +149,8 @@ class Store:
         self._lock = asyncio.Lock()
         self._writes: set[asyncio.Task[Any]] = set()
         self._closed = False
-        # The batch whose lines are being staged (one at a time, like the staging database).
-        self._staging: StagingKeys | None = None
+        # Keys of the staged lines, reset only with the staging database itself.
+        self._staging_keys = StagingKeys()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -606,8 +606,18 @@ class Store:
 
     async def clear_staging(self) -> None:
         """Forget staged lines (of a download that stopped midway): a batch stages alone."""
-        self._staging = None
-        await self._shielded("no_transaction", _reset_staging)
+        await self._shielded("no_transaction", self._reset_staging)
+
+    async def _reset_staging(self, db: Db) -> None:
+        """Replace the staging database by an empty one, dropping every line at once.
+
+        If a previous reset stopped halfway (detached, the attach failed), this one
+        finishes it: staging heals at the next download instead of failing every one.
+        """
+        if await db.execute_fetchall(_STAGING_ATTACHED):
+            await db.execute("DETACH DATABASE staging")
+        await _attach_staging(db)
+        self._staging_keys = StagingKeys()
 
     async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
         """Keep a chunk of a batch's lines in the staging table; no task changes yet.
@@ -618,10 +628,7 @@ class Store:
         return await self._transact_staging(self._stage, local_id, outcomes)
 
     async def _stage(self, db: Db, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
-        keys = self._staging
-        if keys is None or keys.local_id != local_id:
-            first = await db.execute_fetchall(_FIRST_MEMBER, (local_id,))
-            keys = self._staging = StagingKeys(local_id, next(iter(first))[0] or 0)
+        first_task_id = next(iter(await db.execute_fetchall(_FIRST_MEMBER, (local_id,))))[0]
         found = await db.execute_fetchall(
             _MEMBER_TASK_IDS,
             {"local": local_id, "custom_ids": _json_list(o.custom_id for o in outcomes)},
@@ -634,9 +641,11 @@ class Store:
             if task_id is None:
                 unmatched.append(position)
             else:
-                rows.append(_staging_row(keys.key(task_id), local_id, task_id, outcome))
-        # OR IGNORE: the first line for a task wins, a repeated one is ignored (as if it
-        # were downloaded again).
+                key = self._staging_keys.key(first_task_id, task_id)
+                rows.append(_staging_row(key, local_id, task_id, outcome))
+        # The first line for a task wins, a repeated one is ignored (as if it were
+        # downloaded again). Only that conflict: a key used twice would be our bug, and
+        # must fail loudly rather than drop a line.
         staged = await _run_many(db, _INSERT_STAGING, rows)
         return StageReport(staged, len(rows) - staged, tuple(unmatched))
 
@@ -681,11 +690,16 @@ class Store:
             [(api_batch_id, custom_id, line, now) for custom_id, line in lines],
         )
 
-    async def finish_batch(self, local_id: int, reason: str) -> FinishReport:
-        """All lines written: requeue tasks that got none, mark the batch `completed`."""
-        return await self._transact(self._finish_batch, local_id, reason)
+    async def finish_batch(
+        self, local_id: int, reason: str, *, archived: bool = False
+    ) -> FinishReport:
+        """All lines written (or, `archived`, none can be any more): requeue tasks that
+        got none and list them in missing_results, mark the batch `completed`; at once."""
+        return await self._transact(self._finish_batch, local_id, reason, archived)
 
-    async def _finish_batch(self, db: Db, local_id: int, reason: str) -> FinishReport:
+    async def _finish_batch(
+        self, db: Db, local_id: int, reason: str, archived: bool
+    ) -> FinishReport:
         now = self._now()
         completed = await _run(
             db,
@@ -701,7 +715,17 @@ class Store:
             " WHERE batch_id = ? AND status = 'submitted' RETURNING id, custom_id",
             (reason, local_id),
         )
-        return FinishReport(tuple(custom_id for _, custom_id in sorted(rows)))
+        missing = tuple(custom_id for _, custom_id in sorted(rows))
+        # In the same transaction: requests that will be sent (and paid for) again are
+        # always on record (`batchd status`), even across a kill.
+        kind = "archived" if archived else "no_line"
+        await _run_many(
+            db,
+            "INSERT OR IGNORE INTO missing_results (api_batch_id, custom_id, detected_at, reason)"
+            " SELECT api_batch_id, ?, ?, ? FROM batches WHERE id = ?",
+            [(custom_id, now, kind, local_id) for custom_id in missing],
+        )
+        return FinishReport(missing)
 
     # -- user-facing reads and commands ------------------------------------------------------------
 
@@ -850,9 +874,11 @@ CREATE TABLE IF NOT EXISTS staging.results (
     model TEXT
 )"""
 _INSERT_STAGING = (
-    "INSERT OR IGNORE INTO staging.results"
+    "INSERT INTO staging.results"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # the columns above, in order
+    " ON CONFLICT (task_id) DO NOTHING"
 )
+_STAGING_ATTACHED = "SELECT 1 FROM pragma_database_list WHERE name = 'staging'"
 # Matched: a task with that custom_id was in this batch (batch_tasks remembers requeued
 # ones, whose re-downloaded lines are then merely ignored by the guard below). custom_id is
 # unique, so a line names at most one task: its rowid is looked up once, here.
@@ -943,12 +969,6 @@ async def _attach_staging(db: Db) -> None:
     await db.execute("PRAGMA staging.synchronous = OFF")
     await db.execute("PRAGMA staging.journal_mode = MEMORY")
     await db.execute(_CREATE_STAGING)
-
-
-async def _reset_staging(db: Db) -> None:
-    """Drop every staged line at once; outside any transaction."""
-    await db.execute("DETACH DATABASE staging")
-    await _attach_staging(db)
 
 
 async def _clear_staging(db: Db) -> None:
@@ -1192,20 +1212,6 @@ class StoreAccounts:
         for local_id, *size in rows:
             sizes[local_id].append(cast(SizeRow, tuple(size)))
         return sizes
-
-    async def keep_missing(
-        self, api_batch_id: str, custom_ids: Sequence[str], *, archived: bool = False
-    ) -> None:
-        """Remember requests whose result never came (they were requeued): no line in a
-        whole results stream, or, `archived`, results archived before they were written."""
-        now = self._store._now()
-        reason = "archived" if archived else "no_line"
-        await self._store._transact(
-            _run_many_in,
-            "INSERT OR IGNORE INTO missing_results (api_batch_id, custom_id, detected_at, reason)"
-            " VALUES (?, ?, ?, ?)",
-            [(api_batch_id, custom_id, now, reason) for custom_id in custom_ids],
-        )
 
     async def result_gaps(self) -> ResultGaps:
         """Result lines kept as unmatched, and requests requeued for want of a result."""

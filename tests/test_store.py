@@ -634,6 +634,23 @@ async def test_finish_batch_requeues_tasks_without_a_line(store: Store, db_path:
     [batch] = await store.batches_in(BatchState.COMPLETED)
     assert batch.local_id == local_id
     assert (await store.finish_batch(local_id, "again")).missing_requeued == ()
+    # On record in the same transaction as the requeue: they will be paid for again.
+    assert query(db_path, "SELECT api_batch_id, custom_id, reason FROM missing_results") == [
+        ("msgbatch_1", "a", "no_line"),
+        ("msgbatch_1", "c", "no_line"),
+    ]
+
+
+async def test_finishing_an_archived_batch_lists_its_requests_as_archived(
+    store: Store, db_path: Path
+):
+    local_id = await submitted_batch(store, "msgbatch_1", "a", "b")
+    report = await store.finish_batch(local_id, "results archived", archived=True)
+    assert report.missing_requeued == ("a", "b")
+    assert query(db_path, "SELECT custom_id, reason FROM missing_results") == [
+        ("a", "archived"),
+        ("b", "archived"),
+    ]
 
 
 async def test_note_download_failed_counts_attempts(store: Store):
