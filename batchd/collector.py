@@ -23,7 +23,7 @@ from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.metrics import RESULTS_WRITTEN, Registry
 from batchd.outcomes import MalformedResultLine, parse_result_line
-from batchd.store import Store
+from batchd.store import Store, StoreError
 from batchd.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 
 log = structlog.get_logger("batchd.collector")
@@ -83,10 +83,17 @@ class Collector:
             try:
                 if await self._collect(batch):
                     finished += 1
-            except AuthenticationError:
-                raise  # not a download fault: counting it would only burn attempts
+            except (AuthenticationError, StoreError):
+                # Not this batch's fault (the key; a full or read-only disk): every batch
+                # would fail alike, and the daemon's step handling waits and retries.
+                raise
             except ApiError as exc:
                 await self._download_failed(batch, str(exc))
+            except Exception:
+                # What fails only this batch (a bug it alone meets) must not hold up the
+                # batches after it until their results are archived: it stays `ended`, is
+                # tried again next cycle, and is reported loudly meanwhile.
+                log.exception("results_write_failed", batch_id=batch.api_batch_id)
         return finished
 
     async def _collect(self, batch: BatchRecord) -> bool:

@@ -334,3 +334,28 @@ async def test_a_results_404_of_a_young_batch_is_retried_and_an_old_one_is_archi
         assert await collect(store, api, clock) == 1
     assert "results_archived" in [e["event"] for e in logs]
     assert answers(db_path)["a"] == ("pending", None)
+
+
+async def test_a_batch_that_cannot_be_written_does_not_hold_up_the_next(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await ended_batch(store, db_path, api, "1", "a")
+    await ended_batch(store, db_path, api, "2", "b")
+    api.bodies["1"], api.bodies["2"] = line("a"), line("b")
+    stage = store.stage_results
+
+    async def broken_for_the_first(local_id: int, outcomes: Any) -> StageReport:
+        if local_id == first:
+            raise RuntimeError("a bug met only by this batch")
+        return await stage(local_id, outcomes)
+
+    monkeypatch.setattr(store, "stage_results", broken_for_the_first)
+    with capture_logs() as logs:
+        assert await collect(store, api, clock) == 1
+    assert answers(db_path) == {"a": ("submitted", None), "b": ("succeeded", "answer for b")}
+    [failed] = [e for e in logs if e["event"] == "results_write_failed"]
+    assert (failed["batch_id"], failed["log_level"]) == ("1", "error")
+
+    monkeypatch.setattr(store, "stage_results", stage)  # fixed: the next cycle writes it
+    assert await collect(store, api, clock) == 1
+    assert answers(db_path)["a"] == ("succeeded", "answer for a")
