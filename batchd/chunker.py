@@ -69,6 +69,8 @@ class Chunk:
 
 def validate_task(task: PendingTask) -> str | None:
     """Why the API would refuse this request, or None. Catches what costs a round trip."""
+    if task.unreadable is not None:
+        return task.unreadable
     if not CUSTOM_ID_PATTERN.fullmatch(task.custom_id):
         return (
             f"custom_id {task.custom_id[:80]!r} must be 1-64 characters of letters, "

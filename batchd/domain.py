@@ -54,6 +54,9 @@ class PendingTask:
     custom_id: str
     params: str
     attempts: int
+    # Why the row cannot be read as a request at all (a BLOB, text that is not UTF-8):
+    # it is marked invalid with this reason instead of stopping submission for everyone.
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

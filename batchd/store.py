@@ -343,13 +343,16 @@ class Store:
         """Pending tasks, oldest first, a page per query (keyset: no long read transaction)."""
         after = 0
         while True:
+            # As bytes, with their types: a user's INSERT may store a BLOB or text that is
+            # not UTF-8, which sqlite3 would fail to decode for the whole page.
             rows = await self._read(
-                "SELECT id, custom_id, params, attempts FROM tasks"
+                "SELECT id, CAST(custom_id AS BLOB), CAST(params AS BLOB), attempts,"
+                " typeof(custom_id), typeof(params) FROM tasks"
                 " WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
                 (after, page_size),
             )
             for row in rows:
-                yield PendingTask(*row)
+                yield _pending_task(row)
             if len(rows) < page_size:
                 return
             after = rows[-1][0]
@@ -949,6 +952,24 @@ def _staging_row(key: int, local_id: int, task_id: int, outcome: Outcome) -> Row
         usage and usage.cache_read_input_tokens,
         outcome.model,
     )
+
+
+def _pending_task(row: Row) -> PendingTask:
+    """A pending row read as bytes with its column types, as `iter_pending` selects it."""
+    task_id, custom_id, params, attempts, id_type, params_type = row
+    for name, value, kind in (("custom_id", custom_id, id_type), ("params", params, params_type)):
+        if kind != "text":
+            reason = f"{name} is stored as a {kind.upper()}; store it as text (a str, not bytes)"
+            break
+        try:
+            value.decode()
+        except UnicodeDecodeError as exc:
+            reason = f"{name} is not valid UTF-8 text (byte {exc.start}: {exc.reason})"
+            break
+    else:
+        return PendingTask(task_id, custom_id.decode(), params.decode(), attempts)
+    readable_id = custom_id.decode(errors="replace")
+    return PendingTask(task_id, readable_id, params.decode(errors="replace"), attempts, reason)
 
 
 def _check_result_types(outcomes: Iterable[Outcome]) -> None:

@@ -97,6 +97,52 @@ async def test_every_kind_of_bad_row_is_invalid_with_its_reason_and_the_rest_are
     print(f"\nbad rows tried: {len(BAD_ROWS)}")
 
 
+async def test_rows_that_are_not_text_are_invalid_and_do_not_stop_submission(
+    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+) -> None:
+    good = [f"good-{n}" for n in range(3)]
+    await store.enqueue((cid, request_params(f"good question {cid}")) for cid in good)
+    json_bytes = request_params("sent as bytes").encode()
+    latin1 = request_params("caf\u00e9").encode().replace("é".encode(), b"\xe9")
+    # What a user's own INSERT can store: bytes bound as a BLOB, or text that is not UTF-8
+    # (sqlite3 refuses to decode such a row; the whole page of pending rows with it).
+    unreadable: list[tuple[object, object, str]] = [
+        ("params-blob", json_bytes, "params is stored as a BLOB"),
+        (b"id-blob", request_params("id blob"), "custom_id is stored as a BLOB"),
+        ("params-latin1", latin1, "params is not valid UTF-8"),
+        (b"id-\xff", request_params("id latin1"), "custom_id is not valid UTF-8"),
+    ]
+    with sqlite3.connect(db_path) as db:
+        for custom_id, task_params, _ in unreadable:
+            text_id = "CAST(? AS TEXT)" if custom_id == b"id-\xff" else "?"
+            text_params = "CAST(? AS TEXT)" if task_params is latin1 else "?"
+            db.execute(
+                f"INSERT INTO tasks (custom_id, params) VALUES ({text_id}, {text_params})",
+                (custom_id, task_params),
+            )
+    db.close()
+    await store.close()
+
+    config = daemon_config(fake_api.base_url)
+    assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
+
+    with sqlite3.connect(db_path) as db:
+        found = {
+            raw.decode(errors="replace"): (status, error, attempts)
+            for raw, status, error, attempts in db.execute(
+                "SELECT CAST(custom_id AS BLOB), status, error, attempts FROM tasks"
+            )
+        }
+    db.close()
+    for custom_id, _, phrase in unreadable:
+        name = custom_id.decode(errors="replace") if isinstance(custom_id, bytes) else custom_id
+        status, error, attempts = found[str(name)]
+        assert (status, attempts) == ("invalid", 0), name
+        assert phrase in error, (name, error)
+    assert {found[cid][0] for cid in good} == {"succeeded"}
+    assert set(fake_api.state.stats.submissions) == set(good)
+
+
 def test_a_duplicate_custom_id_fails_the_users_insert_and_enqueue_reports_it(
     tmp_path: Path,
 ) -> None:
