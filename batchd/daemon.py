@@ -19,6 +19,7 @@ from batchd.client import ApiError, AuthenticationError, BatchesClient, RetryPol
 from batchd.collector import Collector
 from batchd.config import Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
+from batchd.instancelock import daemon_lock
 from batchd.metrics import (
     BATCHES_CREATED,
     BATCHES_IN_FLIGHT,
@@ -335,6 +336,9 @@ async def run_daemon(
             config.database.path, busy_timeout_ms=config.database.busy_timeout_ms
         )
         stack.push_async_callback(store.close)
+        # After the open, whose errors say more about an unusable database or directory;
+        # before any loop starts. (Opening only migrates, in guarded transactions.)
+        stack.enter_context(daemon_lock(config.database.path))
         session = await stack.enter_async_context(aiohttp.ClientSession())
         registry, reachability = batchd_registry(), ApiReachability()
         client = BatchesClient(

@@ -142,7 +142,13 @@ class Submitter:
         crash_point("create_returned")
         self._pending_seen_at = None
         self._last_single_refusal = None
-        await self._store.mark_created(local_id, batch)
+        if not await self._store.mark_created(local_id, batch):
+            # Our intent was released meanwhile (only another process could have done
+            # it): these requests may be sent again, so this batch is kept on record.
+            note = f"created for local batch {local_id} after its intent was released"
+            await self._store.record_duplicate(local_id, batch["id"], note)
+            log.error("duplicate_batch_suspected", batch_id=batch["id"], local_id=local_id)
+            return SubmitResult(created=1, requests=len(chunk))
         crash_point("batch_recorded")
         log.info(
             "batch_created",

@@ -1,0 +1,109 @@
+"""One daemon per database: a second `batchd run` is refused at once, and a create whose
+intent another process released meanwhile is kept on record as a possible duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchd.client import BatchesClient
+from batchd.config import Config
+from batchd.daemon import Daemon, run_daemon
+from batchd.fakeapi.server import FakeApiServer
+from batchd.instancelock import AlreadyRunningError, daemon_lock, lock_path
+from batchd.store import Store
+from tests.conftest import request_params
+from tests.test_store import query
+
+
+async def test_a_second_daemon_on_the_same_database_is_refused_while_the_first_runs(
+    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+) -> None:
+    await store.enqueue([("a", request_params("a"))])
+    await store.close()
+    config = daemon_config(fake_api.base_url)
+    started = asyncio.Event()
+
+    async def hold(daemon: Daemon) -> None:
+        started.set()
+
+    first = asyncio.create_task(run_daemon(config, "k", on_started=hold))
+    await asyncio.wait_for(started.wait(), 10)
+    try:
+        with pytest.raises(AlreadyRunningError, match=rf"pid {os.getpid()}.* {db_path}"):
+            await run_daemon(config, "k", exit_when_idle=True)
+    finally:
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    # Released with its holder: the next daemon runs.
+    assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
+    assert query(db_path, "SELECT status FROM tasks") == [("succeeded",)]
+
+
+def test_batchd_run_says_which_process_holds_the_database(tmp_path: Path) -> None:
+    database = tmp_path / "batchd.db"
+    config = tmp_path / "batchd.toml"
+    config.write_text(f'[database]\npath = "{database}"\n')
+    with daemon_lock(database):
+        run = subprocess.run(
+            [sys.executable, "-m", "batchd.cli", "--config", str(config), "run"],
+            env={
+                **os.environ,
+                "ANTHROPIC_API_KEY": "k",
+                "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert run.returncode == 1, run.stderr
+    assert f"another batchd (pid {os.getpid()}) is already running on {database}" in run.stderr
+    assert str(lock_path(database)) in run.stderr
+
+
+async def test_a_batch_created_after_its_intent_was_released_is_recorded_as_a_duplicate(
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await store.enqueue([("a", request_params("a"))])
+    await store.close()
+    create = BatchesClient.create
+    creates: list[int] = []
+
+    async def released_meanwhile(client: BatchesClient, body: Any) -> Any:
+        creates.append(1)
+        if len(creates) == 1:  # what another process reconciling it would do mid-upload
+            with sqlite3.connect(db_path) as db:
+                db.execute("UPDATE batches SET state = 'rejected' WHERE state = 'creating'")
+                db.execute("UPDATE tasks SET status = 'pending', batch_id = NULL")
+            db.close()
+        return await create(client, body)
+
+    monkeypatch.setattr(BatchesClient, "create", released_meanwhile)
+    config = daemon_config(fake_api.base_url)
+    daemon = asyncio.create_task(run_daemon(config, "k"))
+    try:
+        for _ in range(200):
+            if query(db_path, "SELECT count(*) FROM duplicate_batches") != [(0,)]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        daemon.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await daemon
+    [(api_batch_id, note)] = query(db_path, "SELECT api_batch_id, note FROM duplicate_batches")
+    assert api_batch_id.startswith("msgbatch_")
+    assert "after its intent was released" in note
