@@ -22,6 +22,7 @@ import orjson
 import structlog
 import yarl
 
+from batchd import shapes
 from batchd.resultstream import LineSplitter, LineTooLongError
 from batchd.wire import (
     ANTHROPIC_VERSION,
@@ -305,17 +306,22 @@ class BatchesClient:
             total=self._control_timeout_s + body.size / _MIN_UPLOAD_BYTES_PER_S
         )
         try:
-            batch = await self._send(
-                "create", "POST", self._batches_url, body=body, client_timeout=timeout
+            return await self._send(
+                "create",
+                "POST",
+                self._batches_url,
+                shapes.message_batch,
+                body=body,
+                client_timeout=timeout,
             )
         except (ApiConnectionError, ServerError) as exc:
             raise CreateOutcomeUnknown(exc) from exc
-        return cast(MessageBatch, batch)
 
     async def retrieve(self, batch_id: str) -> MessageBatch:
         url = self._batch_url(batch_id)
-        batch = await self._with_retries("retrieve", lambda: self._send("retrieve", "GET", url))
-        return cast(MessageBatch, batch)
+        return await self._with_retries(
+            "retrieve", lambda: self._send("retrieve", "GET", url, shapes.message_batch)
+        )
 
     async def list_page(
         self,
@@ -333,19 +339,22 @@ class BatchesClient:
         if before_id is not None:
             params["before_id"] = before_id
         url = self._batches_url
-        page = await self._with_retries(
-            "list", lambda: self._send("list", "GET", url, params=params)
+        return await self._with_retries(
+            "list",
+            lambda: self._send("list", "GET", url, shapes.message_batch_list, params=params),
         )
-        return cast(MessageBatchList, page)
 
     async def cancel(self, batch_id: str) -> MessageBatch:
         url = self._batch_url(batch_id) + "/cancel"
-        batch = await self._with_retries("cancel", lambda: self._send("cancel", "POST", url))
-        return cast(MessageBatch, batch)
+        return await self._with_retries(
+            "cancel", lambda: self._send("cancel", "POST", url, shapes.message_batch)
+        )
 
     async def delete(self, batch_id: str) -> DeletedMessageBatch:
         url = self._batch_url(batch_id)
-        deleted = await self._with_retries("delete", lambda: self._send("delete", "DELETE", url))
+        deleted = await self._with_retries(
+            "delete", lambda: self._send("delete", "DELETE", url, shapes.with_id)
+        )
         return cast(DeletedMessageBatch, deleted)
 
     @asynccontextmanager
@@ -404,12 +413,13 @@ class BatchesClient:
         endpoint: str,
         method: str,
         url: str,
+        shape: Callable[[Any], _T],
         *,
         params: Mapping[str, str] | None = None,
         body: RequestBody | None = None,
         client_timeout: aiohttp.ClientTimeout | None = None,
-    ) -> Any:
-        """One exchange on the control plane: the decoded JSON, or a typed error."""
+    ) -> _T:
+        """One exchange on the control plane: the JSON checked by `shape`, or a typed error."""
         headers = self._headers()
         data = None
         if body is not None:
@@ -422,8 +432,15 @@ class BatchesClient:
         path = yarl.URL(url).path
         started = time.monotonic()
         try:
+            # No redirects: aiohttp would follow one to any host with our x-api-key.
             async with self._session.request(
-                method, url, params=params, headers=headers, data=data, timeout=timeout
+                method,
+                url,
+                params=params,
+                headers=headers,
+                data=data,
+                timeout=timeout,
+                allow_redirects=False,
             ) as response:
                 payload = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -435,9 +452,12 @@ class BatchesClient:
         if not 200 <= response.status < 300:
             raise self._status_error(method, path, response.status, response.headers, payload)
         try:
-            return orjson.loads(payload)
+            return shape(orjson.loads(payload))
         except orjson.JSONDecodeError as exc:
             reason = f"HTTP {response.status} with a body that is not JSON"
+            raise ApiConnectionError(method, path, reason) from exc
+        except shapes.MalformedResponse as exc:
+            reason = f"HTTP {response.status} with a malformed body: {exc}"
             raise ApiConnectionError(method, path, reason) from exc
 
     async def _open_results(self, url: str) -> aiohttp.ClientResponse:
@@ -446,7 +466,9 @@ class BatchesClient:
         started = time.monotonic()
         headers = self._headers(accept="application/binary")  # as the SDKs send (§1.2)
         try:
-            response = await self._session.get(url, headers=headers, timeout=self._results_timeout)
+            response = await self._session.get(
+                url, headers=headers, timeout=self._results_timeout, allow_redirects=False
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._observe("results", "GET", path, started, None)
             raise ApiConnectionError(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.test_utils import TestServer
+from aioresponses import aioresponses
+
+from batchd.client import BatchesClient
 
 
 class _NoopStreamWriter(AbstractStreamWriter):
@@ -86,3 +90,37 @@ async def serve() -> AsyncIterator[Serve]:
     yield start
     for server in servers:
         await server.close()
+
+
+# The client under test with recorded sleeps, and aioresponses (test_client, test_shapes).
+
+KEY = "sk-ant-api03-TEST-SECRET-0123456789"
+BASE = "https://api.example.test"
+
+
+class Sleeps(list[float]):
+    """An injected `sleep` that records the waits instead of sleeping."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+@pytest.fixture
+def mocked() -> Iterator[aioresponses]:
+    with aioresponses() as mock:
+        yield mock
+
+
+@pytest.fixture
+def make_client(session: aiohttp.ClientSession, sleeps: Sleeps) -> Any:
+    def make(base_url: str = BASE, **overrides: Any) -> BatchesClient:
+        options: dict[str, Any] = {"sleep": sleeps, "rng": random.Random(0)}
+        options.update(overrides)
+        return BatchesClient(session, base_url=base_url, api_key=KEY, **options)
+
+    return make

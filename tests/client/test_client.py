@@ -40,12 +40,11 @@ from batchd.client import (
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.wire import ANTHROPIC_VERSION, error_body
+from tests.client.conftest import BASE, KEY, Sleeps
 
 Serve = Callable[[web.Application], Awaitable[str]]  # the `serve` fixture
 
-BASE = "https://api.example.test"
 BATCHES = f"{BASE}/v1/messages/batches"
-KEY = "sk-ant-api03-TEST-SECRET-0123456789"
 
 
 def batch_json(batch_id: str = "msgbatch_01", status: str = "in_progress") -> dict[str, Any]:
@@ -71,34 +70,6 @@ def batch_json(batch_id: str = "msgbatch_01", status: str = "in_progress") -> di
 
 def error_json(error_type: str, message: str = "nope") -> dict[str, Any]:
     return dict(error_body(error_type, message, "req_body"))
-
-
-class Sleeps(list[float]):
-    """An injected `sleep` that records the waits instead of sleeping."""
-
-    async def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
-@pytest.fixture
-def sleeps() -> Sleeps:
-    return Sleeps()
-
-
-@pytest.fixture
-def mocked() -> Iterator[aioresponses]:
-    with aioresponses() as mock:
-        yield mock
-
-
-@pytest.fixture
-def make_client(session: aiohttp.ClientSession, sleeps: Sleeps) -> Any:
-    def make(base_url: str = BASE, **overrides: Any) -> BatchesClient:
-        options: dict[str, Any] = {"sleep": sleeps, "rng": random.Random(0)}
-        options.update(overrides)
-        return BatchesClient(session, base_url=base_url, api_key=KEY, **options)
-
-    return make
 
 
 def sent(mock: aioresponses, method: str, url: str) -> list[Any]:
