@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 import structlog
 
@@ -45,7 +46,15 @@ class Poller:
     async def poll_all(self) -> PollReport:
         """One cycle: retrieve every batch still processing, record what changed."""
         batches = await self._store.batches_in(BatchState.IN_PROGRESS, BatchState.CANCELING)
-        outcomes = await asyncio.gather(*(self._poll(batch) for batch in batches))
+        # Every poll is awaited even when one fails (a database fault): a plain gather
+        # would return at the first error and leave the others running unsupervised.
+        results = await asyncio.gather(
+            *(self._poll(batch) for batch in batches), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        outcomes = cast(list[str], results)
         return PollReport(
             polled=len(batches),
             ended=outcomes.count("ended"),

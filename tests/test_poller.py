@@ -12,7 +12,7 @@ from batchd.client import BatchesClient, BytesBody
 from batchd.domain import BatchState
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.poller import Poller
-from batchd.store import Store
+from batchd.store import Store, StoreError
 from tests.conftest import request_params
 
 
@@ -56,3 +56,61 @@ async def test_polls_write_only_when_a_batch_changed(
         [ended] = await store.batches_in(BatchState.ENDED)
         assert ended.local_id == local_id
         assert ended.results_url is not None
+
+
+async def test_a_failed_poll_leaves_no_other_poll_running_behind_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.enqueue((f"q-{n}", request_params(f"poll {n}")) for n in range(2))
+    pending = [task async for task in store.iter_pending()]
+    locals_: list[int] = []
+    for n, task in enumerate(pending):
+        local_id = await store.record_intent([task.id], 100)
+        assert local_id is not None
+        batch = {
+            "id": f"msgbatch_{n}",
+            "type": "message_batch",
+            "processing_status": "in_progress",
+            "request_counts": {
+                "processing": 1,
+                "succeeded": 0,
+                "errored": 0,
+                "canceled": 0,
+                "expired": 0,
+            },
+            "ended_at": None,
+            "created_at": "2026-11-24T15:40:37Z",
+            "expires_at": "2026-11-25T15:40:37Z",
+            "archived_at": None,
+            "cancel_initiated_at": None,
+            "results_url": None,
+        }
+        assert await store.mark_created(local_id, batch)  # type: ignore[arg-type]
+        locals_.append(local_id)
+    events: list[str] = []
+
+    class Api:
+        async def retrieve(self, batch_id: str) -> dict[str, object]:
+            if batch_id == "msgbatch_1":
+                await asyncio.sleep(0.3)  # a slow answer, still on its way
+            return {
+                **batch,
+                "id": batch_id,
+                "processing_status": "ended",
+                "ended_at": "2026-11-24T16:00:00Z",
+            }
+
+    async def update(local: int, remote: object) -> None:
+        if local == locals_[0]:
+            raise StoreError("database is locked")
+        events.append(f"update {local}")
+
+    monkeypatch.setattr(store, "update_batch", update)
+    poller = Poller(
+        store, Api(), max_concurrency=4, not_found_grace_s=5, clock=lambda: datetime.now(UTC)
+    )  # type: ignore[arg-type]
+    with pytest.raises(StoreError):
+        await poller.poll_all()
+    events.append("poll_all raised")
+    await asyncio.sleep(0.4)
+    assert events == [f"update {locals_[1]}", "poll_all raised"]
