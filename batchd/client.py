@@ -274,6 +274,7 @@ class BatchesClient:
         policy: RetryPolicy = RetryPolicy(),  # frozen, so one shared default is safe
         control_timeout_s: float = 60.0,
         results_sock_read_timeout_s: float = 300.0,
+        results_stall: tuple[float, int] = (300.0, 64 * 1024),
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
         on_response: Callable[[str, int, float], None] | None = None,
@@ -289,6 +290,9 @@ class BatchesClient:
             sock_connect=_RESULTS_CONNECT_TIMEOUT_S,
             sock_read=results_sock_read_timeout_s,
         )
+        # A download that brings fewer than this many bytes in this many seconds is stuck
+        # (sock_read only catches total silence: a trickle resets it at every byte).
+        self._results_stall_s, self._results_stall_bytes = results_stall
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._on_response = on_response
@@ -490,11 +494,20 @@ class BatchesClient:
         # Never readline(): it caps line length at the reader's high-water mark (§8.5).
         splitter = LineSplitter(max_line_bytes)
         chunks = response.content.iter_chunked(_RESULTS_CHUNK_BYTES)
+        window_start, window_bytes = time.monotonic(), 0
         while True:
             # Only reading and splitting are guarded, so the consumer's own exceptions
             # (raised at the yield) are never mistaken for stream faults.
             try:
                 chunk = await anext(chunks, b"")
+                window_bytes += len(chunk)
+                if time.monotonic() - window_start >= self._results_stall_s:
+                    if chunk and window_bytes < self._results_stall_bytes:
+                        reason = (
+                            f"stalled: {window_bytes} bytes in the last {self._results_stall_s:g} s"
+                        )
+                        raise ResultsStreamError(batch_id, url, splitter.offset, reason)
+                    window_start, window_bytes = time.monotonic(), 0
                 lines = splitter.feed(chunk) if chunk else splitter.finish()
             except LineTooLongError as exc:
                 raise ResultsStreamError(batch_id, url, exc.offset, str(exc)) from exc

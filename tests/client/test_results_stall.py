@@ -1,0 +1,68 @@
+"""A results download that trickles is given up as stalled, so one server that keeps a
+connection alive with a byte now and then cannot hold the write-back forever."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from batchd.client import BatchesClient, ResultsStreamError, RetryPolicy
+from tests.client.conftest import Serve
+
+LINE = b'{"custom_id":"a","result":{"type":"expired"}}\n'
+
+
+async def test_a_trickling_results_stream_is_given_up_as_stalled(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(LINE)
+        for _ in range(200):  # a byte every 20 ms: sock_read never fires
+            await asyncio.sleep(0.02)
+            await response.write(b" ")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/results", trickle)
+    base_url = await serve(app)
+    client = BatchesClient(
+        session,
+        base_url=base_url,
+        api_key="k",
+        policy=RetryPolicy(max_retries=0),
+        results_stall=(0.3, 1000),
+    )
+    lines: list[bytes] = []
+    # Without the guard the stream would end whole after 4 s, with no error.
+    with pytest.raises(ResultsStreamError, match=r"stalled: \d+ bytes in the last 0.3 s"):
+        await read_into(lines, client, f"{base_url}/results")
+    assert lines == [LINE.rstrip(b"\n")]
+
+
+async def read_into(lines: list[bytes], client: BatchesClient, url: str) -> None:
+    async with client.results(url, batch_id="b") as stream:
+        async for line in stream:
+            lines.append(line)
+
+
+async def test_a_steady_stream_is_not_stalled(serve: Serve, session: aiohttp.ClientSession) -> None:
+    async def steady(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(40):  # 40 lines of ~50 bytes every 20 ms: over 1,000 bytes per 0.3 s
+            await response.write(LINE)
+            await asyncio.sleep(0.02)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/results", steady)
+    base_url = await serve(app)
+    client = BatchesClient(session, base_url=base_url, api_key="k", results_stall=(0.3, 500))
+    async with client.results(f"{base_url}/results", batch_id="b") as stream:
+        lines = [line async for line in stream]
+    assert len(lines) == 40
