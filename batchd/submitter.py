@@ -9,7 +9,7 @@ again.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -29,7 +29,7 @@ from batchd.client import (
 )
 from batchd.config import BatchingConfig
 from batchd.crashpoints import crash_point
-from batchd.domain import BatchRecord, BatchState
+from batchd.domain import BatchRecord, BatchState, PendingTask
 from batchd.store import Store
 from batchd.wire import MessageBatch, parse_timestamp, request_total
 
@@ -39,10 +39,32 @@ log = structlog.get_logger("batchd.submitter")
 _RECONCILE_SKEW = timedelta(minutes=5)
 _LIST_PAGE_LIMIT = 100
 _BAD_INDEX = re.compile(r"requests\.(\d+)\.")
+# A 400 that names no request may be about the account, not the batch (a spend limit
+# reached, a credit balance too low: spec §6.1). When a lone request and then a control
+# (another task, alone) are both refused so, creates pause this long, doubling each time,
+# until one is accepted.
+_REFUSAL_PAUSE_FIRST_S = 60.0
+_REFUSAL_PAUSE_MAX_S = 900.0
+# A create refused with 429 and no usable retry-after (the spend-cap 429 has none, §6.1):
+# wait this long, doubling each time, until a create is accepted. A retry-after below the
+# floor is treated as none: honouring it would re-upload the body many times a second.
+_RATE_LIMIT_FIRST_S = 5.0
+_RATE_LIMIT_MAX_S = 300.0
+_RETRY_AFTER_FLOOR_S = 1.0
+_MAX_DOUBLINGS = 16  # keeps 2**n small; every wait is capped long before
 
 
 class AuthenticationFailed(Exception):
     """The API refused our key: nothing more can be submitted until it is fixed."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Suspect:
+    """A lone request refused with a 400 naming no request: guilty once a control passes."""
+
+    task_id: int
+    custom_id: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,21 +101,34 @@ class Submitter:
         self._unknown_since: dict[int, datetime] = {}
         self._max_bytes = config.max_bytes
         # Bisection after a 400 that names no request: batches are halved until the one
-        # request the API refuses is alone (then it is marked invalid).
+        # request the API refuses is alone. It is marked invalid only once a control (the
+        # next task, alone) is accepted; a refused control means the account is refused.
         self._max_requests_cap: int | None = None
-        self._last_single_refusal: str | None = None
+        self._suspect: _Suspect | None = None
+        self._refusal_pauses = 0  # creates paused in a row for a refusal of everything
+        self._rate_limited = 0  # creates refused with 429 in a row
+        # No create before this monotonic time (a pause, a 429 backoff): the daemon's
+        # wait may be cut short when a batch ends, this may not.
+        self._hold_until: float | None = None
 
     async def submit_once(self) -> SubmitResult:
         """Create at most one batch from the oldest pending tasks."""
+        if (held_s := self._held_s()) is not None:
+            return SubmitResult(waiting=True, retry_after_s=held_s)
         if self.budget is not None and await self.budget.pause_reason():
             return SubmitResult(waiting=True)  # the gate logs submission_paused_budget
         capacity = self._config.max_in_flight_requests - await self._store.in_flight_request_count()
         if capacity <= 0:
             return SubmitResult(waiting=await self._has_pending())
         limit = min(self._config.max_requests, capacity, self._max_requests_cap or capacity)
-        chunk = await self._next_chunk(limit)
+        if self._suspect is not None or self._refusal_pauses:
+            limit = 1  # a control, or a probe after a pause: one small request is enough
+        skip = self._suspect.task_id if self._suspect is not None else None
+        chunk = await self._next_chunk(limit, skip=skip)
         try:
             if not chunk.task_ids:
+                if self._suspect is not None:
+                    return self._no_control(self._suspect)
                 self._pending_seen_at = None
                 return SubmitResult()
             if not chunk.full and not self._linger_over():
@@ -106,11 +141,14 @@ class Submitter:
         counts = await self._store.status_counts()
         return any(count for status, count in counts.items() if status == "pending")
 
-    async def _next_chunk(self, max_requests: int) -> Chunk:
+    async def _next_chunk(self, max_requests: int, *, skip: int | None = None) -> Chunk:
         pending = self._store.iter_pending()
+        rows = pending if skip is None else _without(pending, skip)
         try:
-            chunk = await build_chunk(pending, max_requests=max_requests, max_bytes=self._max_bytes)
+            chunk = await build_chunk(rows, max_requests=max_requests, max_bytes=self._max_bytes)
         finally:
+            if rows is not pending:
+                await rows.aclose()  # type: ignore[attr-defined]
             await pending.aclose()  # type: ignore[attr-defined]
         crash_point("chunk_built")
         if chunk.invalid:
@@ -141,37 +179,49 @@ class Submitter:
             return await self._refused(local_id, chunk, exc)
         crash_point("create_returned")
         self._pending_seen_at = None
-        self._last_single_refusal = None
         if not await self._store.mark_created(local_id, batch):
             # Our intent was released meanwhile (only another process could have done
             # it): these requests may be sent again, so this batch is kept on record.
             note = f"created for local batch {local_id} after its intent was released"
             await self._store.record_duplicate(local_id, batch["id"], note)
             log.error("duplicate_batch_suspected", batch_id=batch["id"], local_id=local_id)
-            return SubmitResult(created=1, requests=len(chunk))
-        crash_point("batch_recorded")
-        log.info(
-            "batch_created",
-            batch_id=batch["id"],
-            local_id=local_id,
-            count=len(chunk),
-            body_bytes=chunk.body.size,
-        )
+        else:
+            crash_point("batch_recorded")
+            log.info(
+                "batch_created",
+                batch_id=batch["id"],
+                local_id=local_id,
+                count=len(chunk),
+                body_bytes=chunk.body.size,
+            )
+        await self._create_accepted(batch["id"])
         return SubmitResult(created=1, requests=len(chunk))
+
+    async def _create_accepted(self, batch_id: str) -> None:
+        """Backoffs end; a suspect whose control was just accepted is the culprit."""
+        self._rate_limited = 0
+        if self._refusal_pauses:
+            log.warning("creates_resumed", pauses=self._refusal_pauses)
+            self._refusal_pauses = 0
+        suspect, self._suspect = self._suspect, None
+        if suspect is None:
+            return
+        self._max_requests_cap = None  # culprit found: full batches again
+        reason = f"refused by the API: {suspect.message}"
+        await self._store.mark_invalid([(suspect.task_id, reason)])
+        log.warning(
+            "task_refused", custom_id=suspect.custom_id, error=suspect.message, control=batch_id
+        )
 
     async def _refused(self, local_id: int, chunk: Chunk, exc: ApiStatusError) -> SubmitResult:
         """The API answered and created nothing: put the tasks back, maybe minus culprits."""
         invalid: list[tuple[str, str]] = []
-        bisecting = False
+        named = None
         retry_after = exc.retry_after_s
-        if isinstance(exc, BadRequestError) and (match := _BAD_INDEX.search(exc.message)):
-            index = int(match.group(1))
+        if isinstance(exc, BadRequestError) and (named := _BAD_INDEX.search(exc.message)):
+            index = int(named.group(1))
             if index < len(chunk.custom_ids):
                 invalid.append((chunk.custom_ids[index], f"refused by the API: {exc.message}"))
-        elif isinstance(exc, BadRequestError) and self._bisect(chunk, exc.message):
-            bisecting = len(chunk) > 1
-            if not bisecting:
-                invalid.append((chunk.custom_ids[0], f"refused by the API: {exc.message}"))
         elif isinstance(exc, RequestTooLargeError):
             # Our byte count is exact, so the server's limit is lower than configured.
             self._max_bytes = max(1024, chunk.body.size // 2)
@@ -181,22 +231,27 @@ class Submitter:
             log.error("authentication_failed", status=exc.status, error=exc.message)
             raise AuthenticationFailed(str(exc)) from exc
         if isinstance(exc, RateLimitError):
-            log.warning("batch_create_rate_limited", retry_after_s=retry_after)
-        elif bisecting:
-            pass  # the next, smaller batch goes at once
-        elif not invalid:
+            wait = self._rate_limit_wait(retry_after)
+            log.warning("batch_create_rate_limited", retry_after_s=retry_after, wait_s=wait)
+            return SubmitResult(waiting=True, retry_after_s=wait)
+        if invalid:
+            log.warning("task_refused", custom_id=invalid[0][0], error=exc.message)
+        elif isinstance(exc, BadRequestError) and named is None:
+            if self._unnamed_refusal(chunk, exc.message):
+                return SubmitResult(waiting=True, retry_after_s=retry_after)  # at once
+            retry_after = self._pause_creates()
+        else:
             log.error("batch_create_refused", status=exc.status, error=exc.message)
             retry_after = retry_after or 60.0
-        else:
-            log.warning("task_refused", custom_id=invalid[0][0], error=exc.message)
         return SubmitResult(waiting=True, retry_after_s=retry_after)
 
-    def _bisect(self, chunk: Chunk, message: str) -> bool:
-        """Halve the next batches to find the request a whole-batch 400 is about.
+    def _unnamed_refusal(self, chunk: Chunk, message: str) -> bool:
+        """Narrow down a 400 that names no request; False when it is not about any request.
 
-        False when bisection cannot help: the same refusal of two lone requests in a row
-        means the problem is not in the requests (a header, an account setting), so they
-        go back to pending and submission waits, loudly, instead of failing every task.
+        The batch is halved until one refused request is alone. That request is only a
+        suspect: the next create is a control, another task alone. The API may refuse
+        every create this way (a spend limit, a low credit balance: spec §6.1), and then
+        the control is refused too: nobody is blamed and creates pause.
         """
         if len(chunk) > 1:
             self._max_requests_cap = max(1, len(chunk) // 2)
@@ -207,12 +262,68 @@ class Submitter:
                 error=message,
             )
             return True
-        if message == self._last_single_refusal:
-            self._max_requests_cap = self._last_single_refusal = None
-            return False
-        self._max_requests_cap = None  # culprit found: full batches again
-        self._last_single_refusal = message
-        return True
+        suspect = self._suspect
+        if suspect is None:
+            self._suspect = _Suspect(chunk.task_ids[0], chunk.custom_ids[0], message)
+            log.warning("request_refused_alone", custom_id=chunk.custom_ids[0], error=message)
+            return True
+        self._suspect = None
+        log.error(
+            "creates_refused_not_about_requests",
+            error=message,
+            suspect=suspect.custom_id,
+            suspect_error=suspect.message,
+            control=chunk.custom_ids[0],
+            hint="an account setting (spend limit, credit balance)? nobody is blamed",
+        )
+        return False
+
+    def _no_control(self, suspect: _Suspect) -> SubmitResult:
+        """No other task to test a lone refusal against: blame nobody, retry it later."""
+        self._suspect = None
+        wait = self._pause_creates()
+        log.warning(
+            "refusal_unproven",
+            custom_id=suspect.custom_id,
+            error=suspect.message,
+            reason="no other pending task to send as a control",
+            wait_s=wait,
+        )
+        return SubmitResult(waiting=True, retry_after_s=wait)
+
+    def _pause_creates(self) -> float:
+        """Hold creates, longer each time, until one is accepted; then one request each."""
+        doublings = min(self._refusal_pauses, _MAX_DOUBLINGS)
+        wait = min(_REFUSAL_PAUSE_FIRST_S * 2.0**doublings, _REFUSAL_PAUSE_MAX_S)
+        self._refusal_pauses += 1
+        self._max_requests_cap = None
+        self._hold(wait)
+        log.error("creates_paused", wait_s=wait, pauses=self._refusal_pauses)
+        return wait
+
+    def _rate_limit_wait(self, retry_after_s: float | None) -> float:
+        """How long to hold creates after a 429: the API's wait, or a growing one."""
+        doublings = min(self._rate_limited, _MAX_DOUBLINGS)
+        self._rate_limited += 1
+        if retry_after_s is not None and retry_after_s >= _RETRY_AFTER_FLOOR_S:
+            wait = retry_after_s
+        else:
+            wait = min(_RATE_LIMIT_FIRST_S * 2.0**doublings, _RATE_LIMIT_MAX_S)
+        self._hold(wait)
+        return wait
+
+    def _hold(self, wait_s: float) -> None:
+        self._hold_until = self._monotonic() + wait_s
+
+    def _held_s(self) -> float | None:
+        """Seconds left before creates may resume, or None."""
+        if self._hold_until is None:
+            return None
+        left = self._hold_until - self._monotonic()
+        if left <= 0:
+            self._hold_until = None
+            return None
+        return left
 
     async def reconcile(self, batch: BatchRecord) -> None:
         """Decide what became of a create whose answer we never saw (design step 4)."""
@@ -284,3 +395,12 @@ class Submitter:
 
     async def creating_batches(self) -> list[BatchRecord]:
         return await self._store.batches_in(BatchState.CREATING)
+
+
+async def _without(
+    pending: AsyncIterator[PendingTask], task_id: int
+) -> AsyncGenerator[PendingTask]:
+    """The pending tasks but one (the suspect a control is sent without)."""
+    async for task in pending:
+        if task.id != task_id:
+            yield task

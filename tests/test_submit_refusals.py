@@ -1,0 +1,257 @@
+"""Create refusals that are not about a request: no innocent task is blamed, creates back off.
+
+The submitter runs against the fake API on loopback with a fake monotonic clock, so the
+waits it asks for (minutes) are read and skipped instead of slept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from itertools import pairwise
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from batchd.client import BatchesClient, RequestBody, RetryPolicy
+from batchd.config import BatchingConfig, Config
+from batchd.daemon import run_daemon
+from batchd.fakeapi.faults import FaultConfig
+from batchd.fakeapi.server import FakeApiServer
+from batchd.store import Store
+from batchd.submitter import SubmitResult, Submitter
+from batchd.wire import MessageBatch
+from tests.conftest import refuse_in_fake, request_params
+
+ACCOUNT_REFUSAL = "Your credit balance is too low to access the Anthropic API."
+REQUEST_REFUSAL = "requests: a request in this batch is refused"
+
+
+@dataclass
+class FakeTime:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    submitter: Submitter
+    client: BatchesClient
+    time: FakeTime
+    attempts: list[float]  # fake time of every create sent
+
+    async def step(self) -> SubmitResult:
+        """One submit step; then time moves on by the wait it asked for (as the daemon does)."""
+        result = await self.submitter.submit_once()
+        self.time.now += result.retry_after_s or 0.0
+        return result
+
+
+@pytest.fixture
+async def rig(
+    store: Store, fake_api: FakeApiServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[int], Rig]]:
+    async with aiohttp.ClientSession() as session:
+        client = BatchesClient(
+            session, base_url=fake_api.base_url, api_key="k", policy=RetryPolicy(max_retries=0)
+        )
+
+        def make(max_requests: int) -> Rig:
+            time = FakeTime()
+            attempts: list[float] = []
+            create = client.create
+
+            async def recorded_create(body: RequestBody) -> MessageBatch:
+                attempts.append(time.now)
+                return await create(body)
+
+            monkeypatch.setattr(client, "create", recorded_create)
+            config = replace(BatchingConfig(), max_requests=max_requests, linger_s=0.0)
+            submitter = Submitter(
+                store,
+                client,
+                config,
+                clock=lambda: datetime.now(UTC),
+                monotonic=time,
+                reconcile_grace_s=60,
+            )
+            return Rig(submitter, client, time, attempts)
+
+        yield make
+
+
+def rows(db_path: Path) -> dict[str, tuple[str, str | None]]:
+    with sqlite3.connect(db_path) as db:
+        found = db.execute("SELECT custom_id, status, error FROM tasks").fetchall()
+    return {custom_id: (status, error) for custom_id, status, error in found}
+
+
+def statuses(db_path: Path) -> list[str]:
+    return [status for status, _ in rows(db_path).values()]
+
+
+async def test_an_account_level_400_blames_no_task_and_pauses_longer_each_time(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    daemon_config: Callable[..., Config],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [f"t-{n}" for n in range(20)]
+    refused = set(ids)  # every create is refused, whatever it holds
+    refuse_in_fake(monkeypatch, refused, lambda _: ACCOUNT_REFUSAL)
+    await store.enqueue((custom_id, request_params(custom_id)) for custom_id in ids)
+    run = rig(8)
+
+    waits: list[float] = []
+    while len(waits) < 10:  # the refusal is lifted between cycles, not within one
+        if wait := (await run.step()).retry_after_s:
+            waits.append(wait)
+        assert "invalid" not in statuses(db_path)  # nobody blamed, ever
+        assert len(run.attempts) < 40
+    assert statuses(db_path).count("pending") == 20
+    assert waits[:6] == [60.0, 120.0, 240.0, 480.0, 900.0, 900.0]
+    assert all(wait == 900.0 for wait in waits[5:])
+    assert fake_api.state.stats.creates_accepted == 0
+
+    # A wake-up in the middle of a pause (a batch ended) sends nothing.
+    sent = len(run.attempts)
+    run.time.now -= 1.0
+    held = await run.submitter.submit_once()
+    assert held.waiting
+    assert held.retry_after_s == pytest.approx(1.0)
+    assert len(run.attempts) == sent
+    run.time.now += 1.0
+
+    refused.clear()  # the balance is topped up
+    results = [await run.step() for _ in range(8)]
+    assert not any(result.retry_after_s for result in results)
+    # One request to probe, then full batches again.
+    assert [result.requests for result in results if result.created] == [1, 8, 8, 3]
+    assert statuses(db_path).count("submitted") == 20
+    # Next time the account is refused, the pauses start again from the first.
+    refused.update(f"t-{n}" for n in range(20, 24))
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(20, 24))
+    waits = [r.retry_after_s for r in [await run.step() for _ in range(6)] if r.retry_after_s]
+    assert waits[:2] == [60.0, 120.0]
+    refused.clear()
+
+    config = daemon_config(fake_api.base_url, max_requests=8)
+    assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
+    assert statuses(db_path) == ["succeeded"] * 24
+
+
+async def test_a_lone_refused_request_is_blamed_only_once_a_control_is_accepted(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refuse_in_fake(monkeypatch, {"t-5"}, lambda _: REQUEST_REFUSAL)
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(8))
+    run = rig(8)
+
+    blamed_at: SubmitResult | None = None
+    for _ in range(12):
+        before = rows(db_path)["t-5"][0]
+        result = await run.step()
+        if blamed_at is None and rows(db_path)["t-5"][0] == "invalid":
+            assert before == "pending"
+            blamed_at = result
+    # t-5 became invalid in the step whose control (another task, alone) was accepted,
+    # not in the step where it was refused alone.
+    assert blamed_at == SubmitResult(created=1, requests=1)
+    found = rows(db_path)
+    assert found["t-5"] == ("invalid", f"refused by the API: {REQUEST_REFUSAL}")
+    assert all(found[f"t-{n}"][0] == "submitted" for n in range(8) if n != 5)
+    assert all(fake_api.state.stats.submissions[f"t-{n}"] == 1 for n in range(8) if n != 5)
+
+
+async def test_a_lone_refusal_with_no_other_task_to_test_it_blames_nobody_yet(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refuse_in_fake(monkeypatch, {"bad"}, lambda _: REQUEST_REFUSAL)
+    await store.enqueue([("bad", request_params("bad"))])
+    run = rig(8)
+
+    waits = [r.retry_after_s for r in [await run.step() for _ in range(6)] if r.retry_after_s]
+    assert waits == [60.0, 120.0, 240.0]  # retried alone, later each time; not blamed
+    assert statuses(db_path) == ["pending"]
+
+    await store.enqueue([("good", request_params("good"))])  # now a control exists
+    for _ in range(3):
+        await run.step()
+    found = rows(db_path)
+    assert found["bad"] == ("invalid", f"refused by the API: {REQUEST_REFUSAL}")
+    assert found["good"][0] == "submitted"
+
+
+def spacings(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in pairwise(times)]
+
+
+async def run_for(run: Rig, seconds: float) -> None:
+    """Submit steps every simulated second (the daemon may be woken any time)."""
+    end = run.time.now + seconds
+    while run.time.now < end:
+        await run.submitter.submit_once()
+        run.time.now += 1.0
+
+
+@pytest.mark.parametrize("retry_after_s", [0.0, 0.01], ids=["no-retry-after", "tiny"])
+async def test_a_429_without_a_usable_retry_after_backs_off_until_a_create_succeeds(
+    retry_after_s: float,
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+) -> None:
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(40))
+    spend_cap = FaultConfig(
+        http_fault_rate=1.0,
+        http_fault_kinds=("429",),
+        http_fault_endpoints=("create",),
+        retry_after_seconds=retry_after_s,  # 0 is sent, and read as no retry-after
+    )
+    fake_api.faults.config = spend_cap
+    run = rig(4)
+
+    await run_for(run, 700)
+    assert spacings(run.attempts) == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0]
+    assert fake_api.state.stats.creates_accepted == 0
+
+    fake_api.faults.config = FaultConfig()
+    accepted = await run.step()
+    while not accepted.created:
+        run.time.now += 1.0
+        accepted = await run.step()
+    fake_api.faults.config = spend_cap
+    first = len(run.attempts)
+    await run_for(run, 40)
+    assert spacings(run.attempts[first:]) == [5.0, 10.0, 20.0]  # the backoff starts again
+
+
+async def test_a_429_retry_after_is_honoured_even_when_woken_early(
+    store: Store, fake_api: FakeApiServer, rig: Callable[[int], Rig]
+) -> None:
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(4))
+    fake_api.faults.config = FaultConfig(
+        http_fault_rate=1.0,
+        http_fault_kinds=("429",),
+        http_fault_endpoints=("create",),
+        retry_after_seconds=30.0,
+    )
+    run = rig(4)
+    await run_for(run, 100)
+    assert spacings(run.attempts) == [30.0, 30.0, 30.0]
