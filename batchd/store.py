@@ -339,23 +339,42 @@ class Store:
         )
         return existing, count
 
-    async def iter_pending(self, *, page_size: int = 1000) -> AsyncIterator[PendingTask]:
-        """Pending tasks, oldest first, a page per query (keyset: no long read transaction)."""
+    async def iter_pending(
+        self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024
+    ) -> AsyncIterator[PendingTask]:
+        """Pending tasks, oldest first, a page per query (keyset: no long read transaction).
+
+        A page holds at most `page_size` rows and, unless one row alone is larger, at most
+        `page_bytes` of params: a thousand requests of a few MB each never sit in memory
+        at once. Their sizes are read first (SQLite reads the rows, Python only ints).
+        """
         after = 0
         while True:
+            sizes = await self._read(
+                "SELECT id, length(CAST(params AS BLOB)) FROM tasks"
+                " WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                (after, page_size),
+            )
+            if not sizes:
+                return
+            last, total = sizes[0][0], 0
+            for task_id, size in sizes:
+                if total and total + (size or 0) > page_bytes:
+                    break
+                last, total = task_id, total + (size or 0)
             # As bytes, with their types: a user's INSERT may store a BLOB or text that is
             # not UTF-8, which sqlite3 would fail to decode for the whole page.
             rows = await self._read(
                 "SELECT id, CAST(custom_id AS BLOB), CAST(params AS BLOB), attempts,"
                 " typeof(custom_id), typeof(params) FROM tasks"
-                " WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
-                (after, page_size),
+                " WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id",
+                (after, last),
             )
             for row in rows:
                 yield _pending_task(row)
-            if len(rows) < page_size:
+            if len(sizes) < page_size and last == sizes[-1][0]:
                 return
-            after = rows[-1][0]
+            after = last
 
     async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
         """Pending tasks the chunker refused become `invalid` with the reason; returns count."""

@@ -333,6 +333,30 @@ async def test_iter_pending_pages_oldest_first_skipping_other_statuses(store: St
     assert paged[0].attempts == 0
 
 
+async def test_iter_pending_keeps_pages_of_big_rows_small(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    big = PARAMS.replace("}", ', "metadata": {"pad": "%s"}}' % ("x" * 1_000_000), 1)
+    await store.enqueue([(f"big-{n}", big) for n in range(30)])
+    await add_tasks(store, *(f"small-{n}" for n in range(300)))
+    read = store._read
+    pages: list[int] = []  # params bytes held by each page
+
+    async def spying(sql: str, params: Any = ()) -> list[Any]:
+        rows = await read(sql, params)
+        if rows and len(rows[0]) > 2:  # a page of tasks, not of their sizes
+            pages.append(sum(len(row[2]) for row in rows))
+        return rows
+
+    monkeypatch.setattr(store, "_read", spying)
+    tasks = [t async for t in store.iter_pending(page_size=1000, page_bytes=4_000_000)]
+    assert [t.custom_id for t in tasks] == [f"big-{n}" for n in range(30)] + [
+        f"small-{n}" for n in range(300)
+    ]
+    assert max(pages) <= 4_000_000 + len(big)  # never the 30 MB of big rows at once
+    assert len(pages) < 20  # and the small rows still come many to a page
+
+
 async def test_mark_invalid_only_touches_pending_tasks(store: Store, db_path: Path):
     await add_tasks(store, "a", "b")
     a, b = await pending_ids(store, ["a", "b"])
