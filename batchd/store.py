@@ -426,11 +426,25 @@ class Store:
         )
         return local_id
 
-    async def mark_created(self, local_id: int, batch: MessageBatch) -> bool:
-        """Record the API's id for a `creating` batch (also adopts one found by reconcile)."""
-        return await self._transact(self._mark_created, local_id, batch)
+    async def mark_created(
+        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+    ) -> bool:
+        """Record the API's id for a `creating` batch (also adopts one found by reconcile).
 
-    async def _mark_created(self, db: Db, local_id: int, batch: MessageBatch) -> bool:
+        In the same transaction, so that a kill cannot leave a paid batch unrecorded:
+        `duplicates` (other API batches reconcile matched) go to duplicate_batches, and so
+        does `batch` itself if the local batch is no longer `creating` (returns False).
+        """
+        return await self._transact(self._mark_created, local_id, batch, duplicates)
+
+    async def _mark_created(
+        self, db: Db, local_id: int, batch: MessageBatch, duplicates: Sequence[str]
+    ) -> bool:
+        now = self._now()
+        unrecorded = [
+            (api_id, f"same request count created in the window of local batch {local_id}")
+            for api_id in duplicates
+        ]
         changed = await _run(
             db,
             "UPDATE batches SET api_batch_id = :api_id, state = :state, submitted_at = :now,"
@@ -441,9 +455,18 @@ class Store:
                 **_batch_params(batch),
                 "state": _STATE_OF_PROCESSING[batch["processing_status"]].value,
                 "created": _format_time(parse_timestamp(batch["created_at"])),
-                "now": self._now(),
+                "now": now,
                 "local": local_id,
             },
+        )
+        if changed != 1:
+            note = f"created for local batch {local_id} after its intent was released"
+            unrecorded.append((batch["id"], note))
+        await _run_many(
+            db,
+            "INSERT OR IGNORE INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
+            " VALUES (?, ?, ?, ?)",
+            [(api_id, local_id, now, note) for api_id, note in unrecorded],
         )
         return changed == 1
 
@@ -582,15 +605,6 @@ class Store:
         if not rows:
             raise StoreError(f"{self._path}: no batch with local id {local_id}")
         return int(rows[0][0])
-
-    async def record_duplicate(self, local_id: int, api_batch_id: str, note: str) -> None:
-        """Remember an API batch that probably repeats local batch `local_id`'s requests."""
-        await self._transact(
-            _run_in,
-            "INSERT OR IGNORE INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
-            " VALUES (?, ?, ?, ?)",
-            (api_batch_id, local_id, self._now(), note),
-        )
 
     async def duplicate_batches(self) -> list[tuple[str, str, str]]:
         """(api_batch_id, detected_at, note) of every suspected duplicate, oldest first."""

@@ -181,9 +181,7 @@ class Submitter:
         self._pending_seen_at = None
         if not await self._store.mark_created(local_id, batch):
             # Our intent was released meanwhile (only another process could have done
-            # it): these requests may be sent again, so this batch is kept on record.
-            note = f"created for local batch {local_id} after its intent was released"
-            await self._store.record_duplicate(local_id, batch["id"], note)
+            # it): these requests may be sent again; the store kept this batch on record.
             log.error("duplicate_batch_suspected", batch_id=batch["id"], local_id=local_id)
         else:
             crash_point("batch_recorded")
@@ -338,11 +336,11 @@ class Submitter:
             del self._unknown_since[batch.local_id]
             adopted, *others = sorted(candidates, key=lambda b: b["created_at"])
             crash_point("reconcile_matched")
-            await self._store.mark_created(batch.local_id, adopted)
+            await self._store.mark_created(
+                batch.local_id, adopted, [other["id"] for other in others]
+            )
             log.warning("batch_adopted", batch_id=adopted["id"], local_id=batch.local_id)
             for other in others:
-                note = f"same request count created in the window of local batch {batch.local_id}"
-                await self._store.record_duplicate(batch.local_id, other["id"], note)
                 log.error(
                     "duplicate_batch_suspected", batch_id=other["id"], local_id=batch.local_id
                 )

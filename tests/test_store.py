@@ -411,7 +411,9 @@ async def test_mark_created_records_the_api_batch_once(store: Store):
     assert batch.submitted_at == datetime(2026, 11, 24, 15, 40, 37, 123000, tzinfo=UTC)
     assert batch.api_created_at == datetime(2026, 11, 24, 15, 40, 38, 500000, tzinfo=UTC)
     assert batch.request_counts == api_batch("msgbatch_1")["request_counts"]
-    assert await store.known_api_batch_ids() == {"msgbatch_1"}
+    # The second is not adopted, but it exists on the API: kept on record as a duplicate.
+    assert [row[0] for row in await store.duplicate_batches()] == ["msgbatch_2"]
+    assert await store.known_api_batch_ids() == {"msgbatch_1", "msgbatch_2"}
 
 
 async def test_adopting_an_ended_batch_makes_it_ended(store: Store):
@@ -729,15 +731,23 @@ async def test_staged_lines_are_applied_range_by_range_in_task_id_order(
     assert await store.apply_staged(other, 3, max_rows=10) is None
 
 
-async def test_duplicate_batches_are_recorded_once_and_known(store: Store):
+async def test_duplicate_batches_are_recorded_with_the_adoption_once_and_known(store: Store):
     await add_tasks(store, "a")
     local_id = await claim(store, "a")
-    await store.record_duplicate(local_id, "msgbatch_dup", "same count in window")
-    await store.record_duplicate(local_id, "msgbatch_dup", "again")
+    adopted = api_batch("msgbatch_1")
+    assert await store.mark_created(local_id, adopted, ["msgbatch_dup"])
+    # Too late: the local batch is no longer `creating`, so this one is a duplicate too.
+    assert not await store.mark_created(local_id, api_batch("msgbatch_late"), ["msgbatch_dup"])
+    window = f"same request count created in the window of local batch {local_id}"
     assert await store.duplicate_batches() == [
-        ("msgbatch_dup", "2026-11-24T15:40:37.123Z", "same count in window")
+        ("msgbatch_dup", "2026-11-24T15:40:37.123Z", window),
+        (
+            "msgbatch_late",
+            "2026-11-24T15:40:37.123Z",
+            f"created for local batch {local_id} after its intent was released",
+        ),
     ]
-    assert await store.known_api_batch_ids() == {"msgbatch_dup"}
+    assert await store.known_api_batch_ids() == {"msgbatch_1", "msgbatch_dup", "msgbatch_late"}
 
 
 async def test_write_results_of_100k_outcomes_completes(store: Store):
