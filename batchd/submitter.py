@@ -45,9 +45,9 @@ _BAD_INDEX = re.compile(r"requests\.(\d+)\.")
 # until one is accepted.
 _REFUSAL_PAUSE_FIRST_S = 60.0
 _REFUSAL_PAUSE_MAX_S = 900.0
-# A create refused with 429 and no usable retry-after (the spend-cap 429 has none, §6.1):
-# wait this long, doubling each time, until a create is accepted. A retry-after below the
-# floor is treated as none: honouring it would re-upload the body many times a second.
+# A create refused with 429 and no retry-after (the spend-cap 429 has none, §6.1): wait
+# this long, doubling each time, until a create is accepted. A retry-after is honoured,
+# but never below the floor: each attempt uploads the whole body again.
 _RATE_LIMIT_FIRST_S = 5.0
 _RATE_LIMIT_MAX_S = 300.0
 _RETRY_AFTER_FLOOR_S = 1.0
@@ -303,8 +303,8 @@ class Submitter:
         """How long to hold creates after a 429: the API's wait, or a growing one."""
         doublings = min(self._rate_limited, _MAX_DOUBLINGS)
         self._rate_limited += 1
-        if retry_after_s is not None and retry_after_s >= _RETRY_AFTER_FLOOR_S:
-            wait = retry_after_s
+        if retry_after_s:  # the API's wait, but never a re-upload many times a second
+            wait = max(retry_after_s, _RETRY_AFTER_FLOOR_S)
         else:
             wait = min(_RATE_LIMIT_FIRST_S * 2.0**doublings, _RATE_LIMIT_MAX_S)
         self._hold(wait)
