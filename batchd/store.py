@@ -1198,9 +1198,12 @@ def _parse_optional_time(text: str | None) -> datetime | None:
 UsageRow = tuple[str, int, int, int, int, int]  # model, requests, input, output, cache w, cache r
 SizeRow = tuple[str | None, int, int, int]  # model, requests, params bytes, sum of max_tokens
 # Read from the params text without trusting it: rows the chunker will refuse (bad JSON,
-# no model) give a NULL model and 0 max_tokens instead of an SQL error.
+# no model, a custom_id the API would refuse) give a NULL model and 0 max_tokens instead
+# of an SQL error, so a row about to be marked invalid never holds up a budget.
 _REQUEST_SIZE_COLUMNS = """
     CASE WHEN json_valid(params) AND json_type(params, '$.model') = 'text'
+              AND typeof(custom_id) = 'text' AND length(custom_id) BETWEEN 1 AND 64
+              AND custom_id NOT GLOB '*[^a-zA-Z0-9_-]*'
          THEN json_extract(params, '$.model') END AS model,
     length(CAST(params AS BLOB)) AS request_bytes,
     CASE WHEN json_valid(params) AND json_type(params, '$.max_tokens') = 'integer'

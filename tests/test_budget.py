@@ -18,7 +18,7 @@ from batchd.config import BudgetConfig, Config
 from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
 from batchd.pricing import PriceTable
-from batchd.store import Store
+from batchd.store import Store, StoreAccounts
 from tests.conftest import request_params
 
 NOW = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)
@@ -143,3 +143,22 @@ def sqlite_count(path: Path, sql: str) -> int:
         (count,) = conn.execute(sql).fetchone()
     conn.close()
     return int(count)
+
+
+async def test_a_row_the_chunker_will_refuse_is_not_priced(store: Store, db_path: Path) -> None:
+    # An unknown model would pause the budget; but the API would refuse this custom_id,
+    # so the chunker marks it invalid: it must not hold up the tasks behind it.
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "INSERT INTO tasks (custom_id, params) VALUES ('bad id', ?), ('fine-1', ?)",
+            (
+                request_params("x", model="claude-nonexistent-1"),
+                request_params("y", model="claude-haiku-4-5"),
+            ),
+        )
+    db.close()
+    sizes = await StoreAccounts(store).pending_sizes()
+    assert [(model, requests) for model, requests, _, _ in sizes] == [
+        (None, 1),
+        ("claude-haiku-4-5", 1),
+    ]
