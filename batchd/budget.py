@@ -1,16 +1,18 @@
-"""The spend limit: submission pauses once the next batch could take spending past it.
+"""The spend limit: batches are cut to what the budget admits, and submission pauses
+once not even the oldest pending task could be sent without passing it.
 
 Spending in a period (a UTC day, a UTC month, or all time) counts, conservatively:
 the cost of results written in the period (the usage ledger, actual tokens), plus the
 upper bound of every batch still in flight (input ≈ request bytes / 4, output at
-max_tokens), plus the same upper bound for the next batch (the oldest
-`max_requests` pending tasks). Work whose model has no price cannot be bounded, so it
+max_tokens), plus the same upper bound for the next batch: the oldest `max_requests`
+pending tasks, or if they would pass the limit, the largest half, quarter, ... of them
+that does not (`fitting_view`). Work whose model has no price cannot be bounded, so it
 pauses submission too, with a reason that says which model to price.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -113,6 +115,22 @@ def budget_view(
     )
 
 
+async def fitting_view(
+    next_sizes: Callable[[int], Awaitable[list[SizeRow]]],
+    wanted: int,
+    view_of: Callable[[list[SizeRow]], BudgetView],
+) -> BudgetView:
+    """The view of the largest next batch the budget admits: the oldest `wanted` pending
+    tasks, else half as many, and so on; if not even the oldest one fits, its view (which
+    says why submission is paused)."""
+    limit = max(1, wanted)
+    while True:
+        view = view_of(await next_sizes(limit))
+        if view.paused_reason is None or limit == 1:
+            return view
+        limit //= 2
+
+
 def _period_phrase(period: str) -> str:
     return "in total" if period == "total" else f"this {period} (UTC)"
 
@@ -155,9 +173,24 @@ class BudgetGate:
             clock=clock,
         )
 
+    async def admit(self) -> int | None:
+        """How many of the oldest pending tasks the next batch may hold: None when the
+        budget sets no limit (all fit, or none can be priced yet), 0 when paused."""
+        view = await self.view()
+        self._note(view)
+        if view.paused_reason is not None:
+            return 0
+        if view.next_batch_requests >= self._next_batch_requests:
+            return None
+        return view.next_batch_requests or None
+
     async def pause_reason(self) -> str | None:
         """Why submission must wait now, or None; logged when the answer changes."""
         view = await self.view()
+        self._note(view)
+        return view.paused_reason
+
+    def _note(self, view: BudgetView) -> None:
         reason = view.paused_reason
         if reason != self.paused_reason:
             if reason is None:
@@ -173,19 +206,29 @@ class BudgetGate:
                     period=view.period,
                 )
         self.paused_reason = reason
-        return reason
 
     async def view(self) -> BudgetView:
+        """The figures for the largest next batch the budget admits (`fitting_view`)."""
         now = self._clock()
         usage = await self._accounts.usage_by_model(period_start(self._config.period, now))
-        return budget_view(
-            self._config,
-            self._table,
-            now=now,
-            period_usage=usage,
-            in_flight=await self._in_flight_sizes(),
-            next_batch=await self._next_batch_sizes(),
-        )
+        in_flight = await self._in_flight_sizes()
+
+        def view_of(next_batch: list[SizeRow]) -> BudgetView:
+            return budget_view(
+                self._config,
+                self._table,
+                now=now,
+                period_usage=usage,
+                in_flight=in_flight,
+                next_batch=next_batch,
+            )
+
+        return await fitting_view(self._next_sizes, self._next_batch_requests, view_of)
+
+    async def _next_sizes(self, limit: int) -> list[SizeRow]:
+        if limit == self._next_batch_requests:
+            return await self._next_batch_sizes()
+        return await self._accounts.pending_sizes(limit)  # only while the budget is tight
 
     async def _in_flight_sizes(self) -> list[SizeRow]:
         batches = await self._store.batches_in(*UNSETTLED_BATCH_STATES)

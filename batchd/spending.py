@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from batchd.budget import BudgetView, budget_view, period_start
+from batchd.budget import BudgetView, budget_view, fitting_view, period_start
 from batchd.config import Config
 from batchd.domain import BatchRecord
 from batchd.pricing import (
@@ -28,7 +28,7 @@ from batchd.pricing import (
 from batchd.pricing import (
     format_usd as usd,
 )
-from batchd.store import StoreAccounts, UsageRow
+from batchd.store import SizeRow, StoreAccounts, UsageRow
 
 
 async def usage_status(accounts: StoreAccounts, config: Config) -> dict[str, Any]:
@@ -52,14 +52,20 @@ async def budget_status(
         return None
     table = PriceTable(config.pricing.models)
     sizes = await accounts.batch_sizes([batch.local_id for batch in batches])
-    view = budget_view(
-        config.budget,
-        table,
-        now=now,
-        period_usage=await accounts.usage_by_model(period_start(config.budget.period, now)),
-        in_flight=[size for rows in sizes.values() for size in rows],
-        next_batch=await accounts.pending_sizes(config.batching.max_requests),
-    )
+    usage = await accounts.usage_by_model(period_start(config.budget.period, now))
+    in_flight = [size for rows in sizes.values() for size in rows]
+
+    def view_of(next_batch: list[SizeRow]) -> BudgetView:
+        return budget_view(
+            config.budget,
+            table,
+            now=now,
+            period_usage=usage,
+            in_flight=in_flight,
+            next_batch=next_batch,
+        )
+
+    view = await fitting_view(accounts.pending_sizes, config.batching.max_requests, view_of)
     return budget_json(view)
 
 

@@ -115,12 +115,18 @@ class Submitter:
         """Create at most one batch from the oldest pending tasks."""
         if (held_s := self._held_s()) is not None:
             return SubmitResult(waiting=True, retry_after_s=held_s)
-        if self.budget is not None and await self.budget.pause_reason():
+        admitted = None if self.budget is None else await self.budget.admit()
+        if admitted == 0:
             return SubmitResult(waiting=True)  # the gate logs submission_paused_budget
         capacity = self._config.max_in_flight_requests - await self._store.in_flight_request_count()
         if capacity <= 0:
             return SubmitResult(waiting=await self._has_pending())
-        limit = min(self._config.max_requests, capacity, self._max_requests_cap or capacity)
+        limit = min(
+            self._config.max_requests,
+            capacity,
+            self._max_requests_cap or capacity,
+            admitted or capacity,  # a smaller batch, when only that fits the budget
+        )
         if self._suspect is not None or self._refusal_pauses:
             limit = 1  # a control, or a probe after a pause: one small request is enough
         skip = self._suspect.task_id if self._suspect is not None else None

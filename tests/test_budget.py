@@ -8,11 +8,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.budget import BudgetGate, budget_view, period_start
+from batchd.budget import BudgetGate, budget_view, fitting_view, period_start
 from batchd.commands import render_status, status_snapshot
 from batchd.config import BudgetConfig, Config
 from batchd.daemon import Daemon, run_daemon
@@ -86,24 +87,24 @@ async def test_the_gate_logs_each_change_once(store: Store) -> None:
     assert BudgetGate.from_config(store, Config(), clock=lambda: NOW) is None
 
 
-async def test_a_tiny_budget_pauses_submission_after_the_first_batch(
+async def test_a_tiny_budget_sends_what_fits_then_pauses(
     store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
 ) -> None:
-    texts = [f"Describe product number {n} in one line" for n in range(12)]
+    texts = [f"Describe product number {n} in one line" for n in range(40)]
     await store.enqueue(
         (f"t-{n}", request_params(text, max_tokens=100)) for n, text in enumerate(texts)
     )
     sizes = [len(request_params(text, max_tokens=100).encode()) for text in texts[:4]]
     await store.close()
-    # The first batch (4 tasks) at its upper bound: input = bytes / 4 at $1, output 4 x 100
-    # at $5, per million tokens, halved. The budget fits one such batch, not two; nor, once
-    # it is back, its real cost (some 20 output tokens each) plus the next one.
+    # A batch of 4 at its upper bound: input = bytes / 4 at $1, output 4 x 100 at $5, per
+    # million tokens, halved. The budget fits one such batch; real costs (some 20 output
+    # tokens each) are far lower, so smaller batches follow until not even the oldest
+    # task's bound fits what is left.
     first_batch_max = (sum(sizes) / 4 * 1.0 + 400 * 5.0) / 1e6 / 2
     assert 0.00105 < first_batch_max < 0.0011
+    budget = first_batch_max * 1.02
     base = daemon_config(fake_api.base_url, max_requests=4)
-    config = replace(base, budget=BudgetConfig(first_batch_max * 1.02, "day"))
-
-    paused = asyncio.Event()
+    config = replace(base, budget=BudgetConfig(budget, "day"))
     daemons: list[Daemon] = []
 
     async def started(daemon: Daemon) -> None:
@@ -111,21 +112,31 @@ async def test_a_tiny_budget_pauses_submission_after_the_first_batch(
 
     with capture_logs() as logs:
         runner = asyncio.create_task(run_daemon(config, "test-key", on_started=started))
-        for _ in range(200):  # the first batch comes back; the second never goes
+        for _ in range(400):
             await asyncio.sleep(0.05)
-            done = sqlite_count(db_path, "SELECT count(*) FROM tasks WHERE status = 'succeeded'")
-            if done == 4 and daemons[0].submitter.budget.paused_reason:  # type: ignore[union-attr]
-                paused.set()
+            idle = not sqlite_count(  # every batch settled: its bound no longer counted
+                db_path,
+                "SELECT count(*) FROM batches"
+                " WHERE state IN ('creating', 'in_progress', 'canceling', 'ended')",
+            )
+            gate = daemons[0].submitter.budget if daemons else None
+            # Paused with nothing in flight, by a fresh look (not one taken mid-batch).
+            if idle and gate is not None and await gate.pause_reason():
                 break
         await asyncio.sleep(0.5)  # a few more submit steps: still nothing sent
         daemons[0].stop()
         assert await runner == 0
-    assert paused.is_set()
-    assert sqlite_count(db_path, "SELECT count(*) FROM batches") == 1
-    assert sqlite_count(db_path, "SELECT count(*) FROM tasks WHERE status = 'pending'") == 8
+    with sqlite3.connect(db_path) as db:
+        sizes_sent = [n for (n,) in db.execute("SELECT request_count FROM batches ORDER BY id")]
+    db.close()
+    assert sizes_sent[0] == 4
+    assert len(sizes_sent) > 1
+    assert min(sizes_sent) < 4  # smaller batches followed
+    done = sqlite_count(db_path, "SELECT count(*) FROM tasks WHERE status = 'succeeded'")
+    pending = sqlite_count(db_path, "SELECT count(*) FROM tasks WHERE status = 'pending'")
+    assert (done + pending, done > 4, pending > 0) == (40, True, True)
     events = [e["event"] for e in logs if "budget" in e["event"]]
-    assert events[0] == "submission_paused_budget"
-    assert "submission_resumed_budget" not in events  # actual cost + next batch still too much
+    assert events[-1] == "submission_paused_budget"
 
     reopened = await Store.open(db_path)
     try:
@@ -133,16 +144,39 @@ async def test_a_tiny_budget_pauses_submission_after_the_first_batch(
     finally:
         await reopened.close()
     assert snapshot["budget"]["paused"] is True
-    # Spent: what the 4 results really cost, far less than their upper bound.
-    assert 0 < snapshot["budget"]["spent_usd"] < first_batch_max / 2
+    assert 0 < snapshot["budget"]["spent_usd"] <= budget
+    # Paused because the oldest task alone would pass the budget now.
+    one_task_max = snapshot["budget"]["next_batch_max_usd"]
+    assert snapshot["budget"]["spent_usd"] + one_task_max > budget
     assert "submission: paused: budget" in render_status(snapshot)
 
 
-def sqlite_count(path: Path, sql: str) -> int:
-    with sqlite3.connect(path, timeout=5) as conn:
-        (count,) = conn.execute(sql).fetchone()
-    conn.close()
-    return int(count)
+def test_the_next_batch_is_cut_to_what_fits() -> None:
+    asked: list[int] = []
+
+    async def oldest(limit: int) -> list[Any]:
+        asked.append(limit)
+        # Each task: 400 output tokens at most, x $5 / 1e6, halved = $0.001.
+        return [(HAIKU, limit, 0, 400 * limit)]
+
+    def within(max_spend_usd: float) -> Callable[[list[Any]], Any]:
+        return lambda next_batch: budget_view(
+            BudgetConfig(max_spend_usd, "day"),
+            PriceTable(),
+            now=NOW,
+            period_usage=[],
+            in_flight=[],
+            next_batch=next_batch,
+        )
+
+    fitted = asyncio.run(fitting_view(oldest, 8, within(0.0035)))
+    assert (fitted.paused_reason, fitted.next_batch_requests) == (None, 2)
+    assert asked == [8, 4, 2]
+    asked.clear()
+    poorer = asyncio.run(fitting_view(oldest, 8, within(0.0005)))
+    assert poorer.next_batch_requests == 1
+    assert "up to $0.0010 for the next batch" in (poorer.paused_reason or "")
+    assert asked == [8, 4, 2, 1]
 
 
 async def test_a_row_the_chunker_will_refuse_is_not_priced(store: Store, db_path: Path) -> None:
@@ -162,3 +196,10 @@ async def test_a_row_the_chunker_will_refuse_is_not_priced(store: Store, db_path
         (None, 1),
         ("claude-haiku-4-5", 1),
     ]
+
+
+def sqlite_count(db_path: Path, sql: str) -> int:
+    with sqlite3.connect(db_path) as db:
+        (count,) = db.execute(sql).fetchone()
+    db.close()
+    return int(count)

@@ -89,9 +89,10 @@ def test_a_spent_budget_ends_an_exit_when_idle_run_and_status_says_so(
     cli_env: dict[str, str],
 ) -> None:
     config = Path(cli_env["BATCHD_CONFIG"])
-    # One batch of 4 is at most ~ (4 x 100 x $5) / 1e6 / 2 = $0.001 (+ a little input).
+    # One task is at most ~ (100 x $5) / 1e6 / 2 = $0.00025 (+ a little input), one batch
+    # of 4 ~$0.001: the budget admits smaller batches as long as the oldest task fits.
     config.write_text(config.read_text() + "[budget]\nmax_spend_usd = 0.00105\n")
-    enqueue(cli_env, 12)
+    enqueue(cli_env, 40)
 
     run = batchd("run", "--exit-when-idle", env=cli_env)
     assert run.returncode == 75, run.stderr.decode()[-2000:]
@@ -99,8 +100,11 @@ def test_a_spent_budget_ends_an_exit_when_idle_run_and_status_says_so(
     assert '"event": "submission_paused_budget"' in logs
     assert '"event": "daemon_stopping_budget_paused"' in logs
     status = orjson.loads(batchd("status", "--json", env=cli_env).stdout)
-    assert (status["tasks"]["succeeded"], status["tasks"]["pending"]) == (4, 8)
+    done, waiting = status["tasks"]["succeeded"], status["tasks"]["pending"]
+    assert (done + waiting, status["tasks"]["submitted"]) == (40, 0)
+    assert 4 < done < 40  # more than one full batch's bound went, then the money ran out
     assert status["budget"]["paused"] is True
+    assert status["budget"]["spent_usd"] <= 0.00105
     text = batchd("status", env=cli_env).stdout.decode()
     assert "submission: paused: budget ($0.000" in text
 
