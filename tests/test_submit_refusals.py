@@ -202,6 +202,15 @@ def spacings(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in pairwise(times)]
 
 
+def creates_refused_with_429(*, retry_after_s: float) -> FaultConfig:
+    return FaultConfig(
+        http_fault_rate=1.0,
+        http_fault_kinds=("429",),
+        http_fault_endpoints=("create",),
+        retry_after_seconds=retry_after_s,
+    )
+
+
 async def run_for(run: Rig, seconds: float) -> None:
     """Submit steps every simulated second (the daemon may be woken any time)."""
     end = run.time.now + seconds
@@ -216,12 +225,7 @@ async def test_a_429_without_retry_after_backs_off_until_a_create_succeeds(
     rig: Callable[[int], Rig],
 ) -> None:
     await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(40))
-    spend_cap = FaultConfig(
-        http_fault_rate=1.0,
-        http_fault_kinds=("429",),
-        http_fault_endpoints=("create",),
-        retry_after_seconds=0.0,  # "0" is sent, and read as no retry-after
-    )
+    spend_cap = creates_refused_with_429(retry_after_s=0.0)  # "0" reads as no retry-after
     fake_api.faults.config = spend_cap
     run = rig(4)
 
@@ -246,12 +250,7 @@ async def test_a_tiny_429_retry_after_is_raised_to_a_second(
     rig: Callable[[int], Rig],
 ) -> None:
     await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(8))
-    fake_api.faults.config = FaultConfig(
-        http_fault_rate=1.0,
-        http_fault_kinds=("429",),
-        http_fault_endpoints=("create",),
-        retry_after_seconds=0.01,
-    )
+    fake_api.faults.config = creates_refused_with_429(retry_after_s=0.01)
     run = rig(4)
     await run_for(run, 5)
     assert spacings(run.attempts) == [1.0, 1.0, 1.0, 1.0]
@@ -261,12 +260,7 @@ async def test_a_429_retry_after_is_honoured_even_when_woken_early(
     store: Store, fake_api: FakeApiServer, rig: Callable[[int], Rig]
 ) -> None:
     await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(4))
-    fake_api.faults.config = FaultConfig(
-        http_fault_rate=1.0,
-        http_fault_kinds=("429",),
-        http_fault_endpoints=("create",),
-        retry_after_seconds=30.0,
-    )
+    fake_api.faults.config = creates_refused_with_429(retry_after_s=30.0)
     run = rig(4)
     await run_for(run, 100)
     assert spacings(run.attempts) == [30.0, 30.0, 30.0]
