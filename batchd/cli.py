@@ -126,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "run":
-        api_key = resolve_api_key(config)
+        try:
+            api_key = resolve_api_key(config)
+        except ConfigError as exc:  # restarting cannot fix the key: EX_CONFIG, as a 401
+            print(f"batchd: {exc}", file=sys.stderr)
+            return EXIT_AUTH
         if not api_key:
             print(
                 f"batchd: no API key: set ${config.api.api_key_env}, [api] api_key_file, or a "

@@ -150,9 +150,7 @@ def _build_section(name: str, values: Any) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] must be a table")
     if name == "pricing":
-        return PricingConfig(
-            {model: _build_price(model, price) for model, price in values.items()}
-        )
+        return PricingConfig({model: _build_price(model, price) for model, price in values.items()})
     if name == "budget":
         return _build_budget(values)
     if name == "api" and "api_key" in values:
@@ -277,16 +275,31 @@ def _check(ok: bool, message: str) -> None:
 
 
 def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> str | None:
-    """The API key from the environment, a file, or systemd's credentials; never logged."""
+    """The API key from the environment, a file, or systemd's credentials; never logged.
+
+    Raises ConfigError for a key that could not be sent in a header (a pasted curly quote,
+    a space): better said at start than as an encoding error at the first call.
+    """
     env = os.environ if env is None else env
     if config.api.api_key_file is not None:
-        return _read_key_file(config.api.api_key_file, "[api] api_key_file")
-    if env.get(config.api.api_key_env):
-        return env[config.api.api_key_env].strip()
-    credentials = env.get("CREDENTIALS_DIRECTORY")
-    if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
-        return _read_key_file(Path(credentials) / CREDENTIAL_NAME, "systemd credential")
-    return None
+        key = _read_key_file(config.api.api_key_file, "[api] api_key_file")
+    elif env.get(config.api.api_key_env):
+        key = env[config.api.api_key_env].strip()
+    elif (credentials := env.get("CREDENTIALS_DIRECTORY")) and (
+        Path(credentials) / CREDENTIAL_NAME
+    ).is_file():
+        key = _read_key_file(Path(credentials) / CREDENTIAL_NAME, "systemd credential")
+    else:
+        return None
+    for position, char in enumerate(key):
+        if not (char.isascii() and char.isprintable() and not char.isspace()):
+            # The position and the code point only: never the key or a piece of it.
+            raise ConfigError(
+                f"the API key holds a character that cannot be sent in a header "
+                f"(U+{ord(char):04X} at position {position + 1}): check for a pasted quote "
+                "or space"
+            )
+    return key
 
 
 def _read_key_file(path: Path, what: str) -> str:

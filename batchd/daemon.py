@@ -193,7 +193,9 @@ class Daemon:
         reasons = []
         if missing := _LOOPS - {t.get_name() for t in self._tasks}:
             reasons.append(f"loops not running: {', '.join(sorted(missing))}")
-        if not await self.alive():
+        try:
+            await asyncio.wait_for(self._store.status_counts(), PROBE_TIMEOUT_S)
+        except (TimeoutError, StoreError):
             reasons.append("database not answering")
         if problem := self.reachability.problem(API_SILENCE_S):
             reasons.append(problem)

@@ -80,6 +80,16 @@ def test_run_without_an_api_key_says_how_to_give_one(tmp_path: Path) -> None:
     assert "ANTHROPIC_API_KEY" in result.stderr.decode()
 
 
+def test_run_with_a_key_that_cannot_be_sent_exits_78_without_printing_it(tmp_path: Path) -> None:
+    environment = {**os.environ, "ANTHROPIC_API_KEY": "sk-ant-secret\u2019"}
+    environment["BATCHD_CONFIG"] = str(tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text(f'[database]\npath = "{tmp_path / "x.db"}"\n')
+    result = batchd("run", env=environment)
+    assert result.returncode == 78
+    assert "U+2019 at position 14" in result.stderr.decode()
+    assert b"secret" not in result.stderr + result.stdout
+
+
 def test_demo_runs_to_completion() -> None:
     result = batchd("demo", "--tasks", "12", env=dict(os.environ), timeout=90)
     out = result.stdout.decode()

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,16 @@ def test_api_key_from_env_file_or_systemd_credential(tmp_path: Path) -> None:
     key_file.write_text("")
     with pytest.raises(ConfigError, match="empty"):
         resolve_api_key(load_config(path, env={}), env={})
+
+
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [("sk-ant-\u201cabc\u201d", "U+201C at position 8"), ("sk ant", "U+0020 at position 3")],
+    ids=["curly-quote", "space"],
+)
+def test_a_key_that_cannot_be_sent_in_a_header_is_refused_without_showing_it(
+    key: str, where: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)) as caught:
+        resolve_api_key(Config(), env={"ANTHROPIC_API_KEY": key})
+    assert "sk" not in str(caught.value)

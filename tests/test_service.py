@@ -125,3 +125,20 @@ async def test_metrics_and_health_report_what_the_database_says(
     input_tokens = re.search(r'batchd_tokens_total\{kind="input"\} (\d+)', text)
     assert input_tokens
     assert int(input_tokens.group(1)) > 0  # from the usage ledger, as the database says
+
+
+async def test_health_names_missing_loops_without_blaming_the_database(
+    fake_api: FakeApiServer, daemon_config: Callable[..., Config], store: Store
+) -> None:
+    await store.close()
+    seen: list[tuple[str, ...]] = []
+
+    async def before_the_loops_start(daemon: Daemon) -> None:
+        seen.append((await daemon.health()).reasons)
+        daemon.stop()
+
+    config = daemon_config(fake_api.base_url)
+    assert await run_daemon(config, "k", on_started=before_the_loops_start) == 0
+    [reasons] = seen
+    assert reasons[0].startswith("loops not running: ")
+    assert "database not answering" not in reasons
