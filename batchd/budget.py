@@ -4,15 +4,16 @@ once not even the oldest pending task could be sent without passing it.
 Spending in a period (a UTC day, a UTC month, or all time) counts, conservatively:
 the cost of results written in the period (the usage ledger, actual tokens), plus the
 upper bound of every batch still in flight (input ≈ request bytes / 4, output at
-max_tokens), plus the same upper bound for the next batch: the oldest `max_requests`
-pending tasks, or if they would pass the limit, the largest half, quarter, ... of them
-that does not (`fitting_view`). Work whose model has no price cannot be bounded, so it
+max_tokens), plus the same upper bound for the next batch: exactly the tasks the
+chunker took for it (rows it refuses are never counted in place of others), or if they
+would pass the limit, the largest half, quarter, ... of them that does not (`admit`).
+`batchd status` shows the same figures estimated over the oldest pending rows. Work whose model has no price cannot be bounded, so it
 pauses submission too, with a reason that says which model to price.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -173,16 +174,30 @@ class BudgetGate:
             clock=clock,
         )
 
-    async def admit(self) -> int | None:
-        """How many of the oldest pending tasks the next batch may hold: None when the
-        budget sets no limit (all fit, or none can be priced yet), 0 when paused."""
-        view = await self.view()
+    async def admit(self, task_ids: Sequence[int]) -> int:
+        """How many of `task_ids` (a chunk the chunker built: valid tasks, oldest first)
+        may go now without passing the limit: all, the first half, quarter, ..., or 0
+        when not even the first fits (then submission is paused, and it is logged)."""
+        now = self._clock()
+        usage = await self._accounts.usage_by_model(period_start(self._config.period, now))
+        in_flight = await self._in_flight_sizes()
+
+        def view_of(next_batch: list[SizeRow]) -> BudgetView:
+            return budget_view(
+                self._config,
+                self._table,
+                now=now,
+                period_usage=usage,
+                in_flight=in_flight,
+                next_batch=next_batch,
+            )
+
+        async def first(count: int) -> list[SizeRow]:
+            return await self._accounts.task_sizes(task_ids[:count])
+
+        view = await fitting_view(first, len(task_ids), view_of)
         self._note(view)
-        if view.paused_reason is not None:
-            return 0
-        if view.next_batch_requests >= self._next_batch_requests:
-            return None
-        return view.next_batch_requests or None
+        return 0 if view.paused_reason is not None else view.next_batch_requests
 
     async def pause_reason(self) -> str | None:
         """Why submission must wait now, or None; logged when the answer changes."""

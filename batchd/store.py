@@ -1246,6 +1246,15 @@ class StoreAccounts:
         )
         return [cast(SizeRow, tuple(row)) for row in rows]
 
+    async def task_sizes(self, task_ids: Sequence[int]) -> list[SizeRow]:
+        """Request sizes per model of exactly these tasks (a chunk about to be sent)."""
+        rows = await self._store._read(
+            f"SELECT {_SIZE_TOTALS} FROM (SELECT {_REQUEST_SIZE_COLUMNS} FROM tasks"
+            " WHERE id IN (SELECT value FROM json_each(?))) GROUP BY model ORDER BY model",
+            (_json_list(task_ids),),
+        )
+        return [cast(SizeRow, tuple(row)) for row in rows]
+
     async def pending_fingerprint(self, limit: int) -> tuple[int, int, int, int]:
         """(count, min id, max id, sum of ids) of the oldest `limit` pending tasks (index only)."""
         rows = await self._store._read(

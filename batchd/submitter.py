@@ -115,20 +115,14 @@ class Submitter:
         """Create at most one batch from the oldest pending tasks."""
         if (held_s := self._held_s()) is not None:
             return SubmitResult(waiting=True, retry_after_s=held_s)
-        admitted = None if self.budget is None else await self.budget.admit()
-        if admitted == 0:
-            return SubmitResult(waiting=True)  # the gate logs submission_paused_budget
         capacity = self._config.max_in_flight_requests - await self._store.in_flight_request_count()
         if capacity <= 0:
             return SubmitResult(waiting=await self._has_pending())
-        limit = min(
-            self._config.max_requests,
-            capacity,
-            self._max_requests_cap or capacity,
-            admitted or capacity,  # a smaller batch, when only that fits the budget
-        )
+        limit = min(self._config.max_requests, capacity, self._max_requests_cap or capacity)
         if self._suspect is not None or self._refusal_pauses:
             limit = 1  # a control, or a probe after a pause: one small request is enough
+        if self.budget is not None and self.budget.paused_reason is not None:
+            limit = 1  # paused: only whether the oldest task fits now matters
         skip = self._suspect.task_id if self._suspect is not None else None
         chunk = await self._next_chunk(limit, skip=skip)
         try:
@@ -139,6 +133,25 @@ class Submitter:
                 return SubmitResult()
             if not chunk.full and not self._linger_over():
                 return SubmitResult(waiting=True)
+            if self.budget is not None:
+                # Priced on exactly the tasks the chunker took (invalid rows are already
+                # marked and skipped): a batch never carries a request the budget did not
+                # count. Cut to what fits, oldest first.
+                admitted = await self.budget.admit(chunk.task_ids)
+                if admitted == 0:
+                    return SubmitResult(waiting=True)  # the gate logs the pause
+                if admitted < len(chunk):
+                    return await self._create_first(chunk.task_ids[:admitted], skip)
+            return await self._create(chunk)
+        finally:
+            chunk.body.close()
+
+    async def _create_first(self, task_ids: list[int], skip: int | None) -> SubmitResult:
+        """Send the oldest `task_ids` only (what the budget admits), if they still lead."""
+        chunk = await self._next_chunk(len(task_ids), skip=skip)
+        try:
+            if chunk.task_ids != task_ids:
+                return SubmitResult()  # the queue moved under us: price it again next step
             return await self._create(chunk)
         finally:
             chunk.body.close()

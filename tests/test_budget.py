@@ -10,16 +10,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from batchd.budget import BudgetGate, budget_view, fitting_view, period_start
+from batchd.client import BatchesClient, RetryPolicy
 from batchd.commands import render_status, status_snapshot
 from batchd.config import BudgetConfig, Config
 from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
 from batchd.pricing import PriceTable
 from batchd.store import Store, StoreAccounts
+from batchd.submitter import Submitter
 from tests.conftest import request_params
 
 NOW = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)
@@ -203,3 +207,72 @@ def sqlite_count(db_path: Path, sql: str) -> int:
         (count,) = db.execute(sql).fetchone()
     db.close()
     return int(count)
+
+
+async def submit_within(
+    store: Store, fake_api: FakeApiServer, max_spend_usd: float, *, linger_s: float = 0.0
+) -> tuple[int, bool]:
+    """One submit step of a submitter whose budget is `max_spend_usd`: (requests, waiting)."""
+    config = Config()
+    config = replace(
+        config,
+        budget=BudgetConfig(max_spend_usd, "total"),
+        batching=replace(config.batching, max_requests=8, linger_s=linger_s),
+    )
+    gate = BudgetGate.from_config(store, config, clock=lambda: NOW)
+    async with aiohttp.ClientSession() as session:
+        client = BatchesClient(
+            session, base_url=fake_api.base_url, api_key="k", policy=RetryPolicy(max_retries=0)
+        )
+        submitter = Submitter(
+            store,
+            client,
+            config.batching,
+            clock=lambda: NOW,
+            monotonic=lambda: 0.0,
+            reconcile_grace_s=60,
+            budget=gate,
+        )
+        result = await submitter.submit_once()
+    return result.requests, result.waiting
+
+
+# Rows the chunker refuses, first in the queue: never priced in place of the tasks sent.
+REFUSED_FIRST = {
+    "bad JSON": ["{not json", "{not json"],
+    "a model but no messages": [orjson.dumps({"model": HAIKU, "max_tokens": 1}).decode()],
+    "no messages, a huge max_tokens": [
+        orjson.dumps({"model": HAIKU, "max_tokens": 10_000_000}).decode()
+    ],
+    "an unknown model, streaming": [
+        request_params("x", model="claude-nonexistent", stream=True, max_tokens=10)
+    ],
+}
+
+
+@pytest.mark.parametrize("refused", REFUSED_FIRST.values(), ids=list(REFUSED_FIRST))
+async def test_the_budget_prices_exactly_the_tasks_a_batch_carries(
+    refused: list[str], store: Store, fake_api: FakeApiServer, db_path: Path
+) -> None:
+    with sqlite3.connect(db_path) as db:
+        db.executemany(
+            "INSERT INTO tasks (custom_id, params) VALUES (?, ?)",
+            [(f"bad-{n}", params) for n, params in enumerate(refused)],
+        )
+    db.close()
+    await store.enqueue(
+        (f"ok-{n}", request_params(f"text {n}", max_tokens=1000, model=HAIKU)) for n in range(20)
+    )
+    # One task is at most 1,000 output tokens x $5 / 1e6, halved: $0.0025. $0.003 fits one.
+    requests, _ = await submit_within(store, fake_api, 0.003)
+    assert requests == 1
+    assert sqlite_count(db_path, "SELECT count(*) FROM tasks WHERE status = 'invalid'") == len(
+        refused
+    )
+    assert fake_api.state.stats.submissions.keys() == {"ok-0"}
+
+
+async def test_a_budget_leaves_the_linger_alone(store: Store, fake_api: FakeApiServer) -> None:
+    await store.enqueue((f"ok-{n}", request_params(f"t {n}", max_tokens=10)) for n in range(3))
+    # Three tasks, room for far more: the partly full batch still waits for its linger.
+    assert await submit_within(store, fake_api, 1000.0, linger_s=1000.0) == (0, True)
