@@ -7,8 +7,9 @@ upper bound of every batch still in flight (input ≈ request bytes / 4, output 
 max_tokens), plus the same upper bound for the next batch: exactly the tasks the
 chunker took for it (rows it refuses are never counted in place of others), or if they
 would pass the limit, the largest half, quarter, ... of them that does not (`admit`).
-`batchd status` shows the same figures estimated over the oldest pending rows. Work whose model has no price cannot be bounded, so it
-pauses submission too, with a reason that says which model to price.
+`batchd status` shows the same figures estimated over the oldest pending rows. Work
+whose model has no price cannot be bounded, so it pauses submission too, with a reason
+that says which model to price.
 """
 
 from __future__ import annotations
