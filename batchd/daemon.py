@@ -19,7 +19,7 @@ from batchd.client import ApiError, AuthenticationError, BatchesClient, RetryPol
 from batchd.collector import Collector
 from batchd.config import Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
-from batchd.instancelock import daemon_lock
+from batchd.instancelock import AlreadyRunningError, daemon_lock
 from batchd.metrics import (
     BATCHES_CREATED,
     BATCHES_IN_FLIGHT,
@@ -334,13 +334,21 @@ async def run_daemon(
     async with AsyncExitStack() as stack:
         notifier = Notifier.from_environment()
         stack.callback(notifier.close)
+        # The lock before the open (a second daemon must not migrate the schema under a
+        # running one) and released after the close (the exit stack unwinds in reverse).
+        try:
+            stack.enter_context(daemon_lock(config.database.path))
+        except AlreadyRunningError:
+            raise
+        except StoreError:
+            # The directory refuses the lock file: opening the database says more
+            # precisely why (read-only, missing, ...), so that error is the one raised.
+            await (await Store.open(config.database.path, migrate=False)).close()
+            raise
         store = await Store.open(
             config.database.path, busy_timeout_ms=config.database.busy_timeout_ms
         )
         stack.push_async_callback(store.close)
-        # After the open, whose errors say more about an unusable database or directory;
-        # before any loop starts. (Opening only migrates, in guarded transactions.)
-        stack.enter_context(daemon_lock(config.database.path))
         session = await stack.enter_async_context(aiohttp.ClientSession())
         registry, reachability = batchd_registry(), ApiReachability()
         client = BatchesClient(

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,16 @@ async def test_a_batch_created_after_its_intent_was_released_is_recorded_as_a_du
     [(api_batch_id, note)] = query(db_path, "SELECT api_batch_id, note FROM duplicate_batches")
     assert api_batch_id.startswith("msgbatch_")
     assert "after its intent was released" in note
+
+
+async def test_a_refused_second_daemon_has_not_touched_the_database(
+    tmp_path: Path, daemon_config: Callable[..., Config], fake_api: FakeApiServer
+) -> None:
+    database = tmp_path / "fresh.db"
+    config = replace(
+        daemon_config(fake_api.base_url), database=replace(Config().database, path=database)
+    )
+    with daemon_lock(database), pytest.raises(AlreadyRunningError):
+        await run_daemon(config, "k", exit_when_idle=True)
+    # Refused before opening: no file created, no schema migrated under the holder.
+    assert not database.exists()
