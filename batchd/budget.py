@@ -179,19 +179,7 @@ class BudgetGate:
         """How many of `task_ids` (a chunk the chunker built: valid tasks, oldest first)
         may go now without passing the limit: all, the first half, quarter, ..., or 0
         when not even the first fits (then submission is paused, and it is logged)."""
-        now = self._clock()
-        usage = await self._accounts.usage_by_model(period_start(self._config.period, now))
-        in_flight = await self._in_flight_sizes()
-
-        def view_of(next_batch: list[SizeRow]) -> BudgetView:
-            return budget_view(
-                self._config,
-                self._table,
-                now=now,
-                period_usage=usage,
-                in_flight=in_flight,
-                next_batch=next_batch,
-            )
+        view_of = await self._viewer()
 
         async def first(count: int) -> list[SizeRow]:
             return await self._accounts.task_sizes(task_ids[:count])
@@ -225,6 +213,11 @@ class BudgetGate:
 
     async def view(self) -> BudgetView:
         """The figures for the largest next batch the budget admits (`fitting_view`)."""
+        view_of = await self._viewer()
+        return await fitting_view(self._next_sizes, self._next_batch_requests, view_of)
+
+    async def _viewer(self) -> Callable[[list[SizeRow]], BudgetView]:
+        """The budget's figures as of now, for whichever next batch is being weighed."""
         now = self._clock()
         usage = await self._accounts.usage_by_model(period_start(self._config.period, now))
         in_flight = await self._in_flight_sizes()
@@ -239,7 +232,7 @@ class BudgetGate:
                 next_batch=next_batch,
             )
 
-        return await fitting_view(self._next_sizes, self._next_batch_requests, view_of)
+        return view_of
 
     async def _next_sizes(self, limit: int) -> list[SizeRow]:
         if limit == self._next_batch_requests:
