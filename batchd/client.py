@@ -290,8 +290,9 @@ class BatchesClient:
             sock_connect=_RESULTS_CONNECT_TIMEOUT_S,
             sock_read=results_sock_read_timeout_s,
         )
-        # A download that brings fewer than this many bytes in this many seconds is stuck
-        # (sock_read only catches total silence: a trickle resets it at every byte).
+        # A download that brings fewer than this many bytes in this many seconds of waiting
+        # for them is stuck (sock_read only catches total silence: a trickle resets it at
+        # every byte). Time the consumer spends away from the stream is not counted.
         self._results_stall_s, self._results_stall_bytes = results_stall
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
@@ -494,20 +495,27 @@ class BatchesClient:
         # Never readline(): it caps line length at the reader's high-water mark (§8.5).
         splitter = LineSplitter(max_line_bytes)
         chunks = response.content.iter_chunked(_RESULTS_CHUNK_BYTES)
-        window_start, window_bytes = time.monotonic(), 0
+        # The stall window counts only time spent waiting for the next chunk: while the
+        # consumer holds this generator suspended (the collector staging lines, perhaps
+        # minutes behind SQLite's write lock) the network is not being waited on, and what
+        # arrived meanwhile is read at once when it comes back.
+        window_waited_s, window_bytes = 0.0, 0
         while True:
             # Only reading and splitting are guarded, so the consumer's own exceptions
             # (raised at the yield) are never mistaken for stream faults.
             try:
+                read_started = time.monotonic()
                 chunk = await anext(chunks, b"")
+                window_waited_s += time.monotonic() - read_started
                 window_bytes += len(chunk)
-                if time.monotonic() - window_start >= self._results_stall_s:
+                if window_waited_s >= self._results_stall_s:
                     if chunk and window_bytes < self._results_stall_bytes:
                         reason = (
-                            f"stalled: {window_bytes} bytes in the last {self._results_stall_s:g} s"
+                            f"stalled: {window_bytes} bytes in the last "
+                            f"{self._results_stall_s:g} s spent waiting for the network"
                         )
                         raise ResultsStreamError(batch_id, url, splitter.offset, reason)
-                    window_start, window_bytes = time.monotonic(), 0
+                    window_waited_s, window_bytes = 0.0, 0
                 lines = splitter.feed(chunk) if chunk else splitter.finish()
             except LineTooLongError as exc:
                 raise ResultsStreamError(batch_id, url, exc.offset, str(exc)) from exc
