@@ -23,7 +23,7 @@ import structlog
 import yarl
 
 from batchd import shapes
-from batchd.resultstream import LineSplitter, LineTooLongError
+from batchd.resultstream import LineSplitter, LineTooLongError, is_cut_off
 from batchd.wire import (
     ANTHROPIC_VERSION,
     BATCHES_PATH,
@@ -369,7 +369,8 @@ class BatchesClient:
         """Stream the results JSONL at `results_url` (absolute, from the batch: §1.2).
 
         Yields an iterator of non-blank lines without terminators. A cut-off or
-        unframeable stream raises `ResultsStreamError` naming the batch and byte offset.
+        unframeable stream raises `ResultsStreamError` naming the batch and byte offset;
+        one that ends cleanly inside a line yields the lines before it (a short stream).
         """
         response = await self._with_retries("results", lambda: self._open_results(results_url))
         lines = self._result_lines(response, results_url, batch_id, max_line_bytes)
@@ -516,7 +517,7 @@ class BatchesClient:
                         )
                         raise ResultsStreamError(batch_id, url, splitter.offset, reason)
                     window_waited_s, window_bytes = 0.0, 0
-                lines = splitter.feed(chunk) if chunk else splitter.finish()
+                lines = splitter.feed(chunk) if chunk else self._last_lines(splitter, batch_id)
             except LineTooLongError as exc:
                 raise ResultsStreamError(batch_id, url, exc.offset, str(exc)) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -526,6 +527,26 @@ class BatchesClient:
                 yield line
             if not chunk:
                 return
+
+    @staticmethod
+    def _last_lines(splitter: LineSplitter, batch_id: str) -> list[bytes]:
+        """The line left without a terminator at the end, unless it is a fragment.
+
+        A fragment is dropped, not yielded: counted as a line it would make a short stream
+        look whole (the batch finished and its last request sent, and paid, again) and be
+        kept as a malformed result. Without it the stream is short, and downloaded again.
+        """
+        end = splitter.offset
+        lines = splitter.finish()
+        if lines and is_cut_off(lines[-1]):
+            fragment = lines.pop()
+            log.warning(
+                "results_stream_ended_mid_line",
+                batch_id=batch_id,
+                offset=end - len(fragment),
+                bytes=len(fragment),
+            )
+        return lines
 
     def _status_error(
         self, method: str, path: str, status: int, headers: Mapping[str, str], payload: bytes
