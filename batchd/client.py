@@ -23,7 +23,7 @@ import structlog
 import yarl
 
 from batchd import shapes
-from batchd.resultstream import LineSplitter, LineTooLongError
+from batchd.resultstream import LineSplitter, LineTooLongError, is_cut_off
 from batchd.wire import (
     ANTHROPIC_VERSION,
     BATCHES_PATH,
@@ -290,8 +290,9 @@ class BatchesClient:
             sock_connect=_RESULTS_CONNECT_TIMEOUT_S,
             sock_read=results_sock_read_timeout_s,
         )
-        # A download that brings fewer than this many bytes in this many seconds is stuck
-        # (sock_read only catches total silence: a trickle resets it at every byte).
+        # A download that brings fewer than this many bytes in this many seconds of waiting
+        # for them is stuck (sock_read only catches total silence: a trickle resets it at
+        # every byte). Time the consumer spends away from the stream is not counted.
         self._results_stall_s, self._results_stall_bytes = results_stall
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
@@ -368,7 +369,8 @@ class BatchesClient:
         """Stream the results JSONL at `results_url` (absolute, from the batch: §1.2).
 
         Yields an iterator of non-blank lines without terminators. A cut-off or
-        unframeable stream raises `ResultsStreamError` naming the batch and byte offset.
+        unframeable stream raises `ResultsStreamError` naming the batch and byte offset;
+        one that ends cleanly inside a line yields the lines before it (a short stream).
         """
         response = await self._with_retries("results", lambda: self._open_results(results_url))
         lines = self._result_lines(response, results_url, batch_id, max_line_bytes)
@@ -494,21 +496,28 @@ class BatchesClient:
         # Never readline(): it caps line length at the reader's high-water mark (§8.5).
         splitter = LineSplitter(max_line_bytes)
         chunks = response.content.iter_chunked(_RESULTS_CHUNK_BYTES)
-        window_start, window_bytes = time.monotonic(), 0
+        # The stall window counts only time spent waiting for the next chunk: while the
+        # consumer holds this generator suspended (the collector staging lines, perhaps
+        # minutes behind SQLite's write lock) the network is not being waited on, and what
+        # arrived meanwhile is read at once when it comes back.
+        window_waited_s, window_bytes = 0.0, 0
         while True:
             # Only reading and splitting are guarded, so the consumer's own exceptions
             # (raised at the yield) are never mistaken for stream faults.
             try:
+                read_started = time.monotonic()
                 chunk = await anext(chunks, b"")
+                window_waited_s += time.monotonic() - read_started
                 window_bytes += len(chunk)
-                if time.monotonic() - window_start >= self._results_stall_s:
+                if window_waited_s >= self._results_stall_s:
                     if chunk and window_bytes < self._results_stall_bytes:
                         reason = (
-                            f"stalled: {window_bytes} bytes in the last {self._results_stall_s:g} s"
+                            f"stalled: {window_bytes} bytes in the last "
+                            f"{self._results_stall_s:g} s spent waiting for the network"
                         )
                         raise ResultsStreamError(batch_id, url, splitter.offset, reason)
-                    window_start, window_bytes = time.monotonic(), 0
-                lines = splitter.feed(chunk) if chunk else splitter.finish()
+                    window_waited_s, window_bytes = 0.0, 0
+                lines = splitter.feed(chunk) if chunk else self._last_lines(splitter, batch_id)
             except LineTooLongError as exc:
                 raise ResultsStreamError(batch_id, url, exc.offset, str(exc)) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -518,6 +527,26 @@ class BatchesClient:
                 yield line
             if not chunk:
                 return
+
+    @staticmethod
+    def _last_lines(splitter: LineSplitter, batch_id: str) -> list[bytes]:
+        """The line left without a terminator at the end, unless it is a fragment.
+
+        A fragment is dropped, not yielded: counted as a line it would make a short stream
+        look whole (the batch finished and its last request sent, and paid, again) and be
+        kept as a malformed result. Without it the stream is short, and downloaded again.
+        """
+        end = splitter.offset
+        lines = splitter.finish()
+        if lines and is_cut_off(lines[-1]):
+            fragment = lines.pop()
+            log.warning(
+                "results_stream_ended_mid_line",
+                batch_id=batch_id,
+                offset=end - len(fragment),
+                bytes=len(fragment),
+            )
+        return lines
 
     def _status_error(
         self, method: str, path: str, status: int, headers: Mapping[str, str], payload: bytes

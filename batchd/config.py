@@ -18,6 +18,14 @@ from batchd.pricing import ModelPrice
 from batchd.wire import DEFAULT_BASE_URL, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
 
 CREDENTIAL_NAME = "anthropic-api-key"
+# The shortest wait before a create whose outcome is unknown is given up as never made and
+# its requests sent again (submitter.reconcile, design step 4). The API's reads can lag a
+# create: a batch was seen answering 404 a full second after its create was answered (spec
+# §7.6, ISS #1432). At 0 the daemon gives up after a single list call; 5 s is a
+# several-fold margin over that lag, with the submitter listing again every 2 s meanwhile.
+# The default (60 s) follows the spec's advice to wait out such glitches for a few tens of
+# seconds. (Tests against the fake API, whose list never lags, may set the field lower.)
+MIN_RECONCILE_GRACE_S = 5.0
 
 
 class ConfigError(Exception):
@@ -245,7 +253,13 @@ def _validate(config: Config) -> None:
     _check(b.max_in_flight_requests >= 1, "[batching] max_in_flight_requests: must be >= 1")
     _check(b.linger_s >= 0, "[batching] linger_seconds: must be >= 0")
     _check(b.max_attempts >= 1, "[batching] max_attempts: must be >= 1")
-    _check(b.reconcile_grace_s >= 0, "[batching] reconcile_grace_seconds: must be >= 0")
+    _check(
+        b.reconcile_grace_s >= MIN_RECONCILE_GRACE_S,
+        f"[batching] reconcile_grace_seconds: must be >= {MIN_RECONCILE_GRACE_S:g} (a create "
+        "whose answer was lost is sent again once its batch has not shown on the list "
+        "endpoint for this long; the list can lag a create, and sending too soon pays twice), "
+        f"got {b.reconcile_grace_s:g}",
+    )
     p = config.polling
     _check(p.interval_s > 0, "[polling] interval_seconds: must be > 0")
     _check(p.max_concurrency >= 1, "[polling] max_concurrency: must be >= 1")

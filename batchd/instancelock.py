@@ -1,7 +1,8 @@
 """One daemon per database: two would each take the other's `creating` batch for a lost
 create, release it after the grace and send its requests again (paid twice, unrecorded).
 
-`batchd run` holds an exclusive `flock` on `<database>.lock` for its whole life. The
+`batchd run` holds an exclusive `flock` on `<database>.lock` for its whole life (the
+database's real path: a symlink to it or a relative spelling finds the same lock). The
 kernel releases it when the process dies, however it dies, so a `kill -9` never leaves a
 stale lock behind. Other commands (status, enqueue, ...) do not take it.
 """
@@ -22,7 +23,15 @@ class AlreadyRunningError(StoreError):
 
 
 def lock_path(database: Path) -> Path:
-    return database.with_name(database.name + ".lock")
+    """`<database>.lock` beside the real database file, however `database` is spelled.
+
+    A symlink to the database (or a path through one) must lead to the same lock as the
+    file itself, or two daemons could run on one database; SQLite resolves symlinks the
+    same way for its -wal and -shm files. realpath, not Path.resolve: on a symlink loop it
+    returns a path instead of raising, and opening the database then says what is wrong.
+    """
+    real = Path(os.path.realpath(database))
+    return real.with_name(real.name + ".lock")
 
 
 @contextlib.contextmanager

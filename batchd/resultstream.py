@@ -4,13 +4,15 @@ aiohttp's `readline()` raises `LineTooLong` past its reader's high-water mark (1
 KiB), and a result line can be many MB (spec §8.5; pitfalls.md). So the client reads
 raw chunks and this module frames them, as tolerantly as the SDK's JSONL decoder
 (spec §1.2): `\\n`, `\\r\\n` and `\\r` all end a line, a last line without a terminator
-still counts, and blank lines are skipped.
+still counts (when it is whole: `is_cut_off`), and blank lines are skipped.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+
+import orjson
 
 # Order matters: "\r\n" must match as one terminator, not as "\r" then an empty line.
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -109,6 +111,22 @@ class LineSplitter:
         # The unterminated tail: refuse it now rather than buffer it to the end.
         if length + len(chunk) - position > self._max_line_bytes:
             raise LineTooLongError(start, self._max_line_bytes)
+
+
+def is_cut_off(last_line: bytes) -> bool:
+    """Whether a last line that had no terminator is the start of a line cut short.
+
+    A stream ends its last line with a newline like the others (the fake does, spec §9),
+    but a whole last line without one still counts, as in the SDKs (spec §1.2). A result
+    line is a JSON object, and no proper prefix of an object is valid JSON: a last line
+    that does not parse is what is left of a stream that ended inside a line (a gzip body
+    cut short but closed cleanly), not a line the API sent.
+    """
+    try:
+        orjson.loads(last_line)
+    except orjson.JSONDecodeError:
+        return True
+    return False
 
 
 async def iter_lines(chunks: AsyncIterator[bytes], max_line_bytes: int) -> AsyncIterator[bytes]:

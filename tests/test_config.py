@@ -102,3 +102,23 @@ def test_a_key_that_cannot_be_sent_in_a_header_is_refused_without_showing_it(
     with pytest.raises(ConfigError, match=re.escape(where)) as caught:
         resolve_api_key(Config(), env={"ANTHROPIC_API_KEY": key})
     assert "sk" not in str(caught.value)
+
+
+@pytest.mark.parametrize("grace", ["0", "0.0", "4.9", "-1"])
+def test_a_reconcile_grace_too_short_to_outwait_the_list_is_refused(
+    tmp_path: Path, grace: str
+) -> None:
+    # Shorter, a create whose answer was lost could be sent again before the list endpoint
+    # shows the batch it made: the same requests paid for twice.
+    path = write(tmp_path, f"[batching]\nreconcile_grace_seconds = {grace}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    message = str(refused.value)
+    assert message.startswith("[batching] reconcile_grace_seconds: must be >= 5 ")
+    assert f"got {float(grace):g}" in message
+
+
+@pytest.mark.parametrize("grace", ["5", "60.0", "3600"])
+def test_a_reconcile_grace_of_5_seconds_or_more_is_accepted(tmp_path: Path, grace: str) -> None:
+    path = write(tmp_path, f"[batching]\nreconcile_grace_seconds = {grace}\n")
+    assert load_config(path, env={}).batching.reconcile_grace_s == float(grace)

@@ -121,3 +121,66 @@ async def test_a_refused_second_daemon_has_not_touched_the_database(
         await run_daemon(config, "k", exit_when_idle=True)
     # Refused before opening: no file created, no schema migrated under the holder.
     assert not database.exists()
+
+
+# -- one lock per database file, however the path to it is spelled ------------------------------
+
+
+def assert_refused(database: Path) -> None:
+    """A daemon on `database`, spelled this way, would be refused now."""
+    with pytest.raises(AlreadyRunningError), daemon_lock(database):
+        pytest.fail(f"a second daemon took the lock through {database}")
+
+
+def test_a_database_reached_through_a_symlink_is_refused_while_its_target_is_locked(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "data" / "batchd.db"
+    real.parent.mkdir()
+    real.touch()
+    elsewhere = tmp_path / "links"
+    elsewhere.mkdir()
+    link = elsewhere / "other-name.db"
+    link.symlink_to(real)
+    with daemon_lock(real):
+        assert_refused(link)
+    with daemon_lock(link):
+        assert_refused(real)
+    # One lock file, beside the real database (where SQLite puts its -wal and -shm too).
+    assert lock_path(link) == lock_path(real) == real.parent.resolve() / "batchd.db.lock"
+    assert not (elsewhere / "other-name.db.lock").exists()
+
+
+def test_a_relative_symlink_to_a_database_not_yet_created_shares_its_lock(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "batchd.db"  # not created yet: the lock is taken before the open
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / "batchd.db"
+    link.symlink_to(Path("..") / "batchd.db")
+    with daemon_lock(link):
+        assert_refused(real)
+
+
+@pytest.mark.parametrize(
+    ("cwd", "spelling"),
+    [
+        ("db", "batchd.db"),
+        ("db", "./batchd.db"),
+        ("elsewhere", "../db/batchd.db"),
+        ("elsewhere", "../db/sub/../batchd.db"),
+        ("db-link", "batchd.db"),  # a symlinked working directory
+    ],
+)
+def test_relative_paths_from_another_directory_share_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cwd: str, spelling: str
+) -> None:
+    database = tmp_path / "db" / "batchd.db"
+    (tmp_path / "db" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "db-link").symlink_to(tmp_path / "db")
+    monkeypatch.chdir(tmp_path / cwd)
+    with daemon_lock(database):
+        assert_refused(Path(spelling))
+    with daemon_lock(Path(spelling)):
+        assert_refused(database)

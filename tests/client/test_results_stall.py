@@ -44,10 +44,15 @@ async def test_a_trickling_results_stream_is_given_up_as_stalled(
     assert lines == [LINE.rstrip(b"\n")]
 
 
-async def read_into(lines: list[bytes], client: BatchesClient, url: str) -> None:
+async def read_into(
+    lines: list[bytes], client: BatchesClient, url: str, *, pause_s: float = 0.0
+) -> None:
+    """Read every line, away from the stream `pause_s` after each (a busy consumer)."""
     async with client.results(url, batch_id="b") as stream:
         async for line in stream:
             lines.append(line)
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
 
 async def test_a_steady_stream_is_not_stalled(serve: Serve, session: aiohttp.ClientSession) -> None:
@@ -66,3 +71,55 @@ async def test_a_steady_stream_is_not_stalled(serve: Serve, session: aiohttp.Cli
     async with client.results(f"{base_url}/results", batch_id="b") as stream:
         lines = [line async for line in stream]
     assert len(lines) == 40
+
+
+async def test_a_consumer_away_longer_than_the_stall_window_does_not_stall_a_healthy_stream(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # The collector stages lines between reads; waiting for SQLite's write lock it can hold
+    # the stream for minutes. Only the time spent waiting on the network counts.
+    async def quick(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(LINE)
+        await asyncio.sleep(0.05)  # the rest arrives while the consumer is away
+        await response.write(LINE * 3)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/results", quick)
+    base_url = await serve(app)
+    client = BatchesClient(
+        session, base_url=base_url, api_key="k", policy=RetryPolicy(0), results_stall=(0.3, 1000)
+    )
+    lines: list[bytes] = []
+    async with client.results(f"{base_url}/results", batch_id="b") as stream:
+        async for line in stream:
+            lines.append(line)
+            if len(lines) == 1:
+                await asyncio.sleep(0.4)  # away longer than the window, with 200 bytes read
+    assert lines == [LINE.rstrip(b"\n")] * 4
+
+
+async def test_a_trickle_is_still_caught_when_the_consumer_is_slow_too(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(200):  # a 3-byte line every 20 ms: never 1,000 bytes in 0.3 s
+            await response.write(b"{}\n")
+            await asyncio.sleep(0.02)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/results", trickle)
+    base_url = await serve(app)
+    client = BatchesClient(
+        session, base_url=base_url, api_key="k", policy=RetryPolicy(0), results_stall=(0.3, 1000)
+    )
+    lines: list[bytes] = []
+    # Half of each 20 ms is the consumer's: the guard must still add up the other half.
+    with pytest.raises(ResultsStreamError, match=r"stalled: \d+ bytes in the last 0.3 s"):
+        await read_into(lines, client, f"{base_url}/results", pause_s=0.01)
+    assert 0 < len(lines) < 200

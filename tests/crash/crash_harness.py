@@ -57,7 +57,7 @@ def write_config(directory: Path, base_url: str, **sections: dict[str, object]) 
         "batching": {
             "max_requests": 4,
             "linger_seconds": 0.05,
-            "reconcile_grace_seconds": 1.0,
+            "reconcile_grace_seconds": 5.0,  # the least config.py accepts
             "max_attempts": 3,
         },
         "polling": {"interval_seconds": 0.1, "not_found_grace_seconds": 1.0},

@@ -1,0 +1,92 @@
+"""A results download is not given up as stalled because the collector waited for the
+database between reads: real SQLite file, real collector, a results server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from batchd.client import BatchesClient, RetryPolicy
+from batchd.collector import Collector
+from batchd.config import ResultsConfig
+from batchd.store import Store
+from tests.test_collector import ApiStub, answers, ended_batch, line
+from tests.test_store import FakeClock, query
+
+STALL_S = 0.3
+WRITER_BUSY_S = 0.5  # longer than the stall window
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store_clock(clock: FakeClock) -> FakeClock:
+    return clock
+
+
+@pytest.fixture
+async def busy_writer_api(store: Store) -> AsyncIterator[ApiStub]:
+    """Sends a first line, takes the store's writer (as another loop's write waiting on a
+    user's lock would) for WRITER_BUSY_S, then sends the rest of the body at once."""
+    stub = ApiStub()
+    loop = asyncio.get_running_loop()
+
+    async def results(request: web.Request) -> web.StreamResponse:
+        body = stub.bodies[request.match_info["name"]]
+        first, rest = body.split(b"\n", 1)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await store._lock.acquire()  # free here: taken at once, before the line is staged
+        loop.call_later(WRITER_BUSY_S, store._lock.release)
+        await response.write(first + b"\n")
+        await asyncio.sleep(0.05)  # the rest arrives while the collector waits
+        await response.write(rest)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/results/{name}", results)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield stub
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_collector_kept_waiting_for_the_writer_still_finishes_a_healthy_download(
+    store: Store, db_path: Path, busy_writer_api: ApiStub, clock: FakeClock
+) -> None:
+    ids = ("a", "b", "c")
+    await ended_batch(store, db_path, busy_writer_api, "1", *ids)
+    busy_writer_api.bodies["1"] = b"".join(line(cid) + b"\n" for cid in ids)
+
+    async with aiohttp.ClientSession() as session:
+        client = BatchesClient(
+            session,
+            base_url=busy_writer_api.base_url,
+            api_key="k",
+            policy=RetryPolicy(0),
+            results_stall=(STALL_S, 64 * 1024),
+        )
+        collector = Collector(
+            store, client, ResultsConfig(chunk_size=1), max_attempts=3, clock=clock
+        )
+        with capture_logs() as logs:
+            finished = await collector.collect_all()
+
+    assert [e for e in logs if e["event"] == "results_download_failed"] == []
+    assert finished == 1
+    assert all(answers(db_path)[cid] == ("succeeded", f"answer for {cid}") for cid in ids)
+    assert query(db_path, "SELECT state, download_attempts FROM batches") == [("completed", 0)]
