@@ -1,4 +1,8 @@
-"""Ended batches ─► results streamed and staged, then applied to the tasks in id ranges."""
+"""Ended batches ─► results streamed and staged, then applied to the tasks in id ranges.
+
+Two batches at a time, on two write-back lanes of the store: while one batch is applied
+(SQLite's work, which lets go of the GIL), the next one is downloaded, parsed and staged.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.metrics import RESULTS_WRITTEN, Registry
 from batchd.outcomes import MalformedResultLine, parse_result_line
-from batchd.store import Store, StoreError
+from batchd.store import Store, StoreError, WriteBackLane
 from batchd.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 
 log = structlog.get_logger("batchd.collector")
@@ -32,7 +36,8 @@ log = structlog.get_logger("batchd.collector")
 _RETENTION = timedelta(days=RESULTS_RETENTION_DAYS)
 # Back-to-back apply transactions leave a user's INSERT almost no moment to take the write
 # lock: SQLite's busy handler retries only every 100 ms once it has waited 228 ms. So after
-# this long of applying, a pause that holds at least one of those retries (costs ~5%).
+# this long of applying (by either lane), a pause of every write of ours that holds at
+# least one of those retries (costs ~5-10%).
 _WRITERS_WAIT_S = 1.0
 _WRITERS_PAUSE_S = 0.12
 # Warn loudly when results of an unfinished download are this close to being archived.
@@ -75,35 +80,62 @@ class Collector:
         self._config = config
         self._max_attempts = max_attempts
         self._clock = clock
+        self._applying_since = time.monotonic()  # since the last pause for users' writes
 
     async def collect_all(self) -> int:
-        """Write back the results of every ended batch; returns how many were finished."""
-        finished = 0
-        for batch in await self._store.batches_in(BatchState.ENDED):
-            try:
-                if await self._collect(batch):
-                    finished += 1
-            except (AuthenticationError, StoreError):
-                # Not this batch's fault (the key; a full or read-only disk): every batch
-                # would fail alike, and the daemon's step handling waits and retries.
-                raise
-            except ApiError as exc:
-                await self._download_failed(batch, str(exc))
-            except Exception:
-                # What fails only this batch (a bug it alone meets) must not hold up the
-                # batches after it until their results are archived: it stays `ended`, is
-                # tried again next cycle, and is reported loudly meanwhile.
-                log.exception("results_write_failed", batch_id=batch.api_batch_id)
-        return finished
+        """Write back the results of every ended batch; returns how many were finished.
 
-    async def _collect(self, batch: BatchRecord) -> bool:
+        Each batch is started once the one before it is staged, so that its download and
+        staging overlap the previous batch's apply; at most one batch per lane at a time.
+        """
+        running: list[asyncio.Task[bool]] = []
+        self._applying_since = time.monotonic()
+        try:
+            for batch in await self._store.batches_in(BatchState.ENDED):
+                staged = asyncio.Event()
+                running.append(asyncio.create_task(self._collect_one(batch, staged)))
+                await staged.wait()
+                if any(task.done() and task.exception() for task in running):
+                    break  # the key, or the database: every batch would fail alike
+            outcomes = await asyncio.gather(*running, return_exceptions=True)
+        except BaseException:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(1 for outcome in outcomes if outcome)
+
+    async def _collect_one(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
+        """One batch, `staged` set as soon as its lines are all staged (or it stopped)."""
+        try:
+            return await self._collect(batch, staged)
+        except (AuthenticationError, StoreError):
+            # Not this batch's fault (the key; a full or read-only disk): every batch
+            # would fail alike, and the daemon's step handling waits and retries.
+            raise
+        except ApiError as exc:
+            await self._download_failed(batch, str(exc))
+        except Exception:
+            # What fails only this batch (a bug it alone meets) must not hold up the
+            # batches after it until their results are archived: it stays `ended`, is
+            # tried again next cycle, and is reported loudly meanwhile.
+            log.exception("results_write_failed", batch_id=batch.api_batch_id)
+        finally:
+            staged.set()
+        return False
+
+    async def _collect(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
         assert batch.api_batch_id is not None
         self._warn_if_near_archival(batch)
         if batch.results_url is None:
             await self._download_failed(batch, "ended without a results_url")
             return False
         try:
-            tally = await self._download(batch, batch.api_batch_id, batch.results_url)
+            async with self._store.write_back_lane() as lane:
+                tally = await self._download(lane, batch, batch.results_url, staged)
         except NotFoundError as exc:
             return await self._results_not_found(batch, exc)
         if tally.lines < batch.request_count:
@@ -121,23 +153,29 @@ class Collector:
         await self._finish(batch, batch.api_batch_id, tally)
         return True
 
-    async def _download(self, batch: BatchRecord, api_batch_id: str, url: str) -> _Tally:
+    async def _download(
+        self, lane: WriteBackLane, batch: BatchRecord, url: str, staged: asyncio.Event
+    ) -> _Tally:
         tally = _Tally()
-        await self._store.clear_staging()  # what a download that stopped midway left
+        await lane.clear_staging()  # what a download that stopped midway left
         try:
-            await self._stage_stream(batch, api_batch_id, url, tally)
+            await self._stage_stream(lane, batch, url, tally)
         except ResultsStreamError:
             # Cut midway: the lines before the cut are whole. Apply them now (the stream
             # is closed), so the next download only has the rest left to write.
-            await self._apply(batch, tally)
+            staged.set()
+            await self._apply(lane, batch, tally)
             raise
         crash_point("results_staged")
-        await self._apply(batch, tally)
+        staged.set()
+        await self._apply(lane, batch, tally)
         return tally
 
     async def _stage_stream(
-        self, batch: BatchRecord, api_batch_id: str, url: str, tally: _Tally
+        self, lane: WriteBackLane, batch: BatchRecord, url: str, tally: _Tally
     ) -> None:
+        api_batch_id = batch.api_batch_id
+        assert api_batch_id is not None
         # Staging a chunk while the next is parsed (SQLite releases the GIL) was measured:
         # no gain on 2 cores (bench/README.md), so it is done in line.
         outcomes: list[Outcome] = []
@@ -153,10 +191,10 @@ class Collector:
                     await self._keep_malformed(api_batch_id, tally.lines, line, exc)
                     continue
                 if len(outcomes) >= self._config.chunk_size:
-                    await self._stage(batch, api_batch_id, outcomes, tally=tally)
+                    await self._stage(lane, batch, api_batch_id, outcomes, tally=tally)
                     outcomes = []
         if outcomes:
-            await self._stage(batch, api_batch_id, outcomes, tally=tally)
+            await self._stage(lane, batch, api_batch_id, outcomes, tally=tally)
 
     async def _keep_malformed(
         self, api_batch_id: str, number: int, line: bytes, exc: MalformedResultLine
@@ -168,9 +206,15 @@ class Collector:
         )
 
     async def _stage(
-        self, batch: BatchRecord, api_batch_id: str, outcomes: Sequence[Outcome], *, tally: _Tally
+        self,
+        lane: WriteBackLane,
+        batch: BatchRecord,
+        api_batch_id: str,
+        outcomes: Sequence[Outcome],
+        *,
+        tally: _Tally,
     ) -> None:
-        report = await self._store.stage_results(batch.local_id, outcomes)
+        report = await lane.stage_results(batch.local_id, outcomes)
         self._count(tally, ignored=report.repeated, unmatched=len(report.unmatched))
         if not report.unmatched:
             return
@@ -185,10 +229,9 @@ class Collector:
             first=unmatched[0].custom_id,
         )
 
-    async def _apply(self, batch: BatchRecord, tally: _Tally) -> None:
+    async def _apply(self, lane: WriteBackLane, batch: BatchRecord, tally: _Tally) -> None:
         after = 0
-        busy_since = time.monotonic()
-        while applied := await self._store.apply_staged(
+        while applied := await lane.apply_staged(
             batch.local_id, self._max_attempts, self._config.chunk_size, after
         ):
             crash_point("results_chunk_written")
@@ -196,10 +239,11 @@ class Collector:
             self._count(
                 tally, written=report.written, requeued=report.requeued, ignored=report.ignored
             )
-            if time.monotonic() - busy_since >= _WRITERS_WAIT_S:
-                await asyncio.sleep(_WRITERS_PAUSE_S)
-                busy_since = time.monotonic()
-        await self._store.clear_staging()
+            if time.monotonic() - self._applying_since >= _WRITERS_WAIT_S:
+                # A sleep of this lane alone would leave the lock to the other lane.
+                await self._store.hold_writes(_WRITERS_PAUSE_S)
+                self._applying_since = time.monotonic()
+        await lane.clear_staging()
 
     async def _finish(self, batch: BatchRecord, api_batch_id: str, tally: _Tally) -> None:
         reason = f"no result line for this request in batch {api_batch_id}"

@@ -60,6 +60,13 @@ _PRAGMAS = (
 # The reader streams pending rows and counts: the OS page cache serves it as well, and a
 # second 64 MB cache filled by reading a 256 MB batch's params would be ~30% of the RSS.
 _READER_CACHE = "PRAGMA cache_size = -8192"
+# Write-back lanes (`Store.write_back_lane`): connections of their own, each with its own
+# staging, so that one batch's lines are parsed and staged while another batch is applied.
+# Two: the apply is one writer at a time anyway; a third lane would only wait for it.
+_WRITE_BACK_LANES = 2
+# A lane's cache of the main file: an applied range's pages (~7 MB for 5,000 tasks) and the
+# indexes; the writer's 64 MB is for the submitter's and poller's many small writes.
+_LANE_CACHE = "PRAGMA cache_size = -16384"
 _ENQUEUE_CHUNK = 5000
 _MIGRATION_FILE = re.compile(r"(\d+)_(\w+)\.sql")
 _RESULT_TYPES = frozenset({"succeeded", "errored", "canceled", "expired"})
@@ -133,14 +140,34 @@ class _Migration:
     script: str
 
 
+@dataclass(slots=True)
+class _Connection:
+    """A connection that writes, the lock that gives it one transaction at a time, and the
+    keys of the lines in its staging database."""
+
+    db: Db
+    lock: asyncio.Lock
+    staging_keys: StagingKeys
+
+
 class _Rollback(Exception):
     """Raised inside a transaction body to undo it; never leaves the store."""
 
 
 class Store:
-    """One writer connection behind an asyncio.Lock, one reader connection."""
+    """One writer connection behind an asyncio.Lock, one reader connection, and the
+    write-back lanes (each a connection whose writes to the database take that lock too)."""
 
-    def __init__(self, path: Path, stack: AsyncExitStack, writer: Db, reader: Db, clock: Clock):
+    def __init__(
+        self,
+        path: Path,
+        stack: AsyncExitStack,
+        writer: Db,
+        reader: Db,
+        clock: Clock,
+        *,
+        busy_timeout_ms: int,
+    ):
         self._path = path
         self._stack = stack
         self._writer = writer
@@ -149,8 +176,10 @@ class Store:
         self._lock = asyncio.Lock()
         self._writes: set[asyncio.Task[Any]] = set()
         self._closed = False
-        # Keys of the staged lines, reset only with the staging database itself.
-        self._staging_keys = StagingKeys()
+        self._busy_timeout_ms = busy_timeout_ms
+        self._main = _Connection(writer, self._lock, StagingKeys())
+        self._lanes: asyncio.Queue[_Connection] | None = None
+        self._lanes_opening = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -174,7 +203,9 @@ class Store:
                 # A stray write through the reader would bypass the lock: forbid it.
                 await reader.execute("PRAGMA query_only = ON")
                 await reader.execute(_READER_CACHE)
-            store = cls(path, stack, writer, reader, clock or _utc_now)
+            store = cls(
+                path, stack, writer, reader, clock or _utc_now, busy_timeout_ms=busy_timeout_ms
+            )
             if migrate:
                 await store.migrate()
             else:
@@ -239,10 +270,19 @@ class Store:
     # -- transactions ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _write(self, mode: _WriteMode) -> AsyncIterator[Db]:
-        """The one way to write: the lock, `BEGIN IMMEDIATE`, COMMIT or ROLLBACK."""
-        async with self._lock:
-            db = self._writer
+    async def _write(self, mode: _WriteMode, conn: _Connection) -> AsyncIterator[Db]:
+        """The one way to write: the locks, `BEGIN IMMEDIATE`, COMMIT or ROLLBACK.
+
+        Every write to the database file holds the store's lock, whichever connection makes
+        it: our own connections never wait on each other in SQLite's busy handler. A lane's
+        staging-only transaction holds only the lane's lock, so it runs while another
+        connection writes.
+        """
+        async with AsyncExitStack() as locks:
+            if mode == "immediate" and conn.lock is not self._lock:
+                await locks.enter_async_context(self._lock)  # always before a lane's lock
+            await locks.enter_async_context(conn.lock)
+            db = conn.db
             if mode == "no_transaction":  # ATTACH / DETACH: refused inside a transaction
                 yield db
                 return
@@ -270,17 +310,12 @@ class Store:
         Cancelling an awaited statement does not stop it (pitfalls), so a cancelled caller
         must not be able to interrupt the body between statements either.
         """
-        return await self._shielded("immediate", body, *args, **kwargs)
-
-    async def _transact_staging(
-        self, body: Callable[Concatenate[Db, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """`_transact` for a body that reads the database but writes only staging."""
-        return await self._shielded("staging", body, *args, **kwargs)
+        return await self._shielded("immediate", self._main, body, *args, **kwargs)
 
     async def _shielded(
         self,
-        mode: _WriteMode,  # positional: keywords belong to the body
+        mode: _WriteMode,  # positional, as `conn`: keywords belong to the body
+        conn: _Connection,
         body: Callable[Concatenate[Db, P], Awaitable[T]],
         *args: P.args,
         **kwargs: P.kwargs,
@@ -290,7 +325,7 @@ class Store:
 
         async def run() -> T:
             with _sqlite_errors(self._path, "write to"):
-                async with self._write(mode) as db:
+                async with self._write(mode, conn) as db:
                     return await body(db, *args, **kwargs)
 
         task = asyncio.create_task(run(), name="batchd-store-write")
@@ -631,7 +666,7 @@ class Store:
         self, db: Db, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
     ) -> WriteReport:
         await _clear_staging(db)
-        staged = await self._stage(db, local_id, outcomes)
+        staged = await self._stage(db, self._main.staging_keys, local_id, outcomes)
         applied = await self._apply_range(db, local_id, max_attempts, -1, 0)
         await _clear_staging(db)  # frees the chunk's text now
         written, requeued = (applied.report.written, applied.report.requeued) if applied else (0, 0)
@@ -640,11 +675,57 @@ class Store:
         ignored = len(outcomes) - written - requeued - len(unmatched)
         return WriteReport(written, requeued, ignored, unmatched)
 
-    async def clear_staging(self) -> None:
-        """Forget staged lines (of a download that stopped midway): a batch stages alone."""
-        await self._shielded("no_transaction", self._reset_staging)
+    @asynccontextmanager
+    async def write_back_lane(self) -> AsyncIterator[WriteBackLane]:
+        """A write-back lane of its own (waits for a free one): a connection with its own
+        staging, so that one batch is staged while another lane's batch is applied."""
+        lanes = await self._write_back_lanes()
+        conn = await lanes.get()
+        try:
+            yield WriteBackLane(self, conn)
+        finally:
+            lanes.put_nowait(conn)
 
-    async def _reset_staging(self, db: Db) -> None:
+    async def _write_back_lanes(self) -> asyncio.Queue[_Connection]:
+        # Opened at the first write-back, not at open: `batchd status` and the other
+        # commands never need them.
+        async with self._lanes_opening:
+            if self._lanes is None:
+                lanes: asyncio.Queue[_Connection] = asyncio.Queue()
+                for _ in range(_WRITE_BACK_LANES):
+                    with _sqlite_errors(self._path, "open"):
+                        db = await _connect(
+                            self._stack, self._path, self._busy_timeout_ms, new_page_size=False
+                        )
+                        await db.execute(_LANE_CACHE)
+                        await _attach_staging(db)
+                    lanes.put_nowait(_Connection(db, asyncio.Lock(), StagingKeys()))
+                self._lanes = lanes
+            return self._lanes
+
+    async def hold_writes(self, seconds: float) -> None:
+        """No write of ours, on any connection, for `seconds`: a user's write waiting in
+        SQLite's busy handler gets the lock at its next try."""
+        async with self._lock:
+            await asyncio.sleep(seconds)
+
+    async def clear_staging(self) -> None:
+        """`WriteBackLane.clear_staging` on the writer connection's own staging."""
+        await WriteBackLane(self, self._main).clear_staging()
+
+    async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        """`WriteBackLane.stage_results` on the writer connection's own staging."""
+        return await WriteBackLane(self, self._main).stage_results(local_id, outcomes)
+
+    async def apply_staged(
+        self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
+    ) -> AppliedRange | None:
+        """`WriteBackLane.apply_staged` on the writer connection's own staging."""
+        return await WriteBackLane(self, self._main).apply_staged(
+            local_id, max_attempts, max_rows, after_task_id
+        )
+
+    async def _reset_staging(self, db: Db, conn: _Connection) -> None:
         """Replace the staging database by an empty one, dropping every line at once.
 
         If a previous reset stopped halfway (detached, the attach failed), this one
@@ -653,17 +734,11 @@ class Store:
         if await db.execute_fetchall(_STAGING_ATTACHED):
             await db.execute("DETACH DATABASE staging")
         await _attach_staging(db)
-        self._staging_keys = StagingKeys()
+        conn.staging_keys = StagingKeys()
 
-    async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
-        """Keep a chunk of a batch's lines in the staging table; no task changes yet.
-
-        Writes only the staging database, so it takes no write lock: users' INSERTs never wait.
-        """
-        _check_result_types(outcomes)
-        return await self._transact_staging(self._stage, local_id, outcomes)
-
-    async def _stage(self, db: Db, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+    async def _stage(
+        self, db: Db, keys: StagingKeys, local_id: int, outcomes: Sequence[Outcome]
+    ) -> StageReport:
         first_task_id = next(iter(await db.execute_fetchall(_FIRST_MEMBER, (local_id,))))[0]
         found = await db.execute_fetchall(
             _MEMBER_TASK_IDS,
@@ -677,23 +752,13 @@ class Store:
             if task_id is None:
                 unmatched.append(position)
             else:
-                key = self._staging_keys.key(first_task_id, task_id)
+                key = keys.key(first_task_id, task_id)
                 rows.append(_staging_row(key, local_id, task_id, outcome))
         # The first line for a task wins, a repeated one is ignored (as if it were
         # downloaded again). Only that conflict: a key used twice would be our bug, and
         # must fail loudly rather than drop a line.
         staged = await _run_many(db, _INSERT_STAGING, rows)
         return StageReport(staged, len(rows) - staged, tuple(unmatched))
-
-    async def apply_staged(
-        self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
-    ) -> AppliedRange | None:
-        """Apply the staged lines of the next `max_rows` task ids above `after_task_id` in
-        one transaction; None once none is left. Staging is left as it is (`clear_staging`).
-        """
-        return await self._transact(
-            self._apply_range, local_id, max_attempts, max_rows, after_task_id
-        )
 
     async def _apply_range(
         self, db: Db, local_id: int, max_attempts: int, max_rows: int, after_task_id: int
@@ -879,6 +944,54 @@ class Store:
 
 
 # -- write-back SQL (design step 6) ------------------------------------------------------------
+
+
+class WriteBackLane:
+    """Stages a batch's result lines and applies them, on one connection of the store.
+
+    The staging database belongs to the connection: lines staged on a lane are applied
+    on the same lane. Staging writes only that database (no lock on the database file);
+    applying holds the store's write lock like every other write.
+    """
+
+    def __init__(self, store: Store, conn: _Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    async def clear_staging(self) -> None:
+        """Forget staged lines (of a download that stopped midway): a batch stages alone."""
+        store = self._store
+        await store._shielded("no_transaction", self._conn, store._reset_staging, self._conn)
+
+    async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        """Keep a chunk of a batch's lines in the staging table; no task changes yet.
+
+        Writes only the staging database, so it takes no write lock: users' INSERTs never
+        wait, and neither does another lane applying its batch.
+        """
+        _check_result_types(outcomes)
+        store, conn = self._store, self._conn
+        return await store._shielded(
+            "staging", conn, store._stage, conn.staging_keys, local_id, outcomes
+        )
+
+    async def apply_staged(
+        self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
+    ) -> AppliedRange | None:
+        """Apply the staged lines of the next `max_rows` task ids above `after_task_id` in
+        one transaction; None once none is left. Staging is left as it is (`clear_staging`).
+        """
+        store = self._store
+        return await store._shielded(
+            "immediate",
+            self._conn,
+            store._apply_range,
+            local_id,
+            max_attempts,
+            max_rows,
+            after_task_id,
+        )
+
 
 # Where the staged lines of a batch wait: a private database ATTACHed to the writer as
 # `staging` from '' (a temporary file SQLite creates 0600 and unlinks as it opens it; no

@@ -3,6 +3,7 @@ failures and archived results, against a results server on loopback and real SQL
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -17,13 +18,13 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.client import BatchesClient, RetryPolicy
+from batchd.client import AuthenticationError, BatchesClient, RetryPolicy
 from batchd.collector import Collector
 from batchd.commands import render_status, status_snapshot
 from batchd.config import ResultsConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.metrics import RESULTS_WRITTEN, Registry
-from batchd.store import StageReport, Store
+from batchd.store import AppliedRange, StageReport, Store, WriteBackLane
 from tests.crash.crash_harness import (
     RunLog,
     assert_nothing_lost_or_duplicated,
@@ -185,14 +186,15 @@ async def test_staging_takes_no_write_lock_and_changes_no_task_until_applied(
     local_id = await ended_batch(store, db_path, ApiStub(), "msgbatch_1", "a", "b", "c")
 
     async def stage_while_a_user_inserts(db: Any) -> StageReport:
-        report = await store._stage(db, local_id, [outcome("c"), outcome("a"), outcome("zz")])
+        keys = store._main.staging_keys
+        report = await store._stage(db, keys, local_id, [outcome("c"), outcome("a"), outcome("zz")])
         # Inside the staging transaction: a user's write must not wait at all.
         with sqlite3.connect(db_path, timeout=0) as conn:
             conn.execute("INSERT INTO tasks (custom_id, params) VALUES ('user-1', '{}')")
         conn.close()
         return report
 
-    staged = await store._transact_staging(stage_while_a_user_inserts)
+    staged = await store._shielded("staging", store._main, stage_while_a_user_inserts)
     assert (staged.staged, staged.repeated, staged.unmatched) == (2, 0, (2,))
     assert query(db_path, "SELECT status FROM tasks WHERE custom_id = 'a'") == [("submitted",)]
     first = await store.apply_staged(local_id, 3, max_rows=1)
@@ -342,20 +344,153 @@ async def test_a_batch_that_cannot_be_written_does_not_hold_up_the_next(
     first = await ended_batch(store, db_path, api, "1", "a")
     await ended_batch(store, db_path, api, "2", "b")
     api.bodies["1"], api.bodies["2"] = line("a"), line("b")
-    stage = store.stage_results
+    stage = WriteBackLane.stage_results
 
-    async def broken_for_the_first(local_id: int, outcomes: Any) -> StageReport:
+    async def broken_for_the_first(
+        lane: WriteBackLane, local_id: int, outcomes: Any
+    ) -> StageReport:
         if local_id == first:
             raise RuntimeError("a bug met only by this batch")
-        return await stage(local_id, outcomes)
+        return await stage(lane, local_id, outcomes)
 
-    monkeypatch.setattr(store, "stage_results", broken_for_the_first)
+    monkeypatch.setattr(WriteBackLane, "stage_results", broken_for_the_first)
     with capture_logs() as logs:
         assert await collect(store, api, clock) == 1
     assert answers(db_path) == {"a": ("submitted", None), "b": ("succeeded", "answer for b")}
     [failed] = [e for e in logs if e["event"] == "results_write_failed"]
     assert (failed["batch_id"], failed["log_level"]) == ("1", "error")
 
-    monkeypatch.setattr(store, "stage_results", stage)  # fixed: the next cycle writes it
+    monkeypatch.setattr(WriteBackLane, "stage_results", stage)  # fixed: the next cycle writes it
     assert await collect(store, api, clock) == 1
     assert answers(db_path)["a"] == ("succeeded", "answer for a")
+
+
+# -- write-back lanes: the next batch is staged while the one before is applied --------
+
+
+async def test_the_next_batch_is_staged_while_the_one_before_is_applied(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = {"1": ("a", "b"), "2": ("c", "d"), "3": ("e", "f")}
+    locals_ = {name: await ended_batch(store, db_path, api, name, *ids[name]) for name in ids}
+    for name, cids in ids.items():
+        api.bodies[name] = b"\n".join(line(cid) for cid in cids)
+    staged: dict[int, asyncio.Event] = {local: asyncio.Event() for local in locals_.values()}
+    events: list[tuple[str, str]] = []
+    stage, apply = WriteBackLane.stage_results, WriteBackLane.apply_staged
+    name_of = {local: name for name, local in locals_.items()}
+
+    async def stage_noting(lane: WriteBackLane, local_id: int, outcomes: Any) -> Any:
+        events.append(("stage", name_of[local_id]))
+        report = await stage(lane, local_id, outcomes)
+        staged[local_id].set()
+        return report
+
+    async def apply_after_the_next_is_staged(
+        lane: WriteBackLane, local_id: int, *args: Any
+    ) -> AppliedRange | None:
+        following = {"1": "2", "2": "3"}.get(name_of[local_id])
+        if following is not None:
+            # One batch after another would wait here for ever: the timeout fails the test.
+            await asyncio.wait_for(staged[locals_[following]].wait(), 5)
+        events.append(("apply", name_of[local_id]))
+        return await apply(lane, local_id, *args)
+
+    monkeypatch.setattr(WriteBackLane, "stage_results", stage_noting)
+    monkeypatch.setattr(WriteBackLane, "apply_staged", apply_after_the_next_is_staged)
+    assert await collect(store, api, clock) == 3
+
+    assert events.index(("stage", "2")) < events.index(("apply", "1"))
+    assert events.index(("stage", "3")) < events.index(("apply", "2"))
+    assert answers(db_path) == {cid: ("succeeded", f"answer for {cid}") for cid in "abcdef"}
+    assert query(db_path, "SELECT DISTINCT state FROM batches") == [("completed",)]
+
+
+async def test_lanes_stage_apart_and_staging_never_waits_for_the_writer(
+    store: Store, db_path: Path, api: ApiStub
+) -> None:
+    first = await ended_batch(store, db_path, api, "1", "a", "b")
+    second = await ended_batch(store, db_path, api, "2", "c", "d")
+    async with store.write_back_lane() as one, store.write_back_lane() as other:
+        async with store._lock:  # a long write of the submitter or the poller
+            await asyncio.wait_for(one.stage_results(first, [outcome("b"), outcome("a")]), 5)
+            await asyncio.wait_for(other.stage_results(second, [outcome("c")]), 5)
+            # ...and a user's INSERT meanwhile does not wait for the lanes at all.
+            with sqlite3.connect(db_path, timeout=0) as conn:
+                conn.execute("INSERT INTO tasks (custom_id, params) VALUES ('user-1', '{}')")
+            conn.close()
+        # Each lane applies only its own staged lines.
+        applied = await other.apply_staged(second, 3, 10)
+        assert applied is not None
+        assert (applied.report.written, applied.report.ignored) == (1, 0)
+        assert await other.apply_staged(second, 3, 10, applied.last_task_id) is None
+        applied = await one.apply_staged(first, 3, 10)
+        assert applied is not None
+        assert applied.report.written == 2
+    got = answers(db_path)
+    assert [got[cid][0] for cid in "abcd"] == ["succeeded", "succeeded", "succeeded", "submitted"]
+
+
+async def test_a_third_lane_waits_for_a_free_one(store: Store) -> None:
+    async with store.write_back_lane(), store.write_back_lane():
+        third = asyncio.create_task(store.write_back_lane().__aenter__())
+        await asyncio.sleep(0.05)
+        assert not third.done()
+    lane = await asyncio.wait_for(third, 5)
+    assert isinstance(lane, WriteBackLane)
+
+
+async def test_the_key_refused_stops_the_batches_after_and_is_raised(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, cid in (("1", "a"), ("2", "b"), ("3", "c")):
+        await ended_batch(store, db_path, api, name, cid)
+        api.bodies[name] = line(cid)
+    stage = WriteBackLane.stage_results
+    tried: list[int] = []
+
+    async def refused(lane: WriteBackLane, local_id: int, outcomes: Any) -> Any:
+        tried.append(local_id)
+        if len(tried) == 1:
+            raise AuthenticationError(
+                method="GET",
+                path="/results",
+                status=401,
+                error_type="authentication_error",
+                message="invalid x-api-key",
+                request_id=None,
+            )
+        return await stage(lane, local_id, outcomes)
+
+    monkeypatch.setattr(WriteBackLane, "stage_results", refused)
+    with capture_logs(), pytest.raises(AuthenticationError):
+        await collect(store, api, clock)
+    assert len(tried) == 1  # no batch was started after the key was refused
+    assert {status for status, _ in answers(db_path).values()} == {"submitted"}
+
+
+async def test_cancelled_while_two_batches_are_in_flight_leaves_no_task_running(
+    store: Store, db_path: Path, api: ApiStub, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, cid in (("1", "a"), ("2", "b")):
+        await ended_batch(store, db_path, api, name, cid)
+        api.bodies[name] = line(cid)
+    applying = asyncio.Event()
+
+    async def apply_for_ever(lane: WriteBackLane, *args: Any) -> AppliedRange | None:
+        applying.set()
+        await asyncio.Event().wait()
+        return None
+
+    monkeypatch.setattr(WriteBackLane, "apply_staged", apply_for_ever)
+    before = asyncio.all_tasks()
+    running = asyncio.create_task(collect(store, api, clock))
+    await asyncio.wait_for(applying.wait(), 5)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    left = [t for t in asyncio.all_tasks() - before if not t.done() and t is not running]
+    # A store write already begun finishes on its own (shielded); nothing else is left.
+    writes = [t for t in left if t.get_name() == "batchd-store-write"]
+    assert [t.get_coro().__qualname__ for t in left if t not in writes] == []  # type: ignore[union-attr]
+    await asyncio.wait_for(asyncio.gather(*writes), 5)

@@ -35,18 +35,22 @@ def store_clock(clock: FakeClock) -> FakeClock:
 
 @pytest.fixture
 async def busy_writer_api(store: Store) -> AsyncIterator[ApiStub]:
-    """Sends a first line, takes the store's writer (as another loop's write waiting on a
-    user's lock would) for WRITER_BUSY_S, then sends the rest of the body at once."""
+    """Sends a first line, takes the store's writer and its write-back lanes (as another
+    loop's write waiting on a user's lock would) for WRITER_BUSY_S, then sends the rest of
+    the body at once."""
     stub = ApiStub()
     loop = asyncio.get_running_loop()
+    lanes = await store._write_back_lanes()
+    locks = [store._lock, *(lane.lock for lane in lanes._queue)]  # type: ignore[attr-defined]
 
     async def results(request: web.Request) -> web.StreamResponse:
         body = stub.bodies[request.match_info["name"]]
         first, rest = body.split(b"\n", 1)
         response = web.StreamResponse()
         await response.prepare(request)
-        await store._lock.acquire()  # free here: taken at once, before the line is staged
-        loop.call_later(WRITER_BUSY_S, store._lock.release)
+        for lock in locks:  # free here: taken at once, before the line is staged
+            await lock.acquire()
+            loop.call_later(WRITER_BUSY_S, lock.release)
         await response.write(first + b"\n")
         await asyncio.sleep(0.05)  # the rest arrives while the collector waits
         await response.write(rest)
