@@ -103,7 +103,9 @@ class Submitter:
         # Bisection after a 400 that names no request: batches are halved until the one
         # request the API refuses is alone. It is marked invalid only once a control (the
         # next task, alone) is accepted; a refused control means the account is refused.
+        # The cap is lifted once a batch accepted reaches the end of the last refused one.
         self._max_requests_cap: int | None = None
+        self._bisect_end: int | None = None  # the last task id of that refused batch
         self._suspect: _Suspect | None = None
         self._refusal_pauses = 0  # creates paused in a row for a refusal of everything
         self._rate_limited = 0  # creates refused with 429 in a row
@@ -211,15 +213,16 @@ class Submitter:
                 count=len(chunk),
                 body_bytes=chunk.body.size,
             )
-        await self._create_accepted(batch["id"])
+        await self._create_accepted(batch["id"], chunk)
         return SubmitResult(created=1, requests=len(chunk))
 
-    async def _create_accepted(self, batch_id: str) -> None:
+    async def _create_accepted(self, batch_id: str, chunk: Chunk) -> None:
         """Backoffs end; a suspect whose control was just accepted is the culprit."""
         self._rate_limited = 0
         if self._refusal_pauses:
             log.warning("creates_resumed", pauses=self._refusal_pauses)
             self._refusal_pauses = 0
+        self._relax_limits(chunk)
         suspect, self._suspect = self._suspect, None
         if suspect is None:
             return
@@ -229,6 +232,18 @@ class Submitter:
         log.warning(
             "task_refused", custom_id=suspect.custom_id, error=suspect.message, control=batch_id
         )
+
+    def _relax_limits(self, chunk: Chunk) -> None:
+        """An accepted batch shows what the API takes: lift what refusals lowered."""
+        if self._bisect_end is not None and chunk.task_ids[-1] >= self._bisect_end:
+            # Past the end of the last refused batch: every request of it was taken or
+            # isolated, so the refusal is behind us and full batches are safe again.
+            # Lifting at the first half accepted would send the refused half again at
+            # full size, uploading it once more for every halving.
+            self._bisect_end = None
+            if self._max_requests_cap is not None:
+                self._max_requests_cap = None
+                log.info("bisection_done", max_requests=self._config.max_requests)
 
     async def _refused(self, local_id: int, chunk: Chunk, exc: ApiStatusError) -> SubmitResult:
         """The API answered and created nothing: put the tasks back, maybe minus culprits."""
@@ -272,6 +287,7 @@ class Submitter:
         """
         if len(chunk) > 1:
             self._max_requests_cap = max(1, len(chunk) // 2)
+            self._bisect_end = chunk.task_ids[-1]
             log.warning(
                 "batch_refused_bisecting",
                 count=len(chunk),
@@ -314,6 +330,7 @@ class Submitter:
         wait = min(_REFUSAL_PAUSE_FIRST_S * 2.0**doublings, _REFUSAL_PAUSE_MAX_S)
         self._refusal_pauses += 1
         self._max_requests_cap = None
+        self._bisect_end = None
         self._hold(wait)
         log.error("creates_paused", wait_s=wait, pauses=self._refusal_pauses)
         return wait

@@ -20,6 +20,7 @@ import pytest
 from batchd.client import BatchesClient, RequestBody, RetryPolicy
 from batchd.config import BatchingConfig, Config
 from batchd.daemon import run_daemon
+from batchd.fakeapi import validation
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import Store
@@ -264,3 +265,38 @@ async def test_a_429_retry_after_is_honoured_even_when_woken_early(
     run = rig(4)
     await run_for(run, 100)
     assert spacings(run.attempts) == [30.0, 30.0, 30.0]
+
+
+def refuse_times(monkeypatch: pytest.MonkeyPatch, refusals_left: dict[str, int]) -> None:
+    """Like `refuse_in_fake`, but each custom_id is refused only that many more times."""
+    check_envelope = validation._check_envelope
+
+    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
+        custom_id, params = check_envelope(index, item)
+        if refusals_left.get(custom_id, 0) > 0:
+            refusals_left[custom_id] -= 1
+            raise validation.CreateRejected(REQUEST_REFUSAL)
+        return custom_id, params
+
+    monkeypatch.setattr(validation, "_check_envelope", stricter)
+
+
+async def steps(run: Rig, count: int) -> list[SubmitResult]:
+    return [await run.step() for _ in range(count)]
+
+
+async def test_batches_are_full_again_once_an_unnamed_400_clears_without_a_culprit(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refuse_times(monkeypatch, {"t-0": 1})  # refused once, then fine: nobody to blame
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(40))
+    run = rig(8)
+
+    results = await steps(run, 12)
+    # Halved once; both halves accepted, so the refusal is behind us: full batches again.
+    assert [r.requests for r in results if r.created] == [4, 4, 8, 8, 8, 8]
+    assert statuses(db_path) == ["submitted"] * 40
