@@ -285,6 +285,77 @@ async def steps(run: Rig, count: int) -> list[SubmitResult]:
     return [await run.step() for _ in range(count)]
 
 
+async def test_two_refused_requests_at_the_head_are_both_blamed_without_a_pause(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The second is the first one's control: its refusal is not the account's.
+    refuse_in_fake(monkeypatch, {"t-0", "t-1"}, lambda _: REQUEST_REFUSAL)
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(10))
+    run = rig(8)
+
+    results = await steps(run, 16)
+    assert [r.retry_after_s for r in results if r.retry_after_s] == []  # never paused
+    found = rows(db_path)
+    for culprit in ("t-0", "t-1"):
+        assert found[culprit] == ("invalid", f"refused by the API: {REQUEST_REFUSAL}")
+    assert all(found[f"t-{n}"][0] == "submitted" for n in range(2, 10))
+    assert all(fake_api.state.stats.submissions[f"t-{n}"] == 1 for n in range(2, 10))
+    # Once both are found, the tasks behind them go in one batch again, not one by one.
+    assert [r.requests for r in results if r.created][-1] == 7
+
+
+async def test_a_suspect_accepted_when_retried_alone_was_innocent(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # t-0 is always refused; t-1 only once (a refusal of its own that passed): both
+    # become suspects, a control is accepted, and each is retried alone.
+    refuse_times(monkeypatch, {"t-0": 1_000, "t-1": 1})
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(10))
+    run = rig(8)
+
+    results = await steps(run, 16)
+    assert [r.retry_after_s for r in results if r.retry_after_s] == []
+    found = rows(db_path)
+    assert found["t-0"] == ("invalid", f"refused by the API: {REQUEST_REFUSAL}")
+    assert all(found[f"t-{n}"][0] == "submitted" for n in range(1, 10))
+    assert fake_api.state.stats.submissions["t-1"] == 1
+
+
+async def test_more_refused_requests_at_the_head_than_suspects_are_all_found_in_the_end(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Five bad requests in a row look like an account-level refusal for a while (creates
+    # pause), but the probes after the pauses move on through the queue instead of
+    # trying the same requests for ever, and every bad one is found.
+    bad = {f"t-{n}" for n in range(5)}
+    refuse_in_fake(monkeypatch, bad, lambda _: REQUEST_REFUSAL)
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(12))
+    run = rig(8)
+
+    for _ in range(60):
+        await run.step()
+        if "pending" not in statuses(db_path):
+            break
+    found = rows(db_path)
+    assert {custom_id for custom_id, (status, _) in found.items() if status == "invalid"} == bad
+    assert all(found[f"t-{n}"] == ("submitted", None) for n in range(5, 12))
+    assert all(fake_api.state.stats.submissions[f"t-{n}"] == 1 for n in range(5, 12))
+    assert len(run.attempts) < 40
+    assert run.time.now - 1000.0 < 3600  # a few short pauses, not hours
+
+
 async def test_batches_are_full_again_once_an_unnamed_400_clears_without_a_culprit(
     store: Store,
     fake_api: FakeApiServer,
