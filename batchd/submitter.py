@@ -17,7 +17,7 @@ from typing import Literal
 import structlog
 
 from batchd.budget import BudgetGate
-from batchd.chunker import Chunk, build_chunk
+from batchd.chunker import Chunk, build_chunk, encode_request
 from batchd.client import (
     ApiError,
     ApiStatusError,
@@ -59,6 +59,7 @@ _MAX_DOUBLINGS = 16  # keeps 2**n small; every wait is capped long before
 # Suspects kept for a later verdict: a bound on memory only (each is dropped once it is
 # accepted or blamed).
 _SUSPECTS_KEPT = 64
+_BODY_ENVELOPE_BYTES = len(b'{"requests":[]}')  # what the chunker adds around requests
 
 # What a lone request refused by a create that names no request tells us.
 _LoneVerdict = Literal["culprit", "control", "pause"]
@@ -70,7 +71,7 @@ class AuthenticationFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Suspect:
-    """A lone request refused with a 400 that named no request.
+    """A lone request refused by a create that named no request (a 400, or a 413).
 
     The refusal alone proves nothing: the API refuses every create so while the account
     is (§6.1). Guilty when it is the only suspect and the control right after it is
@@ -127,6 +128,7 @@ class Submitter:
         self._pending_seen_at: float | None = None
         # local_id -> when this process last knew that batch's create to be in flight.
         self._unknown_since: dict[int, datetime] = {}
+        # Lowered by a 413 on a batch of several; only ever a packing limit (see _next_chunk).
         self._max_bytes = config.max_bytes
         # Bisection after a 400 that names no request: batches are halved until the one
         # request the API refuses is alone (a suspect, see _Suspect). The cap is lifted
@@ -242,6 +244,15 @@ class Submitter:
             picked = _picked(rows, pick)
             layers.append(picked)
             rows = picked
+        too_big: list[PendingTask] = []
+        if self._max_bytes < self._config.max_bytes:
+            # A 413 taught us the server takes less than configured: that limit packs the
+            # batches, but it is only a guess from one refused batch (halved), so it must
+            # never be what marks a request invalid. A request over it goes alone, under
+            # the configured limit, and the API's own answer to it decides.
+            until = _until_larger_than(rows, self._max_bytes, too_big)
+            layers.append(until)
+            rows = until
         try:
             chunk = await build_chunk(
                 rows, max_requests=pick.max_requests, max_bytes=self._max_bytes
@@ -250,11 +261,23 @@ class Submitter:
             for layer in reversed(layers):
                 await layer.aclose()
             await pending.aclose()  # type: ignore[attr-defined]
+        if too_big:
+            chunk = await self._too_big_alone(chunk, too_big[0])
         crash_point("chunk_built")
         if chunk.invalid:
             marked = await self._store.mark_invalid(chunk.invalid)
             log.warning("tasks_invalid", count=marked, first_reason=chunk.invalid[0][1])
         return chunk
+
+    async def _too_big_alone(self, chunk: Chunk, task: PendingTask) -> Chunk:
+        """`task` is over the learned byte limit: it goes alone, after the tasks before it."""
+        if chunk.task_ids:
+            chunk.full = True  # nothing more can join these: send them now
+            return chunk
+        chunk.body.close()
+        alone = await build_chunk(_one(task), max_requests=1, max_bytes=self._config.max_bytes)
+        alone.invalid[:0] = chunk.invalid
+        return alone
 
     def _linger_over(self) -> bool:
         """A partly full batch waits `linger_s` for more tasks, then goes anyway."""
@@ -327,6 +350,12 @@ class Submitter:
 
     def _relax_limits(self, chunk: Chunk) -> None:
         """An accepted batch shows what the API takes: lift what refusals lowered."""
+        if chunk.body.size > self._max_bytes:
+            # A request over the learned limit went alone and was taken: the server takes
+            # at least this much. Never raised further blindly: each try re-uploads a body
+            # that may be hundreds of MB only to be refused again.
+            self._max_bytes = chunk.body.size
+            log.info("max_bytes_raised", max_bytes=self._max_bytes)
         if self._bisect_end is not None and chunk.task_ids[-1] >= self._bisect_end:
             # Past the end of the last refused batch: every request of it was taken or
             # isolated, so the refusal is behind us and full batches are safe again.
@@ -343,7 +372,9 @@ class Submitter:
         judged: list[int] = []  # their task ids
         retry_after = exc.retry_after_s
         named = _BAD_INDEX.search(exc.message) if isinstance(exc, BadRequestError) else None
-        names_nobody = isinstance(exc, BadRequestError) and named is None
+        names_nobody = isinstance(exc, RequestTooLargeError) or (
+            isinstance(exc, BadRequestError) and named is None
+        )
         verdict: _LoneVerdict | None = None
         if named is not None:
             index = int(named.group(1))
@@ -351,14 +382,14 @@ class Submitter:
                 invalid.append((chunk.custom_ids[index], f"refused by the API: {exc.message}"))
                 judged.append(chunk.task_ids[index])
         elif names_nobody and len(chunk) == 1:
-            # Refused alone: the request, or every create (§6.1)?
+            # Too large alone, or refused alone: the request, or every create (§6.1)?
             verdict = self._judge_lone_refusal(chunk, exc)
             if verdict == "culprit":
-                invalid.append((chunk.custom_ids[0], _refusal_reason(exc)))
+                invalid.append((chunk.custom_ids[0], _refusal_reason(exc, chunk)))
                 judged.append(chunk.task_ids[0])
         elif isinstance(exc, RequestTooLargeError):
-            # Our byte count is exact, so the server's limit is lower than configured.
-            self._max_bytes = max(1024, chunk.body.size // 2)
+            # Our byte count is exact, so the server's limit is lower than this body.
+            self._max_bytes = min(self._max_bytes, max(1024, chunk.body.size // 2))
             log.error("batch_too_large", body_bytes=chunk.body.size, new_max_bytes=self._max_bytes)
         await self._store.release_intent(local_id, f"create refused: {exc}", invalid)
         self._forget(judged)
@@ -376,7 +407,7 @@ class Submitter:
             return SubmitResult(waiting=True, retry_after_s=retry_after)  # at once
         if verdict == "pause":
             retry_after = self._pause_creates()
-        elif names_nobody:
+        elif names_nobody and isinstance(exc, BadRequestError):
             self._bisect(chunk, exc.message)
             return SubmitResult(waiting=True, retry_after_s=retry_after)  # at once
         else:
@@ -414,7 +445,7 @@ class Submitter:
         if known is not None and known.accepted_before < self._accepted:
             return "culprit"
         self._suspects[task_id] = _Suspect(
-            task_id, custom_id, message, _refusal_reason(exc), self._accepted
+            task_id, custom_id, message, _refusal_reason(exc, chunk), self._accepted
         )
         while len(self._suspects) > _SUSPECTS_KEPT:
             del self._suspects[next(iter(self._suspects))]
@@ -449,6 +480,11 @@ class Submitter:
         self._probe_due = True
         self._max_requests_cap = None
         self._bisect_end = None
+        if self._max_bytes < self._config.max_bytes:
+            # Every create was refused, whatever its size: the 413s that lowered the
+            # limit may have been that too (a proxy refusing everything), not a limit.
+            self._max_bytes = self._config.max_bytes
+            log.warning("max_bytes_restored", max_bytes=self._max_bytes)
         self._hold(wait)
         log.error("creates_paused", wait_s=wait, pauses=self._refusal_pauses)
         return wait
@@ -561,6 +597,24 @@ async def _picked(pending: AsyncIterator[PendingTask], pick: _Pick) -> AsyncGene
             yield task
 
 
-def _refusal_reason(exc: ApiStatusError) -> str:
+async def _until_larger_than(
+    rows: AsyncIterator[PendingTask], max_bytes: int, too_big: list[PendingTask]
+) -> AsyncGenerator[PendingTask]:
+    """`rows` up to the first whose request alone passes `max_bytes`, which goes in
+    `too_big` instead of to the chunker."""
+    async for task in rows:
+        if _BODY_ENVELOPE_BYTES + len(encode_request(task)) > max_bytes:
+            too_big.append(task)
+            return
+        yield task
+
+
+async def _one(task: PendingTask) -> AsyncGenerator[PendingTask]:
+    yield task
+
+
+def _refusal_reason(exc: ApiStatusError, chunk: Chunk) -> str:
     """Why a lone request found to be the culprit is invalid, in the API's words."""
+    if isinstance(exc, RequestTooLargeError):
+        return f"refused by the API as too large ({chunk.body.size} bytes alone): {exc.message}"
     return f"refused by the API: {exc.message}"

@@ -25,7 +25,7 @@ from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import Store
 from batchd.submitter import SubmitResult, Submitter
-from batchd.wire import MessageBatch
+from batchd.wire import MAX_BATCH_BYTES, MessageBatch
 from tests.conftest import refuse_in_fake, request_params
 
 ACCOUNT_REFUSAL = "Your credit balance is too low to access the Anthropic API."
@@ -371,3 +371,83 @@ async def test_batches_are_full_again_once_an_unnamed_400_clears_without_a_culpr
     # Halved once; both halves accepted, so the refusal is behind us: full batches again.
     assert [r.requests for r in results if r.created] == [4, 4, 8, 8, 8, 8]
     assert statuses(db_path) == ["submitted"] * 40
+
+
+TOO_LARGE = "Request exceeds the maximum allowed number of bytes."
+
+
+def body_bytes(*texts: str) -> int:
+    """The size of a create body holding these requests (`t-0`, `t-1`, ... as custom_ids)."""
+    items = [
+        f'{{"custom_id":"t-{n}","params":{request_params(text)}}}' for n, text in enumerate(texts)
+    ]
+    return len('{"requests":[' + ",".join(items) + "]}")
+
+
+async def test_a_413_never_marks_a_request_invalid_for_our_own_lowered_limit(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+) -> None:
+    big, small = "b" * 3000, "s"
+    await store.enqueue(
+        [("t-0", request_params(big))] + [(f"t-{n}", request_params(small)) for n in range(1, 7)]
+    )
+    # A proxy in front of the API takes the big request alone, not with the others.
+    fake_api.api.max_body_bytes = body_bytes(big) + 50
+    assert body_bytes(big, *[small] * 6) > fake_api.api.max_body_bytes
+    run = rig(8)
+
+    await steps(run, 8)
+    assert statuses(db_path) == ["submitted"] * 7
+    assert fake_api.state.stats.submissions["t-0"] == 1
+
+
+async def test_a_request_too_large_even_alone_is_invalid_with_the_apis_reason(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+) -> None:
+    big, small = "b" * 3000, "s"
+    await store.enqueue(
+        [("t-0", request_params(big))] + [(f"t-{n}", request_params(small)) for n in range(1, 7)]
+    )
+    fake_api.api.max_body_bytes = 2000  # the big one never passes, the others do
+    run = rig(8)
+
+    await steps(run, 10)
+    found = rows(db_path)
+    status, error = found["t-0"]
+    assert status == "invalid"
+    # What the API said of it alone, not our own lowered limit.
+    assert (error or "").startswith("refused by the API as too large")
+    assert TOO_LARGE in (error or "")
+    assert all(found[f"t-{n}"] == ("submitted", None) for n in range(1, 7))
+
+
+async def test_413s_for_every_body_blame_nobody_and_full_batches_resume(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+) -> None:
+    text = "m" * 1200  # each request alone is over 1 KB, the lowest limit halving reaches
+    await store.enqueue((f"t-{n}", request_params(text)) for n in range(12))
+    fake_api.api.max_body_bytes = 100  # a proxy refusing every body, whatever its size
+    run = rig(8)
+
+    waits: list[float] = []
+    while len(waits) < 3:
+        if wait := (await run.step()).retry_after_s:
+            waits.append(wait)
+        assert "invalid" not in statuses(db_path)  # nobody blamed, ever
+        assert len(run.attempts) < 40
+    assert fake_api.state.stats.creates_accepted == 0
+
+    fake_api.api.max_body_bytes = MAX_BATCH_BYTES  # the proxy is fixed
+    results = await steps(run, 6)
+    assert statuses(db_path) == ["submitted"] * 12
+    # One request to probe, then full batches: the halvings were not about size.
+    assert [r.requests for r in results if r.created] == [1, 8, 3]
