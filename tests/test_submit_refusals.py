@@ -20,11 +20,12 @@ import pytest
 from batchd.client import BatchesClient, RequestBody, RetryPolicy
 from batchd.config import BatchingConfig, Config
 from batchd.daemon import run_daemon
+from batchd.fakeapi import validation
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import Store
 from batchd.submitter import SubmitResult, Submitter
-from batchd.wire import MessageBatch
+from batchd.wire import MAX_BATCH_BYTES, MessageBatch
 from tests.conftest import refuse_in_fake, request_params
 
 ACCOUNT_REFUSAL = "Your credit balance is too low to access the Anthropic API."
@@ -264,3 +265,189 @@ async def test_a_429_retry_after_is_honoured_even_when_woken_early(
     run = rig(4)
     await run_for(run, 100)
     assert spacings(run.attempts) == [30.0, 30.0, 30.0]
+
+
+def refuse_times(monkeypatch: pytest.MonkeyPatch, refusals_left: dict[str, int]) -> None:
+    """Like `refuse_in_fake`, but each custom_id is refused only that many more times."""
+    check_envelope = validation._check_envelope
+
+    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
+        custom_id, params = check_envelope(index, item)
+        if refusals_left.get(custom_id, 0) > 0:
+            refusals_left[custom_id] -= 1
+            raise validation.CreateRejected(REQUEST_REFUSAL)
+        return custom_id, params
+
+    monkeypatch.setattr(validation, "_check_envelope", stricter)
+
+
+async def steps(run: Rig, count: int) -> list[SubmitResult]:
+    return [await run.step() for _ in range(count)]
+
+
+async def test_two_refused_requests_at_the_head_are_both_blamed_without_a_pause(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The second is the first one's control: its refusal is not the account's.
+    refuse_in_fake(monkeypatch, {"t-0", "t-1"}, lambda _: REQUEST_REFUSAL)
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(10))
+    run = rig(8)
+
+    results = await steps(run, 16)
+    assert [r.retry_after_s for r in results if r.retry_after_s] == []  # never paused
+    found = rows(db_path)
+    for culprit in ("t-0", "t-1"):
+        assert found[culprit] == ("invalid", f"refused by the API: {REQUEST_REFUSAL}")
+    assert all(found[f"t-{n}"][0] == "submitted" for n in range(2, 10))
+    assert all(fake_api.state.stats.submissions[f"t-{n}"] == 1 for n in range(2, 10))
+    # Once both are found, the tasks behind them go in one batch again, not one by one.
+    assert [r.requests for r in results if r.created][-1] == 7
+
+
+async def test_a_suspect_accepted_when_retried_alone_was_innocent(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # t-0 is always refused; t-1 only once (a refusal of its own that passed): both
+    # become suspects, a control is accepted, and each is retried alone.
+    refuse_times(monkeypatch, {"t-0": 1_000, "t-1": 1})
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(10))
+    run = rig(8)
+
+    results = await steps(run, 16)
+    assert [r.retry_after_s for r in results if r.retry_after_s] == []
+    found = rows(db_path)
+    assert found["t-0"] == ("invalid", f"refused by the API: {REQUEST_REFUSAL}")
+    assert all(found[f"t-{n}"][0] == "submitted" for n in range(1, 10))
+    assert fake_api.state.stats.submissions["t-1"] == 1
+
+
+async def test_more_refused_requests_at_the_head_than_suspects_are_all_found_in_the_end(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Five bad requests in a row look like an account-level refusal for a while (creates
+    # pause), but the probes after the pauses move on through the queue instead of
+    # trying the same requests for ever, and every bad one is found.
+    bad = {f"t-{n}" for n in range(5)}
+    refuse_in_fake(monkeypatch, bad, lambda _: REQUEST_REFUSAL)
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(12))
+    run = rig(8)
+
+    for _ in range(60):
+        await run.step()
+        if "pending" not in statuses(db_path):
+            break
+    found = rows(db_path)
+    assert {custom_id for custom_id, (status, _) in found.items() if status == "invalid"} == bad
+    assert all(found[f"t-{n}"] == ("submitted", None) for n in range(5, 12))
+    assert all(fake_api.state.stats.submissions[f"t-{n}"] == 1 for n in range(5, 12))
+    assert len(run.attempts) < 40
+    assert run.time.now - 1000.0 < 3600  # a few short pauses, not hours
+
+
+async def test_batches_are_full_again_once_an_unnamed_400_clears_without_a_culprit(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refuse_times(monkeypatch, {"t-0": 1})  # refused once, then fine: nobody to blame
+    await store.enqueue((f"t-{n}", request_params(f"t-{n}")) for n in range(40))
+    run = rig(8)
+
+    results = await steps(run, 12)
+    # Halved once; both halves accepted, so the refusal is behind us: full batches again.
+    assert [r.requests for r in results if r.created] == [4, 4, 8, 8, 8, 8]
+    assert statuses(db_path) == ["submitted"] * 40
+
+
+TOO_LARGE = "Request exceeds the maximum allowed number of bytes."
+
+
+def body_bytes(*texts: str) -> int:
+    """The size of a create body holding these requests (`t-0`, `t-1`, ... as custom_ids)."""
+    items = [
+        f'{{"custom_id":"t-{n}","params":{request_params(text)}}}' for n, text in enumerate(texts)
+    ]
+    return len('{"requests":[' + ",".join(items) + "]}")
+
+
+async def test_a_413_never_marks_a_request_invalid_for_our_own_lowered_limit(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+) -> None:
+    big, small = "b" * 3000, "s"
+    await store.enqueue(
+        [("t-0", request_params(big))] + [(f"t-{n}", request_params(small)) for n in range(1, 7)]
+    )
+    # A proxy in front of the API takes the big request alone, not with the others.
+    fake_api.api.max_body_bytes = body_bytes(big) + 50
+    assert body_bytes(big, *[small] * 6) > fake_api.api.max_body_bytes
+    run = rig(8)
+
+    await steps(run, 8)
+    assert statuses(db_path) == ["submitted"] * 7
+    assert fake_api.state.stats.submissions["t-0"] == 1
+
+
+async def test_a_request_too_large_even_alone_is_invalid_with_the_apis_reason(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+) -> None:
+    big, small = "b" * 3000, "s"
+    await store.enqueue(
+        [("t-0", request_params(big))] + [(f"t-{n}", request_params(small)) for n in range(1, 7)]
+    )
+    fake_api.api.max_body_bytes = 2000  # the big one never passes, the others do
+    run = rig(8)
+
+    await steps(run, 10)
+    found = rows(db_path)
+    status, error = found["t-0"]
+    assert status == "invalid"
+    # What the API said of it alone, not our own lowered limit.
+    assert (error or "").startswith("refused by the API as too large")
+    assert TOO_LARGE in (error or "")
+    assert all(found[f"t-{n}"] == ("submitted", None) for n in range(1, 7))
+
+
+async def test_413s_for_every_body_blame_nobody_and_full_batches_resume(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: Callable[[int], Rig],
+    db_path: Path,
+) -> None:
+    text = "m" * 1200  # each request alone is over 1 KB, the lowest limit halving reaches
+    await store.enqueue((f"t-{n}", request_params(text)) for n in range(12))
+    fake_api.api.max_body_bytes = 100  # a proxy refusing every body, whatever its size
+    run = rig(8)
+
+    waits: list[float] = []
+    while len(waits) < 3:
+        if wait := (await run.step()).retry_after_s:
+            waits.append(wait)
+        assert "invalid" not in statuses(db_path)  # nobody blamed, ever
+        assert len(run.attempts) < 40
+    assert fake_api.state.stats.creates_accepted == 0
+
+    fake_api.api.max_body_bytes = MAX_BATCH_BYTES  # the proxy is fixed
+    results = await steps(run, 6)
+    assert statuses(db_path) == ["submitted"] * 12
+    # One request to probe, then full batches: the halvings were not about size.
+    assert [r.requests for r in results if r.created] == [1, 8, 3]
