@@ -1,9 +1,10 @@
 """Every SQL statement of batchd, behind methods named for what they mean.
 
 One writer connection behind an asyncio.Lock (pitfalls: coroutines sharing a connection
-share its transaction) and one reader connection. Every write is one `BEGIN IMMEDIATE`
-transaction run in a shielded inner task, so a cancelled caller never leaves half of
-one behind. See docs/design.md for the states and the transactions.
+share its transaction), one reader connection, and two write-back lanes (connections
+that stage results apart and apply them under the same lock). Every write is one `BEGIN
+IMMEDIATE` transaction run in a shielded inner task, so a cancelled caller never leaves
+half of one behind. See docs/design.md for the states and the transactions.
 """
 
 from __future__ import annotations
@@ -995,9 +996,10 @@ class WriteBackLane:
         )
 
 
-# Where the staged lines of a batch wait: a private database ATTACHed to the writer as
-# `staging` from '' (a temporary file SQLite creates 0600 and unlinks as it opens it; no
-# RAM for it), never in the database file or its WAL. Staging takes no write lock and no
+# Where the staged lines of a batch wait: a private database ATTACHed to each connection
+# that writes back (the lanes; the writer for `write_results`) as `staging` from '' (a
+# temporary file SQLite creates 0600 and unlinks as it opens it; no RAM for it), never in
+# the database file or its WAL. Staging takes no write lock and no
 # fsync; a crash loses it, which is harmless: the batch is still `ended` and its results
 # are downloaded and staged again. Clearing it is a DETACH (the file is dropped whole): a
 # DELETE of a TEMP table walked every page of a batch's lines (0.2 s per 100,000).
