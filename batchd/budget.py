@@ -10,12 +10,18 @@ would pass the limit, the largest half, quarter, ... of them that does not (`adm
 `batchd status` shows the same figures estimated over the oldest pending rows. Work
 whose model has no price cannot be bounded, so it pauses submission too, with a reason
 that says which model to price.
+
+A task whose upper bound alone passes the whole limit could never be sent, in this period
+or any other, however little was spent: it is marked `invalid` with the figures instead
+of pausing submission for ever with every task behind it. Not fitting what is left of the
+limit is the budget working: that pauses, and waits for results, a new period or a
+higher limit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
@@ -23,6 +29,7 @@ import structlog
 from batchd.config import BudgetConfig, Config
 from batchd.domain import BatchState
 from batchd.pricing import (
+    Estimate,
     PriceTable,
     RequestSizes,
     TokenCounts,
@@ -33,6 +40,10 @@ from batchd.pricing import (
 from batchd.store import SizeRow, Store, StoreAccounts, UsageRow
 
 log = structlog.get_logger("batchd.budget")
+
+_PER_PERIOD = {"day": "per UTC day", "month": "per UTC month"}
+# Tasks refused as over the whole limit, named in one log line (the count says the rest).
+_REFUSED_NAMED = 20
 
 # Batches whose results are not yet in the ledger: their cost is still an upper bound.
 UNSETTLED_BATCH_STATES = (
@@ -53,10 +64,17 @@ class BudgetView:
     next_batch_max_usd: float  # upper bound of the next batch; 0 when nothing is pending
     next_batch_requests: int
     unpriced_models: tuple[str, ...]  # spent, in flight or next: cannot be priced
+    next_batch: Estimate = field(default_factory=Estimate)  # its upper bound, per model
 
     @property
     def committed_usd(self) -> float:
         return self.spent_usd + self.in_flight_max_usd
+
+    @property
+    def alone_over_limit(self) -> bool:
+        """The next batch is one task whose upper bound alone passes max_spend_usd: no
+        period, however little was spent in it, could ever admit it."""
+        return self.next_batch_requests == 1 and self.next_batch_max_usd > self.max_spend_usd
 
     @property
     def paused_reason(self) -> str | None:
@@ -69,13 +87,29 @@ class BudgetView:
                 "add it under [pricing] to submit it within a budget"
             )
         if self.committed_usd + self.next_batch_max_usd > self.max_spend_usd:
-            return (
+            reason = (
                 f"{format_usd(self.spent_usd)} spent {_period_phrase(self.period)}"
                 f" + up to {format_usd(self.in_flight_max_usd)} in flight"
                 f" + up to {format_usd(self.next_batch_max_usd)} for the next batch"
                 f" would pass [budget] max_spend_usd {format_usd(self.max_spend_usd)}"
             )
+            if self.alone_over_limit:  # what `batchd status` says before the daemon acts
+                reason += "; that one task alone passes the whole limit: batchd marks it invalid"
+            return reason
         return None
+
+    def over_limit_reason(self, custom_id: str) -> str:
+        """The `error` of the next batch's one task when `alone_over_limit`: its figures,
+        and what to do about them."""
+        task = next(line for line in self.next_batch.models if line.model)
+        return (
+            f"over the budget: this request alone may cost up to {format_usd(task.cost_max_usd)}"
+            f" (about {task.input_tokens:,} input tokens, max_tokens {task.output_tokens_max:,})"
+            f", more than the whole [budget] max_spend_usd {format_usd(self.max_spend_usd)}"
+            f" {_PER_PERIOD.get(self.period, 'in total')}, so it can never be sent under"
+            " this budget; raise max_spend_usd or lower its max_tokens, then"
+            f" `batchd retry --status invalid {custom_id}`"
+        )
 
 
 def period_start(period: str, now: datetime) -> str | None:
@@ -114,6 +148,7 @@ def budget_view(
         next_batch_max_usd=upcoming.cost_max_usd,
         next_batch_requests=sum(line.requests for line in upcoming.models if line.model),
         unpriced_models=tuple(sorted(unpriced)),
+        next_batch=upcoming,
     )
 
 
@@ -135,6 +170,14 @@ async def fitting_view(
 
 def _period_phrase(period: str) -> str:
     return "in total" if period == "total" else f"this {period} (UTC)"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The budget's answer about a chunk: what may go now, and what never can."""
+
+    task_ids: Sequence[int]  # may go now: the oldest of the chunk after the refused ones
+    refused: int = 0  # tasks at its head marked invalid: each alone passes the whole limit
 
 
 class BudgetGate:
@@ -175,18 +218,49 @@ class BudgetGate:
             clock=clock,
         )
 
-    async def admit(self, task_ids: Sequence[int]) -> int:
-        """How many of `task_ids` (a chunk the chunker built: valid tasks, oldest first)
-        may go now without passing the limit: all, the first half, quarter, ..., or 0
-        when not even the first fits (then submission is paused, and it is logged)."""
+    async def admit(self, task_ids: Sequence[int], custom_ids: Sequence[str]) -> Admission:
+        """Which of `task_ids` (a chunk the chunker built: valid tasks, oldest first) may go
+        now without passing the limit: all, the first half, quarter, ..., or none when not
+        even the first fits (then submission is paused, and it is logged).
+
+        Tasks at the head whose bound alone passes the whole limit are marked invalid
+        first, and the rest is weighed without them: waiting could never let them go.
+        """
         view_of = await self._viewer()
+        start = 0  # the chunk's tasks before this one are refused
 
         async def first(count: int) -> list[SizeRow]:
-            return await self._accounts.task_sizes(task_ids[:count])
+            return await self._accounts.task_sizes(task_ids[start : start + count])
 
         view = await fitting_view(first, len(task_ids), view_of)
+        refused: list[tuple[int, str]] = []
+        while view.alone_over_limit:
+            refused.append((task_ids[start], view.over_limit_reason(custom_ids[start])))
+            start += 1
+            if start == len(task_ids):
+                break
+            # A run of them (a whole file whose max_tokens the budget cannot cover): one
+            # read each, and the rest weighed again only once the head fits the limit.
+            view = view_of(await first(1))
+            if not view.alone_over_limit:
+                view = await fitting_view(first, len(task_ids) - start, view_of)
+        if refused:
+            await self._refuse(refused, custom_ids[:start])
+            if start == len(task_ids):
+                return Admission((), len(refused))  # nothing weighed: no pause to note
         self._note(view)
-        return 0 if view.paused_reason is not None else view.next_batch_requests
+        if view.paused_reason is not None:
+            return Admission((), len(refused))
+        return Admission(task_ids[start : start + view.next_batch_requests], len(refused))
+
+    async def _refuse(self, reasons: list[tuple[int, str]], custom_ids: Sequence[str]) -> None:
+        marked = await self._store.mark_invalid(reasons)
+        log.warning(
+            "tasks_over_budget",
+            count=marked,
+            custom_ids=list(custom_ids[:_REFUSED_NAMED]),
+            reason=reasons[0][1],
+        )
 
     async def pause_reason(self) -> str | None:
         """Why submission must wait now, or None; logged when the answer changes."""

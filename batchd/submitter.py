@@ -168,13 +168,16 @@ class Submitter:
             if self.budget is not None:
                 # Priced on exactly the tasks the chunker took (invalid rows are already
                 # marked and skipped): a batch never carries a request the budget did not
-                # count. Cut to what fits, oldest first.
-                admitted = await self.budget.admit(chunk.task_ids)
-                if admitted == 0:
-                    return SubmitResult(waiting=True)  # the gate logs the pause
-                if admitted < len(chunk):
+                # count. Cut to what fits, oldest first. Tasks at the head that alone pass
+                # the whole limit are marked invalid: those admitted are the oldest pending.
+                admission = await self.budget.admit(chunk.task_ids, chunk.custom_ids)
+                if not admission.task_ids:
+                    # The gate logs a pause; after a refusal, on at once to the tasks behind.
+                    again_s = 0.0 if admission.refused else None
+                    return SubmitResult(waiting=True, retry_after_s=again_s)
+                if len(admission.task_ids) < len(chunk):
                     # Only a chunk of several: a suspect, control or probe is one task.
-                    return await self._create_first(chunk.task_ids[:admitted])
+                    return await self._create_first(list(admission.task_ids))
             return await self._create(chunk)
         finally:
             chunk.body.close()

@@ -20,6 +20,7 @@ from batchd.client import BatchesClient, RetryPolicy
 from batchd.commands import render_status, status_snapshot
 from batchd.config import BudgetConfig, Config
 from batchd.daemon import Daemon, run_daemon
+from batchd.domain import TaskStatus
 from batchd.fakeapi.server import FakeApiServer
 from batchd.pricing import PriceTable
 from batchd.store import Store, StoreAccounts
@@ -72,6 +73,25 @@ def test_work_that_cannot_be_priced_is_held_back() -> None:
     assert "no price for model claude-new-9" in held.paused_reason  # type: ignore[attr-defined,operator]
     # Params without a model are refused by the chunker, never sent: nothing to price.
     assert view(100.0, next_batch=[(None, 3, 40, 0)]).paused_reason is None  # type: ignore[attr-defined]
+
+
+def test_only_a_task_whose_bound_alone_passes_the_whole_limit_can_never_fit() -> None:
+    one = [(HAIKU, 1, 0, 400)]  # 400 output tokens at most x $5 / 1e6, halved: $0.0010
+    spent = [(HAIKU, 1, 0, 200, 0, 0)]  # $0.0005
+    at_the_limit = view(0.001, next_batch=one)
+    assert (at_the_limit.alone_over_limit, at_the_limit.paused_reason) == (False, None)  # type: ignore[attr-defined]
+    over_what_is_left = view(0.001, spent=spent, next_batch=one)
+    assert over_what_is_left.paused_reason is not None  # type: ignore[attr-defined]
+    assert not over_what_is_left.alone_over_limit  # type: ignore[attr-defined]
+    two = view(0.0015, next_batch=[(HAIKU, 2, 0, 800)])  # each fits alone
+    assert two.paused_reason is not None  # type: ignore[attr-defined]
+    assert not two.alone_over_limit  # type: ignore[attr-defined]
+    never = view(0.0009, next_batch=one)
+    assert never.alone_over_limit  # type: ignore[attr-defined]
+    # What `batchd status` says while it waits for the daemon to mark it.
+    assert never.paused_reason.endswith(  # type: ignore[attr-defined]
+        "; that one task alone passes the whole limit: batchd marks it invalid"
+    )
 
 
 async def test_the_gate_logs_each_change_once(store: Store) -> None:
@@ -210,16 +230,22 @@ def sqlite_count(db_path: Path, sql: str) -> int:
 
 
 async def submit_within(
-    store: Store, fake_api: FakeApiServer, max_spend_usd: float, *, linger_s: float = 0.0
+    store: Store,
+    fake_api: FakeApiServer,
+    max_spend_usd: float,
+    *,
+    linger_s: float = 0.0,
+    period: str = "total",
+    now: datetime = NOW,
 ) -> tuple[int, bool]:
     """One submit step of a submitter whose budget is `max_spend_usd`: (requests, waiting)."""
     config = Config()
     config = replace(
         config,
-        budget=BudgetConfig(max_spend_usd, "total"),
+        budget=BudgetConfig(max_spend_usd, period),
         batching=replace(config.batching, max_requests=8, linger_s=linger_s),
     )
-    gate = BudgetGate.from_config(store, config, clock=lambda: NOW)
+    gate = BudgetGate.from_config(store, config, clock=lambda: now)
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(
             session, base_url=fake_api.base_url, api_key="k", policy=RetryPolicy(max_retries=0)
@@ -228,7 +254,7 @@ async def submit_within(
             store,
             client,
             config.batching,
-            clock=lambda: NOW,
+            clock=lambda: now,
             monotonic=lambda: 0.0,
             reconcile_grace_s=60,
             budget=gate,
@@ -276,3 +302,124 @@ async def test_a_budget_leaves_the_linger_alone(store: Store, fake_api: FakeApiS
     await store.enqueue((f"ok-{n}", request_params(f"t {n}", max_tokens=10)) for n in range(3))
     # Three tasks, room for far more: the partly full batch still waits for its linger.
     assert await submit_within(store, fake_api, 1000.0, linger_s=1000.0) == (0, True)
+
+
+def task_row(db_path: Path, custom_id: str) -> tuple[str, str | None]:
+    with sqlite3.connect(db_path) as db:
+        status, error = db.execute(
+            "SELECT status, error FROM tasks WHERE custom_id = ?", (custom_id,)
+        ).fetchone()
+    db.close()
+    return str(status), error
+
+
+async def test_a_task_whose_bound_alone_passes_the_limit_is_invalid_and_the_queue_goes_on(
+    store: Store, fake_api: FakeApiServer, db_path: Path
+) -> None:
+    # Valid JSON the chunker accepts, but at most 10^12 output tokens x $5 / 1e6, halved:
+    # $2.5M, when the whole budget is $1. No spending, no period, ever admits it.
+    await store.enqueue([("huge", request_params("x", max_tokens=10**12, model=HAIKU))])
+    await store.enqueue(
+        (f"ok-{n}", request_params(f"text {n}", max_tokens=1000, model=HAIKU)) for n in range(6)
+    )
+    with capture_logs() as logs:
+        requests, _ = await submit_within(store, fake_api, 1.0)
+    assert requests == 6  # the tasks behind it went in the same step
+    assert fake_api.state.stats.submissions.keys() == {f"ok-{n}" for n in range(6)}
+    status, error = task_row(db_path, "huge")
+    assert status == "invalid"
+    assert error is not None
+    for figure in ("$2,500,000.00", "max_tokens 1,000,000,000,000", "max_spend_usd $1.00"):
+        assert figure in error
+    assert "batchd retry --status invalid huge" in error
+    refused = [e for e in logs if e["event"] == "tasks_over_budget"]
+    assert [(e["count"], e["custom_ids"], e["reason"]) for e in refused] == [(1, ["huge"], error)]
+    assert not [e for e in logs if e["event"] == "submission_paused_budget"]
+
+    # What the reason says to do works: lower max_tokens, retry, and it is sent.
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            "UPDATE tasks SET params = ? WHERE custom_id = 'huge'",
+            (request_params("x", max_tokens=1000, model=HAIKU),),
+        )
+    db.close()
+    assert await store.retry_tasks([TaskStatus.INVALID], ["huge"]) == 1
+    assert await submit_within(store, fake_api, 1.0) == (1, False)
+    assert "huge" in fake_api.state.stats.submissions
+
+
+# Spent today (and this month): 240k output tokens x $5 / 1e6, halved = $0.60 of $1.
+SPENT_TODAY = (f"{NOW:%Y-%m-%d}", HAIKU + "-20251001", 3, 0, 240_000, 0, 0)
+NEXT_PERIOD = {
+    "day": datetime(2026, 11, 25, 0, 1, tzinfo=UTC),
+    "month": datetime(2026, 12, 1, 0, 1, tzinfo=UTC),
+    "total": datetime(2027, 6, 1, tzinfo=UTC),  # a total never starts again
+}
+
+
+@pytest.mark.parametrize("period", list(NEXT_PERIOD))
+async def test_the_whole_limit_of_a_period_decides_what_can_never_be_sent(
+    period: str, store: Store, fake_api: FakeApiServer, db_path: Path
+) -> None:
+    with sqlite3.connect(db_path) as db:
+        db.execute("INSERT INTO usage_ledger VALUES (?, ?, ?, ?, ?, ?, ?)", SPENT_TODAY)
+    db.close()
+    await store.enqueue(
+        [
+            ("never", request_params("a", max_tokens=10**12, model=HAIKU)),  # $2.5M
+            ("over-limit", request_params("b", max_tokens=420_000, model=HAIKU)),  # $1.05
+            ("over-left", request_params("c", max_tokens=200_000, model=HAIKU)),  # $0.50
+        ]
+    )
+    await store.enqueue(
+        (f"ok-{n}", request_params(f"text {n}", max_tokens=1000, model=HAIKU)) for n in range(5)
+    )
+    with capture_logs() as logs:
+        assert await submit_within(store, fake_api, 1.0, period=period) == (0, True)
+    # Over the whole $1: invalid whatever the period. Over the $0.40 left only: it waits,
+    # and the tasks behind it wait with it (the budget working).
+    assert task_row(db_path, "never")[0] == "invalid"
+    status, error = task_row(db_path, "over-limit")
+    assert (status, "may cost up to $1.05" in (error or "")) == ("invalid", True)
+    assert task_row(db_path, "over-left") == ("pending", None)
+    assert sqlite_count(db_path, "SELECT count(*) FROM tasks WHERE status = 'pending'") == 6
+    paused = [e for e in logs if e["event"] == "submission_paused_budget"]
+    assert len(paused) == 1
+    assert paused[0]["spent_usd"] == 0.6
+    assert "for the next batch would pass [budget] max_spend_usd $1.00" in paused[0]["reason"]
+    assert not fake_api.state.stats.submissions
+
+    sent = await submit_within(store, fake_api, 1.0, period=period, now=NEXT_PERIOD[period])
+    if period == "total":
+        assert sent == (0, True)  # what is left of a total never grows back: raise the limit
+        assert task_row(db_path, "over-left") == ("pending", None)
+    else:
+        assert sent == (6, False)  # a new period: the whole $1 again
+        assert fake_api.state.stats.submissions.keys() == {"over-left"} | {
+            f"ok-{n}" for n in range(5)
+        }
+
+
+async def test_tasks_over_the_whole_limit_anywhere_in_the_queue_never_stop_the_daemon(
+    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+) -> None:
+    never = {"never-0", "never-1", "never-2", "never-3"}
+    order = ["never-0", "ok-0", "ok-1", "never-1", "never-2", "ok-2", "ok-3", "ok-4", "never-3"]
+    order += [f"ok-{n}" for n in range(5, 12)]
+    await store.enqueue(
+        (custom_id, request_params(custom_id, max_tokens=10**9 if custom_id in never else 100))
+        for custom_id in order
+    )
+    await store.close()
+    base = daemon_config(fake_api.base_url, max_requests=4)
+    config = replace(base, budget=BudgetConfig(1.0, "day"))  # one task's bound: $2,500
+    with capture_logs() as logs:
+        code = await asyncio.wait_for(run_daemon(config, "test-key", exit_when_idle=True), 60)
+    assert code == 0
+    with sqlite3.connect(db_path) as db:
+        statuses = dict(db.execute("SELECT custom_id, status FROM tasks").fetchall())
+    db.close()
+    assert statuses == {c: "invalid" if c in never else "succeeded" for c in order}
+    refused = [e["custom_ids"] for e in logs if e["event"] == "tasks_over_budget"]
+    assert sorted(c for ids in refused for c in ids) == sorted(never)
+    assert not [e for e in logs if e["event"] == "submission_paused_budget"]
