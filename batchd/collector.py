@@ -40,8 +40,6 @@ _RETENTION = timedelta(days=RESULTS_RETENTION_DAYS)
 # least one of those retries (costs ~5-10%).
 _WRITERS_WAIT_S = 1.0
 _WRITERS_PAUSE_S = 0.12
-# While a chunk is staged, parsing the next lets the event loop run this often.
-_YIELD_EVERY_LINES = 250
 # Warn loudly when results of an unfinished download are this close to being archived.
 _RETENTION_WARNING = timedelta(days=RESULTS_RETENTION_DAYS - 2)
 
@@ -178,39 +176,23 @@ class Collector:
     ) -> None:
         api_batch_id = batch.api_batch_id
         assert api_batch_id is not None
+        # Staging a chunk while the next is parsed (SQLite releases the GIL) was measured:
+        # no gain on 2 cores (bench/README.md), so it is done in line.
         outcomes: list[Outcome] = []
-        # A chunk is staged while the next one is parsed: staging is one INSERT per 1,000
-        # lines, run by SQLite on the lane's thread without the GIL (store.py). One at a
-        # time, so memory holds two chunks at most.
-        staging: asyncio.Task[None] | None = None
-        try:
-            async with self._client.results(
-                url, batch_id=api_batch_id, max_line_bytes=self._config.max_line_bytes
-            ) as stream:
-                async for line in stream:
-                    crash_point("result_line_read")
-                    tally.lines += 1
-                    try:
-                        outcomes.append(parse_result_line(line))
-                    except MalformedResultLine as exc:
-                        await self._keep_malformed(api_batch_id, tally.lines, line, exc)
-                        continue
-                    if staging is not None and len(outcomes) % _YIELD_EVERY_LINES == 0:
-                        # The lines may all be buffered already: without this, the staging
-                        # statements' answers wait for the whole chunk to be parsed.
-                        await asyncio.sleep(0)
-                    if len(outcomes) >= self._config.chunk_size:
-                        if staging is not None:
-                            await staging
-                        staging = asyncio.create_task(
-                            self._stage(lane, batch, api_batch_id, outcomes, tally=tally)
-                        )
-                        outcomes = []
-        finally:
-            # Whatever stopped the stream, the chunk being staged is staged (or has failed)
-            # before anything else happens to this lane: a cut stream applies it next.
-            if staging is not None:
-                await staging
+        async with self._client.results(
+            url, batch_id=api_batch_id, max_line_bytes=self._config.max_line_bytes
+        ) as stream:
+            async for line in stream:
+                crash_point("result_line_read")
+                tally.lines += 1
+                try:
+                    outcomes.append(parse_result_line(line))
+                except MalformedResultLine as exc:
+                    await self._keep_malformed(api_batch_id, tally.lines, line, exc)
+                    continue
+                if len(outcomes) >= self._config.chunk_size:
+                    await self._stage(lane, batch, api_batch_id, outcomes, tally=tally)
+                    outcomes = []
         if outcomes:
             await self._stage(lane, batch, api_batch_id, outcomes, tally=tally)
 

@@ -37,7 +37,7 @@ from batchd.domain import (
     TaskStatus,
     WriteReport,
 )
-from batchd.staging import BUCKET_TASKS, LAST_BUCKET, NUMBER_BITS, StagingNumbers
+from batchd.staging import StagingKeys
 from batchd.wire import MessageBatch, RequestCounts, parse_timestamp
 
 Clock = Callable[[], datetime]
@@ -146,11 +146,11 @@ class _Migration:
 @dataclass(slots=True)
 class _Connection:
     """A connection that writes, the lock that gives it one transaction at a time, and the
-    numbers of the lines in its staging database."""
+    keys of the lines in its staging database."""
 
     db: Db
     lock: asyncio.Lock
-    staging_numbers: StagingNumbers
+    staging_keys: StagingKeys
 
 
 class _Rollback(Exception):
@@ -180,7 +180,7 @@ class Store:
         self._writes: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._busy_timeout_ms = busy_timeout_ms
-        self._main = _Connection(writer, self._lock, StagingNumbers())
+        self._main = _Connection(writer, self._lock, StagingKeys())
         self._lanes: asyncio.Queue[_Connection] | None = None
         self._lanes_opening = asyncio.Lock()
 
@@ -669,7 +669,7 @@ class Store:
         self, db: Db, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
     ) -> WriteReport:
         await _clear_staging(db)
-        staged = await self._stage(db, self._main.staging_numbers, local_id, outcomes)
+        staged = await self._stage(db, self._main.staging_keys, local_id, outcomes)
         applied = await self._apply_range(db, local_id, max_attempts, -1, 0)
         await _clear_staging(db)  # frees the chunk's text now
         written, requeued = (applied.report.written, applied.report.requeued) if applied else (0, 0)
@@ -702,7 +702,7 @@ class Store:
                         )
                         await db.execute(_LANE_CACHE)
                         await _attach_staging(db)
-                    lanes.put_nowait(_Connection(db, asyncio.Lock(), StagingNumbers()))
+                    lanes.put_nowait(_Connection(db, asyncio.Lock(), StagingKeys()))
                 self._lanes = lanes
             return self._lanes
 
@@ -737,31 +737,31 @@ class Store:
         if await db.execute_fetchall(_STAGING_ATTACHED):
             await db.execute("DETACH DATABASE staging")
         await _attach_staging(db)
-        conn.staging_numbers = StagingNumbers()
+        conn.staging_keys = StagingKeys()
 
     async def _stage(
-        self, db: Db, numbers: StagingNumbers, local_id: int, outcomes: Sequence[Outcome]
+        self, db: Db, keys: StagingKeys, local_id: int, outcomes: Sequence[Outcome]
     ) -> StageReport:
         first_task_id = next(iter(await db.execute_fetchall(_FIRST_MEMBER, (local_id,))))[0]
-        staged = 0
-        for start in range(0, len(outcomes), _STAGED_PER_STATEMENT):
-            lines = outcomes[start : start + _STAGED_PER_STATEMENT]
-            first_number = numbers.reserve(len(lines))
-            params: list[Any] = [first_task_id, local_id]
-            for position, outcome in enumerate(lines):
-                params += _staging_values(first_number + position, outcome)
-            staged += await _run(db, _insert_staging(len(lines)), params)
-        unmatched: tuple[int, ...] = ()
-        if staged < len(outcomes):  # rare: find out which lines were not staged, and why
-            rows = await db.execute_fetchall(
-                _NOT_MEMBERS,
-                {"local": local_id, "custom_ids": _json_list(o.custom_id for o in outcomes)},
-            )
-            unmatched = tuple(sorted(int(position) for (position,) in rows))
+        found = await db.execute_fetchall(
+            _MEMBER_TASK_IDS,
+            {"local": local_id, "custom_ids": _json_list(o.custom_id for o in outcomes)},
+        )
+        task_ids: dict[str, int] = dict(cast(Iterable[tuple[str, int]], found))
+        rows: list[Row] = []
+        unmatched: list[int] = []
+        for position, outcome in enumerate(outcomes):
+            task_id = task_ids.get(outcome.custom_id)
+            if task_id is None:
+                unmatched.append(position)
+            else:
+                key = keys.key(first_task_id, task_id)
+                rows.append(_staging_row(key, local_id, task_id, outcome))
         # The first line for a task wins, a repeated one is ignored (as if it were
         # downloaded again). Only that conflict: a key used twice would be our bug, and
         # must fail loudly rather than drop a line.
-        return StageReport(staged, len(outcomes) - staged - len(unmatched), unmatched)
+        staged = await _run_many(db, _INSERT_STAGING, rows)
+        return StageReport(staged, len(rows) - staged, tuple(unmatched))
 
     async def _apply_range(
         self, db: Db, local_id: int, max_attempts: int, max_rows: int, after_task_id: int
@@ -975,7 +975,7 @@ class WriteBackLane:
         _check_result_types(outcomes)
         store, conn = self._store, self._conn
         return await store._shielded(
-            "staging", conn, store._stage, conn.staging_numbers, local_id, outcomes
+            "staging", conn, store._stage, conn.staging_keys, local_id, outcomes
         )
 
     async def apply_staged(
@@ -1026,43 +1026,22 @@ CREATE TABLE IF NOT EXISTS staging.results (
     cache_read_input_tokens INTEGER,
     model TEXT
 )"""
-# Lines staged by one INSERT: a statement per line (executemany) takes the GIL back for
-# every line, and then waits up to 5 ms for it whenever the event loop is busy (parsing
-# the next chunk, building a batch): staging 100,000 lines took 20-250 s instead of 1 s
-# next to a busy Python thread, 1.5 s this way (bench/README.md). 11 values a line stay
-# under SQLite's 32,766 variables (3.32+), or its 999 before.
-_VALUES_PER_LINE = 11
-_STAGED_PER_STATEMENT = 1000 if sqlite3.sqlite_version_info >= (3, 32) else 90
-
-
-def _insert_staging(lines: int) -> str:
-    """Stage `lines` lines of a batch (?1: its first task id, ?2: its local id), each
-    matched to its task by custom_id and keyed by its task's bucket (staging.py)."""
-    return _INSERT_STAGING.format(values=",".join([_STAGED_LINE] * lines))
-
-
-_STAGED_LINE = "(" + ",".join(["?"] * _VALUES_PER_LINE) + ")"
+_INSERT_STAGING = (
+    "INSERT INTO staging.results"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # the columns above, in order
+    " ON CONFLICT (task_id) DO NOTHING"
+)
+_STAGING_ATTACHED = "SELECT 1 FROM pragma_database_list WHERE name = 'staging'"
 # Matched: a task with that custom_id was in this batch (batch_tasks remembers requeued
 # ones, whose re-downloaded lines are then merely ignored by the guard below). custom_id is
 # unique, so a line names at most one task: its rowid is looked up once, here.
 # CROSS JOIN keeps the lines as the outer loop: the planner would otherwise walk every
-# member of the batch for each chunk.
-_INSERT_STAGING = f"""
-INSERT INTO staging.results
-SELECT (min(max(t.id - ?1, 0) / {BUCKET_TASKS}, {LAST_BUCKET}) << {NUMBER_BITS}) | line.column1,
-    t.id, ?2, line.column2, line.column3, line.column4, line.column5, line.column6,
-    line.column7, line.column8, line.column9, line.column10, line.column11
-FROM (VALUES {{values}}) AS line
-CROSS JOIN tasks AS t ON t.custom_id = line.column2
-CROSS JOIN batch_tasks AS m ON m.batch_id = ?2 AND m.task_id = t.id
-WHERE true ON CONFLICT (task_id) DO NOTHING"""
-_STAGING_ATTACHED = "SELECT 1 FROM pragma_database_list WHERE name = 'staging'"
-# Positions in a chunk of the lines that name no task of the batch (see _INSERT_STAGING).
-_NOT_MEMBERS = """
-SELECT line.key FROM json_each(:custom_ids) AS line
-WHERE NOT EXISTS (SELECT 1 FROM tasks AS t
-    CROSS JOIN batch_tasks AS m ON m.batch_id = :local AND m.task_id = t.id
-    WHERE t.custom_id = line.value)"""
+# member of the batch for each chunk. (A dict of the whole batch's members was no faster
+# and held ~12 MB per 100,000.)
+_MEMBER_TASK_IDS = """
+SELECT t.custom_id, t.id FROM json_each(:custom_ids) AS line
+CROSS JOIN tasks AS t ON t.custom_id = line.value
+CROSS JOIN batch_tasks AS m ON m.batch_id = :local AND m.task_id = t.id"""
 _FIRST_MEMBER = "SELECT min(task_id) FROM batch_tasks WHERE batch_id = ?"
 # The first and last task ids and the count of the next range of staged lines.
 _NEXT_RANGE = """
@@ -1106,11 +1085,12 @@ _BATCH_COLUMNS = (
 )
 
 
-def _staging_values(number: int, outcome: Outcome) -> Row:
-    """A line's values for _INSERT_STAGING, in the order of its `line.columnN`."""
+def _staging_row(key: int, local_id: int, task_id: int, outcome: Outcome) -> Row:
     usage = outcome.usage
     return (
-        number,
+        key,
+        task_id,
+        local_id,
         outcome.custom_id,
         outcome.result_type,
         outcome.result_json,

@@ -186,7 +186,7 @@ async def test_staging_takes_no_write_lock_and_changes_no_task_until_applied(
     local_id = await ended_batch(store, db_path, ApiStub(), "msgbatch_1", "a", "b", "c")
 
     async def stage_while_a_user_inserts(db: Any) -> StageReport:
-        keys = store._main.staging_numbers
+        keys = store._main.staging_keys
         report = await store._stage(db, keys, local_id, [outcome("c"), outcome("a"), outcome("zz")])
         # Inside the staging transaction: a user's write must not wait at all.
         with sqlite3.connect(db_path, timeout=0) as conn:
