@@ -693,18 +693,30 @@ class Store:
         # Opened at the first write-back, not at open: `batchd status` and the other
         # commands never need them.
         async with self._lanes_opening:
+            if self._closed:
+                raise StoreError(f"{self._path}: the store is closed")
             if self._lanes is None:
-                lanes: asyncio.Queue[_Connection] = asyncio.Queue()
-                for _ in range(_WRITE_BACK_LANES):
-                    with _sqlite_errors(self._path, "open"):
-                        db = await _connect(
-                            self._stack, self._path, self._busy_timeout_ms, new_page_size=False
-                        )
-                        await db.execute(_LANE_CACHE)
-                        await _attach_staging(db)
-                    lanes.put_nowait(_Connection(db, asyncio.Lock(), StagingKeys()))
-                self._lanes = lanes
+                self._lanes = await self._open_lanes()
             return self._lanes
+
+    async def _open_lanes(self) -> asyncio.Queue[_Connection]:
+        lanes: asyncio.Queue[_Connection] = asyncio.Queue()
+        # All or none: lanes half opened by a failed attempt (out of file descriptors, a
+        # temporary directory that refuses the staging file) are closed at once, not kept
+        # until the store closes while every retry opens more.
+        async with AsyncExitStack() as opening:
+            for _ in range(_WRITE_BACK_LANES):
+                with _sqlite_errors(self._path, "open"):
+                    db = await _connect(
+                        opening, self._path, self._busy_timeout_ms, new_page_size=False
+                    )
+                    await db.execute(_LANE_CACHE)
+                    await _attach_staging(db)
+                lanes.put_nowait(_Connection(db, asyncio.Lock(), StagingKeys()))
+            if self._closed:
+                raise StoreError(f"{self._path}: the store is closed")
+            self._stack.push_async_callback(opening.pop_all().aclose)
+        return lanes
 
     async def hold_writes(self, seconds: float) -> None:
         """No write of ours, on any connection, for `seconds`: a user's write waiting in
