@@ -54,8 +54,9 @@ _PAGE_SIZE = 16384
 _PRAGMAS = (
     "PRAGMA synchronous = FULL",
     "PRAGMA foreign_keys = ON",
-    # 16 MB: the write-back applies on its lanes' caches now; the writer's claims and polls
-    # were no faster with 64 MB, which only grew the daemon (bench/memory.py: 163 → 134 MB).
+    # 16 MB, the writer's and each write-back lane's: a lane's applied range is ~7 MB of pages
+    # for 5,000 tasks; the writer's claims and polls were no faster with 64 MB, which only
+    # grew the daemon (bench/memory.py: 163 → 134 MB). The lanes were slower with 8 MB.
     "PRAGMA cache_size = -16384",
     # No temp_store = MEMORY: a multi-row UPDATE keeps a statement journal of every page it
     # changes, which in memory grew the daemon by ~340 MB claiming a 256 MB batch (bench/).
@@ -67,9 +68,6 @@ _READER_CACHE = "PRAGMA cache_size = -8192"
 # staging, so that one batch's lines are parsed and staged while another batch is applied.
 # Two: the apply is one writer at a time anyway; a third lane would only wait for it.
 _WRITE_BACK_LANES = 2
-# A lane's cache of the main file: an applied range's pages (~7 MB for 5,000 tasks) and the
-# indexes; the writer's 64 MB is for the submitter's and poller's many small writes.
-_LANE_CACHE = "PRAGMA cache_size = -16384"
 _ENQUEUE_CHUNK = 5000
 _MIGRATION_FILE = re.compile(r"(\d+)_(\w+)\.sql")
 _RESULT_TYPES = frozenset({"succeeded", "errored", "canceled", "expired"})
@@ -710,7 +708,6 @@ class Store:
                     db = await _connect(
                         opening, self._path, self._busy_timeout_ms, new_page_size=False
                     )
-                    await db.execute(_LANE_CACHE)
                     await _attach_staging(db)
                 lanes.put_nowait(_Connection(db, asyncio.Lock(), StagingKeys()))
             if self._closed:
