@@ -7,7 +7,8 @@ import asyncio
 import random
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +37,8 @@ from tests.crash.crash_harness import (
     write_config,
 )
 from tests.test_store import START, FakeClock, add_tasks, api_batch, claim, outcome, query
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -82,16 +85,26 @@ async def api() -> AsyncIterator[ApiStub]:
             return web.json_response({"type": "error", "error": error}, status=404)
         return web.json_response(batch)
 
+    async with serving(stub, results, retrieve):
+        yield stub
+
+
+@asynccontextmanager
+async def serving(
+    stub: ApiStub, results: Handler, retrieve: Handler | None = None
+) -> AsyncIterator[None]:
+    """Serve `results` (and `retrieve`) on loopback; `stub.base_url` points at them."""
     app = web.Application()
     app.router.add_get("/results/{name}", results)
-    app.router.add_get("/v1/messages/batches/{id}", retrieve)
+    if retrieve is not None:
+        app.router.add_get("/v1/messages/batches/{id}", retrieve)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        yield stub
+        yield
     finally:
         await runner.cleanup()
 

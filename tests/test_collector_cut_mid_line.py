@@ -13,7 +13,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from batchd.store import Store
-from tests.test_collector import ApiStub, answers, collect, ended_batch, line
+from tests.test_collector import ApiStub, answers, collect, ended_batch, line, serving
 from tests.test_store import FakeClock, query
 
 
@@ -37,17 +37,8 @@ async def gzip_api() -> AsyncIterator[ApiStub]:
         body = gzip.compress(stub.bodies[name])  # a whole gzip member: trailer and all
         return web.Response(body=body, headers={"Content-Encoding": "gzip"})
 
-    app = web.Application()
-    app.router.add_get("/results/{name}", results)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(stub, results):
         yield stub
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from batchd.client import BatchesClient, RetryPolicy
 from batchd.collector import Collector
 from batchd.config import ResultsConfig
 from batchd.store import Store
-from tests.test_collector import ApiStub, answers, ended_batch, line
+from tests.test_collector import ApiStub, answers, ended_batch, line, serving
 from tests.test_store import FakeClock, query
 
 STALL_S = 0.3
@@ -56,17 +56,8 @@ async def busy_writer_api(store: Store) -> AsyncIterator[ApiStub]:
         await response.write(rest)
         return response
 
-    app = web.Application()
-    app.router.add_get("/results/{name}", results)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(stub, results):
         yield stub
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_collector_kept_waiting_for_the_writer_still_finishes_a_healthy_download(
