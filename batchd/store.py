@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -1204,7 +1205,8 @@ def _create_group_writable(path: Path) -> None:
 async def _connect(
     stack: AsyncExitStack, path: Path, busy_timeout_ms: int, *, new_page_size: bool
 ) -> Db:
-    db = await stack.enter_async_context(aiosqlite.connect(path, isolation_level=None))
+    db = await aiosqlite.connect(path, isolation_level=None)
+    stack.push_async_callback(_close_connection, db)
     await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     # page_size only takes effect before the first table exists.
     if new_page_size and next(iter(await db.execute_fetchall("PRAGMA page_count")))[0] == 0:
@@ -1215,6 +1217,22 @@ async def _connect(
     for pragma in _PRAGMAS:
         await db.execute(pragma)
     return db
+
+
+async def _close_connection(db: Db) -> None:
+    """Close `db` and return only once its worker thread has ended.
+
+    aiosqlite resolves `close()` just before its worker thread leaves its loop, so a
+    closed connection could still count as a live thread: a store that says its
+    connections are closed (a failed lane opening, `close()`) must leave none behind.
+    """
+    await db.close()
+    # aiosqlite does not expose its worker thread; a later version without the attribute
+    # only loses this wait, never the close. The thread sets no event to await, and
+    # join() would block the loop (to_thread would leave an executor thread instead).
+    worker = getattr(db, "_thread", None)
+    while isinstance(worker, threading.Thread) and worker.is_alive():  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
 
 
 async def _create_migrations_table(db: Db) -> None:
