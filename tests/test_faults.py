@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from batchd.client import RetryPolicy
 from batchd.config import Config
 from batchd.daemon import EXIT_AUTH, Daemon, run_daemon
 from batchd.fakeapi.faults import ENDPOINTS, Endpoint, FaultConfig, FaultKind
@@ -135,6 +136,9 @@ async def test_api_down_for_a_while_the_daemon_backs_off_and_catches_up(
     down_s = 3.0
     await enqueue(store, 40)
     config = daemon_config(fake_api.base_url, max_requests=10, reconcile_grace_s=0.5)
+    # The shipped retry count: a poll's retry chain (at least 0.375 + 0.75 + 1.5 + 3 + 6 s)
+    # then outlasts the outage, so no new chain starts inside it.
+    config = replace(config, api=replace(config.api, max_retries=RetryPolicy().max_retries))
     fake_api.state.timeline = Timeline(processing_seconds=2.0)
     running = Running(config)
     await wait_for(
@@ -149,12 +153,22 @@ async def test_api_down_for_a_while_the_daemon_backs_off_and_catches_up(
     assert not running.task.done()  # it kept running through the outage
     assert await running.result(30) == 0
     assert_all_succeeded_once(config.database.path, fake_api)
-    # Spinning at the 0.1 s poll interval would be 10 calls a second per caller (20 with
-    # aiohttp's own reconnect on a dropped keep-alive connection); the client's
-    # exponential backoff keeps it to a few.
-    rate = calls_while_down / down_s / callers
+    # Each batch's polls are one caller's retry chain, told apart by path. Spinning at the
+    # 0.1 s poll interval would be 30 calls in 3 s (60 with aiohttp's own retry of a request
+    # whose keep-alive connection was dropped). The client's backoff (0.5 s doubling, jitter
+    # at most -25%) allows at most 4 attempts within 3 s (at 0, >=0.375, >=1.125,
+    # >=2.625 s), twice that when each is retried once by aiohttp: 8. A loaded machine only
+    # delays attempts, so this holds whatever the timing.
+    polls = {
+        path: calls
+        for path, calls in fake_api.faults.down_calls.items()
+        if path.startswith("GET /v1/messages/batches/msgbatch_") and "/results" not in path
+    }
     print(f"\nAPI down ({mode}) {down_s} s: {calls_while_down} calls, {callers} callers")
-    assert 0 < rate <= 3.0
+    print(f"polls while down, per batch: {sorted(polls.values())}")
+    assert calls_while_down > 0
+    assert polls, "no batch was polled while the API was down"
+    assert max(polls.values()) <= 8
 
 
 async def _at_least_in_progress(db_path: Path, count: int) -> bool:

@@ -139,7 +139,7 @@ async def _guarded(request: web.Request, handler: Handler, api: FakeApi) -> web.
         return await handler(request)  # /_fake/ control endpoints, unknown paths
     faults = api.faults
     if faults.is_down(api.clock()):
-        faults.record("down")
+        faults.record_down(request.method, request.path)
         if faults.down_mode == "drop":
             return drop_connection(request)
         return error_response(

@@ -157,6 +157,9 @@ class FaultInjector:
     down_until: datetime | None = None
     down_mode: DownMode = "503"
     injected: Counter[str] = field(default_factory=Counter)
+    # Calls refused while down, by "METHOD /path": one path is one caller's retry chain
+    # (a batch's poll, say), so a test can see each caller's backoff, not only a total.
+    down_calls: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -185,6 +188,10 @@ class FaultInjector:
 
     def record(self, kind: str) -> None:
         self.injected[kind] += 1
+
+    def record_down(self, method: str, path: str) -> None:
+        self.injected["down"] += 1
+        self.down_calls[f"{method} {path}"] += 1
 
 
 def _applies(kind: FaultKind, endpoint: Endpoint) -> bool:
