@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from batchd.pricing import ModelPrice
-from batchd.wire import DEFAULT_BASE_URL, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
+from batchd.api.wire import DEFAULT_BASE_URL, MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
+from batchd.money.pricing import ModelPrice
 
 CREDENTIAL_NAME = "anthropic-api-key"
 # The shortest wait before a create whose outcome is unknown is given up as never made and

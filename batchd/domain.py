@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 
-from batchd.wire import RequestCounts
+from batchd.api.wire import RequestCounts
 
 
 class TaskStatus(enum.StrEnum):

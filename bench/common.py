@@ -96,7 +96,7 @@ def machine() -> str:
 
 def batchd_command(*args: str) -> list[str]:
     """`batchd ARGS` through this interpreter (the same code as the console script)."""
-    return [sys.executable, "-m", "batchd.cli", *args]
+    return [sys.executable, "-m", "batchd", *args]
 
 
 class FakeApiProcess:
@@ -161,7 +161,7 @@ def run_daemon(config: Path, *, profile: Path | None = None) -> DaemonRun:
     """Run the daemon until idle; peak RSS from wait4 (this child only), RSS sampled too."""
     args = batchd_command("--config", str(config), "run", "--exit-when-idle")
     if profile is not None:
-        args = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "batchd.cli", *args[3:]]
+        args = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "batchd", *args[3:]]
     env = {**os.environ, "ANTHROPIC_API_KEY": "bench"}
     started = time.monotonic()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env)

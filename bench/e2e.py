@@ -22,7 +22,7 @@ import aiohttp
 import anthropic
 import orjson
 
-from batchd.resultstream import iter_lines
+from batchd.api.resultstream import iter_lines
 from batchd.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))

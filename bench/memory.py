@@ -18,8 +18,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from batchd.api.wire import MAX_BATCH_BYTES
 from batchd.store import Store
-from batchd.wire import MAX_BATCH_BYTES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import aiohttp
 
-from batchd.client import BatchesClient, BytesBody
+from batchd.api.client import BatchesClient, BytesBody
 from batchd.config import PollingConfig
-from batchd.logs import configure_logging
-from batchd.poller import Poller
+from batchd.pipeline.poller import Poller
+from batchd.service.logs import configure_logging
 from batchd.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from batchd.collector import Collector
 from batchd.config import ResultsConfig
 from batchd.domain import Outcome, TaskStatus
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_lines
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
 from batchd.fakeapi.validation import parse_create_body
-from batchd.outcomes import parse_result_line
+from batchd.pipeline.collector import Collector
+from batchd.pipeline.outcomes import parse_result_line
 from batchd.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))

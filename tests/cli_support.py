@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BATCHD = [sys.executable, "-m", "batchd.cli"]
+BATCHD = [sys.executable, "-m", "batchd"]
 
 
 def batchd(

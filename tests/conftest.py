@@ -14,7 +14,7 @@ import pytest
 from batchd.config import Config
 from batchd.fakeapi import validation
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.logs import configure_logging
+from batchd.service.logs import configure_logging
 from batchd.store import Store
 
 # Fixtures for tests that run batchd as users do (`fake_api_process`, `cli_env`).

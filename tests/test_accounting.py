@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.client import BatchesClient, RetryPolicy
-from batchd.collector import Collector
-from batchd.commands import render_status, status_snapshot
+from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage
+from batchd.pipeline.collector import Collector
 from batchd.store import Store
 from tests.test_store import START, FakeClock, api_batch, claim, query, submitted_batch
 

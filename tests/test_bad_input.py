@@ -21,14 +21,14 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-import batchd.store
+import batchd.store.sqlite.store
 from batchd.config import Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.conftest import request_params
 
-BATCHD = [sys.executable, "-m", "batchd.cli"]
+BATCHD = [sys.executable, "-m", "batchd"]
 MAX_BYTES = 20_000
 
 
@@ -226,10 +226,10 @@ def dump(db_path: Path) -> list[str]:
 # Root ignores file modes: the daemon runs as nobody, importing first what it needs.
 _AS_NOBODY = """
 import asyncio, os, sys
-import batchd.cli
+import batchd.cli.main
 asyncio.new_event_loop().close()
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-sys.exit(batchd.cli.main(sys.argv[1:]))
+sys.exit(batchd.cli.main.main(sys.argv[1:]))
 """
 
 
@@ -312,7 +312,7 @@ async def test_a_full_staging_file_fails_the_download_which_is_retried(
 ) -> None:
     await store.enqueue((f"t-{n}", request_params(f"{n} " + "z" * 4000)) for n in range(40))
     await store.close()
-    attach = batchd.store._attach_staging
+    attach = batchd.store.sqlite.store._attach_staging
     attached: list[bool] = []
 
     def disk_full(logs: list[Any]) -> list[Any]:
@@ -327,7 +327,7 @@ async def test_a_full_staging_file_fails_the_download_which_is_retried(
         if full:
             await db.execute_fetchall("PRAGMA staging.max_page_count = 1")
 
-    monkeypatch.setattr(batchd.store, "_attach_staging", attach_while_the_disk_is_full)
+    monkeypatch.setattr(batchd.store.sqlite.store, "_attach_staging", attach_while_the_disk_is_full)
     config = daemon_config(fake_api.base_url, max_requests=40)
     with capture_logs() as logs:
         code = await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from batchd.config import Config
-from batchd.daemon import run_daemon
 from batchd.fakeapi.server import FakeApiServer
+from batchd.service.daemon import run_daemon
 from batchd.store import Store
 from tests.conftest import refuse_in_fake, request_params
 

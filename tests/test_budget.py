@@ -15,16 +15,16 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.budget import BudgetGate, budget_view, fitting_view, period_start
-from batchd.client import BatchesClient, RetryPolicy
-from batchd.commands import render_status, status_snapshot
+from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import BudgetConfig, Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.domain import TaskStatus
 from batchd.fakeapi.server import FakeApiServer
-from batchd.pricing import PriceTable
+from batchd.money.budget import BudgetGate, budget_view, fitting_view, period_start
+from batchd.money.pricing import PriceTable
+from batchd.pipeline.submitter import Submitter
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store, StoreAccounts
-from batchd.submitter import Submitter
 from tests.conftest import request_params
 
 NOW = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)

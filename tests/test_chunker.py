@@ -3,9 +3,9 @@ from collections.abc import AsyncIterator, Iterator
 import orjson
 import pytest
 
-from batchd import chunker
-from batchd.chunker import Chunk, encode_request, validate_task
 from batchd.domain import PendingTask
+from batchd.pipeline import chunker
+from batchd.pipeline.chunker import Chunk, encode_request, validate_task
 
 
 def params(text: str = "hello", **extra: object) -> str:

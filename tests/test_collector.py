@@ -20,13 +20,13 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-import batchd.store
-from batchd.client import AuthenticationError, BatchesClient, RetryPolicy
-from batchd.collector import Collector
-from batchd.commands import render_status, status_snapshot
+import batchd.store.sqlite.store
+from batchd.api.client import AuthenticationError, BatchesClient, RetryPolicy
+from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import ResultsConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.metrics import RESULTS_WRITTEN, Registry
+from batchd.pipeline.collector import Collector
+from batchd.service.metrics import RESULTS_WRITTEN, Registry
 from batchd.store import AppliedRange, StageReport, Store, StoreError, WriteBackLane
 from tests.crash.crash_harness import (
     RunLog,
@@ -514,7 +514,7 @@ async def test_cancelled_while_two_batches_are_in_flight_leaves_no_task_running(
 async def test_lanes_that_fail_to_open_are_closed_at_once_and_opened_later(
     store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    attach = batchd.store._attach_staging
+    attach = batchd.store.sqlite.store._attach_staging
     opened: list[int] = []
 
     async def second_lane_refused(db: Any) -> None:
@@ -523,14 +523,14 @@ async def test_lanes_that_fail_to_open_are_closed_at_once_and_opened_later(
             raise sqlite3.OperationalError("unable to open database file")
         await attach(db)
 
-    monkeypatch.setattr(batchd.store, "_attach_staging", second_lane_refused)
+    monkeypatch.setattr(batchd.store.sqlite.store, "_attach_staging", second_lane_refused)
     threads = threading.active_count()  # one per aiosqlite connection
     for _ in range(3):
         with pytest.raises(StoreError, match="unable to open"):
             async with store.write_back_lane():
                 pass
         assert threading.active_count() == threads  # nothing left open until close
-    monkeypatch.setattr(batchd.store, "_attach_staging", attach)
+    monkeypatch.setattr(batchd.store.sqlite.store, "_attach_staging", attach)
     local_id = await ended_batch(store, db_path, ApiStub(), "1", "a")
     async with store.write_back_lane() as lane:
         assert (await lane.stage_results(local_id, [outcome("a")])).staged == 1

@@ -10,8 +10,8 @@ from pathlib import Path
 import orjson
 
 from batchd.config import Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.conftest import request_params
 

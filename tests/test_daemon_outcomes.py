@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 
 from batchd.config import Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.conftest import request_params
 

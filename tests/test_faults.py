@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from batchd.client import RetryPolicy
+from batchd.api.client import RetryPolicy
 from batchd.config import Config
-from batchd.daemon import EXIT_AUTH, Daemon, run_daemon
 from batchd.fakeapi.faults import ENDPOINTS, Endpoint, FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.fakeapi.state import Timeline
-from batchd.metrics import API_REQUESTS, RESULTS_WRITTEN
+from batchd.service.daemon import EXIT_AUTH, Daemon, run_daemon
+from batchd.service.metrics import API_REQUESTS, RESULTS_WRITTEN
 from batchd.store import Store
 from tests.conftest import refuse_in_fake, request_params
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from batchd.client import BatchesClient
+from batchd.api.client import BatchesClient
 from batchd.config import Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
-from batchd.instancelock import AlreadyRunningError, daemon_lock, lock_path
+from batchd.service.daemon import Daemon, run_daemon
+from batchd.service.instancelock import AlreadyRunningError, daemon_lock, lock_path
 from batchd.store import Store
 from tests.conftest import request_params
 from tests.test_store import query
@@ -56,7 +56,7 @@ def test_batchd_run_says_which_process_holds_the_database(tmp_path: Path) -> Non
     config.write_text(f'[database]\npath = "{database}"\n')
     with daemon_lock(database):
         run = subprocess.run(
-            [sys.executable, "-m", "batchd.cli", "--config", str(config), "run"],
+            [sys.executable, "-m", "batchd", "--config", str(config), "run"],
             env={
                 **os.environ,
                 "ANTHROPIC_API_KEY": "k",

@@ -13,7 +13,7 @@ import aiosqlite
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.metrics import (
+from batchd.service.metrics import (
     API_ERRORS,
     API_REQUESTS,
     BATCHD_METRICS,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.notify import MAX_STATUS_CHARS, Notifier
+from batchd.service.notify import MAX_STATUS_CHARS, Notifier
 
 # sun_path holds 108 bytes; pytest's tmp_path can be longer than that for long test names.
 _MAX_SOCKET_PATH = 100
@@ -244,7 +244,7 @@ async def test_watchdog_loop_withholds_pings_when_the_probe_raises(receiver: Rec
 
 _CHILD = textwrap.dedent(
     """
-    from batchd.notify import Notifier
+    from batchd.service.notify import Notifier
 
     notifier = Notifier.from_environment()
     notifier.ready()

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import aiohttp
 import pytest
 
-from batchd.client import BatchesClient, BytesBody
+from batchd.api.client import BatchesClient, BytesBody
 from batchd.domain import BatchState
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.poller import Poller
+from batchd.pipeline.poller import Poller
 from batchd.store import Store, StoreError
 from tests.conftest import request_params
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchd.config import ConfigError, load_config
-from batchd.pricing import (
+from batchd.money.pricing import (
     DEFAULT_PRICES,
     ModelPrice,
     PriceTable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime
 
-from batchd.progress import (
+from batchd.cli.progress import (
     BatchProgress,
     LogThroughBar,
     ProgressBar,

@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchd.commands import status_snapshot
+from batchd.cli.commands import status_snapshot
+from batchd.cli.prune import DurationError, open_export, parse_duration, prune
 from batchd.domain import Outcome, TaskStatus, Usage
-from batchd.prune import DurationError, open_export, parse_duration, prune
 from batchd.store import Store, StoreAccounts
 from tests.test_store import START, FakeClock, add_tasks, query, submitted_batch
 

@@ -21,16 +21,16 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batchd.client import BatchesClient, BytesBody, RetryPolicy
+from batchd.api.client import BatchesClient, BytesBody, RetryPolicy
 from batchd.config import BatchingConfig, Config
-from batchd.daemon import run_daemon
 from batchd.domain import BatchState, TaskStatus
 from batchd.fakeapi import app
 from batchd.fakeapi.faults import FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.fakeapi.validation import parse_create_body
+from batchd.pipeline.submitter import Submitter
+from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from batchd.submitter import Submitter
 from tests.conftest import request_params
 
 GRACE_S = 60.0
@@ -154,7 +154,7 @@ async def test_two_matching_batches_one_is_adopted_the_other_recorded_and_shown_
     config = tmp_path / "status.toml"
     config.write_text(f'[database]\npath = "{db_path}"\n')
     status = subprocess.run(
-        [sys.executable, "-m", "batchd.cli", "--config", str(config), "status"],
+        [sys.executable, "-m", "batchd", "--config", str(config), "status"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.client import BatchesClient, RetryPolicy
-from batchd.collector import Collector
+from batchd.api.client import BatchesClient, RetryPolicy
 from batchd.config import ResultsConfig
+from batchd.pipeline.collector import Collector
 from batchd.store import Store
 from tests.test_collector import ApiStub, answers, ended_batch, line, serving
 from tests.test_store import FakeClock, query

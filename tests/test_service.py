@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 
 from batchd.config import Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.fakeapi.server import FakeApiServer
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.conftest import request_params
 
@@ -58,7 +58,7 @@ async def test_the_daemon_process_notifies_ready_status_watchdog_and_stopping(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "batchd.cli",
+        "batchd",
         "--config",
         str(config),
         "run",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from batchd.staging import BUCKET_TASKS, StagingKeys
 from batchd.store import Store
+from batchd.store.sqlite.staging import BUCKET_TASKS, StagingKeys
 from tests.test_collector import ApiStub, ended_batch
 from tests.test_store import PARAMS, add_tasks, api_batch, claim, outcome, query
 

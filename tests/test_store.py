@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from batchd.api.wire import MessageBatch, ProcessingStatus
 from batchd.domain import BatchState, Outcome, TaskStatus, Usage
 from batchd.store import SchemaTooNewError, Store, StoreError
-from batchd.wire import MessageBatch, ProcessingStatus
 
 PARAMS = '{"model": "claude-x", "max_tokens": 16, "messages": []}'
 START = datetime(2026, 11, 24, 15, 40, 37, 123456, tzinfo=UTC)

@@ -17,15 +17,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batchd.client import BatchesClient, RequestBody, RetryPolicy
+from batchd.api.client import BatchesClient, RequestBody, RetryPolicy
+from batchd.api.wire import MAX_BATCH_BYTES, MessageBatch
 from batchd.config import BatchingConfig, Config
-from batchd.daemon import run_daemon
 from batchd.fakeapi import validation
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
+from batchd.pipeline.submitter import SubmitResult, Submitter
+from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from batchd.submitter import SubmitResult, Submitter
-from batchd.wire import MAX_BATCH_BYTES, MessageBatch
 from tests.conftest import refuse_in_fake, request_params
 
 ACCOUNT_REFUSAL = "Your credit balance is too low to access the Anthropic API."

@@ -58,7 +58,8 @@ def test_unit_is_a_notify_service_with_a_watchdog_and_the_daemons_exit_codes() -
     assert unit["ExecStart"] == [EXEC_START]
     assert unit["WatchdogSec"] == ["60"]
     assert unit["Restart"] == ["on-failure"]
-    # batchd.daemon.EXIT_AUTH and batchd.cli.EXIT_USAGE (a bad config): no restart fixes them.
+    # EXIT_AUTH (batchd.service.daemon) and EXIT_USAGE (batchd.cli.main), a bad config:
+    # no restart fixes them.
     assert set(unit["RestartPreventExitStatus"][0].split()) == {"2", "78"}
     assert unit["KillSignal"] == ["SIGTERM"]
     # Stop must outlast the daemon's drain plus closing the database, or systemd SIGKILLs it.
@@ -156,8 +157,8 @@ _MDWE_PROBE = textwrap.dedent(
     import asyncio, sqlite3
     import aiohttp, aiosqlite, orjson, structlog
     from aiohttp import web
-    from batchd.metrics import MetricsServer, Registry, Health
-    from batchd.notify import Notifier
+    from batchd.service.metrics import MetricsServer, Registry, Health
+    from batchd.service.notify import Notifier
 
     async def healthy():
         return Health()

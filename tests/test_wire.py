@@ -1,6 +1,6 @@
 from datetime import UTC, datetime
 
-from batchd.wire import CUSTOM_ID_PATTERN, format_timestamp, parse_timestamp, request_total
+from batchd.api.wire import CUSTOM_ID_PATTERN, format_timestamp, parse_timestamp, request_total
 
 
 def test_timestamps_use_the_real_servers_form_and_parse_both_forms() -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from batchd.api.wire import format_timestamp
 from batchd.fakeapi.app import FAKE_API, error_response, json_response
 from batchd.fakeapi.faults import FaultConfig
-from batchd.wire import format_timestamp
 
 PREFIX = "/_fake"
 

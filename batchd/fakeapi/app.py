@@ -16,12 +16,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from batchd.fakeapi.faults import ENDPOINTS, STATUS_ERROR_TYPES, FaultInjector
-from batchd.fakeapi.persistence import save_state
-from batchd.fakeapi.results import result_chunks
-from batchd.fakeapi.state import ApiError, FakeClock, FakeState, new_id, not_found
-from batchd.fakeapi.validation import CreateRejected, parse_create_body
-from batchd.wire import (
+from batchd.api.wire import (
     BATCHES_PATH,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
@@ -30,6 +25,11 @@ from batchd.wire import (
     MessageBatchList,
     error_body,
 )
+from batchd.fakeapi.faults import ENDPOINTS, STATUS_ERROR_TYPES, FaultInjector
+from batchd.fakeapi.persistence import save_state
+from batchd.fakeapi.results import result_chunks
+from batchd.fakeapi.state import ApiError, FakeClock, FakeState, new_id, not_found
+from batchd.fakeapi.validation import CreateRejected, parse_create_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READ_CHUNK_BYTES = 1 << 20

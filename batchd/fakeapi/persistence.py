@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
+from batchd.api.wire import format_timestamp, parse_timestamp
 from batchd.fakeapi.faults import RequestFate
 from batchd.fakeapi.state import FakeBatch, FakeState, Stats
 from batchd.fakeapi.validation import ParsedRequests
-from batchd.wire import format_timestamp, parse_timestamp
 
 FORMAT_VERSION = 1
 FATE_CODES: dict[RequestFate, str] = {"succeeded": "s", "errored": "e", "expired": "x"}

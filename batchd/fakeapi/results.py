@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import orjson
 
+from batchd.api.wire import ErrorResponse, ResultLine
 from batchd.fakeapi.state import FakeBatch, Timeline, new_id
-from batchd.wire import ErrorResponse, ResultLine
 
 CHUNK_BYTES = 1 << 20
 # §4.1 [CAPTURE]: validation failures carry this undocumented `details` object.

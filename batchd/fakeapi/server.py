@@ -20,6 +20,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from batchd.api.wire import MAX_BATCH_BYTES, RESULTS_RETENTION_DAYS
 from batchd.fakeapi.admin import add_admin_routes
 from batchd.fakeapi.app import FakeApi, create_app
 from batchd.fakeapi.faults import (
@@ -32,7 +33,6 @@ from batchd.fakeapi.faults import (
 )
 from batchd.fakeapi.persistence import StateFileError, load_state
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
-from batchd.wire import MAX_BATCH_BYTES, RESULTS_RETENTION_DAYS
 
 DEFAULT_CLI_PORT = 8765
 

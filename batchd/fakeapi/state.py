@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from batchd.fakeapi.faults import FaultConfig, RequestFate, draw_request_fate
-from batchd.fakeapi.validation import ParsedRequests
-from batchd.wire import (
+from batchd.api.wire import (
     BATCHES_PATH,
     LIST_LIMIT_DEFAULT,
     RESULTS_RETENTION_DAYS,
@@ -26,6 +24,8 @@ from batchd.wire import (
     RequestCounts,
     format_timestamp,
 )
+from batchd.fakeapi.faults import FaultConfig, RequestFate, draw_request_fate
+from batchd.fakeapi.validation import ParsedRequests
 
 Clock = Callable[[], datetime]
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from batchd.wire import CUSTOM_ID_PATTERN, MAX_REQUESTS_PER_BATCH
+from batchd.api.wire import CUSTOM_ID_PATTERN, MAX_REQUESTS_PER_BATCH
 
 # Enough of the last user message to prove which request a result belongs to.
 MAX_TEXT_CHARS = 2048

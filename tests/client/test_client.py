@@ -19,7 +19,7 @@ from aioresponses import aioresponses
 from structlog.testing import capture_logs
 from yarl import URL
 
-from batchd.client import (
+from batchd.api.client import (
     ApiConnectionError,
     ApiError,
     ApiStatusError,
@@ -37,9 +37,9 @@ from batchd.client import (
     ServerError,
     parse_retry_after,
 )
+from batchd.api.wire import ANTHROPIC_VERSION, error_body
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.wire import ANTHROPIC_VERSION, error_body
 from tests.client.conftest import BASE, KEY, Sleeps
 
 Serve = Callable[[web.Application], Awaitable[str]]  # the `serve` fixture

@@ -2,7 +2,7 @@ import orjson
 import pytest
 
 from batchd.domain import Usage
-from batchd.outcomes import MalformedResultLine, is_retryable, parse_result_line
+from batchd.pipeline.outcomes import MalformedResultLine, is_retryable, parse_result_line
 
 # Spec §4.2, a captured line.
 SUCCEEDED = (

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from batchd.resultstream import LineSplitter, LineStreamError, LineTooLongError, iter_lines
+from batchd.api.resultstream import LineSplitter, LineStreamError, LineTooLongError, iter_lines
 
 _REFERENCE_EOL = re.compile(rb"\r\n|\r|\n")
 

@@ -13,16 +13,16 @@ import pytest
 from aiohttp import web
 from aioresponses import aioresponses
 
-from batchd.client import (
+from batchd.api.client import (
     ApiConnectionError,
     ApiStatusError,
     BytesBody,
     CreateOutcomeUnknown,
     RetryPolicy,
 )
+from batchd.api.shapes import MalformedResponse, message_batch, message_batch_list
 from batchd.config import Config
-from batchd.daemon import run_daemon
-from batchd.shapes import MalformedResponse, message_batch, message_batch_list
+from batchd.service.daemon import run_daemon
 from batchd.store import Store
 from tests.client.conftest import Serve, Sleeps
 from tests.client.test_client import BATCHES, batch_json

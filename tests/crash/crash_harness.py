@@ -25,7 +25,7 @@ from batchd.fakeapi.server import FakeApiServer
 from batchd.store import Store
 from tests.conftest import request_params
 
-BATCHD = [sys.executable, "-m", "batchd.cli"]
+BATCHD = [sys.executable, "-m", "batchd"]
 # Batch states that leave nothing to do; anything else at the end is a stuck batch.
 SETTLED_BATCH_STATES = frozenset({"completed", "rejected", "lost"})
 

@@ -11,8 +11,8 @@ import aiohttp
 import orjson
 import pytest
 
+from batchd.api.wire import ANTHROPIC_VERSION, BATCHES_PATH
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.wire import ANTHROPIC_VERSION, BATCHES_PATH
 
 HEADERS = {"x-api-key": "test-key", "anthropic-version": ANTHROPIC_VERSION}
 MODEL = "claude-haiku-4-5-20251001"

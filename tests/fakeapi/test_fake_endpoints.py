@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
+from batchd.api.wire import BATCHES_PATH, parse_timestamp
 from batchd.fakeapi.server import FakeApiServer
-from batchd.wire import BATCHES_PATH, parse_timestamp
 from tests.fakeapi.conftest import HEADERS, Api, StartFake, params, requests_body
 
 BATCH_KEYS = [

@@ -8,8 +8,8 @@ import time
 import aiohttp
 import orjson
 
+from batchd.api.wire import BATCHES_PATH, MAX_REQUESTS_PER_BATCH
 from batchd.fakeapi.server import FakeApiServer
-from batchd.wire import BATCHES_PATH, MAX_REQUESTS_PER_BATCH
 from tests.fakeapi.conftest import MODEL
 
 

@@ -8,11 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
+from batchd.api.wire import request_total
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_chunks
 from batchd.fakeapi.state import ApiError, FakeBatch, FakeState, Timeline
 from batchd.fakeapi.validation import parse_create_body
-from batchd.wire import request_total
 from tests.fakeapi.conftest import requests_body
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import orjson
 
-from batchd.commands import render_status, status_snapshot
+from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import Config
-from batchd.daemon import run_daemon
 from batchd.domain import TaskStatus
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from batchd.service.daemon import run_daemon
 from batchd.store import Store
 
 PRODUCTS = (

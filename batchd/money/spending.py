@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from batchd.budget import BudgetView, budget_view, fitting_view, period_start
 from batchd.config import Config
 from batchd.domain import BatchRecord
-from batchd.pricing import (
+from batchd.money.budget import BudgetView, budget_view, fitting_view, period_start
+from batchd.money.pricing import (
     BATCH_DISCOUNT,
     BYTES_PER_TOKEN,
     PRICES_AS_OF,
@@ -25,7 +25,7 @@ from batchd.pricing import (
     estimate,
     price_usage,
 )
-from batchd.pricing import (
+from batchd.money.pricing import (
     format_usd as usd,
 )
 from batchd.store import SizeRow, StoreAccounts, UsageRow

@@ -19,14 +19,14 @@ from typing import Any, TextIO
 
 import structlog
 
-from batchd.commands import status_alerts, status_snapshot
+from batchd.cli.commands import status_alerts, status_snapshot
 from batchd.config import Config
-from batchd.daemon import Daemon, run_daemon
 from batchd.domain import FINAL_TASK_STATUSES, TaskStatus
-from batchd.pricing import format_usd as usd
+from batchd.money.pricing import format_usd as usd
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store, StoreError
 
-log = structlog.get_logger("batchd.progress")
+log = structlog.get_logger("batchd.cli.progress")
 
 RATE_WINDOW_S = 300.0
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"

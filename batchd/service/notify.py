@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
-log = structlog.get_logger("batchd.notify")
+log = structlog.get_logger("batchd.service.notify")
 
 # systemd (src/core/manager.c, NOTIFY_BUFFER_MAX = PIPE_BUF) drops larger datagrams,
 # so a long STATUS= would silently never show in `systemctl status`.

@@ -14,13 +14,15 @@ from typing import TypeVar
 import aiohttp
 import structlog
 
-from batchd.budget import BudgetGate
-from batchd.client import ApiError, AuthenticationError, BatchesClient, RetryPolicy
-from batchd.collector import Collector
+from batchd.api.client import ApiError, AuthenticationError, BatchesClient, RetryPolicy
 from batchd.config import Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
-from batchd.instancelock import AlreadyRunningError, daemon_lock
-from batchd.metrics import (
+from batchd.money.budget import BudgetGate
+from batchd.pipeline.collector import Collector
+from batchd.pipeline.poller import Poller
+from batchd.pipeline.submitter import AuthenticationFailed, Submitter
+from batchd.service.instancelock import AlreadyRunningError, daemon_lock
+from batchd.service.metrics import (
     BATCHES_CREATED,
     BATCHES_IN_FLIGHT,
     REQUESTS_SUBMITTED,
@@ -35,12 +37,10 @@ from batchd.metrics import (
     api_observer,
     batchd_registry,
 )
-from batchd.notify import Notifier
-from batchd.poller import Poller
+from batchd.service.notify import Notifier
 from batchd.store import Store, StoreAccounts, StoreError
-from batchd.submitter import AuthenticationFailed, Submitter
 
-log = structlog.get_logger("batchd.daemon")
+log = structlog.get_logger("batchd.service.daemon")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

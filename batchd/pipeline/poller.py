@@ -10,13 +10,13 @@ from typing import cast
 
 import structlog
 
-from batchd.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
+from batchd.api.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
+from batchd.api.wire import MessageBatch
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState
 from batchd.store import Store
-from batchd.wire import MessageBatch
 
-log = structlog.get_logger("batchd.poller")
+log = structlog.get_logger("batchd.pipeline.poller")
 
 
 @dataclass(frozen=True, slots=True)

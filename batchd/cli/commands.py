@@ -11,12 +11,12 @@ from typing import IO, Any
 
 import orjson
 
+from batchd.api.wire import RESULTS_RETENTION_DAYS
+from batchd.cli.prune import PruneReport
 from batchd.config import Config
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
-from batchd.prune import PruneReport
-from batchd.spending import budget_status, render_budget, render_usage, usage_status
+from batchd.money.spending import budget_status, render_budget, render_usage, usage_status
 from batchd.store import CancelReport, EnqueueReport, Store, StoreAccounts
-from batchd.wire import RESULTS_RETENTION_DAYS
 
 _ACTIVE_BATCH_STATES = (
     BatchState.CREATING,

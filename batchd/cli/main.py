@@ -14,15 +14,9 @@ from typing import TextIO, cast
 
 import orjson
 
-from batchd import commands
-from batchd.config import Config, ConfigError, load_config, resolve_api_key
-from batchd.daemon import EXIT_AUTH, EXIT_FAILURE, run_daemon
-from batchd.demo import run_demo
-from batchd.domain import FAILED_TASK_STATUSES, TaskStatus
-from batchd.fakeapi.server import add_arguments as add_fake_api_arguments
-from batchd.fakeapi.server import serve as serve_fake_api
-from batchd.logs import configure_logging
-from batchd.progress import (
+from batchd.cli import commands
+from batchd.cli.demo import run_demo
+from batchd.cli.progress import (
     LogThroughBar,
     ProgressBar,
     ProgressSnapshot,
@@ -31,8 +25,14 @@ from batchd.progress import (
     watch,
     watch_snapshot,
 )
-from batchd.prune import DurationError, open_export, parse_duration, prune
-from batchd.spending import estimate_status, render_estimate
+from batchd.cli.prune import DurationError, open_export, parse_duration, prune
+from batchd.config import Config, ConfigError, load_config, resolve_api_key
+from batchd.domain import FAILED_TASK_STATUSES, TaskStatus
+from batchd.fakeapi.server import add_arguments as add_fake_api_arguments
+from batchd.fakeapi.server import serve as serve_fake_api
+from batchd.money.spending import estimate_status, render_estimate
+from batchd.service.daemon import EXIT_AUTH, EXIT_FAILURE, run_daemon
+from batchd.service.logs import configure_logging
 from batchd.store import Store, StoreAccounts, StoreError
 
 EXIT_USAGE = 2

@@ -28,7 +28,7 @@ import structlog
 
 from batchd.config import BudgetConfig, Config
 from batchd.domain import BatchState
-from batchd.pricing import (
+from batchd.money.pricing import (
     Estimate,
     PriceTable,
     RequestSizes,
@@ -39,7 +39,7 @@ from batchd.pricing import (
 )
 from batchd.store import SizeRow, Store, StoreAccounts, UsageRow
 
-log = structlog.get_logger("batchd.budget")
+log = structlog.get_logger("batchd.money.budget")
 
 _PER_PERIOD = {"day": "per UTC day", "month": "per UTC month"}
 # Tasks refused as over the whole limit, named in one log line (the count says the rest).

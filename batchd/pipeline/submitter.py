@@ -16,9 +16,7 @@ from typing import Literal
 
 import structlog
 
-from batchd.budget import BudgetGate
-from batchd.chunker import Chunk, build_chunk, encode_request
-from batchd.client import (
+from batchd.api.client import (
     ApiError,
     ApiStatusError,
     AuthenticationError,
@@ -28,13 +26,15 @@ from batchd.client import (
     RateLimitError,
     RequestTooLargeError,
 )
+from batchd.api.wire import MessageBatch, parse_timestamp, request_total
 from batchd.config import BatchingConfig
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, PendingTask
+from batchd.money.budget import BudgetGate
+from batchd.pipeline.chunker import Chunk, build_chunk, encode_request
 from batchd.store import Store
-from batchd.wire import MessageBatch, parse_timestamp, request_total
 
-log = structlog.get_logger("batchd.submitter")
+log = structlog.get_logger("batchd.pipeline.submitter")
 
 # Clocks of the API and of this machine may disagree: look this far either side.
 _RECONCILE_SKEW = timedelta(minutes=5)

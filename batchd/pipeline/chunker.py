@@ -14,8 +14,8 @@ from typing import IO
 
 import orjson
 
+from batchd.api.wire import CUSTOM_ID_PATTERN
 from batchd.domain import PendingTask
-from batchd.wire import CUSTOM_ID_PATTERN
 
 _BODY_HEAD = b'{"requests":['
 _BODY_TAIL = b"]}"

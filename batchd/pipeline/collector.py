@@ -15,22 +15,22 @@ from datetime import datetime, timedelta
 import orjson
 import structlog
 
-from batchd.client import (
+from batchd.api.client import (
     ApiError,
     AuthenticationError,
     BatchesClient,
     NotFoundError,
     ResultsStreamError,
 )
+from batchd.api.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 from batchd.config import ResultsConfig
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
-from batchd.metrics import RESULTS_WRITTEN, Registry
-from batchd.outcomes import MalformedResultLine, parse_result_line
+from batchd.pipeline.outcomes import MalformedResultLine, parse_result_line
+from batchd.service.metrics import RESULTS_WRITTEN, Registry
 from batchd.store import Store, StoreError, WriteBackLane
-from batchd.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 
-log = structlog.get_logger("batchd.collector")
+log = structlog.get_logger("batchd.pipeline.collector")
 
 # Results are archived (gone) this long after the batch was created (spec §7.5).
 _RETENTION = timedelta(days=RESULTS_RETENTION_DAYS)

@@ -27,6 +27,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 import aiosqlite
 import orjson
 
+from batchd.api.wire import MessageBatch, RequestCounts, parse_timestamp
 from batchd.crashpoints import crash_point
 from batchd.domain import (
     FINAL_TASK_STATUSES,
@@ -38,8 +39,7 @@ from batchd.domain import (
     TaskStatus,
     WriteReport,
 )
-from batchd.staging import StagingKeys
-from batchd.wire import MessageBatch, RequestCounts, parse_timestamp
+from batchd.store.sqlite.staging import StagingKeys
 
 Clock = Callable[[], datetime]
 Db = aiosqlite.Connection

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast, get_args
 
-from batchd.wire import MessageBatch, MessageBatchList, ProcessingStatus, parse_timestamp
+from batchd.api.wire import MessageBatch, MessageBatchList, ProcessingStatus, parse_timestamp
 
 _PROCESSING_STATUSES = frozenset(get_args(ProcessingStatus))
 _COUNTS = ("processing", "succeeded", "errored", "canceled", "expired")

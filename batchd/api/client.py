@@ -22,9 +22,9 @@ import orjson
 import structlog
 import yarl
 
-from batchd import shapes
-from batchd.resultstream import LineSplitter, LineTooLongError, is_cut_off
-from batchd.wire import (
+from batchd.api import shapes
+from batchd.api.resultstream import LineSplitter, LineTooLongError, is_cut_off
+from batchd.api.wire import (
     ANTHROPIC_VERSION,
     BATCHES_PATH,
     LIST_LIMIT_DEFAULT,
@@ -34,7 +34,7 @@ from batchd.wire import (
     MessageBatchList,
 )
 
-log = structlog.get_logger("batchd.client")
+log = structlog.get_logger("batchd.api.client")
 
 _T = TypeVar("_T")
 _RESULTS_CHUNK_BYTES = 1 << 20

@@ -21,7 +21,7 @@ from typing import Literal, Self
 import structlog
 from aiohttp import web
 
-log = structlog.get_logger("batchd.metrics")
+log = structlog.get_logger("batchd.service.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -1,0 +1,1 @@
+"""The command line: argument parsing (main), commands, progress views, the demo."""

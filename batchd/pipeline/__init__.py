@@ -1,0 +1,2 @@
+"""The pipeline: pending rows become batches (chunker, submitter), batches are
+followed (poller) and their results written back (collector, outcomes)."""
