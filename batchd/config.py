@@ -263,7 +263,13 @@ def _validate(config: Config) -> None:
     p = config.polling
     _check(p.interval_s > 0, "[polling] interval_seconds: must be > 0")
     _check(p.max_concurrency >= 1, "[polling] max_concurrency: must be >= 1")
-    _check(p.not_found_grace_s >= 0, "[polling] not_found_grace_seconds: must be >= 0")
+    _check(
+        p.not_found_grace_s > 0,
+        "[polling] not_found_grace_seconds: must be > 0 (the API can answer 404 for a batch "
+        "it has just created, spec §7.6; a batch believed gone at its first 404 is declared "
+        "lost and its requests are sent, and paid for, again), "
+        f"got {p.not_found_grace_s:g}",
+    )
     _check(config.results.chunk_size >= 1, "[results] chunk_size: must be >= 1")
     _check(config.results.max_line_bytes >= 1024, "[results] max_line_bytes: must be >= 1024")
     _check(config.api.request_timeout_s > 0, "[api] request_timeout_seconds: must be > 0")

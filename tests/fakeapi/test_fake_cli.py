@@ -107,10 +107,16 @@ def test_every_flag_reaches_the_config(tmp_path: Path) -> None:
                 "4",
                 "--slow-seconds",
                 "3",
+                "--late-create-seconds",
+                "7",
+                "--fault-limit",
+                "2",
                 "--results-truncate-rate",
                 "0.3",
                 "--not-found-after-create-seconds",
                 "6",
+                "--list-lag-seconds",
+                "8",
             ]
         )
     )
@@ -130,3 +136,5 @@ def test_every_flag_reaches_the_config(tmp_path: Path) -> None:
     assert (faults.retry_after_seconds, faults.slow_seconds) == (4, 3)
     assert faults.results_truncate_rate == 0.3
     assert faults.not_found_after_create_seconds == 6
+    assert (faults.late_create_seconds, faults.http_fault_limit) == (7, 2)
+    assert faults.list_lag_seconds == 8

@@ -59,3 +59,9 @@ async def test_100k_requests_are_accepted_and_stream_back_complete(
     assert seen == MAX_REQUESTS_PER_BATCH
     assert pieces > 1  # streamed, not one write
     assert time.monotonic() - started < 10
+    async with http.get(f"{fake.base_url}/_fake/stats") as response:
+        stats = await response.json()
+    counts = stats["submission_counts"]  # a count per custom_id, never the requests
+    assert len(counts) == MAX_REQUESTS_PER_BATCH
+    assert set(counts.values()) == {1}
+    assert stats["submissions_by_custom_id"] == {}
