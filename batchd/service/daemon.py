@@ -18,6 +18,7 @@ from batchd.api.client import ApiError, AuthenticationError, BatchesClient, Retr
 from batchd.config import Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
 from batchd.money.budget import BudgetGate
+from batchd.pipeline.cancels import Canceler
 from batchd.pipeline.collector import Collector
 from batchd.pipeline.poller import Poller
 from batchd.pipeline.submitter import AuthenticationFailed, Submitter
@@ -96,6 +97,7 @@ class Daemon:
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
+        self.canceler = Canceler(store, client)
         self.submitter = Submitter(
             store,
             client,
@@ -260,7 +262,7 @@ class Daemon:
             )
 
     async def _submit_step(self) -> float:
-        await self.submitter.cancel_requested()
+        await self.canceler.cancel_requested()
         for batch in await self.submitter.creating_batches():
             await self.submitter.reconcile(batch)
         if await self.submitter.creating_batches():
