@@ -3,7 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from batchd.config import Config, ConfigError, load_config, resolve_api_key
+from batchd.config import (
+    BudgetSettings,
+    CollectorSettings,
+    Config,
+    ConfigError,
+    load_config,
+    resolve_api_key,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -122,3 +129,22 @@ def test_a_reconcile_grace_too_short_to_outwait_the_list_is_refused(
 def test_a_reconcile_grace_of_5_seconds_or_more_is_accepted(tmp_path: Path, grace: str) -> None:
     path = write(tmp_path, f"[batching]\nreconcile_grace_seconds = {grace}\n")
     assert load_config(path, env={}).batching.reconcile_grace_s == float(grace)
+
+
+def test_components_reading_several_sections_get_them_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[batching]\nmax_attempts = 7\nmax_requests = 40\n[results]\nchunk_size = 9\n"
+        '[budget]\nmax_spend_usd = 12.5\n[pricing."m"]\ninput = 1\noutput = 2\n',
+    )
+    config = load_config(path, env={})
+    collecting = CollectorSettings.of(config)
+    assert (collecting.results.chunk_size, collecting.max_attempts) == (9, 7)
+    budget = BudgetSettings.of(config)
+    assert budget is not None
+    assert (budget.budget.max_spend_usd, budget.next_batch_requests) == (12.5, 40)
+    assert set(budget.pricing.models) == {"m"}
+
+
+def test_no_budget_settings_without_a_spend_limit(tmp_path: Path) -> None:
+    assert BudgetSettings.of(load_config(write(tmp_path, "[budget]\nperiod = 'day'\n"), {})) is None

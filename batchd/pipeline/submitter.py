@@ -10,8 +10,7 @@ is the refusal state machine's (`refusals.py`), which this module drives.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
 
 import structlog
 
@@ -23,7 +22,7 @@ from batchd.api.client import (
 )
 from batchd.config import BatchingConfig
 from batchd.crashpoints import crash_point
-from batchd.domain import BatchRecord, PendingTask
+from batchd.domain import PendingTask
 from batchd.money.budget import BudgetGate
 from batchd.pipeline.chunker import Chunk, build_chunk, encode_request
 from batchd.pipeline.reconcile import Reconciler
@@ -56,19 +55,15 @@ class Submitter:
         client: BatchesClient,
         config: BatchingConfig,
         *,
-        clock: Callable[[], datetime],
+        reconciler: Reconciler,
         monotonic: Callable[[], float],
-        reconcile_grace_s: float,
         budget: BudgetGate | None = None,
     ) -> None:
         self.budget = budget  # None: no [budget] configured
         self._store = store
         self._client = client
         self._config = config
-        # Told of every create whose outcome is unknown.
-        self._reconciler = Reconciler(
-            store, client, replace(config, reconcile_grace_s=reconcile_grace_s), clock=clock
-        )
+        self._reconciler = reconciler  # told of every create whose outcome is unknown
         self._monotonic = monotonic
         self._pending_seen_at: float | None = None
         self._refusals = Refusals(config, monotonic=monotonic)
@@ -127,13 +122,6 @@ class Submitter:
                 return False, chunk
             chunk.body.close()
         return plan.control, await self._next_chunk(last)
-
-    async def reconcile(self, batch: BatchRecord) -> None:
-        """Decide what became of a create whose answer we never saw (design step 4)."""
-        await self._reconciler.reconcile(batch)
-
-    async def creating_batches(self) -> list[BatchRecord]:
-        return await self._reconciler.creating_batches()
 
     async def _create_first(self, task_ids: list[int]) -> SubmitResult:
         """Send the oldest `task_ids` only (what the budget admits), if they still lead."""
