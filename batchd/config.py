@@ -19,7 +19,7 @@ from batchd.money.pricing import ModelPrice
 
 CREDENTIAL_NAME = "anthropic-api-key"
 # The shortest wait before a create whose outcome is unknown is given up as never made and
-# its requests sent again (submitter.reconcile, design step 4). The API's reads can lag a
+# its requests sent again (pipeline/reconcile.py, design step 4). The API's reads can lag a
 # create: a batch was seen answering 404 a full second after its create was answered (spec
 # §7.6, ISS #1432). At 0 the daemon gives up after a single list call; 5 s is a
 # several-fold margin over that lag, with the submitter listing again every 2 s meanwhile.
@@ -113,6 +113,42 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+# Every component is handed its own section (`config.batching` to the submitter and the
+# reconciler, `config.polling` to the poller). The two that read keys of several sections
+# get one settings object each, built here from the whole Config and nowhere else, so a
+# key moving between sections changes one line, not the daemon and every test rig.
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorSettings:
+    """The collector's: [results], and [batching] max_attempts, the attempts after which
+    a result that asks for a retry fails its task instead of requeueing it."""
+
+    results: ResultsConfig
+    max_attempts: int
+
+    @classmethod
+    def of(cls, config: Config) -> CollectorSettings:
+        return cls(config.results, config.batching.max_attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    """The budget gate's: the limit ([budget]), the prices spending is weighed in
+    ([pricing]) and the largest next batch it weighs ([batching] max_requests)."""
+
+    budget: BudgetConfig
+    pricing: PricingConfig
+    next_batch_requests: int
+
+    @classmethod
+    def of(cls, config: Config) -> BudgetSettings | None:
+        """None when no budget is configured: no gate, nothing read, nothing checked."""
+        if config.budget.max_spend_usd is None:
+            return None
+        return cls(config.budget, config.pricing, config.batching.max_requests)
 
 
 # TOML key -> dataclass field, where the file uses a friendlier name than the field.

@@ -81,8 +81,7 @@ async def bench(db: Path, base_url: str, count: int, concurrency: int, cycles: i
             poller = Poller(
                 store,
                 client,
-                max_concurrency=concurrency,
-                not_found_grace_s=PollingConfig().not_found_grace_s,
+                PollingConfig(max_concurrency=concurrency),
                 clock=lambda: datetime.now(UTC),
             )
             for cycle in range(1, cycles + 1):

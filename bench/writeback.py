@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_lines
@@ -175,10 +175,8 @@ async def collect(db: Path, count: int, batch_size: int, chunk_size: int, parse_
         f"http://127.0.0.1/msgbatch_{n * batch_size}/results": lines
         for n, lines in enumerate(batches.values())
     }
-    config = ResultsConfig(chunk_size=chunk_size)
-    collector = Collector(
-        store, MemoryResults(by_url), config, max_attempts=3, clock=lambda: datetime.now(UTC)
-    )  # type: ignore[arg-type]
+    settings = CollectorSettings(ResultsConfig(chunk_size=chunk_size), max_attempts=3)
+    collector = Collector(store, MemoryResults(by_url), settings, clock=lambda: datetime.now(UTC))  # type: ignore[arg-type]
     with UserInserts(db) as user:
         started = time.perf_counter()
         finished = await collector.collect_all()

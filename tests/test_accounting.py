@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from batchd.api.client import BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
@@ -167,7 +167,7 @@ def line(custom_id: str) -> bytes:
 async def collect(store: Store, base_url: str, clock: FakeClock) -> None:
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(session, base_url=base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(store, client, ResultsConfig(), max_attempts=3, clock=clock)
+        collector = Collector(store, client, CollectorSettings(ResultsConfig(), 3), clock=clock)
         assert await collector.collect_all() == 1
 
 
@@ -223,7 +223,7 @@ async def test_a_short_stream_is_downloaded_again_never_requeued(
 
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(session, base_url=base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(store, client, ResultsConfig(), max_attempts=3, clock=clock)
+        collector = Collector(store, client, CollectorSettings(ResultsConfig(), 3), clock=clock)
         assert await collector.collect_all() == 0
 
     assert dict(query(db_path, "SELECT custom_id, status FROM tasks"))["c"] == "submitted"

@@ -17,11 +17,12 @@ from structlog.testing import capture_logs
 
 from batchd.api.client import BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import BudgetConfig, Config
+from batchd.config import BudgetConfig, BudgetSettings, Config
 from batchd.domain import TaskStatus
 from batchd.fakeapi.server import FakeApiServer
 from batchd.money.budget import BudgetGate, budget_view, fitting_view, period_start
 from batchd.money.pricing import PriceTable
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import Submitter
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store, StoreAccounts
@@ -98,8 +99,9 @@ async def test_the_gate_logs_each_change_once(store: Store) -> None:
     await store.enqueue([("a", request_params("hello", max_tokens=1000))])
     config = Config()
     config = replace(config, budget=BudgetConfig(0.001, "total"))
-    gate = BudgetGate.from_config(store, config, clock=lambda: NOW)
-    assert gate is not None
+    settings = BudgetSettings.of(config)
+    assert settings is not None
+    gate = BudgetGate(store, settings, clock=lambda: NOW)
     with capture_logs() as logs:
         first = await gate.pause_reason()
         second = await gate.pause_reason()
@@ -108,7 +110,7 @@ async def test_the_gate_logs_each_change_once(store: Store) -> None:
     assert first == second
     assert [e["event"] for e in logs] == ["submission_paused_budget"]
     assert logs[0]["next_batch_max_usd"] == 0.0025  # plus ~13 input tokens, rounded away
-    assert BudgetGate.from_config(store, Config(), clock=lambda: NOW) is None
+    assert BudgetSettings.of(Config()) is None
 
 
 async def test_a_tiny_budget_sends_what_fits_then_pauses(
@@ -245,7 +247,9 @@ async def submit_within(
         budget=BudgetConfig(max_spend_usd, period),
         batching=replace(config.batching, max_requests=8, linger_s=linger_s),
     )
-    gate = BudgetGate.from_config(store, config, clock=lambda: now)
+    settings = BudgetSettings.of(config)
+    assert settings is not None
+    gate = BudgetGate(store, settings, clock=lambda: now)
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(
             session, base_url=fake_api.base_url, api_key="k", policy=RetryPolicy(max_retries=0)
@@ -254,9 +258,8 @@ async def submit_within(
             store,
             client,
             config.batching,
-            clock=lambda: now,
+            reconciler=Reconciler(store, client, config.batching, clock=lambda: now),
             monotonic=lambda: 0.0,
-            reconcile_grace_s=60,
             budget=gate,
         )
         result = await submitter.submit_once()

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 import batchd.store.sqlite.store
 from batchd.api.client import AuthenticationError, BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.pipeline.collector import Collector
 from batchd.service.metrics import RESULTS_WRITTEN, Registry
@@ -136,9 +136,8 @@ async def collect(
 ) -> int:
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(session, base_url=api.base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(
-            store, client, ResultsConfig(**config), max_attempts=3, clock=clock, registry=registry
-        )
+        settings = CollectorSettings(ResultsConfig(**config), max_attempts=3)
+        collector = Collector(store, client, settings, clock=clock, registry=registry)
         return await collector.collect_all()
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from batchd.config import Config, ConfigError, load_config, resolve_api_key
+from batchd.config import (
+    BudgetSettings,
+    CollectorSettings,
+    Config,
+    ConfigError,
+    load_config,
+    resolve_api_key,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -168,3 +175,22 @@ def test_run_refuses_a_zero_grace_at_start_the_same_way(
     assert run.stderr.startswith(f"batchd: config error: {refusal}must be "), run.stderr
     assert run.stderr.rstrip().endswith("got 0"), run.stderr
     assert not (tmp_path / "batchd.db").exists()
+
+
+def test_components_reading_several_sections_get_them_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[batching]\nmax_attempts = 7\nmax_requests = 40\n[results]\nchunk_size = 9\n"
+        '[budget]\nmax_spend_usd = 12.5\n[pricing."m"]\ninput = 1\noutput = 2\n',
+    )
+    config = load_config(path, env={})
+    collecting = CollectorSettings.of(config)
+    assert (collecting.results.chunk_size, collecting.max_attempts) == (9, 7)
+    budget = BudgetSettings.of(config)
+    assert budget is not None
+    assert (budget.budget.max_spend_usd, budget.next_batch_requests) == (12.5, 40)
+    assert set(budget.pricing.models) == {"m"}
+
+
+def test_no_budget_settings_without_a_spend_limit(tmp_path: Path) -> None:
+    assert BudgetSettings.of(load_config(write(tmp_path, "[budget]\nperiod = 'day'\n"), {})) is None

@@ -13,7 +13,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from batchd.api.client import BatchesClient, RetryPolicy
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
 from tests.test_collector import ApiStub, answers, ended_batch, line, serving
@@ -75,9 +75,8 @@ async def test_a_collector_kept_waiting_for_the_writer_still_finishes_a_healthy_
             policy=RetryPolicy(0),
             results_stall=(STALL_S, 64 * 1024),
         )
-        collector = Collector(
-            store, client, ResultsConfig(chunk_size=1), max_attempts=3, clock=clock
-        )
+        settings = CollectorSettings(ResultsConfig(chunk_size=1), max_attempts=3)
+        collector = Collector(store, client, settings, clock=clock)
         with capture_logs() as logs:
             finished = await collector.collect_all()
 

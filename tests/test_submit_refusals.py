@@ -23,6 +23,7 @@ from batchd.config import BatchingConfig, Config
 from batchd.fakeapi import validation
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import SubmitResult, Submitter
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
@@ -74,14 +75,8 @@ async def rig(
 
             monkeypatch.setattr(client, "create", recorded_create)
             config = replace(BatchingConfig(), max_requests=max_requests, linger_s=0.0)
-            submitter = Submitter(
-                store,
-                client,
-                config,
-                clock=lambda: datetime.now(UTC),
-                monotonic=time,
-                reconcile_grace_s=60,
-            )
+            reconciler = Reconciler(store, client, config, clock=lambda: datetime.now(UTC))
+            submitter = Submitter(store, client, config, reconciler=reconciler, monotonic=time)
             return Rig(submitter, client, time, attempts)
 
         yield make

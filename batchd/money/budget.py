@@ -26,7 +26,7 @@ from datetime import datetime
 
 import structlog
 
-from batchd.config import BudgetConfig, Config
+from batchd.config import BudgetConfig, BudgetSettings
 from batchd.domain import BatchState
 from batchd.money.pricing import (
     Estimate,
@@ -184,39 +184,18 @@ class BudgetGate:
     """The submitter's check before each batch; logs each change of its decision once."""
 
     def __init__(
-        self,
-        store: Store,
-        config: BudgetConfig,
-        table: PriceTable,
-        *,
-        next_batch_requests: int,
-        clock: Callable[[], datetime],
+        self, store: Store, settings: BudgetSettings, *, clock: Callable[[], datetime]
     ) -> None:
         self._store = store
         self._accounts = StoreAccounts(store)
-        self._config = config
-        self._table = table
-        self._next_batch_requests = next_batch_requests
+        self._config = settings.budget
+        self._table = PriceTable(settings.pricing.models)
+        self._next_batch_requests = settings.next_batch_requests
         self._clock = clock
         # A batch's requests never change: read its sizes once (reading params is O(n)).
         self._batch_sizes: dict[int, list[SizeRow]] = {}
         self._next: tuple[tuple[int, int, int, int], list[SizeRow]] | None = None
         self.paused_reason: str | None = None
-
-    @classmethod
-    def from_config(
-        cls, store: Store, config: Config, *, clock: Callable[[], datetime]
-    ) -> BudgetGate | None:
-        """None when no budget is configured: nothing is read, nothing is checked."""
-        if config.budget.max_spend_usd is None:
-            return None
-        return cls(
-            store,
-            config.budget,
-            PriceTable(config.pricing.models),
-            next_batch_requests=config.batching.max_requests,
-            clock=clock,
-        )
 
     async def admit(self, task_ids: Sequence[int], custom_ids: Sequence[str]) -> Admission:
         """Which of `task_ids` (a chunk the chunker built: valid tasks, oldest first) may go

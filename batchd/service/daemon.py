@@ -15,11 +15,13 @@ import aiohttp
 import structlog
 
 from batchd.api.client import ApiError, AuthenticationError, BatchesClient, RetryPolicy
-from batchd.config import Config
+from batchd.config import BudgetSettings, CollectorSettings, Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
 from batchd.money.budget import BudgetGate
+from batchd.pipeline.cancels import Canceler
 from batchd.pipeline.collector import Collector
 from batchd.pipeline.poller import Poller
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import AuthenticationFailed, Submitter
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock
 from batchd.service.metrics import (
@@ -96,29 +98,25 @@ class Daemon:
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
+        # Each component gets its own section of the config (or, reading several, its
+        # settings object from batchd/config.py), its collaborators, and the clock.
+        budget_settings = BudgetSettings.of(config)
+        budget = (
+            None if budget_settings is None else BudgetGate(store, budget_settings, clock=clock)
+        )
+        self.reconciler = Reconciler(store, client, config.batching, clock=clock)
+        self.canceler = Canceler(store, client)
         self.submitter = Submitter(
             store,
             client,
             config.batching,
-            clock=clock,
+            reconciler=self.reconciler,
             monotonic=time.monotonic,
-            reconcile_grace_s=config.batching.reconcile_grace_s,
-            budget=BudgetGate.from_config(store, config, clock=clock),
+            budget=budget,
         )
-        self.poller = Poller(
-            store,
-            client,
-            max_concurrency=config.polling.max_concurrency,
-            not_found_grace_s=config.polling.not_found_grace_s,
-            clock=clock,
-        )
+        self.poller = Poller(store, client, config.polling, clock=clock)
         self.collector = Collector(
-            store,
-            client,
-            config.results,
-            max_attempts=config.batching.max_attempts,
-            clock=clock,
-            registry=self.registry,
+            store, client, CollectorSettings.of(config), clock=clock, registry=self.registry
         )
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
@@ -260,10 +258,10 @@ class Daemon:
             )
 
     async def _submit_step(self) -> float:
-        await self.submitter.cancel_requested()
-        for batch in await self.submitter.creating_batches():
-            await self.submitter.reconcile(batch)
-        if await self.submitter.creating_batches():
+        await self.canceler.cancel_requested()
+        for batch in await self.reconciler.creating_batches():
+            await self.reconciler.reconcile(batch)
+        if await self.reconciler.creating_batches():
             # One unresolved create at a time, so reconciliation can never confuse two.
             return min(2.0, self._config.polling.interval_s)
         result = await self.submitter.submit_once()
