@@ -30,6 +30,7 @@ from batchd.fakeapi.validation import parse_create_body
 from batchd.pipeline.collector import Collector
 from batchd.pipeline.outcomes import parse_result_line
 from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command_line, machine, tasks
@@ -134,10 +135,10 @@ class MemoryResults:
 
 
 async def prepare(db: Path, count: int, batch_size: int) -> tuple[Store, dict[int, list[bytes]]]:
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     await store.enqueue(tasks(count))
     batches: dict[int, list[bytes]] = {}
-    ids = [row[0] for row in await store._read("SELECT id FROM tasks ORDER BY id")]
+    ids = [row[0] for row in await store.database.read("SELECT id FROM tasks ORDER BY id")]
     for first in range(0, count, batch_size):
         local = await store.record_intent(ids[first : first + batch_size], 1)
         assert local is not None

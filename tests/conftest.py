@@ -16,6 +16,7 @@ from batchd.fakeapi import validation
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.logs import configure_logging
 from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
 
 # Fixtures for tests that run batchd as users do (`fake_api_process`, `cli_env`).
 pytest_plugins = ["tests.cli_support"]
@@ -46,7 +47,7 @@ def store_clock() -> Callable[[], datetime] | None:
 
 @pytest.fixture
 async def store(db_path: Path, store_clock: Callable[[], datetime] | None) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, clock=store_clock)
+    opened = await SqliteStore.open(db_path, clock=store_clock)
     try:
         yield opened
     finally:

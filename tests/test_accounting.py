@@ -20,6 +20,7 @@ from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
 from tests.test_store import START, FakeClock, api_batch, claim, query, submitted_batch
 
 HAIKU = "claude-haiku-4-5-20251001"
@@ -95,7 +96,7 @@ async def test_spending_survives_deleted_and_retried_tasks(store: Store, db_path
 
 
 async def test_the_ledger_is_backfilled_from_results_of_an_older_schema(db_path: Path) -> None:
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     try:
         local_id = await submitted_batch(store, "msgbatch_1", "a")
         await store.write_results(local_id, [succeeded("a", Usage(7, 3))], 3)
@@ -108,7 +109,7 @@ async def test_the_ledger_is_backfilled_from_results_of_an_older_schema(db_path:
         # v5 altered missing_results, dropped here with it (v4's column on batches stays).
         conn.execute("DELETE FROM schema_migrations WHERE version IN (3, 5)")
     conn.close()
-    upgraded = await Store.open(db_path)
+    upgraded = await SqliteStore.open(db_path)
     try:
         usage = (await status_snapshot(upgraded))["usage"]
     finally:

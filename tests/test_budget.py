@@ -25,7 +25,8 @@ from batchd.money.pricing import PriceTable
 from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import Submitter
 from batchd.service.daemon import Daemon, run_daemon
-from batchd.store import Store, StoreAccounts
+from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
 from tests.conftest import request_params
 
 NOW = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)
@@ -164,7 +165,7 @@ async def test_a_tiny_budget_sends_what_fits_then_pauses(
     events = [e["event"] for e in logs if "budget" in e["event"]]
     assert events[-1] == "submission_paused_budget"
 
-    reopened = await Store.open(db_path)
+    reopened = await SqliteStore.open(db_path)
     try:
         snapshot = await status_snapshot(reopened, config)
     finally:
@@ -217,7 +218,7 @@ async def test_a_row_the_chunker_will_refuse_is_not_priced(store: Store, db_path
             ),
         )
     db.close()
-    sizes = await StoreAccounts(store).pending_sizes()
+    sizes = await store.accounts.pending_sizes()
     assert [(model, requests) for model, requests, _, _ in sizes] == [
         (None, 1),
         ("claude-haiku-4-5", 1),

@@ -40,8 +40,8 @@ async def busy_writer_api(store: Store) -> AsyncIterator[ApiStub]:
     the body at once."""
     stub = ApiStub()
     loop = asyncio.get_running_loop()
-    lanes = await store._write_back_lanes()
-    locks = [store._lock, *(lane.lock for lane in lanes._queue)]  # type: ignore[attr-defined]
+    lanes = await store.lanes.opened()
+    locks = [store.database.write_lock, *(lane.connection.lock for lane in lanes._queue)]  # type: ignore[attr-defined]
 
     async def results(request: web.Request) -> web.StreamResponse:
         body = stub.bodies[request.match_info["name"]]

@@ -240,7 +240,7 @@ class Collector:
             )
             if time.monotonic() - self._applying_since >= _WRITERS_WAIT_S:
                 # A sleep of this lane alone would leave the lock to the other lane.
-                await self._store.hold_writes(_WRITERS_PAUSE_S)
+                await self._store.yield_to_writers(_WRITERS_PAUSE_S)
                 self._applying_since = time.monotonic()
         await lane.clear_staging()
 

@@ -40,7 +40,7 @@ from batchd.service.metrics import (
     batchd_registry,
 )
 from batchd.service.notify import Notifier
-from batchd.store import Store, StoreAccounts, StoreError
+from batchd.store import Store, StoreError, open_store
 
 log = structlog.get_logger("batchd.service.daemon")
 
@@ -341,11 +341,9 @@ async def run_daemon(
         except StoreError:
             # The directory refuses the lock file: opening the database says more
             # precisely why (read-only, missing, ...), so that error is the one raised.
-            await (await Store.open(config.database.path, migrate=False)).close()
+            await (await open_store(config.database, migrate=False)).close()
             raise
-        store = await Store.open(
-            config.database.path, busy_timeout_ms=config.database.busy_timeout_ms
-        )
+        store = await open_store(config.database)
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         registry, reachability = batchd_registry(), ApiReachability()
@@ -392,7 +390,7 @@ def _register_database_gauges(registry: Registry, store: Store) -> None:
 
     async def tokens() -> dict[str, float]:
         totals = [0, 0, 0, 0]
-        for _, _, *by_kind in await StoreAccounts(store).usage_by_model():
+        for _, _, *by_kind in await store.accounts.usage_by_model():
             totals = [total + (value or 0) for total, value in zip(totals, by_kind, strict=True)]
         return dict(zip(TOKEN_KINDS, map(float, totals), strict=True))
 
