@@ -16,7 +16,7 @@ from typing import Literal
 
 import structlog
 
-from batchd.api.client import (
+from batchd.api import (
     ApiError,
     ApiStatusError,
     AuthenticationError,
