@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from batchd.api.client import BatchesClient, BytesBody
+from batchd.api import BatchesClient, BytesBody
 from batchd.config import DatabaseConfig, PollingConfig
 from batchd.pipeline.poller import Poller
 from batchd.service.logs import configure_logging

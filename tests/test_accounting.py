@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.api import BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.api import BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import BudgetConfig, BudgetSettings, Config
 from batchd.domain import TaskStatus

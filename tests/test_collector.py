@@ -21,7 +21,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 import batchd.store.sqlite.staging
-from batchd.api.client import AuthenticationError, BatchesClient, RetryPolicy
+from batchd.api import AuthenticationError, BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from batchd.api.client import RetryPolicy
+from batchd.api import RetryPolicy
 from batchd.config import Config
 from batchd.fakeapi.faults import ENDPOINTS, Endpoint, FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer

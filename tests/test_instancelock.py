@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from batchd.api.client import BatchesClient
+from batchd.api import BatchesClient
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import aiohttp
 import pytest
 
-from batchd.api.client import BatchesClient, BytesBody
+from batchd.api import BatchesClient, BytesBody
 from batchd.config import PollingConfig
 from batchd.domain import BatchState
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer

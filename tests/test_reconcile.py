@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batchd.api.client import BatchesClient, BytesBody, RetryPolicy
+from batchd.api import BatchesClient, BytesBody, RetryPolicy
 from batchd.config import BatchingConfig, Config
 from batchd.domain import BatchState, TaskStatus
 from batchd.fakeapi import app

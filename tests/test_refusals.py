@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from batchd.api.client import ApiStatusError, BadRequestError, RateLimitError
+from batchd.api import ApiStatusError, BadRequestError, RateLimitError
 from batchd.config import BatchingConfig
 from batchd.pipeline.chunker import Chunk
 from batchd.pipeline.refusals import Pick, Plan, Refusals, Suspect

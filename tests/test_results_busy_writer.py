@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.api import BatchesClient, RetryPolicy
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.pipeline.collector import Collector
 from batchd.store import Store

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batchd.api.client import BatchesClient, RequestBody, RetryPolicy
+from batchd.api import BatchesClient, RequestBody, RetryPolicy
 from batchd.api.wire import MAX_BATCH_BYTES, MessageBatch
 from batchd.config import BatchingConfig, Config
 from batchd.fakeapi import validation

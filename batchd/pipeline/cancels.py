@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import structlog
 
-from batchd.api.client import ApiError, AuthenticationError, BatchesClient
+from batchd.api import ApiError, AuthenticationError, BatchesClient
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.pipeline.cancels")

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import orjson
 import structlog
 
-from batchd.api.client import (
+from batchd.api import (
     ApiError,
     AuthenticationError,
     BatchesClient,

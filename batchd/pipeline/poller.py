@@ -10,7 +10,7 @@ from typing import cast
 
 import structlog
 
-from batchd.api.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
+from batchd.api import ApiError, AuthenticationError, BatchesClient, NotFoundError
 from batchd.api.wire import MessageBatch
 from batchd.config import PollingConfig
 from batchd.crashpoints import crash_point

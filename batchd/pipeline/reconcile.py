@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from batchd.api.client import BatchesClient
+from batchd.api import BatchesClient
 from batchd.api.wire import MessageBatch, parse_timestamp, request_total
 from batchd.config import BatchingConfig
 from batchd.crashpoints import crash_point

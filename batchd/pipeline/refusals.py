@@ -26,7 +26,7 @@ from typing import Literal
 
 import structlog
 
-from batchd.api.client import ApiStatusError, BadRequestError, RateLimitError, RequestTooLargeError
+from batchd.api import ApiStatusError, BadRequestError, RateLimitError, RequestTooLargeError
 from batchd.config import BatchingConfig
 from batchd.pipeline.chunker import Chunk
 

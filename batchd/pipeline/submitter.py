@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from batchd.api.client import (
+from batchd.api import (
     ApiStatusError,
     AuthenticationError,
     BatchesClient,

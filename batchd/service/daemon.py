@@ -14,7 +14,7 @@ from typing import TypeVar
 import aiohttp
 import structlog
 
-from batchd.api.client import ApiError, AuthenticationError, BatchesClient, RetryPolicy
+from batchd.api import ApiError, AuthenticationError, BatchesClient, RetryPolicy
 from batchd.config import BudgetSettings, CollectorSettings, Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
 from batchd.money.budget import BudgetGate

@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
 
-from batchd.api.client import BatchesClient
+from batchd.api import BatchesClient
 
 
 class _NoopStreamWriter(AbstractStreamWriter):

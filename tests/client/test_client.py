@@ -19,7 +19,7 @@ from aioresponses import aioresponses
 from structlog.testing import capture_logs
 from yarl import URL
 
-from batchd.api.client import (
+from batchd.api import (
     ApiConnectionError,
     ApiError,
     ApiStatusError,

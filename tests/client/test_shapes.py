@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aioresponses import aioresponses
 
-from batchd.api.client import (
+from batchd.api import (
     ApiConnectionError,
     ApiStatusError,
     BytesBody,
