@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from batchd.fakeapi.server import add_arguments, config_from_args
-from tests.fakeapi.conftest import HEADERS, requests_body
+from tests.support.fakeapi import HEADERS, requests_body
 
 
 async def spawn(*args: str) -> asyncio.subprocess.Process:

@@ -11,7 +11,7 @@ import pytest
 
 from batchd.fakeapi.faults import FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiServer
-from tests.fakeapi.conftest import Api, StartFake, requests_body
+from tests.support.fakeapi import Api, StartFake, requests_body
 
 
 async def admin(

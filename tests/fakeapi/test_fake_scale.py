@@ -10,7 +10,7 @@ import orjson
 
 from batchd.api.wire import BATCHES_PATH, MAX_REQUESTS_PER_BATCH
 from batchd.fakeapi.server import FakeApiServer
-from tests.fakeapi.conftest import MODEL
+from tests.support.fakeapi import MODEL
 
 
 async def test_100k_requests_are_accepted_and_stream_back_complete(
