@@ -21,23 +21,15 @@ from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
-from tests.test_store import START, FakeClock, api_batch, claim, query, submitted_batch
+from tests.support.store import START, FakeClock, api_batch, claim, query, submitted_batch
+
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 HAIKU = "claude-haiku-4-5-20251001"
 
 
 def succeeded(custom_id: str, usage: Usage, model: str = HAIKU) -> Outcome:
     return Outcome(custom_id, "succeeded", '{"type": "succeeded"}', None, False, usage, model)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
 
 
 async def test_status_reports_tokens_cost_and_saving_computed_by_hand(

@@ -27,7 +27,7 @@ from batchd.pipeline.submitter import Submitter
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 NOW = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)
 HAIKU = "claude-haiku-4-5"

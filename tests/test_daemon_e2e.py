@@ -14,7 +14,7 @@ from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 
 def prompt(n: int) -> str:

@@ -25,7 +25,8 @@ from batchd.fakeapi.state import Timeline
 from batchd.service.daemon import EXIT_AUTH, Daemon, run_daemon
 from batchd.service.metrics import API_REQUESTS, RESULTS_WRITTEN
 from batchd.store import Store
-from tests.conftest import refuse_in_fake, request_params
+from tests.support.fakeapi import refuse_in_fake
+from tests.support.params import request_params
 
 
 def prompt(n: int) -> str:

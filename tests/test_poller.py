@@ -14,7 +14,7 @@ from batchd.domain import BatchState
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.pipeline.poller import Poller
 from batchd.store import Store, StoreError
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 
 async def test_polls_write_only_when_a_batch_changed(

@@ -13,17 +13,9 @@ from batchd.cli.commands import status_snapshot
 from batchd.cli.prune import DurationError, open_export, parse_duration, prune
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.store import Store
-from tests.test_store import START, FakeClock, add_tasks, query, submitted_batch
+from tests.support.store import START, FakeClock, add_tasks, query, submitted_batch
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 
 def test_durations() -> None:

@@ -32,7 +32,7 @@ from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import Submitter
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 GRACE_S = 60.0
 CUSTOM_IDS = [f"r-{n}" for n in range(3)]

@@ -16,21 +16,13 @@ from batchd.api import BatchesClient, RetryPolicy
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
-from tests.test_collector import ApiStub, answers, ended_batch, line, serving
-from tests.test_store import FakeClock, query
+from tests.support.collector import ApiStub, answers, ended_batch, line, serving
+from tests.support.store import FakeClock, query
+
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 STALL_S = 0.3
 WRITER_BUSY_S = 0.5  # longer than the stall window
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
 
 
 @pytest.fixture

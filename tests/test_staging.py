@@ -14,8 +14,8 @@ import pytest
 
 from batchd.store import Store
 from batchd.store.sqlite.staging import BUCKET_TASKS, StagingKeys
-from tests.test_collector import ApiStub, ended_batch
-from tests.test_store import PARAMS, add_tasks, api_batch, claim, outcome, query
+from tests.support.collector import ApiStub, ended_batch
+from tests.support.store import PARAMS, add_tasks, api_batch, claim, outcome, query
 
 
 def open_files() -> list[str]:

@@ -27,7 +27,8 @@ from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import SubmitResult, Submitter
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from tests.conftest import refuse_in_fake, request_params
+from tests.support.fakeapi import refuse_in_fake
+from tests.support.params import request_params
 
 ACCOUNT_REFUSAL = "Your credit balance is too low to access the Anthropic API."
 REQUEST_REFUSAL = "requests: a request in this batch is refused"

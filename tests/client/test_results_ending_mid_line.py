@@ -11,7 +11,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from batchd.api import BatchesClient, RetryPolicy
-from tests.client.conftest import Serve
+from tests.support.client import Serve
 
 LINES = [b'{"custom_id":"c-%d","result":{"type":"expired"}}' % n for n in range(3)]
 

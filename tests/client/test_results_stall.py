@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from batchd.api import BatchesClient, ResultsStreamError, RetryPolicy
-from tests.client.conftest import Serve
+from tests.support.client import Serve
 
 LINE = b'{"custom_id":"a","result":{"type":"expired"}}\n'
 

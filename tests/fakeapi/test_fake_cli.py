@@ -4,39 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from batchd.fakeapi.server import add_arguments, config_from_args
-from tests.fakeapi.conftest import HEADERS, requests_body
-
-
-async def spawn(*args: str) -> asyncio.subprocess.Process:
-    """`python -m batchd.fakeapi --port 0 ARGS`, with its output piped."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchd.fakeapi",
-        "--port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    process = await spawn(*args)
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
-    match = re.fullmatch(r"batchd fake-api listening on (http://127\.0\.0\.1:\d+)\n", line)
-    assert match, line
-    return process, match.group(1)
+from tests.support.fakeapi import HEADERS, requests_body, spawn, start_process
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -14,9 +14,15 @@ import pytest
 
 from batchd.fakeapi.faults import DEFAULT_FAULT_KINDS, FaultConfig
 from batchd.fakeapi.server import FakeApiServer, add_arguments, config_from_args
-from tests.fakeapi.conftest import HEADERS, Api, StartFake, requests_body
-from tests.fakeapi.test_fake_cli import spawn, start_process
-from tests.fakeapi.test_fake_faults import admin
+from tests.support.fakeapi import (
+    HEADERS,
+    Api,
+    StartFake,
+    admin,
+    requests_body,
+    spawn,
+    start_process,
+)
 from tests.support.foreign import create_foreign_batches
 
 

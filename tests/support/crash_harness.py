@@ -24,7 +24,7 @@ from batchd.config import DatabaseConfig
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import open_store
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 BATCHD = [sys.executable, "-m", "batchd"]
 # Batch states that leave nothing to do; anything else at the end is a stuck batch.
