@@ -19,7 +19,10 @@ from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 
 # Fixtures for tests that run batchd as users do (`fake_api_process`, `cli_env`).
-pytest_plugins = ["tests.cli_support"]
+pytest_plugins = [
+    "tests.cli_support",
+    "tests.support.postgres",  # a PostgreSQL server and a database per session
+]
 
 
 def request_params(text: str, *, max_tokens: int = 50, **extra: Any) -> str:
