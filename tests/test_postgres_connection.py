@@ -59,7 +59,7 @@ async def test_a_pool_has_its_fixed_size_and_batchds_settings(
                 "SELECT current_schema(), current_setting('application_name'),"
                 " current_setting('tcp_user_timeout')"
             )
-            assert tuple(settings) == (postgres_schema, "batchd", "20000")
+            assert tuple(settings) == (postgres_schema, "batchd", "9000")
             await pooled.execute("SET search_path = public")  # a body that changes it...
         async with pool.acquire() as pooled:  # ...does not leak into the next borrower
             assert await pooled.fetchval("SELECT count(*) FROM tasks") == 0

@@ -252,3 +252,22 @@ async def test_an_insert_notifies_a_listener_at_commit_once_per_statement(
         assert heard.empty()  # one statement, one notification
     finally:
         await listener.close()
+
+
+async def test_jsonb_params_are_rewritten_so_a_body_counts_params_text(
+    conn: asyncpg.Connection, target: PostgresTarget, user: asyncpg.Connection
+) -> None:
+    """What the PostgreSQL store must build bodies from (pitfalls: jsonb rewrites text)."""
+    await migrate(conn, target)
+    tasks = f"{quote_ident(str(target.schema))}.tasks"
+    sent = '{"max_tokens":1,"model":"m","model":"n",  "messages":[]}'
+    await user.execute(f"INSERT INTO {tasks} (custom_id, params) VALUES ('j-1', $1)", sent)
+    text, size = await conn.fetchrow(
+        "SELECT params::text, octet_length(params::text) FROM tasks WHERE custom_id = 'j-1'"
+    )
+    assert text == '{"model": "n", "messages": [], "max_tokens": 1}'  # not the user's bytes
+    assert size == len(text.encode()) != len(sent.encode())
+    with pytest.raises(asyncpg.UntranslatableCharacterError):  # \u0000: refused at INSERT
+        await user.execute(
+            f"INSERT INTO {tasks} (custom_id, params) VALUES ('j-2', $1)", '{"a": "\\u0000"}'
+        )

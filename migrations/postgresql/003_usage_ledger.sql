@@ -16,10 +16,11 @@ CREATE TABLE usage_ledger (
     PRIMARY KEY (day, model)
 );
 
--- Per statement, over its transition tables, not per row as in SQLite: a row trigger would
--- upsert the same (day, model) row once per result, and each upsert in one transaction
--- walks the chain of that row's versions left by the ones before it (quadratic in a
--- 5,000-row write-back). Here one statement adds one row per (day, model) it touched.
+-- Per statement, over its transition tables, not per row as in SQLite: a row trigger
+-- upserts the same (day, model) row once per result, each upsert a new version of it. A
+-- 5,000-row write-back took 0.47-0.58 s with a row trigger and 0.16-0.18 s with this one,
+-- the same as with none (a 10,000-row claim: no difference either); one statement adds one
+-- row per (day, model) it touched.
 -- SET search_path FROM CURRENT: the trigger runs in the session of whoever updates
 -- `tasks` (a user's psql too), whose search_path may not include batchd's schema.
 CREATE FUNCTION batchd_tasks_succeeded() RETURNS trigger LANGUAGE plpgsql

@@ -33,15 +33,16 @@ PASSWORD_CREDENTIAL = "database-password"  # noqa: S105 - a file name, not a pas
 DEFAULT_POOL_SIZE = 4
 CONNECT_TIMEOUT_S = 10.0
 # How soon the server notices a client that vanished (host died, cable cut) and ends its
-# session, releasing its locks (the leader's advisory lock among them): keepalive probes
-# after 10 s idle, every 3 s, 3 missed; unacknowledged data gives up after 20 s. Ignored on
-# Unix sockets, where the kernel tells the server at once.
+# session, releasing its locks (the leader's advisory lock among them), so that another
+# daemon takes over within ~10 s: keepalive probes after 5 s idle, every 2 s, 2 missed
+# (~9 s); data left unacknowledged for 9 s ends it too. A process that dies is noticed at
+# once (its kernel closes the socket). Ignored on Unix sockets.
 _SESSION_SETTINGS = {
     "application_name": "batchd",
-    "tcp_keepalives_idle": "10",
-    "tcp_keepalives_interval": "3",
-    "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "20000",
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "2",
+    "tcp_user_timeout": "9000",
 }
 # SQLSTATE classes where waiting helps: connection exceptions, insufficient resources
 # (too many connections, disk full), operator intervention (shutdown, starting up).

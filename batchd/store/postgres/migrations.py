@@ -88,7 +88,7 @@ async def migrate(
     shipped = list(shipped_migrations() if migrations is None else migrations)
     supported = max((m.version for m in shipped), default=0)
     applied = []
-    with postgres_errors(target, "migrate"):
+    with postgres_errors(target, "migrate", conn=conn):
         for migration in shipped:
             async with conn.transaction():
                 await _lock(conn, target)
@@ -122,7 +122,7 @@ async def check_schema(
     commands that must not migrate). 0: batchd's tables are not there yet."""
     shipped = shipped_migrations() if migrations is None else migrations
     supported = max((m.version for m in shipped), default=0)
-    with postgres_errors(target, "read"):
+    with postgres_errors(target, "read", conn=conn):
         async with conn.transaction(readonly=True):
             if await conn.fetchval("SELECT current_schema()") is None:
                 return 0  # the configured schema does not exist yet
