@@ -4,6 +4,7 @@ name the masked DSN, say what to do, and whether retrying can help."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -15,12 +16,14 @@ from batchd.store import StoreError
 from batchd.store.postgres.connection import (
     PASSWORD_CREDENTIAL,
     PostgresTarget,
+    acquired,
     connect,
     create_pool,
     postgres_errors,
 )
 from batchd.store.postgres.errors import PostgresRefusedError, PostgresUnavailableError
 from batchd.store.postgres.migrations import migrate
+from tests.support.postgres import ENV_DSN, _local_clusters
 
 pytestmark = pytest.mark.postgres
 
@@ -155,3 +158,43 @@ async def test_a_terminated_session_is_retryable(postgres_dsn: str, noticed_afte
     finally:
         await victim.close()
         await killer.close()
+
+
+@pytest.fixture
+def local_cluster() -> tuple[str, str]:
+    """(version, name) of the machine's cluster the tests use, which this test may restart."""
+    if os.environ.get(ENV_DSN) or os.geteuid() != 0:
+        pytest.skip(f"restarts the local cluster: needs root and no {ENV_DSN}")
+    version, name, *_ = _local_clusters()[0]
+    return version, name
+
+
+async def test_a_pool_rides_out_a_server_restart_with_retryable_errors_only(
+    postgres_dsn: str, local_cluster: tuple[str, str]
+) -> None:
+    target = PostgresTarget(postgres_dsn)
+    pool = await create_pool(target, size=2)
+    seen: list[PostgresUnavailableError] = []
+    restart = await asyncio.create_subprocess_exec(
+        "pg_ctlcluster", *local_cluster, "restart", stdout=asyncio.subprocess.DEVNULL
+    )
+    restarted = asyncio.ensure_future(restart.wait())
+    try:
+        answered_after_restart = False
+        async with asyncio.timeout(60):
+            while not answered_after_restart:
+                done = restarted.done()
+                try:
+                    async with acquired(pool, target, "read") as conn:
+                        assert await conn.fetchval("SELECT 1") == 1
+                    answered_after_restart = done
+                except PostgresUnavailableError as exc:  # anything else fails the test
+                    seen.append(exc)
+                await asyncio.sleep(0.02)
+    finally:
+        await asyncio.wait_for(restarted, 60)  # never leave the server half restarted
+        await pool.close()
+    assert restarted.result() == 0
+    assert seen, "the restart went unnoticed: the test proved nothing"
+    assert all(exc.retryable for exc in seen)
+    assert all(target.shown in str(exc) for exc in seen)

@@ -165,7 +165,15 @@ def find_server(env: dict[str, str] | None = None) -> PostgresServer:
 
 
 async def _admin(server: PostgresServer, sql: str) -> None:
-    conn = await asyncpg.connect(server.admin_dsn, timeout=10)
+    # A test that restarts the local server may end while it is still starting up.
+    for _ in range(int(_START_WAIT_S / 0.2)):
+        try:
+            conn = await asyncpg.connect(server.admin_dsn, timeout=10)
+            break
+        except (asyncpg.CannotConnectNowError, ConnectionRefusedError):
+            await asyncio.sleep(0.2)
+    else:
+        conn = await asyncpg.connect(server.admin_dsn, timeout=10)
     try:
         await conn.execute(sql)
     finally:

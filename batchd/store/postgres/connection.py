@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from batchd.store.dsn import mask_dsn
 from batchd.store.postgres.errors import (
@@ -56,6 +57,10 @@ _REFUSED_HINTS = {
     "42501": "grant this role the privileges docs/postgresql.md lists",
     "3F000": "create the schema or correct [database] schema",
 }
+
+
+# A connection of its own, or one borrowed from the pool (a proxy with the same methods).
+Conn = asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +143,25 @@ async def create_pool(
     return pool
 
 
+@asynccontextmanager
+async def acquired(
+    pool: asyncpg.Pool, target: PostgresTarget, action: str
+) -> AsyncIterator[PoolConnectionProxy]:
+    """A pooled connection, with errors translated around the acquire as well as the body:
+    after a server restart the pool reconnects inside `acquire`, which then fails with the
+    server's "starting up" or a refused connection until the server is back."""
+    with postgres_errors(target, action):
+        async with pool.acquire() as conn:
+            with postgres_errors(target, action, conn=conn):
+                yield conn
+
+
 @contextmanager
 def postgres_errors(
     target: PostgresTarget,
     action: str,
     password: str | None = None,
-    conn: asyncpg.Connection | None = None,
+    conn: Conn | None = None,
 ) -> Iterator[None]:
     """Errors from the server or the network become PostgresErrors naming the masked DSN
     and a remedy; our own mistakes (bad SQL, misuse of a connection) pass through. Give
@@ -160,11 +178,20 @@ def postgres_errors(
         OSError,
         TimeoutError,
     ) as exc:
-        lost = conn is not None and conn.is_closed()
+        lost = conn is not None and _is_lost(conn)
         mapped = translate(exc, target, action, password, connection_lost=lost)
         if mapped is exc:
             raise
         raise mapped from exc
+
+
+def _is_lost(conn: Conn) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        # A pooled connection's proxy, detached by the pool when the server ended the
+        # session under it ("connection has been released back to the pool").
+        return True
 
 
 def translate(
