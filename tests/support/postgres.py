@@ -128,7 +128,8 @@ def _start_local_cluster() -> str:
             port,
             f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{LOCAL_ROLE}')"
             f" THEN CREATE ROLE {LOCAL_ROLE} LOGIN CREATEDB; END IF; END $$;"
-            f" ALTER ROLE {LOCAL_ROLE} LOGIN CREATEDB PASSWORD '{LOCAL_PASSWORD}';",
+            # CREATEROLE: tests of privileges make roles of their own (`make_role`).
+            f" ALTER ROLE {LOCAL_ROLE} LOGIN CREATEDB CREATEROLE PASSWORD '{LOCAL_PASSWORD}';",
         )
     return dsn
 
@@ -226,11 +227,7 @@ def postgres_schema(postgres_dsn: str) -> Iterator[str]:
 
 
 async def _drop_schema(dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
-    finally:
-        await conn.close()
+    await _on(dsn, f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
 
 
 @pytest.fixture
@@ -246,3 +243,41 @@ def fresh_postgres_database(postgres_server: PostgresServer) -> Iterator[Callabl
     yield make
     for name in made:
         drop_database(postgres_server, name)
+
+
+@pytest.fixture
+def make_role(postgres_dsn: str) -> Iterator[Callable[[], tuple[str, str]]]:
+    """Makes login roles with no privileges for this test: (role, its DSN to the session's
+    database). Dropped at the end with everything they own. Skips if the server's test role
+    may not create roles (a BATCHD_TEST_POSTGRES_DSN without CREATEROLE)."""
+    made: list[str] = []
+
+    def make() -> tuple[str, str]:
+        role = f"batchd_test_r{secrets.token_hex(4)}"
+        password = secrets.token_hex(8)
+        try:
+            # Membership lets the test role DROP OWNED BY it at the end (PostgreSQL 15).
+            run_sync(
+                lambda: _on(
+                    postgres_dsn,
+                    f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; GRANT {role} TO current_user",
+                )
+            )
+        except asyncpg.InsufficientPrivilegeError as exc:
+            pytest.skip(f"the test role may not create roles: {exc}")
+        made.append(role)
+        parts = urlsplit(postgres_dsn)
+        netloc = f"{role}:{password}@{parts.hostname}:{parts.port or 5432}"
+        return role, urlunsplit(parts._replace(netloc=netloc))
+
+    yield make
+    for role in made:
+        run_sync(lambda role=role: _on(postgres_dsn, f"DROP OWNED BY {role}; DROP ROLE {role}"))
+
+
+async def _on(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
