@@ -271,3 +271,16 @@ async def test_jsonb_params_are_rewritten_so_a_body_counts_params_text(
         await user.execute(
             f"INSERT INTO {tasks} (custom_id, params) VALUES ('j-2', $1)", '{"a": "\\u0000"}'
         )
+
+
+async def test_a_schema_name_that_needs_quoting_works(postgres_dsn: str) -> None:
+    odd = 'Jobs "2026"; DROP'
+    target = PostgresTarget(postgres_dsn, odd)
+    conn = await connect(target)
+    try:
+        assert await migrate(conn, target) == ALL
+        assert await conn.fetchval("SELECT current_schema()") == odd
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
+    finally:
+        await conn.execute(f"DROP SCHEMA {quote_ident(odd)} CASCADE")
+        await conn.close()
