@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from batchd.config import ConfigError, load_config
+from batchd.config import ConfigError, DatabaseConfig, load_config
+from batchd.store import StoreError, open_store
 
 URL = "postgresql://batchd:secret@db.example.com:5432/batchd"
 
@@ -89,3 +90,14 @@ def test_schema_name_longer_than_postgresql_keeps_is_refused(tmp_path: Path) -> 
     path = write(tmp_path, f'[database]\nurl = "{URL}"\nschema = "{"s" * 64}"\n')
     with pytest.raises(ConfigError, match=r"\[database\] schema: must be at most 63 bytes"):
         load_config(path, env={})
+
+
+async def test_a_url_is_refused_by_the_store_until_postgresql_runs_and_sqlite_is_not_used(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "batchd.db"
+    database = DatabaseConfig(path=path, url=URL)
+    with pytest.raises(StoreError, match=r"postgresql://batchd:\*\*\*@db.example.com") as raised:
+        await open_store(database)
+    assert "secret" not in str(raised.value)
+    assert not path.exists()  # no silent SQLite file instead

@@ -11,7 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from batchd.store import SchemaTooNewError, Store
+from batchd.config import DatabaseConfig
+from batchd.store import SchemaTooNewError, open_store
 from batchd.store.postgres.connection import PostgresTarget, connect, quote_ident
 from batchd.store.postgres.errors import ForeignSchemaError
 from batchd.store.postgres.migrations import check_schema, migrate, shipped_migrations
@@ -144,7 +145,7 @@ async def test_every_sqlite_column_exists_in_postgresql(
     conn: asyncpg.Connection, target: PostgresTarget, tmp_path: Path
 ) -> None:
     await migrate(conn, target)
-    store = await Store.open(tmp_path / "parity.db")
+    store = await open_store(DatabaseConfig(path=tmp_path / "parity.db"))
     await store.close()
     with sqlite3.connect(tmp_path / "parity.db") as db:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]

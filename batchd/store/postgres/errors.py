@@ -8,7 +8,7 @@ application): the unit must not restart for ever on the latter.
 
 from __future__ import annotations
 
-from batchd.store import StoreError
+from batchd.store.errors import StoreError
 
 
 class PostgresError(StoreError):

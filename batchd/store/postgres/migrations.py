@@ -19,7 +19,7 @@ from importlib import resources
 
 import asyncpg
 
-from batchd.store import SchemaTooNewError, StoreError
+from batchd.store.errors import SchemaTooNewError, StoreError
 from batchd.store.postgres.connection import PostgresTarget, postgres_errors, quote_ident
 from batchd.store.postgres.errors import ForeignSchemaError, PostgresRefusedError
 
