@@ -32,10 +32,18 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the key."""
 
 
+DATABASE_URL_ENV = "BATCHD_DATABASE_URL"
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     path: Path = Path("batchd.db")
     busy_timeout_ms: int = 5000
+    # A postgresql:// URL selects the PostgreSQL store (path is then unused); may hold a
+    # password, so it is only ever shown through batchd.store.dsn.mask_dsn.
+    url: str | None = None
+    # PostgreSQL only: the schema batchd's tables live in (its search_path); None: public.
+    schema: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +186,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     base_url_in_file = isinstance(raw.get("api"), dict) and "base_url" in raw["api"]
+    path_in_file = isinstance(raw.get("database"), dict) and "path" in raw["database"]
     sections = {name: _build_section(name, raw.pop(name, {})) for name in _SECTIONS}
     if raw:
         raise ConfigError(f"unknown config section or key: {', '.join(sorted(raw))}")
@@ -185,6 +194,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
     if env.get("ANTHROPIC_BASE_URL") and not base_url_in_file:
         # As the official SDK does; an explicit key in the file wins.
         config = replace(config, api=replace(config.api, base_url=env["ANTHROPIC_BASE_URL"]))
+    config = _database_from_env(config, env, path_in_file=path_in_file)
     _validate(config)
     return config
 
@@ -202,15 +212,46 @@ def _build_section(name: str, values: Any) -> Any:
             "[api] api_key: the key is never read from the config file; set "
             "ANTHROPIC_API_KEY (or [api] api_key_env) or [api] api_key_file"
         )
+    if name == "database" and "path" in values and "url" in values:
+        raise ConfigError(
+            "[database] path and [database] url: give one, path for SQLite or url for PostgreSQL"
+        )
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         field_name = _KEY_ALIASES.get(key, key)
         if field_name not in known:
             raise ConfigError(f"[{name}] {key}: unknown key")
+        if (name, field_name) in _OPTIONAL_TEXT:
+            kwargs[field_name] = _text(f"[{name}] {key}", value)
+            continue
         default = getattr(cls(), field_name)
         kwargs[field_name] = _coerce(f"[{name}] {key}", value, default)
     return cls(**kwargs)
+
+
+# Keys whose default is None but whose value is text, not a path.
+_OPTIONAL_TEXT = {("database", "url"), ("database", "schema")}
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {type(value).__name__}")
+    return value
+
+
+def _database_from_env(config: Config, env: Mapping[str, str], *, path_in_file: bool) -> Config:
+    """BATCHD_DATABASE_URL overrides [database] url; beside a path in the file it is an
+    error rather than a silent switch of store (tasks would go to another database)."""
+    url = env.get(DATABASE_URL_ENV)
+    if not url:
+        return config
+    if path_in_file:
+        raise ConfigError(
+            f"[database] path is set in the config file and {DATABASE_URL_ENV} in the "
+            "environment: give one, path for SQLite or the URL for PostgreSQL"
+        )
+    return replace(config, database=replace(config.database, url=url))
 
 
 _PRICE_KEYS = ("input", "output", "cache_write", "cache_read")
@@ -276,7 +317,30 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _validate_database(database: DatabaseConfig) -> None:
+    # Imported here: the store package may import this module (a store opened from a
+    # DatabaseConfig), and importing it from the top would make that a cycle.
+    from batchd.store.dsn import DsnError, check_dsn  # noqa: PLC0415
+
+    if database.url is not None:
+        try:
+            check_dsn(database.url)
+        except DsnError as exc:  # the message shows the URL masked
+            raise ConfigError(f"[database] url: {exc}") from None
+    if database.schema is not None:
+        _check(
+            database.url is not None,
+            f"[database] schema: only for PostgreSQL (set [database] url or {DATABASE_URL_ENV})",
+        )
+        # PostgreSQL truncates identifiers to 63 bytes: two long names could meet.
+        _check(
+            len(database.schema.encode()) <= 63 and "\x00" not in database.schema,
+            "[database] schema: must be at most 63 bytes, without NUL",
+        )
+
+
 def _validate(config: Config) -> None:
+    _validate_database(config.database)
     b = config.batching
     _check(
         1 <= b.max_requests <= MAX_REQUESTS_PER_BATCH,

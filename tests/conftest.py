@@ -21,7 +21,10 @@ pytest.register_assert_rewrite("tests.support")
 from tests.support.store import FakeClock  # noqa: E402
 
 # Fixtures for tests that run batchd as users do (`fake_api_process`, `cli_env`).
-pytest_plugins = ["tests.support.cli"]
+pytest_plugins = [
+    "tests.support.cli",
+    "tests.support.postgres",  # a PostgreSQL server and a database per session
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
