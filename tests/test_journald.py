@@ -34,7 +34,8 @@ def run_into(journal: Path, args: list[str], env: dict[str, str], *, stream_matc
 
 
 def split_priority(line: str) -> tuple[int, str]:
-    assert line[0] == "<" and line[2] == ">", line
+    assert line[0] == "<", line
+    assert line[2] == ">", line
     return int(line[1]), line[3:]
 
 

@@ -66,7 +66,8 @@ def assert_reported_once(
     assert failures[0]["exit_code"] == code
     human = [line for line in stderr.decode().splitlines() if not line.startswith("{")]
     assert len(human) == 1, stderr
-    assert human[0].startswith("batchd: ") and says in human[0]
+    assert human[0].startswith("batchd: ")
+    assert says in human[0]
     assert b"Traceback" not in stdout + stderr
     assert b"sk-test-secret-key" not in stdout + stderr
 
