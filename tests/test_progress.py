@@ -157,3 +157,14 @@ async def test_watch_prints_a_line_per_interval_when_not_on_a_terminal() -> None
         "done 160/300 (53.3%) pending 140 submitted 0 batches 0 rate 6.0 tasks/s eta 23s",
         "done 220/300 (73.3%) pending 80 submitted 0 batches 0 rate 6.0 tasks/s eta 13s",
     ]
+
+
+def test_a_log_line_after_the_final_bar_does_not_draw_it_again() -> None:
+    screen = io.StringIO()
+    bar = ProgressBar(screen)
+    logs = LogThroughBar(screen, bar)  # type: ignore[arg-type]
+    bar.update("[####] 4/4")
+    bar.finish()  # the run's last figures, drawn before `daemon_stopped` is logged
+    logs.write("daemon_stopped\n")
+    logs.flush()
+    assert screen.getvalue() == "\r\x1b[K[####] 4/4" + "\r\x1b[K[####] 4/4\n" + "daemon_stopped\n"

@@ -252,11 +252,12 @@ class ProgressBar:
             self._visible = False
 
     def finish(self) -> None:
-        """Leave the last bar on its own line."""
+        """Leave the last bar on its own line; log lines after it no longer redraw it."""
         if self._text:
             self._out.write(_CLEAR_LINE + self._text + "\n")
             self._out.flush()
         self._visible = False
+        self._text = ""
 
 
 class LogThroughBar:
