@@ -14,7 +14,8 @@ import orjson
 
 from batchd.cli import progress
 from batchd.cli.progress import BatchProgress, ProgressSnapshot, render_line
-from batchd.store import Store
+from batchd.config import DatabaseConfig
+from batchd.store import open_store
 from tests.cli_support import batchd
 from tests.conftest import request_params
 
@@ -23,7 +24,7 @@ async def test_watch_shows_the_rate_of_tasks_completed_just_before_it_started(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     database = tmp_path / "cli.db"
-    store = await Store.open(database)
+    store = await open_store(DatabaseConfig(path=database))
     await store.enqueue((f"w-{n}", request_params(f"q{n}")) for n in range(1000))
     await store.close()
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")

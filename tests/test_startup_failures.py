@@ -13,8 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from batchd.config import DatabaseConfig
 from batchd.service.exits import EXIT_CONFIG, EXIT_TEMPFAIL, EXIT_USAGE, NOT_RESTARTABLE
-from batchd.store import Store
+from batchd.store import open_store
 from tests.cli_support import batchd
 
 # Nothing listens there: these failures all happen before the first API call.
@@ -122,7 +123,7 @@ def test_the_metrics_port_already_taken_is_temporary(tmp_path: Path, taken_port:
 
 async def test_a_schema_newer_than_this_batchd_is_a_configuration_error(tmp_path: Path) -> None:
     database = tmp_path / "b.db"
-    await (await Store.open(database)).close()
+    await (await open_store(DatabaseConfig(path=database))).close()
     with sqlite3.connect(database) as db:
         db.execute("INSERT INTO schema_migrations VALUES (999, 'from_the_future', 'now')")
     config = write_config(tmp_path, f'[database]\npath = "{database}"\n')

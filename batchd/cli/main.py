@@ -130,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130 if args.command != "status" else 0  # Ctrl-C ends `status --watch`
     except StartupError as exc:
         return report_failure(exc.exit_code, exc.event, str(exc), debug=args.debug)
+    except ConfigError as exc:  # a setting found wrong only once it is used
+        message = f"config error: {exc}"
+        return report_failure(EXIT_CONFIG, "config_invalid", message, debug=args.debug)
     except StoreError as exc:
         failure = store_failure(exc)
         return report_failure(failure.exit_code, failure.event, str(failure), debug=args.debug)
@@ -156,11 +159,14 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "demo":
         configure_logging(args.log_format or "console", "info")
         return asyncio.run(run_demo(args.tasks))
+    daemon_output: TextIO = sys.stdout if args.command == "run" else sys.stderr
+    # Until the file is read, its log settings are not known: a failure to read it is
+    # logged where the command's other lines would go.
+    configure_logging(args.log_format or "auto", "info", stream=daemon_output)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         raise ConfigurationError(f"config error: {exc}", event="config_invalid") from None
-    daemon_output: TextIO = sys.stdout if args.command == "run" else sys.stderr
     if args.command == "run" and args.exit_when_idle and sys.stderr.isatty():
         args.progress_bar = ProgressBar(sys.stderr)
         if daemon_output.isatty():
