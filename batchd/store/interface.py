@@ -254,3 +254,8 @@ class Store(Protocol):
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+
+    # --- issue 14 reads ---
+
+    async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
+        """Tasks that reached a final status at or after `since`, and the first such time."""

@@ -16,10 +16,11 @@ from batchd.store.sqlite.batches import BatchTracking
 from batchd.store.sqlite.database import Clock, Db, SqliteDatabase, utc_now
 from batchd.store.sqlite.operations import UserOperations
 from batchd.store.sqlite.tasks import TaskIntake
+from batchd.store.sqlite.views import OperatorViews
 from batchd.store.sqlite.writeback import LanePool, SqliteWriteBackLane, WriteBack
 
 
-class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
+class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews):
     """One writer connection behind an asyncio.Lock, one reader connection, and the
     write-back lanes (each a connection whose writes to the database take that lock too)."""
 
@@ -77,8 +78,8 @@ class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
         return await migrations.migrate(self._db)
 
     # --- issue 14 reads ---
-    # Read-only methods for operator views go in a part of their own (e.g. `views.py`, a
-    # mixin like `UserOperations`), through `self._db.read(...)`, and into `Store`.
+    # Read-only methods for operator views go in a part of their own (`views.py`, the
+    # `OperatorViews` mixin), through `self._db.read(...)`, and into `Store`.
 
 
 async def _attach_staging(db: Db) -> None:
