@@ -120,7 +120,9 @@ class Daemon:
         budget = (
             None if budget_settings is None else BudgetGate(store, budget_settings, clock=clock)
         )
-        self.reconciler = Reconciler(store, client, config.batching, clock=clock)
+        self.reconciler = Reconciler(
+            store, client, config.batching, clock=clock, registry=self.registry
+        )
         self.canceler = Canceler(store, client)
         self.submitter = Submitter(
             store,
@@ -310,6 +312,8 @@ class Daemon:
         if await self.reconciler.creating_batches():
             # One unresolved create at a time, so reconciliation can never confuse two.
             return min(2.0, self._config.polling.interval_s)
+        if await self.reconciler.watch():
+            self._wake_poller.set()  # a late batch found: poll it, harvest it when it ends
         result = await self.submitter.submit_once()
         if result.created:
             self.registry.inc(BATCHES_CREATED, result.created)

@@ -97,6 +97,24 @@ CALLBACK_ERRORS = MetricSpec(
     "Scrape-time callbacks that failed; their gauges are left out of that scrape.",
     ("metric",),
 )
+# Issue 15: batches on the key batchd did not create, and suspected duplicates harvested.
+FOREIGN_BATCHES_LISTED = MetricSpec(
+    "batchd_foreign_batches_listed_total",
+    "counter",
+    "Batches seen on the API's list in a reconcile window that batchd did not create.",
+)
+CANDIDATE_BATCHES = MetricSpec(
+    "batchd_candidate_batches",
+    "gauge",
+    "Suspected duplicate batches by harvest state (unread, in_progress, ended, completed,"
+    " lost) and origin (ours, partly_ours, foreign, unknown).",
+    ("state", "origin"),
+)
+FOREIGN_BATCHES = MetricSpec(
+    "batchd_foreign_batches",
+    "gauge",
+    "Batches whose results named no task of ours (another client on this key).",
+)
 
 TOKEN_KINDS = ("input", "output", "cache_creation_input", "cache_read_input")
 
@@ -111,6 +129,9 @@ BATCHD_METRICS = (
     TOKENS,
     BATCHES_CREATED,
     CALLBACK_ERRORS,
+    FOREIGN_BATCHES_LISTED,
+    CANDIDATE_BATCHES,
+    FOREIGN_BATCHES,
 )
 
 
