@@ -16,7 +16,7 @@ from batchd.cli.prune import PruneReport
 from batchd.config import Config
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
 from batchd.money.spending import budget_status, render_budget, render_usage, usage_status
-from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
+from batchd.store import CancelReport, CandidateBatch, EnqueueReport, ResultLine, Store
 
 _ACTIVE_BATCH_STATES = (
     BatchState.CREATING,
@@ -113,14 +113,17 @@ async def status_snapshot(
     now = now or datetime.now(UTC)
     counts = await store.status_counts()
     batches = await store.batches_in(*_ACTIVE_BATCH_STATES)
-    duplicates = await store.duplicate_batches()
+    candidates = await store.candidate_batches()
+    shared = await store.shared_key_evidence()
     snapshot: dict[str, Any] = {
         "tasks": {str(status): counts[status] for status in TaskStatus},
         "batches_in_flight": [_batch_json(batch) for batch in batches],
-        "duplicate_batches": [
-            {"batch_id": batch_id, "detected_at": detected_at, "note": note}
-            for batch_id, detected_at, note in duplicates
-        ],
+        "duplicate_batches": [_candidate_json(candidate) for candidate in candidates],
+        "shared_key": {
+            "batches_not_ours": shared.batches,
+            "first_seen_at": shared.first_seen_at,
+            "proven_foreign": shared.proven_foreign,
+        },
         "retention": retention_warnings(batches, now),
     }
     if accounting:
@@ -167,7 +170,37 @@ def _batch_json(batch: BatchRecord) -> dict[str, Any]:
         "submitted_at": _iso(batch.submitted_at),
         "ended_at": _iso(batch.ended_at),
         "note": batch.note,
+        "candidate_for": batch.candidate_for,
     }
+
+
+def _candidate_json(candidate: CandidateBatch) -> dict[str, Any]:
+    """A suspected duplicate and its harvest (issue 15: read to the end, never wasted)."""
+    return {
+        "batch_id": candidate.api_batch_id,
+        "detected_at": candidate.detected_at,
+        "note": candidate.note,
+        "candidate_for": candidate.intent_id,
+        "harvest_state": candidate.state,
+        "origin": candidate.origin,
+        "written": candidate.written,
+        "duplicate_lines": candidate.duplicate_lines,
+        "foreign_lines": candidate.foreign_lines,
+    }
+
+
+def _harvest_text(duplicate: dict[str, Any]) -> str:
+    state, origin = duplicate.get("harvest_state"), duplicate.get("origin")
+    if origin == "foreign":
+        return f"foreign: its {duplicate['foreign_lines']} line(s) named no task of ours"
+    if state == "completed":
+        return (
+            f"harvested: {duplicate['written']} result(s) written from it, "
+            f"{duplicate['duplicate_lines']} duplicate line(s) kept"
+        )
+    if state in ("lost", "unread"):
+        return f"never read ({state})"
+    return f"being read ({state}): its results will be harvested"
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -221,7 +254,19 @@ def status_alerts(snapshot: dict[str, Any]) -> list[str]:
             "again; listed in the missing_results table (reason 'archived')"
         )
     for duplicate in snapshot["duplicate_batches"]:
-        alerts.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")
+        alerts.append(
+            f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}; "
+            + _harvest_text(duplicate)
+        )
+    shared = snapshot.get("shared_key") or {}
+    if shared.get("batches_not_ours"):
+        alerts.append(
+            f"KEY APPEARS SHARED: {shared['batches_not_ours']} batch(es) on this API key were "
+            f"not created by batchd (first seen {shared['first_seen_at']}; "
+            f"{shared['proven_foreign']} proven by their results). Give batchd a dedicated "
+            "workspace key (the API lists batches per workspace): see docs/operations.md, "
+            '"One key, one batchd"'
+        )
     return alerts
 
 

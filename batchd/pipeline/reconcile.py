@@ -5,8 +5,9 @@ the API or not. It is looked for on the list endpoint (created in the intent win
 our request count, not already recorded): one found is adopted; more than one, the oldest
 created since the intent is adopted and every other becomes a candidate, harvested for
 the intent's tasks (docs/design.md, "Harvesting candidate batches"); none, and the grace
-has passed since the create stopped being in flight, the intent is released, its tasks go
-out again, and the list is still watched for a batch of it that lands late.
+has passed since the create stopped being in flight, the intent is released and its tasks
+go out again. Either way the list is still watched for a while for a batch of the intent
+that lands late (a lagging list, a late commit), which becomes a candidate too.
 
 Batches in a window that match none of our unresolved creates by size were not created by
 batchd: the key is shared with another tool. That is recorded, counted and warned about
@@ -143,7 +144,10 @@ class Reconciler:
         adopted = min(since_intent or candidates, key=lambda b: b["created_at"])
         others = [c for c in candidates if c["id"] != adopted["id"]]
         crash_point("reconcile_matched")
-        await self._store.mark_created(batch.local_id, adopted, others)
+        # Watched on: with several creates on the key, the batch adopted may not be ours,
+        # and ours may land on the list later (docs/design.md, step 4).
+        watch_until = self._clock() + self._watch_for
+        await self._store.mark_created(batch.local_id, adopted, others, watch_until=watch_until)
         log.warning("batch_adopted", batch_id=adopted["id"], local_id=batch.local_id)
         for other in others:
             log.error("duplicate_batch_suspected", batch_id=other["id"], local_id=batch.local_id)

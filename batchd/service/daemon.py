@@ -30,6 +30,8 @@ from batchd.service.keycheck import ApiKeyCheck, KeyState
 from batchd.service.metrics import (
     BATCHES_CREATED,
     BATCHES_IN_FLIGHT,
+    CANDIDATE_BATCHES,
+    FOREIGN_BATCHES,
     REQUESTS_SUBMITTED,
     RETRIES,
     TASKS,
@@ -41,6 +43,7 @@ from batchd.service.metrics import (
     Registry,
     api_observer,
     batchd_registry,
+    harvest_state,
 )
 from batchd.service.notify import Notifier
 from batchd.store import Store, StoreError, open_store
@@ -452,6 +455,18 @@ def _register_database_gauges(registry: Registry, store: Store) -> None:
             totals = [total + (value or 0) for total, value in zip(totals, by_kind, strict=True)]
         return dict(zip(TOKEN_KINDS, map(float, totals), strict=True))
 
+    async def candidates() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for candidate in await store.candidate_batches():
+            key = harvest_state(candidate.state, candidate.origin)
+            found[key] = found.get(key, 0) + 1
+        return found
+
+    async def foreign() -> float:
+        return (await store.shared_key_evidence()).proven_foreign
+
+    registry.set_callback(CANDIDATE_BATCHES, candidates)
+    registry.set_callback(FOREIGN_BATCHES, foreign)
     registry.set_callback(TASKS, task_counts)
     registry.set_callback(BATCHES_IN_FLIGHT, in_flight)
     registry.set_callback(TOKENS, tokens)

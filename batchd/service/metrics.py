@@ -106,9 +106,9 @@ FOREIGN_BATCHES_LISTED = MetricSpec(
 CANDIDATE_BATCHES = MetricSpec(
     "batchd_candidate_batches",
     "gauge",
-    "Suspected duplicate batches by harvest state (unread, in_progress, ended, completed,"
-    " lost) and origin (ours, partly_ours, foreign, unknown).",
-    ("state", "origin"),
+    "Suspected duplicate batches by harvest state (in_progress, ended: being read;"
+    " harvested; foreign: another client's; lost, unread: never read).",
+    ("state",),
 )
 FOREIGN_BATCHES = MetricSpec(
     "batchd_foreign_batches",
@@ -117,6 +117,14 @@ FOREIGN_BATCHES = MetricSpec(
 )
 
 TOKEN_KINDS = ("input", "output", "cache_creation_input", "cache_read_input")
+
+
+def harvest_state(state: str, origin: str | None) -> str:
+    """A candidate batch's state as the gauge and `status` name it."""
+    if origin == "foreign":
+        return "foreign"
+    return "harvested" if state == "completed" else state
+
 
 BATCHD_METRICS = (
     TASKS,

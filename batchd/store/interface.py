@@ -180,11 +180,17 @@ class Store(Protocol):
         """Claim the tasks for a new `creating` batch (1); None if any stopped being pending."""
 
     async def mark_created(
-        self, local_id: int, batch: MessageBatch, duplicates: Sequence[MessageBatch] = ()
+        self,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> bool:
         """Record the API's id for a `creating` batch (3); False (and `batch` recorded as a
         candidate of the intent) if it is no longer `creating`; `duplicates` become
-        candidates of the intent in the same transaction."""
+        candidates of the intent in the same transaction. `watch_until`: adopted by
+        reconcile, the intent stays watched for a batch of it that lands late."""
 
     async def release_intent(
         self,
@@ -206,7 +212,8 @@ class Store(Protocol):
         duplicate_batches. Guard: its API id is not recorded yet (else False, no change)."""
 
     async def watched_intents(self, now: datetime) -> list[BatchRecord]:
-        """Intents released with their create's outcome unknown, still watched at `now`."""
+        """Intents whose create's outcome was unknown (adopted from the list, or released),
+        still watched at `now`: a batch of theirs may land late."""
 
     async def candidate_batches(self) -> list[CandidateBatch]:
         """Every suspected duplicate with how far its harvest got, oldest first."""

@@ -87,10 +87,11 @@ class Harvest:
         return await self._db.transact(record_candidate_in, intent_id, batch, note, self._db.now())
 
     async def watched_intents(self, now: datetime) -> list[BatchRecord]:
-        """Intents released with their create's outcome unknown, still watched at `now`."""
+        """Intents whose create's outcome was unknown (adopted from the list, or released),
+        still watched at `now`: a batch of theirs may land late."""
         rows = await self._db.read(
-            f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = 'rejected'"
-            " AND watch_until > ? ORDER BY id",
+            f"SELECT {BATCH_COLUMNS} FROM batches WHERE watch_until > ?"
+            " AND candidate_for IS NULL ORDER BY id",
             (format_time(now),),
         )
         return [batch_record(row) for row in rows]

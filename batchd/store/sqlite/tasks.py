@@ -138,19 +138,31 @@ class TaskIntake:
         return local_id
 
     async def mark_created(
-        self, local_id: int, batch: MessageBatch, duplicates: Sequence[MessageBatch] = ()
+        self,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> bool:
         """Record the API's id for a `creating` batch (also adopts one found by reconcile).
 
         In the same transaction, so that a kill cannot leave a paid batch unrecorded:
         `duplicates` (other API batches reconcile matched) become candidates of this intent
         (recorded in duplicate_batches, and harvested), and so does `batch` itself if the
-        local batch is no longer `creating` (returns False).
+        local batch is no longer `creating` (returns False). `watch_until`: adopted by
+        reconcile, so a batch of it may still land late: watched until then.
         """
-        return await self._db.transact(self._mark_created, local_id, batch, duplicates)
+        watch = None if watch_until is None else format_time(watch_until)
+        return await self._db.transact(self._mark_created, local_id, batch, duplicates, watch)
 
     async def _mark_created(
-        self, db: Db, local_id: int, batch: MessageBatch, duplicates: Sequence[MessageBatch]
+        self,
+        db: Db,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch],
+        watch_until: str | None,
     ) -> bool:
         now = self._db.now()
         unrecorded = [
@@ -162,10 +174,11 @@ class TaskIntake:
             "UPDATE batches SET api_batch_id = :api_id, state = :state, submitted_at = :now,"
             " api_created_at = :created, processing_status = :processing,"
             " request_counts = :counts, results_url = :url, ended_at = :ended,"
-            " watch_until = NULL"
+            " watch_until = :watch"
             " WHERE id = :local AND state = 'creating'",
             {
                 **batch_params(batch),
+                "watch": watch_until,
                 "state": STATE_OF_PROCESSING[batch["processing_status"]].value,
                 "created": format_time(parse_timestamp(batch["created_at"])),
                 "now": now,
