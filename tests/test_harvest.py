@@ -226,6 +226,7 @@ async def test_an_adopted_batch_whose_lines_name_no_task_of_ours_is_foreign(
     assert query(db_path, "SELECT origin, foreign_lines FROM batches") == [("foreign", 2)]
     assert query(db_path, "SELECT count(*) FROM missing_results") == [(0,)]  # never ours
     assert "another client's" in task(db_path, "a")["error"]
+    assert task(db_path, "a")["attempts"] == 0  # as released: nothing of ours was sent
     evidence = await store.shared_key_evidence()
     assert (evidence.batches, evidence.proven_foreign) == (1, 1)
 

@@ -42,8 +42,10 @@ _RECONCILE_SKEW = timedelta(minutes=5)
 # the clocks disagree: adopted only when nothing created since the intent matches.
 _ADOPT_TOLERANCE = timedelta(seconds=2)
 _LIST_PAGE_LIMIT = 100
-# Watched intents are looked for on the list at most this often.
-_WATCH_INTERVAL = timedelta(seconds=2)
+# Watched intents are looked for on the list this often: a tenth of the watch, between 1
+# and 10 s (the list shares the API's rate limit with every other call).
+_WATCH_INTERVAL_MIN = timedelta(seconds=1)
+_WATCH_INTERVAL_MAX = timedelta(seconds=10)
 SHARED_KEY_DOCS = "docs/operations.md#one-key-one-batchd"
 
 
@@ -65,6 +67,7 @@ class Reconciler:
         self._registry = registry
         self._grace = timedelta(seconds=config.reconcile_grace_s)
         self._watch_for = timedelta(seconds=config.duplicate_watch_s)
+        self._watch_every = min(max(self._watch_for / 10, _WATCH_INTERVAL_MIN), _WATCH_INTERVAL_MAX)
         # local_id -> when this process last knew that batch's create to be in flight.
         self._unknown_since: dict[int, datetime] = {}
         self._watched_at: datetime | None = None
@@ -110,7 +113,7 @@ class Reconciler:
         """Look for batches of released intents that landed late; each found becomes a
         candidate of its intent (harvested). Returns how many were found."""
         now = self._clock()
-        if self._watched_at is not None and now - self._watched_at < _WATCH_INTERVAL:
+        if self._watched_at is not None and now - self._watched_at < self._watch_every:
             return 0
         watched = await self._store.watched_intents(now)
         if not watched:

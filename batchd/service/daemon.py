@@ -104,6 +104,7 @@ class Daemon:
         self._shutdown_steps: list[Callable[[], Awaitable[None]]] = []
         self._store = store
         self._exit_when_idle = exit_when_idle
+        self._clock = clock
         self._on_status = on_status
         self._stop = asyncio.Event()
         self._wake_submitter = asyncio.Event()
@@ -358,7 +359,11 @@ class Daemon:
             BatchState.CANCELING,
             BatchState.ENDED,
         )
-        return not await self._store.batches_in(*active)
+        if await self._store.batches_in(*active):
+            return False
+        # A create whose outcome was unknown may still land on the list: watched until then
+        # (docs/design.md, step 4), since a batch found late saves paying its requests again.
+        return not await self._store.watched_intents(self._clock())
 
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""

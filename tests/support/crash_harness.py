@@ -59,6 +59,7 @@ def write_config(directory: Path, base_url: str, **sections: dict[str, object]) 
             "max_requests": 4,
             "linger_seconds": 0.05,
             "reconcile_grace_seconds": 5.0,  # the least config.py accepts
+            "duplicate_watch_seconds": 2.0,  # a short watch: --exit-when-idle waits for it
             "max_attempts": 3,
         },
         "polling": {"interval_seconds": 0.1, "not_found_grace_seconds": 1.0},

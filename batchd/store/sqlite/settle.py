@@ -81,13 +81,17 @@ async def settle_intent(
     if not rows:
         return ()
     api_id, origin = rows[0]
-    await cancel_flagged(db, intent_id, now, attempts_delta=0)
+    # An adopted batch that proved foreign carried none of these requests: as when an
+    # intent is released, the attempt is given back (a batch of ours found later is on
+    # record as a candidate, so each request paid is counted once).
+    delta = -1 if origin == BatchOrigin.FOREIGN else 0
+    await cancel_flagged(db, intent_id, now, attempts_delta=delta)
     if origin == BatchOrigin.FOREIGN:
         reason = f"batch {api_id} adopted for this request was another client's: requeued"
     requeued = await db.execute_fetchall(
-        "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?"
+        "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?, attempts = attempts + ?"
         " WHERE batch_id = ? AND status = 'submitted' RETURNING id, custom_id",
-        (reason, intent_id),
+        (reason, delta, intent_id),
     )
     missing = tuple(custom_id for _, custom_id in sorted(requeued))
     if origin != BatchOrigin.FOREIGN:
