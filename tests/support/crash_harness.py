@@ -232,6 +232,17 @@ def check_invariants(db_path: Path, server: FakeApiServer) -> Ledger:
     )
 
 
+def candidate_harvests(db_path: Path) -> list[tuple[str, str | None]]:
+    """(state, origin) of every suspected duplicate's harvest row, by detection."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT b.state, b.origin FROM duplicate_batches AS d"
+            " JOIN batches AS b ON b.id = d.harvest_id ORDER BY d.detected_at"
+        ).fetchall()
+    db.close()
+    return [(state, origin) for state, origin in rows]
+
+
 def _answers(result: str | None, cid: str) -> bool:
     """The fake echoes the user's message: the answer must quote this task's own prompt."""
     if result is None:
