@@ -301,3 +301,26 @@ async def test_duplicates_recorded_before_schema_6_are_read_after_the_upgrade(
         assert (await store.status_counts())[TaskStatus.SUBMITTED] == 1
     finally:
         await store.close()
+
+
+async def test_pruning_keeps_a_candidate_and_its_intent_on_record(
+    store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    await add_tasks(store, "a")
+    intent = await claim(store, "a")
+    assert await store.mark_created(
+        intent, api_batch("msgbatch_1", "ended"), [api_batch("msgbatch_2", "ended")]
+    )
+    [candidate] = [b for b in await store.batches_in(BatchState.ENDED) if b.candidate_for]
+    await store.write_results(candidate.local_id, [line("a", "two")], MAX_ATTEMPTS)
+    await store.finish_batch(candidate.local_id, "none", matched_lines=1)
+    await store.finish_batch(intent, "none", matched_lines=0)
+    [(task_id,)] = query(db_path, "SELECT id FROM tasks")
+    assert await store.accounts.delete_tasks([task_id], START.replace(year=2030)) == 1
+
+    forgotten = await store.accounts.forget_empty_batches()
+    assert forgotten.batches == 0  # both named by the duplicate report
+    [report] = await store.candidate_batches()
+    assert (report.api_batch_id, report.state, report.intent_id) == (
+        "msgbatch_2", "completed", intent,
+    )  # fmt: skip

@@ -216,9 +216,11 @@ def render_status(snapshot: dict[str, Any]) -> str:
     for batch in batches:
         counts = batch["request_counts"] or {}
         done = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        candidate = batch.get("candidate_for")
         lines.append(
             f"  {batch['batch_id'] or '(creating)':<36} {batch['state']:<11} "
             f"{batch['requests']:>7,} requests  {done}"
+            + (f"  (possible duplicate, read for local batch {candidate})" if candidate else "")
         )
     if "usage" in snapshot:
         lines += render_usage(snapshot["usage"])
