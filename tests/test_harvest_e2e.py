@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from structlog.testing import capture_logs
 from batchd.config import Config
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.service.daemon import run_daemon
+from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import open_store
 from tests.conftest import request_params
 from tests.support.foreign import create_foreign_batches
@@ -166,8 +167,24 @@ async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvest
         )
         ids = await enqueue(config)
         ours = set(ids)
+        renders: list[str] = []
+
+        async def scrape(daemon: Daemon) -> None:
+            """What /metrics would show, every 0.2 s while the daemon runs."""
+
+            async def loop() -> None:
+                while True:
+                    await daemon.registry.refresh()
+                    renders.append(daemon.registry.render())
+                    await asyncio.sleep(0.2)
+
+            scrapes.append(asyncio.create_task(loop()))
+
+        scrapes: list[asyncio.Task[None]] = []
         with capture_logs() as logs:
-            daemon = asyncio.create_task(run_daemon(config, "k", exit_when_idle=True))
+            daemon = asyncio.create_task(
+                run_daemon(config, "k", exit_when_idle=True, on_started=scrape)
+            )
             # The first create on the fake is ours (the fault is spent on it): the other
             # tool starts once it is in flight, and goes on after our batch is resolved.
             while fake.state.stats.creates_attempted == 0:
@@ -178,6 +195,7 @@ async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvest
                 at=[0.0, 0.3, 0.5, 2.5, 4.5],
             )
             assert await asyncio.wait_for(daemon, 60) == 0
+            scrapes[0].cancel()
         sent = fake.state.stats.submissions
         extra = recorded_extra(db_path, fake)
         our_batches = [
@@ -203,6 +221,10 @@ async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvest
     assert foreign_ids & set(origin_of)  # at least one was read: they were in the window
     assert unmatched == 0
     assert [e["event"] for e in logs].count("api_key_shared") == 1
+    metrics = "".join(renders)
+    assert "batchd_foreign_batches_listed_total 1" in metrics  # the batch of another size
+    assert 'batchd_candidate_batches{state="harvested"} 1' in metrics  # ours, found late
+    assert re.search(r"^batchd_foreign_batches [1-9]", metrics, re.MULTILINE)
     out = status_output(db_path, tmp_path)
     assert "KEY APPEARS SHARED" in out
     assert "docs/operations.md" in out

@@ -35,13 +35,16 @@ async def decide_origin(db: Db, local_id: int, matched_lines: int | None, now: s
     """
     if matched_lines is None:
         return None
-    [(api_id, unmatched, ours)] = await db.execute_fetchall(
-        "SELECT b.api_batch_id, count(u.custom_id), count(t.id) FROM batches AS b"
+    # A malformed line (kept as `malformed-line-N`) names nobody: it proves nothing foreign
+    # and is never dropped.
+    [(api_id, unmatched, ours, malformed)] = await db.execute_fetchall(
+        "SELECT b.api_batch_id, count(u.custom_id), count(t.id),"
+        " coalesce(sum(u.custom_id LIKE 'malformed-line-%'), 0) FROM batches AS b"
         " LEFT JOIN unmatched_results AS u ON u.api_batch_id = b.api_batch_id"
         " LEFT JOIN tasks AS t ON t.custom_id = u.custom_id WHERE b.id = ?",
         (local_id,),
     )
-    if matched_lines == 0 and unmatched and not ours:
+    if matched_lines == 0 and unmatched and not ours and not malformed:
         origin = BatchOrigin.FOREIGN
         await run(db, "DELETE FROM unmatched_results WHERE api_batch_id = ?", (api_id,))
         await run(
