@@ -228,3 +228,50 @@ async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvest
     out = status_output(db_path, tmp_path)
     assert "KEY APPEARS SHARED" in out
     assert "docs/operations.md" in out
+
+
+async def test_half_the_creates_dropped_beside_another_client_pays_no_request_a_third_time(
+    daemon_config: Callable[..., Config], db_path: Path
+) -> None:
+    # The run: the fake drops half of all creates after committing them, and
+    # another client posts batches of our size every 0.8 s. Once, each dropped create made
+    # reconcile adopt the oldest foreign batch, whose lines came back unmatched, and the
+    # tasks were sent again and again (50 tasks, 6 times each).
+    faults = FaultConfig(
+        http_fault_rate=0.5, http_fault_kinds=("commit_drop",), http_fault_endpoints=("create",)
+    )
+    count = 5 * TASKS
+    fake_config = FakeApiConfig(processing_seconds=1.0, seed=15, faults=faults)
+    async with FakeApiServer(fake_config) as fake:
+        config = daemon_config(
+            fake.base_url, max_requests=TASKS, reconcile_grace_s=5.0, duplicate_watch_s=3.0
+        )
+        store = await open_store(config.database)
+        try:
+            ids = [f"h-{n}" for n in range(count)]
+            await store.enqueue((cid, request_params(prompt(n))) for n, cid in enumerate(ids))
+        finally:
+            await store.close()
+        daemon = asyncio.create_task(run_daemon(config, "k", exit_when_idle=True))
+        other = await create_foreign_batches(
+            fake.base_url, [TASKS] * 12, at=[0.8 * n for n in range(12)]
+        )
+        assert await asyncio.wait_for(daemon, 90) == 0
+        sent = fake.state.stats.submissions
+        extra = recorded_extra(db_path, fake)
+        dropped = fake.faults.injected.get("commit_drop", 0)
+
+    got = tasks(db_path)
+    assert {status for status, _, _ in got.values()} == {"succeeded"}
+    assert all(answers_own_prompt(cid, result) for cid, (_, result, _) in got.items())
+    assert max(sent[cid] for cid in ids) <= 2
+    assert all(sent[cid] == got[cid][2] + extra[cid] for cid in ids)
+    with sqlite3.connect(db_path) as db:
+        unmatched = db.execute("SELECT count(*) FROM unmatched_results").fetchone()[0]
+    db.close()
+    assert unmatched == 0
+    assert dropped >= 2, "the fault never met our creates: the test proves nothing"
+    print(
+        f"\ncommit_drop {dropped} (both clients), foreign answered "
+        f"{sum(b.batch_id is not None for b in other)}/12, sends {Counter(sent[c] for c in ids)}"
+    )

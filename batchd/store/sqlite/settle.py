@@ -26,7 +26,9 @@ async def cancel_flagged(db: Db, local_id: int, now: str, *, attempts_delta: int
     )
 
 
-async def decide_origin(db: Db, local_id: int, matched_lines: int | None, now: str) -> str | None:
+async def decide_origin(
+    db: Db, local_id: int, matched_lines: int | None, now: str, *, own: bool
+) -> str | None:
     """In the finishing transaction: what the batch's results showed (migration 006).
 
     `matched_lines`: lines that named a task of the batch's intent (None: not read, no
@@ -53,6 +55,19 @@ async def decide_origin(db: Db, local_id: int, matched_lines: int | None, now: s
             " VALUES (?, ?, 'results')",
             (api_id, now),
         )
+        if own:
+            # The batch adopted for this intent carried none of its requests: as when an
+            # intent is released, its attempt is given back, to the tasks still waiting
+            # in it and to those a candidate of it answered (that candidate, on record in
+            # duplicate_batches, is then the one payment counted for them).
+            await run(
+                db,
+                "UPDATE tasks SET attempts = attempts - 1"
+                " WHERE id IN (SELECT task_id FROM batch_tasks WHERE batch_id = :local)"
+                " AND (batch_id = :local OR batch_id IN"
+                "   (SELECT id FROM batches WHERE candidate_for = :local))",
+                {"local": local_id},
+            )
     else:
         origin = BatchOrigin.PARTLY_OURS if unmatched else BatchOrigin.OURS
     await run(
@@ -84,17 +99,14 @@ async def settle_intent(
     if not rows:
         return ()
     api_id, origin = rows[0]
-    # An adopted batch that proved foreign carried none of these requests: as when an
-    # intent is released, the attempt is given back (a batch of ours found later is on
-    # record as a candidate, so each request paid is counted once).
-    delta = -1 if origin == BatchOrigin.FOREIGN else 0
-    await cancel_flagged(db, intent_id, now, attempts_delta=delta)
+    # (An adopted batch that proved foreign gave the attempt back when it was decided.)
+    await cancel_flagged(db, intent_id, now, attempts_delta=0)
     if origin == BatchOrigin.FOREIGN:
         reason = f"batch {api_id} adopted for this request was another client's: requeued"
     requeued = await db.execute_fetchall(
-        "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?, attempts = attempts + ?"
+        "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?"
         " WHERE batch_id = ? AND status = 'submitted' RETURNING id, custom_id",
-        (reason, delta, intent_id),
+        (reason, intent_id),
     )
     missing = tuple(custom_id for _, custom_id in sorted(requeued))
     if origin != BatchOrigin.FOREIGN:

@@ -358,8 +358,8 @@ class WriteBack:
         if not rows:
             return FinishReport(())
         crash_point("batch_completed")
-        origin = await decide_origin(db, local_id, matched_lines, now)
         intent_id = rows[0][0]
+        origin = await decide_origin(db, local_id, matched_lines, now, own=intent_id is None)
         kind = "archived" if archived else "no_line"
         if intent_id is None:
             missing = await settle_intent(db, local_id, reason, kind, now)
