@@ -9,8 +9,8 @@ them; a batch whose lines name none of our tasks is foreign. Real SQLite files, 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -18,7 +18,7 @@ import pytest
 from batchd.domain import BatchOrigin, BatchState, Outcome, TaskStatus
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
-from tests.test_store import (
+from tests.support.store import (
     START,
     FakeClock,
     add_tasks,
@@ -26,22 +26,19 @@ from tests.test_store import (
     claim,
     pending_ids,
     query,
-    task,
 )
 
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 MAX_ATTEMPTS = 3
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    opened = await SqliteStore.open(db_path, clock=clock)
-    yield opened
-    await opened.close()
+def task(path: Path, custom_id: str) -> dict[str, Any]:
+    with sqlite3.connect(path, timeout=5) as conn:
+        conn.row_factory = sqlite3.Row
+        found = conn.execute("SELECT * FROM tasks WHERE custom_id = ?", (custom_id,)).fetchone()
+    conn.close()
+    assert found is not None, custom_id
+    return dict(found)
 
 
 def line(custom_id: str, source: str, result_type: str = "succeeded", **kw: object) -> Outcome:

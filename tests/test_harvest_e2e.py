@@ -27,8 +27,8 @@ from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import open_store
-from tests.conftest import request_params
 from tests.support.foreign import create_foreign_batches
+from tests.support.params import request_params
 
 TASKS = 4
 

@@ -21,9 +21,7 @@ from batchd.store.sqlite.views import OperatorViews
 from batchd.store.sqlite.writeback import LanePool, SqliteWriteBackLane, WriteBack
 
 
-class SqliteStore(
-    TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews, Harvest
-):
+class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews, Harvest):
     """One writer connection behind an asyncio.Lock, one reader connection, and the
     write-back lanes (each a connection whose writes to the database take that lock too)."""
 
