@@ -11,8 +11,8 @@ from pathlib import Path
 
 import aiohttp
 import aiosqlite
-import pytest
 import prometheus_client
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
