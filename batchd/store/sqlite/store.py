@@ -959,6 +959,9 @@ class Store:
     # What /metrics and the web view read every few seconds: each walks an index for a
     # few rows (tasks_by_status, batches_by_state), never the finished tasks' history.
 
+    # How many failed tasks of each status, newest by id, `latest_failed_tasks` orders by time.
+    _failed_tasks_window = 10
+
     async def oldest_pending_created_at(self) -> datetime | None:
         """When the longest-waiting pending task was inserted; None when none is pending."""
         # Lowest id first on tasks_by_status: a retried task keeps its id and created_at,
@@ -993,22 +996,27 @@ class Store:
         return completions
 
     async def latest_failed_tasks(self, limit: int) -> list[TaskRow]:
-        """Up to `limit` errored, expired or invalid tasks, most recently finished first."""
+        """Up to `limit` errored, expired or invalid tasks, most recently finished first.
+
+        Among the newest `limit * 10` of each status by id: tasks have no index on
+        completed_at, so an older task that failed again after a retry is seen only while
+        it is among those (an index on (status, completed_at) would make this exact).
+        """
         statuses = (TaskStatus.ERRORED, TaskStatus.EXPIRED, TaskStatus.INVALID)
         # One short walk per status down tasks_by_status (newest ids first), then the few
         # candidates are ordered by when they finished.
         per_status = " UNION ALL ".join(
-            "SELECT * FROM (SELECT id, batch_id, completed_at FROM tasks"
-            " WHERE status = ? ORDER BY id DESC LIMIT ?)"
+            "SELECT * FROM (SELECT id FROM tasks WHERE status = ? ORDER BY id DESC LIMIT ?)"
             for _ in statuses
         )
+        window = limit * self._failed_tasks_window
         rows = await self._read(
             "SELECT t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, NULL,"
             " t.created_at, t.submitted_at, t.completed_at"
             f" FROM ({per_status}) AS recent JOIN tasks AS t ON t.id = recent.id"
             " LEFT JOIN batches AS b ON b.id = t.batch_id"
             " ORDER BY t.completed_at DESC, t.id DESC LIMIT ?",
-            [value for status in statuses for value in (str(status), limit)] + [limit],
+            [value for status in statuses for value in (str(status), window)] + [limit],
         )
         return [TaskRow(row[0], TaskStatus(row[1]), *row[2:]) for row in rows]
 
