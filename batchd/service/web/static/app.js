@@ -35,8 +35,10 @@ function showTasks(tasks) {
   let total = 0;
   for (const [status, count] of Object.entries(tasks)) {
     total += count;
-    const row = document.querySelector(`#tasks tr[data-status="${status}"] .count`);
-    if (row) row.textContent = number(count);
+    const cell = document.querySelector(`#tasks tr[data-status="${status}"] .count`);
+    if (!cell) continue;
+    cell.textContent = number(count);
+    cell.classList.toggle("zero", count === 0);
   }
   $("tasks-total").textContent = number(total);
 }
@@ -47,12 +49,15 @@ function showBudget(doc) {
   if (!budget) {
     const cost = doc.usage ? doc.usage.cost_usd : 0;
     $("spent").textContent = usd(cost);
+    $("spent").dataset.usd = String(cost);
     $("budget-limit").textContent = "all time";
     $("budget-note").textContent = "no [budget] set";
     meter.hidden = true;
+    showUsage(null);
     return;
   }
   $("spent").textContent = usd(budget.spent_usd);
+  $("spent").dataset.usd = String(budget.spent_usd);
   const period = budget.period === "total" ? "in total" : `this ${budget.period} (UTC)`;
   $("budget-limit").textContent = `of ${usd(budget.max_spend_usd)} ${period}`;
   const share = budget.max_spend_usd > 0 ? budget.spent_usd / budget.max_spend_usd : 1;
@@ -62,6 +67,14 @@ function showBudget(doc) {
   meter.hidden = false;
   const flying = budget.in_flight_max_usd ? ` · up to ${usd(budget.in_flight_max_usd)} in flight` : "";
   $("budget-note").textContent = (budget.paused ? `paused: ${budget.paused_reason}` : "submitting") + flying;
+  showUsage(doc.usage);
+}
+
+function showUsage(usage) {
+  const line = $("usage");
+  if (!usage) { line.textContent = ""; return; }
+  line.textContent = `all results so far: ${usd(usage.cost_usd)} for ${number(usage.requests)} requests` +
+    (usage.saving_usd ? `, ${usd(usage.saving_usd)} less than standard prices` : "");
 }
 
 function svg(name, attributes, text) {
@@ -79,7 +92,10 @@ function showThroughput(throughput) {
   const total = sums.reduce((a, b) => a + b, 0);
   $("throughput-total").textContent = `${number(total)} in the hour`;
   chart.dataset.total = String(total);
-  const left = 48, right = 712, top = 10, bottom = 150;
+  // Drawn at the size it is shown, so text is never stretched.
+  const width = Math.max(320, Math.round(chart.clientWidth || 720));
+  chart.setAttribute("viewBox", `0 0 ${width} 180`);
+  const left = 48, right = width - 8, top = 10, bottom = 150;
   const peak = Math.max(1, ...sums);
   const step = (right - left) / sums.length;
   const scale = (bottom - top) / peak;
@@ -110,6 +126,9 @@ function showBatches(batches) {
   for (const batch of batches) {
     const row = body.insertRow();
     row.dataset.batch = batch.batch_id || `local-${batch.local_id}`;
+    // The raw figures beside the rounded text, for tests and for copying.
+    row.dataset.ageS = String(batch.age_s);
+    row.dataset.expiresInS = String(batch.expires_in_s);
     cell(row, batch.batch_id || "(creating)");
     cell(row, batch.state);
     cell(row, number(batch.requests), "num");
