@@ -230,8 +230,8 @@ class Registry:
         """The current value of one series (0 if it has no sample)."""
         spec = self._spec(name)
         _check_labels(spec, labels)
-        # prometheus_client calls its sample lookup a test helper: it collects everything.
-        # Here it serves tests and the web view's rare reads, never the hot path.
+        # prometheus_client calls its sample lookup a test helper (it collects everything):
+        # tests read counters this way; the daemon never does on a hot path.
         found = self._prometheus.get_sample_value(spec.name, {k: str(v) for k, v in labels.items()})
         return 0.0 if found is None else found
 
