@@ -28,7 +28,7 @@ from batchd.service.daemon import Daemon, run_daemon
 from batchd.service.health import Health
 from batchd.service.metrics import Registry
 from batchd.service.status import expires_in_s, status_snapshot
-from batchd.service.web.server import MetricsServer
+from batchd.service.web.server import STATUS_MAX_AGE_S, MetricsServer
 from batchd.store import Store
 from tests.browser_support import Page, chromium_page
 from tests.conftest import request_params
@@ -82,6 +82,25 @@ async def test_page_and_assets_come_from_the_package_read_only_with_a_strict_pol
         assert orjson.loads(body) == document
         for route in ("/", "/api/status", "/metrics"):
             assert (await fetch(f"{base}{route}", "POST"))[0] == 405  # read-only
+
+
+async def test_tabs_asking_at_once_share_one_read_of_the_database() -> None:
+    reads = 0
+
+    async def status() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)  # a read in progress while the other tabs ask
+        return {"read": reads}
+
+    async with MetricsServer(Registry(), healthy, status=status) as server:
+        url = f"http://127.0.0.1:{server.port}/api/status"
+        answers = await asyncio.gather(*(fetch(url) for _ in range(5)))
+        assert {orjson.loads(body)["read"] for _, _, body in answers} == {1}
+        assert reads == 1
+        await asyncio.sleep(STATUS_MAX_AGE_S)
+        _, _, body = await fetch(url)
+        assert orjson.loads(body) == {"read": 2}  # older than a second: read again
 
 
 # --- against a daemon working on the fake API ---------------------------------------------
