@@ -22,7 +22,8 @@ from batchd.service.gauges import register_database_gauges
 from batchd.service.metrics import Registry, batchd_registry
 from batchd.service.status import status_snapshot
 from batchd.store import Store
-from tests.conftest import request_params
+from batchd.store.sqlite import SqliteStore
+from tests.support.params import request_params
 
 MODEL = "claude-haiku-4-5-20251001"
 
@@ -44,7 +45,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def store(db_path: Path, clock: Clock) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, clock=clock)
+    opened = await SqliteStore.open(db_path, clock=clock)
     try:
         yield opened
     finally:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from batchd.service.metrics import BATCHD_METRICS
-from tests.tool_support import require_executable
+from tests.support.tools import require_executable
 
 MONITORING = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
 RULES = MONITORING / "batchd-alerts.yml"

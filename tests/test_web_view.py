@@ -30,8 +30,9 @@ from batchd.service.metrics import Registry
 from batchd.service.status import expires_in_s, status_snapshot
 from batchd.service.web.server import STATUS_MAX_AGE_S, MetricsServer
 from batchd.store import Store
-from tests.browser_support import Page, chromium_page
-from tests.conftest import request_params
+from batchd.store.sqlite import SqliteStore
+from tests.support.browser import Page, chromium_page
+from tests.support.params import request_params
 
 # --- the listener's routes -------------------------------------------------------------
 
@@ -136,7 +137,7 @@ def config_file(tmp_path: Path, held_fake_api: FakeApiServer) -> Path:
 
 @pytest.fixture
 async def store(config_file: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(load_config(config_file, {}).database.path)
+    opened = await SqliteStore.open(load_config(config_file, {}).database.path)
     try:
         yield opened
     finally:

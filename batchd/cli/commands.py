@@ -19,7 +19,7 @@ from batchd.money.spending import render_budget, render_usage
 from batchd.service.status import RETENTION_MARGIN as RETENTION_MARGIN  # noqa: PLC0414
 from batchd.service.status import retention_warnings as retention_warnings  # noqa: PLC0414
 from batchd.service.status import status_snapshot as status_snapshot  # noqa: PLC0414
-from batchd.store import CancelReport, EnqueueReport, Store
+from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
 
 _ENQUEUE_CHUNK = 5000
 
@@ -167,7 +167,7 @@ def render_task(row: TaskRow) -> str:
 async def export_results(store: Store, out: IO[bytes], statuses: Sequence[TaskStatus]) -> int:
     """Write `{"custom_id", "result"}` lines, the API's own JSONL shape; returns the count."""
     count = 0
-    rows: AsyncIterator[tuple[str, str]] = store.iter_result_lines(statuses)
+    rows: AsyncIterator[ResultLine] = store.iter_result_lines(statuses)
     async for custom_id, result_json in rows:
         out.write(
             b'{"custom_id":'

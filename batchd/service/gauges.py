@@ -27,7 +27,7 @@ from batchd.service.metrics import (
     Registry,
 )
 from batchd.service.status import batch_created_at, expires_in_s
-from batchd.store import Store, StoreAccounts
+from batchd.store import Store
 
 Clock = Callable[[], datetime]
 
@@ -41,7 +41,7 @@ def register_database_gauges(
     budget_paused: Callable[[], bool] | None = None,
 ) -> None:
     """Fill batchd's scrape-time metrics from `store`; `budget_paused` is the daemon's gate."""
-    accounts = StoreAccounts(store)
+    accounts = store.accounts
     prices = PriceTable(config.pricing.models)
 
     async def task_counts() -> dict[str, float]:

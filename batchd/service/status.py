@@ -14,7 +14,7 @@ from batchd.api.wire import RESULTS_RETENTION_DAYS
 from batchd.config import Config
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
 from batchd.money.spending import budget_status, usage_status
-from batchd.store import Store, StoreAccounts
+from batchd.store import Store
 
 ACTIVE_BATCH_STATES = (
     BatchState.CREATING,
@@ -60,7 +60,7 @@ async def status_snapshot(
         "retention": retention_warnings(batches, now),
     }
     if accounting:
-        accounts = StoreAccounts(store)
+        accounts = store.accounts
         snapshot["usage"] = await usage_status(accounts, config)
         snapshot["budget"] = await budget_status(accounts, config, batches, now)
         gaps = await accounts.result_gaps()

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.tool_support import require_executable
+from tests.support.tools import require_executable
 
 # What pitfalls.md lists for Chromium as root in a container, and nothing that phones home.
 CHROMIUM_FLAGS = (
