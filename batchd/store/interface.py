@@ -255,6 +255,11 @@ class Store(Protocol):
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
 
+    # --- issue 14 reads ---
+
+    async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
+        """Tasks that reached a final status at or after `since`, and the first such time."""
+
     # -- operator views: /metrics and the web view read these every few seconds ------------------
 
     async def oldest_pending_created_at(self) -> datetime | None:

@@ -103,6 +103,7 @@ class MetricsServer:
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
+        log.info("metrics_listening", host=self._host, port=self._port)  # once, here only
 
     async def stop(self) -> None:
         """Stop serving and release the port; safe to call twice."""

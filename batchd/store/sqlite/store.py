@@ -1,7 +1,7 @@
 """`SqliteStore`: the store interface on one SQLite file, composed of one part per job.
 
-The parts (`tasks`, `batches`, `writeback`, `operations`, `views`, `accounts`) each hold the SQL of
-their job and reach the database only through `SqliteDatabase`'s public methods
+The parts (`tasks`, `batches`, `writeback`, `operations`, `views`, `accounts`) each hold
+the SQL of their job and reach the database only through `SqliteDatabase`'s public methods
 (`database.py`): the writer lock, shielded transactions, the reader. See
 `batchd/store/interface.py` for the contract and docs/design.md for the transactions.
 """
@@ -77,7 +77,9 @@ class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operator
         """Apply every shipped migration not yet recorded, each in its own transaction."""
         return await migrations.migrate(self._db)
 
-    # Issue 14's reads for operator views (/metrics, the web view) are in `views.py`.
+    # --- issue 14 reads ---
+    # Read-only methods for operator views go in a part of their own (`views.py`, the
+    # `OperatorViews` mixin), through `self._db.read(...)`, and into `Store`.
 
 
 async def _attach_staging(db: Db) -> None:

@@ -1,7 +1,9 @@
-"""What operators' views read every few seconds (/metrics, the web view, `batchd status`).
+"""Read-only views for operators (issue 14): what /metrics, the web view and
+`status --watch` need beyond counts. Nothing here writes.
 
-Each read walks an index for a few rows (tasks_by_status, batches_by_state), never the
-finished tasks' history, so its cost does not grow with the database.
+The reads /metrics and the web view make every few seconds walk an index for a few rows
+(tasks_by_status, batches_by_state), never the finished tasks' history, so their cost
+does not grow with the database.
 """
 
 from __future__ import annotations
@@ -19,9 +21,22 @@ _FAILED = (TaskStatus.ERRORED, TaskStatus.EXPIRED, TaskStatus.INVALID)
 
 
 class OperatorViews:
-    """The reads behind /metrics' database gauges and the web view (part of SqliteStore)."""
+    """Reads for operator views (part of SqliteStore); nothing here writes."""
 
     _db: SqliteDatabase
+
+    async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
+        """Tasks that reached a final status at or after `since`, and the first such time.
+
+        The throughput of `status --watch`: measured from the database, it is right from
+        the first screen, however recently the view was started.
+        """
+        rows = await self._db.read(
+            "SELECT count(*), min(completed_at) FROM tasks WHERE completed_at >= ?",
+            (format_time(since),),
+        )
+        count, first = rows[0]
+        return int(count), None if first is None else datetime.fromisoformat(str(first))
 
     async def oldest_pending_created_at(self) -> datetime | None:
         """When the longest-waiting pending task was inserted; None when none is pending."""
