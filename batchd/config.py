@@ -19,7 +19,7 @@ from batchd.money.pricing import ModelPrice
 
 CREDENTIAL_NAME = "anthropic-api-key"
 # The shortest wait before a create whose outcome is unknown is given up as never made and
-# its requests sent again (submitter.reconcile, design step 4). The API's reads can lag a
+# its requests sent again (pipeline/reconcile.py, design step 4). The API's reads can lag a
 # create: a batch was seen answering 404 a full second after its create was answered (spec
 # §7.6, ISS #1432). At 0 the daemon gives up after a single list call; 5 s is a
 # several-fold margin over that lag, with the submitter listing again every 2 s meanwhile.
@@ -32,10 +32,18 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the key."""
 
 
+DATABASE_URL_ENV = "BATCHD_DATABASE_URL"
+
+
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
     path: Path = Path("batchd.db")
     busy_timeout_ms: int = 5000
+    # A postgresql:// URL selects the PostgreSQL store (path is then unused); may hold a
+    # password, so it is only ever shown through batchd.store.dsn.mask_dsn.
+    url: str | None = None
+    # PostgreSQL only: the schema batchd's tables live in (its search_path); None: public.
+    schema: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,42 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
+# Every component is handed its own section (`config.batching` to the submitter and the
+# reconciler, `config.polling` to the poller). The two that read keys of several sections
+# get one settings object each, built here from the whole Config and nowhere else, so a
+# key moving between sections changes one line, not the daemon and every test rig.
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorSettings:
+    """The collector's: [results], and [batching] max_attempts, the attempts after which
+    a result that asks for a retry fails its task instead of requeueing it."""
+
+    results: ResultsConfig
+    max_attempts: int
+
+    @classmethod
+    def of(cls, config: Config) -> CollectorSettings:
+        return cls(config.results, config.batching.max_attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    """The budget gate's: the limit ([budget]), the prices spending is weighed in
+    ([pricing]) and the largest next batch it weighs ([batching] max_requests)."""
+
+    budget: BudgetConfig
+    pricing: PricingConfig
+    next_batch_requests: int
+
+    @classmethod
+    def of(cls, config: Config) -> BudgetSettings | None:
+        """None when no budget is configured: no gate, nothing read, nothing checked."""
+        if config.budget.max_spend_usd is None:
+            return None
+        return cls(config.budget, config.pricing, config.batching.max_requests)
+
+
 # TOML key -> dataclass field, where the file uses a friendlier name than the field.
 _KEY_ALIASES = {
     "request_timeout_seconds": "request_timeout_s",
@@ -142,6 +186,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     base_url_in_file = isinstance(raw.get("api"), dict) and "base_url" in raw["api"]
+    path_in_file = isinstance(raw.get("database"), dict) and "path" in raw["database"]
     sections = {name: _build_section(name, raw.pop(name, {})) for name in _SECTIONS}
     if raw:
         raise ConfigError(f"unknown config section or key: {', '.join(sorted(raw))}")
@@ -149,6 +194,7 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
     if env.get("ANTHROPIC_BASE_URL") and not base_url_in_file:
         # As the official SDK does; an explicit key in the file wins.
         config = replace(config, api=replace(config.api, base_url=env["ANTHROPIC_BASE_URL"]))
+    config = _database_from_env(config, env, path_in_file=path_in_file)
     _validate(config)
     return config
 
@@ -166,15 +212,46 @@ def _build_section(name: str, values: Any) -> Any:
             "[api] api_key: the key is never read from the config file; set "
             "ANTHROPIC_API_KEY (or [api] api_key_env) or [api] api_key_file"
         )
+    if name == "database" and "path" in values and "url" in values:
+        raise ConfigError(
+            "[database] path and [database] url: give one, path for SQLite or url for PostgreSQL"
+        )
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         field_name = _KEY_ALIASES.get(key, key)
         if field_name not in known:
             raise ConfigError(f"[{name}] {key}: unknown key")
+        if (name, field_name) in _OPTIONAL_TEXT:
+            kwargs[field_name] = _text(f"[{name}] {key}", value)
+            continue
         default = getattr(cls(), field_name)
         kwargs[field_name] = _coerce(f"[{name}] {key}", value, default)
     return cls(**kwargs)
+
+
+# Keys whose default is None but whose value is text, not a path.
+_OPTIONAL_TEXT = {("database", "url"), ("database", "schema")}
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {type(value).__name__}")
+    return value
+
+
+def _database_from_env(config: Config, env: Mapping[str, str], *, path_in_file: bool) -> Config:
+    """BATCHD_DATABASE_URL overrides [database] url; beside a path in the file it is an
+    error rather than a silent switch of store (tasks would go to another database)."""
+    url = env.get(DATABASE_URL_ENV)
+    if not url:
+        return config
+    if path_in_file:
+        raise ConfigError(
+            f"[database] path is set in the config file and {DATABASE_URL_ENV} in the "
+            "environment: give one, path for SQLite or the URL for PostgreSQL"
+        )
+    return replace(config, database=replace(config.database, url=url))
 
 
 _PRICE_KEYS = ("input", "output", "cache_write", "cache_read")
@@ -240,7 +317,30 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _validate_database(database: DatabaseConfig) -> None:
+    # Imported here: the store package may import this module (a store opened from a
+    # DatabaseConfig), and importing it from the top would make that a cycle.
+    from batchd.store.dsn import DsnError, check_dsn  # noqa: PLC0415
+
+    if database.url is not None:
+        try:
+            check_dsn(database.url)
+        except DsnError as exc:  # the message shows the URL masked
+            raise ConfigError(f"[database] url: {exc}") from None
+    if database.schema is not None:
+        _check(
+            database.url is not None,
+            f"[database] schema: only for PostgreSQL (set [database] url or {DATABASE_URL_ENV})",
+        )
+        # PostgreSQL truncates identifiers to 63 bytes: two long names could meet.
+        _check(
+            len(database.schema.encode()) <= 63 and "\x00" not in database.schema,
+            "[database] schema: must be at most 63 bytes, without NUL",
+        )
+
+
 def _validate(config: Config) -> None:
+    _validate_database(config.database)
     b = config.batching
     _check(
         1 <= b.max_requests <= MAX_REQUESTS_PER_BATCH,
@@ -263,7 +363,13 @@ def _validate(config: Config) -> None:
     p = config.polling
     _check(p.interval_s > 0, "[polling] interval_seconds: must be > 0")
     _check(p.max_concurrency >= 1, "[polling] max_concurrency: must be >= 1")
-    _check(p.not_found_grace_s >= 0, "[polling] not_found_grace_seconds: must be >= 0")
+    _check(
+        p.not_found_grace_s > 0,
+        "[polling] not_found_grace_seconds: must be > 0 (the API can answer 404 for a batch "
+        "it has just created, spec §7.6; a batch believed gone at its first 404 is declared "
+        "lost and its requests are sent, and paid for, again), "
+        f"got {p.not_found_grace_s:g}",
+    )
     _check(config.results.chunk_size >= 1, "[results] chunk_size: must be >= 1")
     _check(config.results.max_line_bytes >= 1024, "[results] max_line_bytes: must be >= 1024")
     _check(config.api.request_timeout_s > 0, "[api] request_timeout_seconds: must be > 0")

@@ -34,7 +34,8 @@ import anthropic
 import orjson
 
 from batchd.api.resultstream import iter_lines
-from batchd.store import Store
+from batchd.config import DatabaseConfig
+from batchd.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
@@ -59,7 +60,7 @@ _UPDATE = (
 async def ingest(db: Path, count: int) -> float:
     """What `batchd enqueue` does: Store.enqueue in chunked transactions."""
     started = time.perf_counter()
-    store = await Store.open(db)
+    store = await open_store(DatabaseConfig(path=db))
     try:
         report = await store.enqueue(tasks(count))
     finally:

@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from batchd.api.wire import MAX_BATCH_BYTES
-from batchd.store import Store
+from batchd.config import DatabaseConfig
+from batchd.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
@@ -34,7 +35,7 @@ from common import (
 
 
 async def ingest(db: Path, count: int, prompt_bytes: int) -> None:
-    store = await Store.open(db)
+    store = await open_store(DatabaseConfig(path=db))
     try:
         await store.enqueue(tasks(count, prompt_bytes))
     finally:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import aiohttp
 
-from batchd.api.client import BatchesClient, BytesBody
-from batchd.config import PollingConfig
+from batchd.api import BatchesClient, BytesBody
+from batchd.config import DatabaseConfig, PollingConfig
 from batchd.pipeline.poller import Poller
 from batchd.service.logs import configure_logging
-from batchd.store import Store
+from batchd.store import Store, open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import FakeApiProcess, command_line, machine, tasks
@@ -71,7 +71,7 @@ async def create_batches(store: Store, client: BatchesClient, count: int) -> Non
 
 
 async def bench(db: Path, base_url: str, count: int, concurrency: int, cycles: int) -> None:
-    store = await Store.open(db)
+    store = await open_store(DatabaseConfig(path=db))
     try:
         async with aiohttp.ClientSession() as session:
             client = BatchesClient(session, base_url=base_url, api_key="bench")
@@ -81,8 +81,7 @@ async def bench(db: Path, base_url: str, count: int, concurrency: int, cycles: i
             poller = Poller(
                 store,
                 client,
-                max_concurrency=concurrency,
-                not_found_grace_s=PollingConfig().not_found_grace_s,
+                PollingConfig(max_concurrency=concurrency),
                 clock=lambda: datetime.now(UTC),
             )
             for cycle in range(1, cycles + 1):

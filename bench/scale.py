@@ -11,7 +11,7 @@ minutes to build). Each run then, on that database and on a fresh one, alternate
 - `--new` new tasks end to end (`batchd run --exit-when-idle` against `batchd fake-api
   --processing-seconds 0`, both child processes): wall and the daemon's CPU, and the
   ratios history / fresh;
-- the status counts (`Store.status_counts`, what `/metrics`, `/healthz`, the idle check and
+- the status counts (`status_counts` of the store, what `/metrics`, `/healthz`, the idle check and
   the progress display read): the median of five calls;
 - `batchd results -o FILE` (every row with a result): rows/s;
 - `batchd prune --older-than 365d --no-vacuum` over `--prune-rows` finished tasks
@@ -38,7 +38,8 @@ from pathlib import Path
 
 import orjson
 
-from batchd.store import Store
+from batchd.config import DatabaseConfig
+from batchd.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
@@ -143,7 +144,7 @@ def build(path: Path, history: int) -> float:
 
 
 async def _migrate(path: Path) -> None:
-    store = await Store.open(path)
+    store = await open_store(DatabaseConfig(path=path))
     await store.close()
 
 
@@ -162,7 +163,7 @@ def reset(path: Path, history: int) -> None:
 
 
 async def enqueue_new(path: Path, count: int) -> None:
-    store = await Store.open(path)
+    store = await open_store(DatabaseConfig(path=path))
     try:
         report = await store.enqueue((f"new-{n:07d}", params_json(n)) for n in range(count))
     finally:
@@ -186,7 +187,7 @@ def add_prunable(path: Path, count: int) -> None:
 
 
 async def counts_ms(path: Path) -> float:
-    store = await Store.open(path)
+    store = await open_store(DatabaseConfig(path=path))
     try:
         times = []
         for _ in range(5):

@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus
 from batchd.pipeline.collector import Collector
 from batchd.pipeline.outcomes import parse_result_line
 from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import command_line, fake_lines, machine, tasks
@@ -119,10 +120,10 @@ class MemoryResults:
 
 
 async def prepare(db: Path, count: int, batch_size: int) -> tuple[Store, dict[int, list[bytes]]]:
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     await store.enqueue(tasks(count))
     batches: dict[int, list[bytes]] = {}
-    ids = [row[0] for row in await store._read("SELECT id FROM tasks ORDER BY id")]
+    ids = [row[0] for row in await store.database.read("SELECT id FROM tasks ORDER BY id")]
     for first in range(0, count, batch_size):
         local = await store.record_intent(ids[first : first + batch_size], 1)
         assert local is not None
@@ -160,10 +161,8 @@ async def collect(db: Path, count: int, batch_size: int, chunk_size: int, parse_
         f"http://127.0.0.1/msgbatch_{n * batch_size}/results": lines
         for n, lines in enumerate(batches.values())
     }
-    config = ResultsConfig(chunk_size=chunk_size)
-    collector = Collector(
-        store, MemoryResults(by_url), config, max_attempts=3, clock=lambda: datetime.now(UTC)
-    )  # type: ignore[arg-type]
+    settings = CollectorSettings(ResultsConfig(chunk_size=chunk_size), max_attempts=3)
+    collector = Collector(store, MemoryResults(by_url), settings, clock=lambda: datetime.now(UTC))  # type: ignore[arg-type]
     with UserInserts(db) as user:
         started = time.perf_counter()
         finished = await collector.collect_all()

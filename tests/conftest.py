@@ -8,29 +8,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from batchd.config import Config
-from batchd.fakeapi import validation
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.logs import configure_logging
 from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
+
+# Before the first import of a helper, so its asserts explain themselves as a test's do.
+pytest.register_assert_rewrite("tests.support")
+from tests.support.store import FakeClock  # noqa: E402
 
 # Fixtures for tests that run batchd as users do (`fake_api_process`, `cli_env`).
-pytest_plugins = ["tests.cli_support"]
+pytest_plugins = [
+    "tests.support.cli",
+    "tests.support.postgres",  # a PostgreSQL server and a database per session
+]
 
 
-def request_params(text: str, *, max_tokens: int = 50, **extra: Any) -> str:
-    """The JSON text of a Messages API request whose user message is `text`."""
-    return orjson.dumps(
-        {
-            "model": "claude-haiku-4-5-20251001",
-            "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": text}],
-            **extra,
-        }
-    ).decode()
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fake_clock: the store runs on the test's `clock`, not on real time"
+    )
 
 
 @pytest.fixture
@@ -39,14 +39,24 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store_clock() -> Callable[[], datetime] | None:
-    """The store's clock: real time here; a module overrides this fixture to fix time."""
-    return None
+def clock() -> FakeClock:
+    """A clock that stands at `START` until the test moves it."""
+    return FakeClock()
+
+
+@pytest.fixture
+def store_clock(request: pytest.FixtureRequest) -> Callable[[], datetime] | None:
+    """The store's clock: real time, or the test's `clock` where the module is marked
+    `pytestmark = pytest.mark.fake_clock`."""
+    if request.node.get_closest_marker("fake_clock") is None:
+        return None
+    clock: FakeClock = request.getfixturevalue("clock")
+    return clock
 
 
 @pytest.fixture
 async def store(db_path: Path, store_clock: Callable[[], datetime] | None) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, clock=store_clock)
+    opened = await SqliteStore.open(db_path, clock=store_clock)
     try:
         yield opened
     finally:
@@ -81,22 +91,3 @@ def daemon_config(db_path: Path) -> Callable[..., Config]:
 def quiet_logs() -> None:
     """Warnings and errors only, so a failing test's output shows what matters."""
     configure_logging("console", "warning")
-
-
-def refuse_in_fake(
-    monkeypatch: pytest.MonkeyPatch, refused: set[str], message: Callable[[int], str]
-) -> None:
-    """Make the fake refuse any create holding one of `refused`, with `message(index)`.
-
-    Our chunker already refuses every custom_id the real API would, so this emulates a
-    server-side rule the client cannot know about.
-    """
-    check_envelope = validation._check_envelope
-
-    def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
-        custom_id, params = check_envelope(index, item)
-        if custom_id in refused:
-            raise validation.CreateRejected(message(index))
-        return custom_id, params
-
-    monkeypatch.setattr(validation, "_check_envelope", stricter)

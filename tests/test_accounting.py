@@ -14,29 +14,22 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.api import BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
-from tests.test_store import START, FakeClock, api_batch, claim, query, submitted_batch
+from batchd.store.sqlite import SqliteStore
+from tests.support.store import START, FakeClock, api_batch, claim, query, submitted_batch
+
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 HAIKU = "claude-haiku-4-5-20251001"
 
 
 def succeeded(custom_id: str, usage: Usage, model: str = HAIKU) -> Outcome:
     return Outcome(custom_id, "succeeded", '{"type": "succeeded"}', None, False, usage, model)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
 
 
 async def test_status_reports_tokens_cost_and_saving_computed_by_hand(
@@ -95,7 +88,7 @@ async def test_spending_survives_deleted_and_retried_tasks(store: Store, db_path
 
 
 async def test_the_ledger_is_backfilled_from_results_of_an_older_schema(db_path: Path) -> None:
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     try:
         local_id = await submitted_batch(store, "msgbatch_1", "a")
         await store.write_results(local_id, [succeeded("a", Usage(7, 3))], 3)
@@ -108,7 +101,7 @@ async def test_the_ledger_is_backfilled_from_results_of_an_older_schema(db_path:
         # v5 altered missing_results, dropped here with it (v4's column on batches stays).
         conn.execute("DELETE FROM schema_migrations WHERE version IN (3, 5)")
     conn.close()
-    upgraded = await Store.open(db_path)
+    upgraded = await SqliteStore.open(db_path)
     try:
         usage = (await status_snapshot(upgraded))["usage"]
     finally:
@@ -167,7 +160,7 @@ def line(custom_id: str) -> bytes:
 async def collect(store: Store, base_url: str, clock: FakeClock) -> None:
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(session, base_url=base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(store, client, ResultsConfig(), max_attempts=3, clock=clock)
+        collector = Collector(store, client, CollectorSettings(ResultsConfig(), 3), clock=clock)
         assert await collector.collect_all() == 1
 
 
@@ -223,7 +216,7 @@ async def test_a_short_stream_is_downloaded_again_never_requeued(
 
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(session, base_url=base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(store, client, ResultsConfig(), max_attempts=3, clock=clock)
+        collector = Collector(store, client, CollectorSettings(ResultsConfig(), 3), clock=clock)
         assert await collector.collect_all() == 0
 
     assert dict(query(db_path, "SELECT custom_id, status FROM tasks"))["c"] == "submitted"

@@ -21,12 +21,13 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-import batchd.store.sqlite.store
+import batchd.store.sqlite.staging
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
-from tests.conftest import request_params
+from batchd.store.sqlite import SqliteStore
+from tests.support.params import request_params
 
 BATCHD = [sys.executable, "-m", "batchd"]
 MAX_BYTES = 20_000
@@ -246,7 +247,7 @@ async def test_a_read_only_database_stops_run_at_start_naming_the_path(
     world_readable_dir: Path,
 ) -> None:
     path = world_readable_dir / "batchd.db"
-    await (await Store.open(path)).close()
+    await (await SqliteStore.open(path)).close()
     config = world_readable_dir / "batchd.toml"
     config.write_text(f'[database]\npath = "{path}"\n')
     path.chmod(0o444)
@@ -274,8 +275,8 @@ async def test_a_full_database_pauses_the_write_back_and_the_daemon_catches_up_a
 
     async def writers(daemon: Daemon) -> list[Any]:
         # The cap is a connection's: every connection that writes (the write-back lanes too).
-        lanes = await daemon._store._write_back_lanes()
-        return [daemon._store._writer, *(lane.db for lane in lanes._queue)]  # type: ignore[attr-defined]
+        lanes = await daemon._store.lanes.opened()  # type: ignore[attr-defined]
+        return [daemon._store.database.writer, *(lane.connection.db for lane in lanes._queue)]  # type: ignore[attr-defined]
 
     capped: list[Any] = []
 
@@ -312,7 +313,7 @@ async def test_a_full_staging_file_fails_the_download_which_is_retried(
 ) -> None:
     await store.enqueue((f"t-{n}", request_params(f"{n} " + "z" * 4000)) for n in range(40))
     await store.close()
-    attach = batchd.store.sqlite.store._attach_staging
+    attach = batchd.store.sqlite.staging.attach_staging
     attached: list[bool] = []
 
     def disk_full(logs: list[Any]) -> list[Any]:
@@ -327,7 +328,9 @@ async def test_a_full_staging_file_fails_the_download_which_is_retried(
         if full:
             await db.execute_fetchall("PRAGMA staging.max_page_count = 1")
 
-    monkeypatch.setattr(batchd.store.sqlite.store, "_attach_staging", attach_while_the_disk_is_full)
+    monkeypatch.setattr(
+        batchd.store.sqlite.staging, "attach_staging", attach_while_the_disk_is_full
+    )
     config = daemon_config(fake_api.base_url, max_requests=40)
     with capture_logs() as logs:
         code = await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30)

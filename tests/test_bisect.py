@@ -13,7 +13,8 @@ from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from tests.conftest import refuse_in_fake, request_params
+from tests.support.fakeapi import refuse_in_fake
+from tests.support.params import request_params
 
 
 def refuse_batches_holding(monkeypatch: pytest.MonkeyPatch, refused: set[str]) -> None:

@@ -15,17 +15,19 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
+from batchd.api import BatchesClient, RetryPolicy
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import BudgetConfig, Config
+from batchd.config import BudgetConfig, BudgetSettings, Config
 from batchd.domain import TaskStatus
 from batchd.fakeapi.server import FakeApiServer
 from batchd.money.budget import BudgetGate, budget_view, fitting_view, period_start
 from batchd.money.pricing import PriceTable
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import Submitter
 from batchd.service.daemon import Daemon, run_daemon
-from batchd.store import Store, StoreAccounts
-from tests.conftest import request_params
+from batchd.store import Store
+from batchd.store.sqlite import SqliteStore
+from tests.support.params import request_params
 
 NOW = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)
 HAIKU = "claude-haiku-4-5"
@@ -98,8 +100,9 @@ async def test_the_gate_logs_each_change_once(store: Store) -> None:
     await store.enqueue([("a", request_params("hello", max_tokens=1000))])
     config = Config()
     config = replace(config, budget=BudgetConfig(0.001, "total"))
-    gate = BudgetGate.from_config(store, config, clock=lambda: NOW)
-    assert gate is not None
+    settings = BudgetSettings.of(config)
+    assert settings is not None
+    gate = BudgetGate(store, settings, clock=lambda: NOW)
     with capture_logs() as logs:
         first = await gate.pause_reason()
         second = await gate.pause_reason()
@@ -108,7 +111,7 @@ async def test_the_gate_logs_each_change_once(store: Store) -> None:
     assert first == second
     assert [e["event"] for e in logs] == ["submission_paused_budget"]
     assert logs[0]["next_batch_max_usd"] == 0.0025  # plus ~13 input tokens, rounded away
-    assert BudgetGate.from_config(store, Config(), clock=lambda: NOW) is None
+    assert BudgetSettings.of(Config()) is None
 
 
 async def test_a_tiny_budget_sends_what_fits_then_pauses(
@@ -162,7 +165,7 @@ async def test_a_tiny_budget_sends_what_fits_then_pauses(
     events = [e["event"] for e in logs if "budget" in e["event"]]
     assert events[-1] == "submission_paused_budget"
 
-    reopened = await Store.open(db_path)
+    reopened = await SqliteStore.open(db_path)
     try:
         snapshot = await status_snapshot(reopened, config)
     finally:
@@ -215,7 +218,7 @@ async def test_a_row_the_chunker_will_refuse_is_not_priced(store: Store, db_path
             ),
         )
     db.close()
-    sizes = await StoreAccounts(store).pending_sizes()
+    sizes = await store.accounts.pending_sizes()
     assert [(model, requests) for model, requests, _, _ in sizes] == [
         (None, 1),
         ("claude-haiku-4-5", 1),
@@ -245,7 +248,9 @@ async def submit_within(
         budget=BudgetConfig(max_spend_usd, period),
         batching=replace(config.batching, max_requests=8, linger_s=linger_s),
     )
-    gate = BudgetGate.from_config(store, config, clock=lambda: now)
+    settings = BudgetSettings.of(config)
+    assert settings is not None
+    gate = BudgetGate(store, settings, clock=lambda: now)
     async with aiohttp.ClientSession() as session:
         client = BatchesClient(
             session, base_url=fake_api.base_url, api_key="k", policy=RetryPolicy(max_retries=0)
@@ -254,9 +259,8 @@ async def submit_within(
             store,
             client,
             config.batching,
-            clock=lambda: now,
+            reconciler=Reconciler(store, client, config.batching, clock=lambda: now),
             monotonic=lambda: 0.0,
-            reconcile_grace_s=60,
             budget=gate,
         )
         result = await submitter.submit_once()

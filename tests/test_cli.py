@@ -8,8 +8,8 @@ from pathlib import Path
 
 import orjson
 
-from tests.cli_support import batchd
-from tests.conftest import request_params
+from tests.support.cli import batchd
+from tests.support.params import request_params
 
 
 def test_enqueue_run_status_results_cancel_retry(cli_env: dict[str, str], tmp_path: Path) -> None:

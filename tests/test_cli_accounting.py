@@ -13,8 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.cli_support import BATCHD, batchd
-from tests.conftest import request_params
+from tests.support.cli import BATCHD, batchd
+from tests.support.params import request_params
 
 
 def enqueue(env: dict[str, str], count: int, *, model: str = "claude-haiku-4-5") -> list[bytes]:

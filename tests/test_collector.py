@@ -7,28 +7,26 @@ import asyncio
 import random
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+import batchd.store.sqlite.staging
 import batchd.store.sqlite.store
-from batchd.api.client import AuthenticationError, BatchesClient, RetryPolicy
+from batchd.api import AuthenticationError
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import ResultsConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from batchd.pipeline.collector import Collector
 from batchd.service.metrics import RESULTS_WRITTEN, Registry
-from batchd.store import AppliedRange, StageReport, Store, StoreError, WriteBackLane
-from tests.crash.crash_harness import (
+from batchd.store import AppliedRange, StageReport, Store, StoreError
+from batchd.store.sqlite import SqliteStore, SqliteWriteBackLane
+from tests.support.collector import ApiStub, answers, collect, ended_batch, line, serving
+from tests.support.crash_harness import (
     RunLog,
     assert_nothing_lost_or_duplicated,
     check_invariants,
@@ -36,33 +34,9 @@ from tests.crash.crash_harness import (
     run_daemon,
     write_config,
 )
-from tests.test_store import START, FakeClock, add_tasks, api_batch, claim, outcome, query
+from tests.support.store import START, FakeClock, add_tasks, api_batch, claim, outcome, query
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class ApiStub:
-    """Results bodies, statuses and batch objects a test sets; every request is counted."""
-
-    base_url: str = ""
-    bodies: dict[str, bytes] = field(default_factory=dict)
-    statuses: dict[str, int] = field(default_factory=dict)
-    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
-    hits: dict[str, int] = field(default_factory=dict)
-
-    def url(self, api_id: str) -> str:
-        return f"{self.base_url}/results/{api_id}"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 
 @pytest.fixture
@@ -87,69 +61,6 @@ async def api() -> AsyncIterator[ApiStub]:
 
     async with serving(stub, results, retrieve):
         yield stub
-
-
-@asynccontextmanager
-async def serving(
-    stub: ApiStub, results: Handler, retrieve: Handler | None = None
-) -> AsyncIterator[None]:
-    """Serve `results` (and `retrieve`) on loopback; `stub.base_url` points at them."""
-    app = web.Application()
-    app.router.add_get("/results/{name}", results)
-    if retrieve is not None:
-        app.router.add_get("/v1/messages/batches/{id}", retrieve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    stub.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        yield
-    finally:
-        await runner.cleanup()
-
-
-def line(custom_id: str, text: str | None = None) -> bytes:
-    """A succeeded line whose answer names its own custom_id (unless told otherwise)."""
-    message = {
-        "model": "claude-x",
-        "content": [{"type": "text", "text": text or f"answer for {custom_id}"}],
-        "usage": {"input_tokens": 3, "output_tokens": 2},
-    }
-    return orjson.dumps(
-        {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
-    )
-
-
-async def ended_batch(store: Store, db_path: Path, api: ApiStub, api_id: str, *ids: str) -> int:
-    await add_tasks(store, *ids)
-    local_id = await claim(store, *ids)
-    assert await store.mark_created(local_id, api_batch(api_id, "ended"))
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (api.url(api_id), local_id))
-    conn.close()
-    return local_id
-
-
-async def collect(
-    store: Store, api: ApiStub, clock: FakeClock, registry: Registry | None = None, **config: int
-) -> int:
-    async with aiohttp.ClientSession() as session:
-        client = BatchesClient(session, base_url=api.base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(
-            store, client, ResultsConfig(**config), max_attempts=3, clock=clock, registry=registry
-        )
-        return await collector.collect_all()
-
-
-def answers(db_path: Path) -> dict[str, tuple[str, str | None]]:
-    rows = query(db_path, "SELECT custom_id, status, result FROM tasks")
-    return {cid: (status, _text(result)) for cid, status, result in rows}
-
-
-def _text(result: str | None) -> str | None:
-    message = orjson.loads(result).get("message") if result else None
-    return message["content"][0]["text"] if message else None
 
 
 # -- staging, then applying in ranges -----------------------------------------------------------
@@ -201,15 +112,17 @@ async def test_staging_takes_no_write_lock_and_changes_no_task_until_applied(
     local_id = await ended_batch(store, db_path, ApiStub(), "msgbatch_1", "a", "b", "c")
 
     async def stage_while_a_user_inserts(db: Any) -> StageReport:
-        keys = store._main.staging_keys
-        report = await store._stage(db, keys, local_id, [outcome("c"), outcome("a"), outcome("zz")])
+        lane = SqliteWriteBackLane(store.database, store.database.main)
+        report = await lane.stage(db, local_id, [outcome("c"), outcome("a"), outcome("zz")])
         # Inside the staging transaction: a user's write must not wait at all.
         with sqlite3.connect(db_path, timeout=0) as conn:
             conn.execute("INSERT INTO tasks (custom_id, params) VALUES ('user-1', '{}')")
         conn.close()
         return report
 
-    staged = await store._shielded("staging", store._main, stage_while_a_user_inserts)
+    staged = await store.database.shielded(
+        "staging", store.database.main, stage_while_a_user_inserts
+    )
     assert (staged.staged, staged.repeated, staged.unmatched) == (2, 0, (2,))
     assert query(db_path, "SELECT status FROM tasks WHERE custom_id = 'a'") == [("submitted",)]
     first = await store.apply_staged(local_id, 3, max_rows=1)
@@ -228,7 +141,7 @@ async def test_a_restart_between_staging_and_applying_downloads_again_harmlessly
 ) -> None:
     ids = [f"t-{n}" for n in range(50)]
     api.bodies["1"] = b"\n".join(line(cid) for cid in reversed(ids))
-    store = await Store.open(db_path, clock=clock)
+    store = await SqliteStore.open(db_path, clock=clock)
     local_id = await ended_batch(store, db_path, api, "1", *ids)
     await store.stage_results(local_id, [outcome(cid) for cid in ids[:30]])
     first = await store.apply_staged(local_id, 3, max_rows=10)  # one range, then the "crash"
@@ -236,7 +149,7 @@ async def test_a_restart_between_staging_and_applying_downloads_again_harmlessly
     assert first.report.written == 10
     await store.close()  # the staging database goes with the connection, as with kill -9
 
-    store = await Store.open(db_path, clock=clock)
+    store = await SqliteStore.open(db_path, clock=clock)
     registry = Registry([RESULTS_WRITTEN])
     try:
         assert await collect(store, api, clock, registry, chunk_size=7) == 1
@@ -359,23 +272,25 @@ async def test_a_batch_that_cannot_be_written_does_not_hold_up_the_next(
     first = await ended_batch(store, db_path, api, "1", "a")
     await ended_batch(store, db_path, api, "2", "b")
     api.bodies["1"], api.bodies["2"] = line("a"), line("b")
-    stage = WriteBackLane.stage_results
+    stage = SqliteWriteBackLane.stage_results
 
     async def broken_for_the_first(
-        lane: WriteBackLane, local_id: int, outcomes: Any
+        lane: SqliteWriteBackLane, local_id: int, outcomes: Any
     ) -> StageReport:
         if local_id == first:
             raise RuntimeError("a bug met only by this batch")
         return await stage(lane, local_id, outcomes)
 
-    monkeypatch.setattr(WriteBackLane, "stage_results", broken_for_the_first)
+    monkeypatch.setattr(SqliteWriteBackLane, "stage_results", broken_for_the_first)
     with capture_logs() as logs:
         assert await collect(store, api, clock) == 1
     assert answers(db_path) == {"a": ("submitted", None), "b": ("succeeded", "answer for b")}
     [failed] = [e for e in logs if e["event"] == "results_write_failed"]
     assert (failed["batch_id"], failed["log_level"]) == ("1", "error")
 
-    monkeypatch.setattr(WriteBackLane, "stage_results", stage)  # fixed: the next cycle writes it
+    monkeypatch.setattr(
+        SqliteWriteBackLane, "stage_results", stage
+    )  # fixed: the next cycle writes it
     assert await collect(store, api, clock) == 1
     assert answers(db_path)["a"] == ("succeeded", "answer for a")
 
@@ -392,17 +307,17 @@ async def test_the_next_batch_is_staged_while_the_one_before_is_applied(
         api.bodies[name] = b"\n".join(line(cid) for cid in cids)
     staged: dict[int, asyncio.Event] = {local: asyncio.Event() for local in locals_.values()}
     events: list[tuple[str, str]] = []
-    stage, apply = WriteBackLane.stage_results, WriteBackLane.apply_staged
+    stage, apply = SqliteWriteBackLane.stage_results, SqliteWriteBackLane.apply_staged
     name_of = {local: name for name, local in locals_.items()}
 
-    async def stage_noting(lane: WriteBackLane, local_id: int, outcomes: Any) -> Any:
+    async def stage_noting(lane: SqliteWriteBackLane, local_id: int, outcomes: Any) -> Any:
         events.append(("stage", name_of[local_id]))
         report = await stage(lane, local_id, outcomes)
         staged[local_id].set()
         return report
 
     async def apply_after_the_next_is_staged(
-        lane: WriteBackLane, local_id: int, *args: Any
+        lane: SqliteWriteBackLane, local_id: int, *args: Any
     ) -> AppliedRange | None:
         following = {"1": "2", "2": "3"}.get(name_of[local_id])
         if following is not None:
@@ -411,8 +326,8 @@ async def test_the_next_batch_is_staged_while_the_one_before_is_applied(
         events.append(("apply", name_of[local_id]))
         return await apply(lane, local_id, *args)
 
-    monkeypatch.setattr(WriteBackLane, "stage_results", stage_noting)
-    monkeypatch.setattr(WriteBackLane, "apply_staged", apply_after_the_next_is_staged)
+    monkeypatch.setattr(SqliteWriteBackLane, "stage_results", stage_noting)
+    monkeypatch.setattr(SqliteWriteBackLane, "apply_staged", apply_after_the_next_is_staged)
     assert await collect(store, api, clock) == 3
 
     assert events.index(("stage", "2")) < events.index(("apply", "1"))
@@ -427,7 +342,7 @@ async def test_lanes_stage_apart_and_staging_never_waits_for_the_writer(
     first = await ended_batch(store, db_path, api, "1", "a", "b")
     second = await ended_batch(store, db_path, api, "2", "c", "d")
     async with store.write_back_lane() as one, store.write_back_lane() as other:
-        async with store._lock:  # a long write of the submitter or the poller
+        async with store.database.write_lock:  # a long write of the submitter or the poller
             await asyncio.wait_for(one.stage_results(first, [outcome("b"), outcome("a")]), 5)
             await asyncio.wait_for(other.stage_results(second, [outcome("c")]), 5)
             # ...and a user's INSERT meanwhile does not wait for the lanes at all.
@@ -452,7 +367,7 @@ async def test_a_third_lane_waits_for_a_free_one(store: Store) -> None:
         await asyncio.sleep(0.05)
         assert not third.done()
     lane = await asyncio.wait_for(third, 5)
-    assert isinstance(lane, WriteBackLane)
+    assert isinstance(lane, SqliteWriteBackLane)
 
 
 async def test_the_key_refused_stops_the_batches_after_and_is_raised(
@@ -461,10 +376,10 @@ async def test_the_key_refused_stops_the_batches_after_and_is_raised(
     for name, cid in (("1", "a"), ("2", "b"), ("3", "c")):
         await ended_batch(store, db_path, api, name, cid)
         api.bodies[name] = line(cid)
-    stage = WriteBackLane.stage_results
+    stage = SqliteWriteBackLane.stage_results
     tried: list[int] = []
 
-    async def refused(lane: WriteBackLane, local_id: int, outcomes: Any) -> Any:
+    async def refused(lane: SqliteWriteBackLane, local_id: int, outcomes: Any) -> Any:
         tried.append(local_id)
         if len(tried) == 1:
             raise AuthenticationError(
@@ -477,7 +392,7 @@ async def test_the_key_refused_stops_the_batches_after_and_is_raised(
             )
         return await stage(lane, local_id, outcomes)
 
-    monkeypatch.setattr(WriteBackLane, "stage_results", refused)
+    monkeypatch.setattr(SqliteWriteBackLane, "stage_results", refused)
     with capture_logs(), pytest.raises(AuthenticationError):
         await collect(store, api, clock)
     assert len(tried) == 1  # no batch was started after the key was refused
@@ -492,12 +407,12 @@ async def test_cancelled_while_two_batches_are_in_flight_leaves_no_task_running(
         api.bodies[name] = line(cid)
     applying = asyncio.Event()
 
-    async def apply_for_ever(lane: WriteBackLane, *args: Any) -> AppliedRange | None:
+    async def apply_for_ever(lane: SqliteWriteBackLane, *args: Any) -> AppliedRange | None:
         applying.set()
         await asyncio.Event().wait()
         return None
 
-    monkeypatch.setattr(WriteBackLane, "apply_staged", apply_for_ever)
+    monkeypatch.setattr(SqliteWriteBackLane, "apply_staged", apply_for_ever)
     before = asyncio.all_tasks()
     running = asyncio.create_task(collect(store, api, clock))
     await asyncio.wait_for(applying.wait(), 5)
@@ -514,7 +429,7 @@ async def test_cancelled_while_two_batches_are_in_flight_leaves_no_task_running(
 async def test_lanes_that_fail_to_open_are_closed_at_once_and_opened_later(
     store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    attach = batchd.store.sqlite.store._attach_staging
+    attach = batchd.store.sqlite.staging.attach_staging
     opened: list[int] = []
 
     async def second_lane_refused(db: Any) -> None:
@@ -523,14 +438,14 @@ async def test_lanes_that_fail_to_open_are_closed_at_once_and_opened_later(
             raise sqlite3.OperationalError("unable to open database file")
         await attach(db)
 
-    monkeypatch.setattr(batchd.store.sqlite.store, "_attach_staging", second_lane_refused)
+    monkeypatch.setattr(batchd.store.sqlite.staging, "attach_staging", second_lane_refused)
     threads = threading.active_count()  # one per aiosqlite connection
     for _ in range(3):
         with pytest.raises(StoreError, match="unable to open"):
             async with store.write_back_lane():
                 pass
         assert threading.active_count() == threads  # nothing left open until close
-    monkeypatch.setattr(batchd.store.sqlite.store, "_attach_staging", attach)
+    monkeypatch.setattr(batchd.store.sqlite.staging, "attach_staging", attach)
     local_id = await ended_batch(store, db_path, ApiStub(), "1", "a")
     async with store.write_back_lane() as lane:
         assert (await lane.stage_results(local_id, [outcome("a")])).staged == 1

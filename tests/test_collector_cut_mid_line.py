@@ -13,18 +13,10 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from batchd.store import Store
-from tests.test_collector import ApiStub, answers, collect, ended_batch, line, serving
-from tests.test_store import FakeClock, query
+from tests.support.collector import ApiStub, answers, collect, ended_batch, line, serving
+from tests.support.store import FakeClock, query
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 
 @pytest.fixture

@@ -1,9 +1,19 @@
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from batchd.config import Config, ConfigError, load_config, resolve_api_key
+from batchd.config import (
+    BudgetSettings,
+    CollectorSettings,
+    Config,
+    ConfigError,
+    load_config,
+    resolve_api_key,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -122,3 +132,65 @@ def test_a_reconcile_grace_too_short_to_outwait_the_list_is_refused(
 def test_a_reconcile_grace_of_5_seconds_or_more_is_accepted(tmp_path: Path, grace: str) -> None:
     path = write(tmp_path, f"[batching]\nreconcile_grace_seconds = {grace}\n")
     assert load_config(path, env={}).batching.reconcile_grace_s == float(grace)
+
+
+@pytest.mark.parametrize("grace", ["0", "0.0", "-1"])
+def test_a_zero_not_found_grace_is_refused(tmp_path: Path, grace: str) -> None:
+    # Zero, the first transient 404 after a create (spec §7.6) declares the batch lost and
+    # its requests are sent, and paid for, again.
+    path = write(tmp_path, f"[polling]\nnot_found_grace_seconds = {grace}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    message = str(refused.value)
+    assert message.startswith("[polling] not_found_grace_seconds: must be > 0 (")
+    assert message.endswith(f"got {float(grace):g}")
+
+
+def test_a_short_not_found_grace_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, "[polling]\nnot_found_grace_seconds = 0.5\n")
+    assert load_config(path, env={}).polling.not_found_grace_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("toml", "refusal"),
+    [
+        ("[batching]\nreconcile_grace_seconds = 0\n", "[batching] reconcile_grace_seconds: "),
+        ("[polling]\nnot_found_grace_seconds = 0\n", "[polling] not_found_grace_seconds: "),
+    ],
+)
+def test_run_refuses_a_zero_grace_at_start_the_same_way(
+    tmp_path: Path, toml: str, refusal: str
+) -> None:
+    """Both graces guard against paying twice: the real CLI stops before opening anything."""
+    path = write(tmp_path, f'[database]\npath = "{tmp_path / "batchd.db"}"\n{toml}')
+    run = subprocess.run(
+        [sys.executable, "-m", "batchd", "--config", str(path), "run", "--exit-when-idle"],
+        env={**os.environ, "ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2  # EXIT_USAGE, as every config error
+    assert run.stderr.startswith(f"batchd: config error: {refusal}must be "), run.stderr
+    assert run.stderr.rstrip().endswith("got 0"), run.stderr
+    assert not (tmp_path / "batchd.db").exists()
+
+
+def test_components_reading_several_sections_get_them_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[batching]\nmax_attempts = 7\nmax_requests = 40\n[results]\nchunk_size = 9\n"
+        '[budget]\nmax_spend_usd = 12.5\n[pricing."m"]\ninput = 1\noutput = 2\n',
+    )
+    config = load_config(path, env={})
+    collecting = CollectorSettings.of(config)
+    assert (collecting.results.chunk_size, collecting.max_attempts) == (9, 7)
+    budget = BudgetSettings.of(config)
+    assert budget is not None
+    assert (budget.budget.max_spend_usd, budget.next_batch_requests) == (12.5, 40)
+    assert set(budget.pricing.models) == {"m"}
+
+
+def test_no_budget_settings_without_a_spend_limit(tmp_path: Path) -> None:
+    assert BudgetSettings.of(load_config(write(tmp_path, "[budget]\nperiod = 'day'\n"), {})) is None

@@ -13,7 +13,8 @@ from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
-from tests.conftest import request_params
+from batchd.store.sqlite import SqliteStore
+from tests.support.params import request_params
 
 
 def prompt(n: int) -> str:
@@ -113,7 +114,7 @@ async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
     fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
 ) -> None:
     config = daemon_config(fake_api.base_url, max_requests=50)
-    opened = await Store.open(db_path)
+    opened = await SqliteStore.open(db_path)
     await opened.close()
 
     def insert_slowly() -> None:
@@ -132,7 +133,7 @@ async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
 
     running = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
     await asyncio.to_thread(insert_slowly)
-    opened = await Store.open(db_path)
+    opened = await SqliteStore.open(db_path)
     try:
         for _ in range(300):
             counts = await opened.status_counts()

@@ -15,7 +15,7 @@ from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 RETRYABLE_TYPES = ("api_error", "overloaded_error")
 

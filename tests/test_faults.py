@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from batchd.api.client import RetryPolicy
+from batchd.api import RetryPolicy
 from batchd.config import Config
 from batchd.fakeapi.faults import ENDPOINTS, Endpoint, FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
@@ -25,7 +25,8 @@ from batchd.fakeapi.state import Timeline
 from batchd.service.daemon import EXIT_AUTH, Daemon, run_daemon
 from batchd.service.metrics import API_REQUESTS, RESULTS_WRITTEN
 from batchd.store import Store
-from tests.conftest import refuse_in_fake, request_params
+from tests.support.fakeapi import refuse_in_fake
+from tests.support.params import request_params
 
 
 def prompt(n: int) -> str:

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from batchd.api.client import BatchesClient
+from batchd.api import BatchesClient
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock, lock_path
 from batchd.store import Store
-from tests.conftest import request_params
-from tests.test_store import query
+from tests.support.params import request_params
+from tests.support.store import query
 
 
 async def test_a_second_daemon_on_the_same_database_is_refused_while_the_first_runs(

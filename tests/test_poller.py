@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 import aiohttp
 import pytest
 
-from batchd.api.client import BatchesClient, BytesBody
+from batchd.api import BatchesClient, BytesBody
+from batchd.config import PollingConfig
 from batchd.domain import BatchState
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.pipeline.poller import Poller
 from batchd.store import Store, StoreError
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 
 async def test_polls_write_only_when_a_batch_changed(
@@ -46,7 +47,10 @@ async def test_polls_write_only_when_a_batch_changed(
 
         monkeypatch.setattr(store, "update_batch", counting)
         poller = Poller(
-            store, client, max_concurrency=4, not_found_grace_s=5, clock=lambda: datetime.now(UTC)
+            store,
+            client,
+            PollingConfig(max_concurrency=4, not_found_grace_s=5),
+            clock=lambda: datetime.now(UTC),
         )
         first = await poller.poll_all()
         assert (first.polled, writes) == (1, [])  # still in progress: nothing to write
@@ -107,7 +111,10 @@ async def test_a_failed_poll_leaves_no_other_poll_running_behind_it(
 
     monkeypatch.setattr(store, "update_batch", update)
     poller = Poller(
-        store, Api(), max_concurrency=4, not_found_grace_s=5, clock=lambda: datetime.now(UTC)
+        store,
+        Api(),
+        PollingConfig(max_concurrency=4, not_found_grace_s=5),
+        clock=lambda: datetime.now(UTC),
     )  # type: ignore[arg-type]
     with pytest.raises(StoreError):
         await poller.poll_all()

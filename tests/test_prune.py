@@ -12,18 +12,10 @@ import pytest
 from batchd.cli.commands import status_snapshot
 from batchd.cli.prune import DurationError, open_export, parse_duration, prune
 from batchd.domain import Outcome, TaskStatus, Usage
-from batchd.store import Store, StoreAccounts
-from tests.test_store import START, FakeClock, add_tasks, query, submitted_batch
+from batchd.store import Store
+from tests.support.store import START, FakeClock, add_tasks, query, submitted_batch
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 
 def test_durations() -> None:
@@ -88,7 +80,7 @@ async def test_prune_keeps_a_task_that_was_retried_meanwhile(
     await store.finish_batch(old, "unused")
     clock.now = START + timedelta(days=40)
     cutoff = START + timedelta(days=10)
-    accounts = StoreAccounts(store)
+    accounts = store.accounts
     rows = await accounts.prunable_tasks(cutoff, 0, 10)
     assert [row[1] for row in rows] == ["a", "b"]
     await store.retry_tasks([TaskStatus.SUCCEEDED], ["a"])  # between listing and deleting

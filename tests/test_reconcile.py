@@ -21,17 +21,18 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batchd.api.client import BatchesClient, BytesBody, RetryPolicy
+from batchd.api import BatchesClient, BytesBody, RetryPolicy
 from batchd.config import BatchingConfig, Config
 from batchd.domain import BatchState, TaskStatus
 from batchd.fakeapi import app
 from batchd.fakeapi.faults import FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.fakeapi.validation import parse_create_body
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import Submitter
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 GRACE_S = 60.0
 CUSTOM_IDS = [f"r-{n}" for n in range(3)]
@@ -42,6 +43,7 @@ class Rig:
     store: Store
     client: BatchesClient
     submitter: Submitter
+    reconciler: Reconciler
     now: list[datetime]  # the submitter's clock: now[0]
 
     def advance(self, seconds: float) -> None:
@@ -60,15 +62,10 @@ async def rig(store: Store, fake_api: FakeApiServer) -> AsyncIterator[Rig]:
         client = BatchesClient(
             session, base_url=fake_api.base_url, api_key="k", policy=RetryPolicy(max_retries=0)
         )
-        submitter = Submitter(
-            store,
-            client,
-            replace(BatchingConfig(), max_requests=10, linger_s=0.0),
-            clock=lambda: now[0],
-            monotonic=monotonic,
-            reconcile_grace_s=GRACE_S,
-        )
-        yield Rig(store, client, submitter, now)
+        config = replace(BatchingConfig(), max_requests=10, linger_s=0.0, reconcile_grace_s=GRACE_S)
+        reconciler = Reconciler(store, client, config, clock=lambda: now[0])
+        submitter = Submitter(store, client, config, reconciler=reconciler, monotonic=monotonic)
+        yield Rig(store, client, submitter, reconciler, now)
 
 
 def on_create(kind: FaultKind) -> FaultConfig:
@@ -82,15 +79,15 @@ async def test_a_create_whose_answer_was_lost_is_adopted_from_the_list_not_resub
 ) -> None:
     fake_api.faults.config = on_create("commit_drop")  # created, then the connection drops
     assert (await rig.submitter.submit_once()).created == 0
-    [creating] = await rig.submitter.creating_batches()
+    [creating] = await rig.reconciler.creating_batches()
     fake_api.faults.config = FaultConfig()
 
-    await rig.submitter.reconcile(creating)
+    await rig.reconciler.reconcile(creating)
 
     [on_api] = fake_api.state.batches.values()
     [adopted] = await rig.store.batches_in(BatchState.IN_PROGRESS)
     assert adopted.api_batch_id == on_api.id
-    assert await rig.submitter.creating_batches() == []
+    assert await rig.reconciler.creating_batches() == []
     rig.advance(GRACE_S * 2)  # nothing left to resubmit, however long we wait
     assert (await rig.submitter.submit_once()).created == 0
     assert fake_api.state.stats.creates_accepted == 1
@@ -103,18 +100,18 @@ async def test_a_create_that_never_reached_the_api_is_resubmitted_only_after_the
 ) -> None:
     fake_api.faults.go_down(fake_api.clock(), 3600, "drop")  # no batch is created
     assert (await rig.submitter.submit_once()).created == 0
-    [creating] = await rig.submitter.creating_batches()
+    [creating] = await rig.reconciler.creating_batches()
     fake_api.faults.down_until = None
 
     rig.advance(GRACE_S / 2)
-    await rig.submitter.reconcile(creating)  # the list may lag: keep waiting
-    assert [b.local_id for b in await rig.submitter.creating_batches()] == [creating.local_id]
+    await rig.reconciler.reconcile(creating)  # the list may lag: keep waiting
+    assert [b.local_id for b in await rig.reconciler.creating_batches()] == [creating.local_id]
     counts = await rig.store.status_counts()
     assert counts[TaskStatus.SUBMITTED] == len(CUSTOM_IDS)
 
     rig.advance(GRACE_S)
-    await rig.submitter.reconcile(creating)
-    assert await rig.submitter.creating_batches() == []
+    await rig.reconciler.reconcile(creating)
+    assert await rig.reconciler.creating_batches() == []
     assert (await rig.store.status_counts())[TaskStatus.PENDING] == len(CUSTOM_IDS)
     result = await rig.submitter.submit_once()
     assert result.created == 1
@@ -130,7 +127,7 @@ async def test_two_matching_batches_one_is_adopted_the_other_recorded_and_shown_
     fake_api.faults.config = on_create("commit_drop")
     await rig.submitter.submit_once()
     fake_api.faults.config = FaultConfig()
-    [creating] = await rig.submitter.creating_batches()
+    [creating] = await rig.reconciler.creating_batches()
     # A second copy of the same requests on the API, e.g. from a create retried by hand.
     body = orjson.dumps(
         {
@@ -142,7 +139,7 @@ async def test_two_matching_batches_one_is_adopted_the_other_recorded_and_shown_
     )
     second = await rig.client.create(BytesBody(body))
 
-    await rig.submitter.reconcile(creating)
+    await rig.reconciler.reconcile(creating)
 
     first_id = next(b.id for b in fake_api.state.batches.values() if b.id != second["id"])
     [adopted] = await rig.store.batches_in(BatchState.IN_PROGRESS)

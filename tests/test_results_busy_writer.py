@@ -12,25 +12,17 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
-from batchd.config import ResultsConfig
+from batchd.api import BatchesClient, RetryPolicy
+from batchd.config import CollectorSettings, ResultsConfig
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
-from tests.test_collector import ApiStub, answers, ended_batch, line, serving
-from tests.test_store import FakeClock, query
+from tests.support.collector import ApiStub, answers, ended_batch, line, serving
+from tests.support.store import FakeClock, query
+
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 STALL_S = 0.3
 WRITER_BUSY_S = 0.5  # longer than the stall window
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def store_clock(clock: FakeClock) -> FakeClock:
-    return clock
 
 
 @pytest.fixture
@@ -40,8 +32,8 @@ async def busy_writer_api(store: Store) -> AsyncIterator[ApiStub]:
     the body at once."""
     stub = ApiStub()
     loop = asyncio.get_running_loop()
-    lanes = await store._write_back_lanes()
-    locks = [store._lock, *(lane.lock for lane in lanes._queue)]  # type: ignore[attr-defined]
+    lanes = await store.lanes.opened()
+    locks = [store.database.write_lock, *(lane.connection.lock for lane in lanes._queue)]  # type: ignore[attr-defined]
 
     async def results(request: web.Request) -> web.StreamResponse:
         body = stub.bodies[request.match_info["name"]]
@@ -75,9 +67,8 @@ async def test_a_collector_kept_waiting_for_the_writer_still_finishes_a_healthy_
             policy=RetryPolicy(0),
             results_stall=(STALL_S, 64 * 1024),
         )
-        collector = Collector(
-            store, client, ResultsConfig(chunk_size=1), max_attempts=3, clock=clock
-        )
+        settings = CollectorSettings(ResultsConfig(chunk_size=1), max_attempts=3)
+        collector = Collector(store, client, settings, clock=clock)
         with capture_logs() as logs:
             finished = await collector.collect_all()
 

@@ -18,7 +18,7 @@ from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
-from tests.conftest import request_params
+from tests.support.params import request_params
 
 
 async def receive_until(

@@ -13,7 +13,7 @@ import pytest
 
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from tests.crash.crash_harness import (
+from tests.support.crash_harness import (
     BATCHD,
     DaemonSetup,
     RunLog,

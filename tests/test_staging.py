@@ -14,8 +14,8 @@ import pytest
 
 from batchd.store import Store
 from batchd.store.sqlite.staging import BUCKET_TASKS, StagingKeys
-from tests.test_collector import ApiStub, ended_batch
-from tests.test_store import PARAMS, add_tasks, api_batch, claim, outcome, query
+from tests.support.collector import ApiStub, ended_batch
+from tests.support.store import PARAMS, add_tasks, api_batch, claim, outcome, query
 
 
 def open_files() -> list[str]:
@@ -118,7 +118,7 @@ async def test_staging_heals_after_a_reset_that_stopped_halfway(
     store: Store, db_path: Path
 ) -> None:
     local_id = await ended_batch(store, db_path, ApiStub(), "msgbatch_1", "a")
-    await store._writer.execute("DETACH DATABASE staging")  # as if the re-attach had failed
+    await store.database.writer.execute("DETACH DATABASE staging")  # as if the re-attach had failed
     await store.clear_staging()
     assert (await store.stage_results(local_id, [outcome("a")])).staged == 1
     applied = await store.apply_staged(local_id, 3, max_rows=10)
@@ -131,7 +131,7 @@ async def test_a_key_used_twice_fails_loudly_instead_of_dropping_the_line(
 ) -> None:
     local_id = await ended_batch(store, db_path, ApiStub(), "msgbatch_1", "a", "b")
     # A row already holding the key the next line will get (only a bug could do this).
-    await store._writer.execute(
+    await store.database.writer.execute(
         "INSERT INTO staging.results (seq, task_id, batch_id, custom_id, result_type,"
         " result_json, retryable) VALUES (0, 999, ?, 'other', 'succeeded', '{}', 0)",
         (local_id,),

@@ -8,52 +8,30 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batchd.api.wire import MessageBatch, ProcessingStatus
-from batchd.domain import BatchState, Outcome, TaskStatus, Usage
+from batchd.domain import BatchState, TaskStatus, Usage
 from batchd.store import SchemaTooNewError, Store, StoreError
+from batchd.store.sqlite import SqliteStore
+from tests.support.store import (
+    PARAMS,
+    START,
+    FakeClock,
+    add_tasks,
+    api_batch,
+    claim,
+    outcome,
+    pending_ids,
+    query,
+    submitted_batch,
+)
 
-PARAMS = '{"model": "claude-x", "max_tokens": 16, "messages": []}'
-START = datetime(2026, 11, 24, 15, 40, 37, 123456, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "batchd.db"
-
-
-@pytest.fixture
-async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, clock=clock)
-    yield opened
-    await opened.close()
-
-
-def query(path: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """Read through a separate plain connection, as a user would."""
-    with sqlite3.connect(path, timeout=5) as conn:
-        rows = conn.execute(sql, params).fetchall()
-    conn.close()
-    return rows
+pytestmark = pytest.mark.fake_clock  # the store runs on `clock`, at START
 
 
 def task(path: Path, custom_id: str) -> dict[str, Any]:
@@ -67,84 +45,11 @@ def task(path: Path, custom_id: str) -> dict[str, Any]:
     return dict(found)
 
 
-def api_batch(
-    api_id: str,
-    status: ProcessingStatus = "in_progress",
-    *,
-    processing: int = 0,
-    succeeded: int = 0,
-) -> MessageBatch:
-    ended = status == "ended"
-    return {
-        "id": api_id,
-        "type": "message_batch",
-        "processing_status": status,
-        "request_counts": {
-            "processing": processing,
-            "succeeded": succeeded,
-            "errored": 0,
-            "canceled": 0,
-            "expired": 0,
-        },
-        "ended_at": "2026-11-24T16:00:00.250000+00:00" if ended else None,
-        "created_at": "2026-11-24T15:40:38.500000+00:00",
-        "expires_at": "2026-11-25T15:40:38.500000+00:00",
-        "archived_at": None,
-        "cancel_initiated_at": None,
-        "results_url": f"https://api.example/v1/messages/batches/{api_id}/results"
-        if ended
-        else None,
-    }
-
-
-def outcome(
-    custom_id: str,
-    result_type: str = "succeeded",
-    *,
-    retryable: bool = False,
-    error: str | None = None,
-    usage: Usage | None = None,
-) -> Outcome:
-    return Outcome(
-        custom_id=custom_id,
-        result_type=result_type,
-        result_json=f'{{"type": "{result_type}"}}',
-        error=error,
-        retryable=retryable,
-        usage=usage,
-        model="claude-x" if result_type == "succeeded" else None,
-    )
-
-
-async def add_tasks(store: Store, *custom_ids: str) -> None:
-    report = await store.enqueue((custom_id, PARAMS) for custom_id in custom_ids)
-    assert report.inserted == len(custom_ids)
-
-
-async def pending_ids(store: Store, custom_ids: Sequence[str]) -> list[int]:
-    wanted = set(custom_ids)
-    return [t.id async for t in store.iter_pending() if t.custom_id in wanted]
-
-
-async def claim(store: Store, *custom_ids: str) -> int:
-    local_id = await store.record_intent(await pending_ids(store, custom_ids), 1000)
-    assert local_id is not None
-    return local_id
-
-
-async def submitted_batch(store: Store, api_id: str, *custom_ids: str) -> int:
-    """Tasks enqueued, claimed, and their batch created and ended on the API."""
-    await add_tasks(store, *custom_ids)
-    local_id = await claim(store, *custom_ids)
-    assert await store.mark_created(local_id, api_batch(api_id, "ended"))
-    return local_id
-
-
 # -- opening and migrations --------------------------------------------------------------------
 
 
 async def test_open_applies_migrations_once_and_records_them(db_path: Path, clock: FakeClock):
-    store = await Store.open(db_path, clock=clock)
+    store = await SqliteStore.open(db_path, clock=clock)
     try:
         assert await store.migrate() == []
     finally:
@@ -156,7 +61,7 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (4, "short_downloads", "2026-11-24T15:40:37.123Z"),
         (5, "missing_reason", "2026-11-24T15:40:37.123Z"),
     ]
-    reopened = await Store.open(db_path, clock=clock)
+    reopened = await SqliteStore.open(db_path, clock=clock)
     try:
         assert await reopened.migrate() == []
     finally:
@@ -165,7 +70,7 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     try:
         local_id = await submitted_batch(store, "msgbatch_1", "a", "b")
     finally:
@@ -174,7 +79,7 @@ async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Pat
         conn.execute("DROP TABLE batch_tasks")
         conn.execute("DELETE FROM schema_migrations WHERE version = 2")
     conn.close()
-    upgraded = await Store.open(db_path, migrate=False)
+    upgraded = await SqliteStore.open(db_path, migrate=False)
     try:
         assert await upgraded.migrate() == [2]
         report = await upgraded.write_results(local_id, [outcome("a"), outcome("b")], 3)
@@ -184,14 +89,14 @@ async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Pat
 
 
 async def test_upgrade_to_v5_keeps_missing_results_as_missing_lines(db_path: Path):
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     await store.close()
     with sqlite3.connect(db_path) as conn:  # a v4 database with one missing result
         conn.execute("ALTER TABLE missing_results DROP COLUMN reason")
         conn.execute("DELETE FROM schema_migrations WHERE version = 5")
         conn.execute("INSERT INTO missing_results VALUES ('msgbatch_1', 'a', '2026-11-01')")
     conn.close()
-    upgraded = await Store.open(db_path, migrate=False)
+    upgraded = await SqliteStore.open(db_path, migrate=False)
     try:
         assert await upgraded.migrate() == [5]
     finally:
@@ -208,20 +113,20 @@ async def test_new_database_uses_wal_and_large_pages(store: Store, db_path: Path
 
 
 async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
-    await (await Store.open(db_path)).close()
+    await (await SqliteStore.open(db_path)).close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
         with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(5\)"):
-            await Store.open(db_path, migrate=migrate)
+            await SqliteStore.open(db_path, migrate=migrate)
 
 
 async def test_not_a_database_is_a_store_error_naming_the_path(tmp_path: Path):
     path = tmp_path / "notes.db"
     path.write_bytes(b"this is not sqlite, just text long enough to have a header" * 20)
     with pytest.raises(StoreError, match="not a database") as caught:
-        await Store.open(path)
+        await SqliteStore.open(path)
     assert str(path) in str(caught.value)
 
 
@@ -229,6 +134,7 @@ _READ_ONLY_PROBE = """
 import asyncio, os, sys
 from pathlib import Path
 from batchd.store import Store, StoreError
+from batchd.store.sqlite import SqliteStore
 asyncio.new_event_loop().close()  # load the loop's modules while they are still readable
 if os.geteuid() == 0:
     # root ignores file modes: become a user they apply to.
@@ -237,7 +143,7 @@ if os.geteuid() == 0:
     os.setuid(65534)
 async def probe():
     try:
-        store = await Store.open(Path(sys.argv[1]))
+        store = await SqliteStore.open(Path(sys.argv[1]))
     except StoreError as exc:
         print(exc)
         return 0
@@ -260,7 +166,7 @@ def world_readable_dir() -> Iterator[Path]:
 
 async def test_read_only_database_is_a_store_error_naming_the_path(world_readable_dir: Path):
     path = world_readable_dir / "batchd.db"
-    await (await Store.open(path)).close()
+    await (await SqliteStore.open(path)).close()
     path.chmod(0o444)
     world_readable_dir.chmod(0o555)
     probe = subprocess.run(
@@ -279,7 +185,7 @@ async def test_read_only_database_is_a_store_error_naming_the_path(world_readabl
 async def test_disk_full_on_write_is_a_store_error_and_the_store_keeps_working(
     store: Store, db_path: Path
 ):
-    writer = store._writer  # a page cap is how SQLite lets a test fill the disk
+    writer = store.database.writer  # a page cap is how SQLite lets a test fill the disk
     pages = next(iter(await writer.execute_fetchall("PRAGMA page_count")))[0]
     await writer.execute(f"PRAGMA max_page_count = {pages}")
     with pytest.raises(StoreError, match="disk is full") as caught:
@@ -300,7 +206,7 @@ async def test_user_insert_from_another_connection_while_open(store: Store, db_p
 
 
 async def test_cancelled_caller_still_commits_its_whole_transaction(db_path: Path):
-    store = await Store.open(db_path)
+    store = await SqliteStore.open(db_path)
     caller = asyncio.create_task(store.enqueue((f"t{i}", PARAMS) for i in range(3000)))
     await asyncio.sleep(0)  # the write transaction has started
     caller.cancel()
@@ -339,7 +245,7 @@ async def test_iter_pending_keeps_pages_of_big_rows_small(
     big = PARAMS.replace("}", ', "metadata": {"pad": "%s"}}' % ("x" * 1_000_000), 1)
     await store.enqueue([(f"big-{n}", big) for n in range(30)])
     await add_tasks(store, *(f"small-{n}" for n in range(300)))
-    read = store._read
+    read = store.database.read
     pages: list[int] = []  # params bytes held by each page
 
     async def spying(sql: str, params: Any = ()) -> list[Any]:
@@ -348,7 +254,7 @@ async def test_iter_pending_keeps_pages_of_big_rows_small(
             pages.append(sum(len(row[2]) for row in rows))
         return rows
 
-    monkeypatch.setattr(store, "_read", spying)
+    monkeypatch.setattr(store.database, "read", spying)
     tasks = [t async for t in store.iter_pending(page_size=1000, page_bytes=4_000_000)]
     assert [t.custom_id for t in tasks] == [f"big-{n}" for n in range(30)] + [
         f"small-{n}" for n in range(300)

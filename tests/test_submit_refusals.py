@@ -17,16 +17,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batchd.api.client import BatchesClient, RequestBody, RetryPolicy
+from batchd.api import BatchesClient, RequestBody, RetryPolicy
 from batchd.api.wire import MAX_BATCH_BYTES, MessageBatch
 from batchd.config import BatchingConfig, Config
 from batchd.fakeapi import validation
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import SubmitResult, Submitter
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from tests.conftest import refuse_in_fake, request_params
+from tests.support.fakeapi import refuse_in_fake
+from tests.support.params import request_params
 
 ACCOUNT_REFUSAL = "Your credit balance is too low to access the Anthropic API."
 REQUEST_REFUSAL = "requests: a request in this batch is refused"
@@ -74,14 +76,8 @@ async def rig(
 
             monkeypatch.setattr(client, "create", recorded_create)
             config = replace(BatchingConfig(), max_requests=max_requests, linger_s=0.0)
-            submitter = Submitter(
-                store,
-                client,
-                config,
-                clock=lambda: datetime.now(UTC),
-                monotonic=time,
-                reconcile_grace_s=60,
-            )
+            reconciler = Reconciler(store, client, config, clock=lambda: datetime.now(UTC))
+            submitter = Submitter(store, client, config, reconciler=reconciler, monotonic=time)
             return Rig(submitter, client, time, attempts)
 
         yield make

@@ -16,7 +16,7 @@ from batchd.cli.prune import PruneReport
 from batchd.config import Config
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
 from batchd.money.spending import budget_status, render_budget, render_usage, usage_status
-from batchd.store import CancelReport, EnqueueReport, Store, StoreAccounts
+from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
 
 _ACTIVE_BATCH_STATES = (
     BatchState.CREATING,
@@ -124,7 +124,7 @@ async def status_snapshot(
         "retention": retention_warnings(batches, now),
     }
     if accounting:
-        accounts = StoreAccounts(store)
+        accounts = store.accounts
         snapshot["usage"] = await usage_status(accounts, config)
         snapshot["budget"] = await budget_status(accounts, config, batches, now)
         gaps = await accounts.result_gaps()
@@ -250,7 +250,7 @@ def render_task(row: TaskRow) -> str:
 async def export_results(store: Store, out: IO[bytes], statuses: Sequence[TaskStatus]) -> int:
     """Write `{"custom_id", "result"}` lines, the API's own JSONL shape; returns the count."""
     count = 0
-    rows: AsyncIterator[tuple[str, str]] = store.iter_result_lines(statuses)
+    rows: AsyncIterator[ResultLine] = store.iter_result_lines(statuses)
     async for custom_id, result_json in rows:
         out.write(
             b'{"custom_id":'

@@ -9,11 +9,11 @@ from pathlib import Path
 import orjson
 
 from batchd.cli.commands import render_status, status_snapshot
-from batchd.config import Config
+from batchd.config import Config, DatabaseConfig
 from batchd.domain import TaskStatus
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.daemon import run_daemon
-from batchd.store import Store
+from batchd.store import open_store
 
 PRODUCTS = (
     "Wireless Bluetooth Headphones with 40-hour battery life and active noise cancellation",
@@ -61,7 +61,7 @@ async def run_demo(task_count: int = 36, processing_seconds: float = 2.0) -> int
         fake_config = FakeApiConfig(port=0, processing_seconds=processing_seconds, seed=7)
         async with FakeApiServer(fake_config) as server:
             print(f"fake Message Batches API at {server.base_url}")
-            store = await Store.open(database)
+            store = await open_store(DatabaseConfig(path=database))
             try:
                 report = await store.enqueue(demo_requests(task_count))
             finally:
@@ -85,7 +85,7 @@ def _demo_config(database: Path, base_url: str) -> Config:
 
 
 async def _summarise(database: Path, exit_code: int) -> int:
-    store = await Store.open(database)
+    store = await open_store(DatabaseConfig(path=database))
     try:
         print("\n" + render_status(await status_snapshot(store)))
         rows = await store.tasks_by_custom_id(["product-001", "product-002", "product-bad"])

@@ -33,7 +33,7 @@ from batchd.fakeapi.server import serve as serve_fake_api
 from batchd.money.spending import estimate_status, render_estimate
 from batchd.service.daemon import EXIT_AUTH, EXIT_FAILURE, run_daemon
 from batchd.service.logs import configure_logging
-from batchd.store import Store, StoreAccounts, StoreError
+from batchd.store import Store, StoreError, open_store
 
 EXIT_USAGE = 2
 
@@ -152,7 +152,7 @@ async def _dispatch(args: argparse.Namespace, config: Config) -> int:
         "cancel": _cancel,
         "retry": _retry,
     }
-    store = await Store.open(config.database.path, busy_timeout_ms=config.database.busy_timeout_ms)
+    store = await open_store(config.database)
     try:
         return await handlers[args.command](store, args)
     finally:
@@ -160,7 +160,7 @@ async def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _migrate(store: Store, args: argparse.Namespace) -> int:
-    print("database schema is up to date")  # Store.open applied whatever was missing.
+    print("database schema is up to date")  # open_store applied whatever was missing.
     return 0
 
 
@@ -216,7 +216,7 @@ async def _watch(store: Store, args: argparse.Namespace, config: Config) -> int:
 
 
 async def _estimate(store: Store, args: argparse.Namespace, *, config: Config) -> int:
-    figures = await estimate_status(StoreAccounts(store), config)
+    figures = await estimate_status(store.accounts, config)
     print(orjson.dumps(figures).decode() if args.json else render_estimate(figures))
     return 0
 

@@ -24,7 +24,7 @@ from batchd.config import Config
 from batchd.domain import FINAL_TASK_STATUSES, TaskStatus
 from batchd.money.pricing import format_usd as usd
 from batchd.service.daemon import Daemon, run_daemon
-from batchd.store import Store, StoreError
+from batchd.store import Store, StoreError, open_store
 
 log = structlog.get_logger("batchd.cli.progress")
 
@@ -319,9 +319,7 @@ async def run_with_progress(config: Config, api_key: str, view: RunView) -> int:
 
 
 async def _follow(daemon: Daemon, config: Config, view: RunView, stop: asyncio.Event) -> None:
-    store = await Store.open(
-        config.database.path, busy_timeout_ms=config.database.busy_timeout_ms, migrate=False
-    )
+    store = await open_store(config.database, migrate=False)
     meter = RateMeter()
     logged_at: float | None = None
     try:

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.store import Row, Store, StoreAccounts
+from batchd.store import PrunableTask, Store, StoreAccounts
 
 _PAGE = 5000
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -58,15 +58,15 @@ async def prune(
     vacuum: bool = True,
 ) -> PruneReport:
     """Delete final tasks completed before `cutoff` (exporting them first), then vacuum."""
-    accounts = StoreAccounts(store)
-    bytes_before = await accounts.database_bytes()
+    accounts = store.accounts
+    bytes_before = await accounts.storage_bytes()
     task_ids = await _collect(accounts, cutoff, export)
     deleted = 0
     for start in range(0, len(task_ids), _PAGE):
         deleted += await accounts.delete_tasks(task_ids[start : start + _PAGE], cutoff)
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
-        await accounts.vacuum()
+        await accounts.reclaim_space()
     return PruneReport(
         cutoff=cutoff,
         deleted=deleted,
@@ -74,7 +74,7 @@ async def prune(
         batch_links_deleted=links,
         batches_deleted=batches,
         bytes_before=bytes_before,
-        bytes_after=await accounts.database_bytes(),
+        bytes_after=await accounts.storage_bytes(),
         vacuumed=vacuum,
     )
 
@@ -96,7 +96,7 @@ async def _collect(
     return task_ids
 
 
-def export_line(row: Row) -> dict[str, Any]:
+def export_line(row: PrunableTask) -> dict[str, Any]:
     """A pruned task as a results line: `custom_id` and `result` first, as the API writes
     them, then what else the row held, so the export loses nothing."""
     (_, custom_id, status, result, error, params, model, *tokens, created, completed) = row

@@ -1,7 +1,8 @@
 """Test-only control endpoints under /_fake/ (no auth; never part of the real API).
 
-GET  /_fake/stats            counters: creates, batches, requests, duplicate
-                             submissions by custom_id, faults injected by kind
+GET  /_fake/stats            counters: creates, batches, requests, late creates
+                             not committed yet, submissions by custom_id (those
+                             sent more than once, and every one), faults injected
 GET  /_fake/faults           the current fault configuration
 POST /_fake/faults {...}     replace it (FaultConfig field names; omitted = default)
 POST /_fake/down {"seconds": N, "mode": "503"|"drop"}
@@ -58,6 +59,7 @@ def _bad(request: web.Request, exc: Exception) -> web.Response:
 async def stats(request: web.Request) -> web.StreamResponse:
     api = request.app[FAKE_API]
     payload = api.state.stats_json()
+    payload["creates_pending"] = len(api.pending_creates)
     payload["faults_injected"] = dict(api.faults.injected)
     payload["now"] = format_timestamp(api.clock())
     return json_response(request, payload)

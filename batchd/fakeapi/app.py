@@ -11,6 +11,7 @@ import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -25,11 +26,11 @@ from batchd.api.wire import (
     MessageBatchList,
     error_body,
 )
-from batchd.fakeapi.faults import ENDPOINTS, STATUS_ERROR_TYPES, FaultInjector
+from batchd.fakeapi.faults import ENDPOINTS, STATUS_ERROR_TYPES, FaultConfig, FaultInjector
 from batchd.fakeapi.persistence import save_state
 from batchd.fakeapi.results import result_chunks
 from batchd.fakeapi.state import ApiError, FakeClock, FakeState, new_id, not_found
-from batchd.fakeapi.validation import CreateRejected, parse_create_body
+from batchd.fakeapi.validation import CreateRejected, ParsedRequests, parse_create_body
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 READ_CHUNK_BYTES = 1 << 20
@@ -38,6 +39,7 @@ READ_CHUNK_BYTES = 1 << 20
 CLIENT_MAX_SIZE = MAX_BATCH_BYTES + (64 << 20)
 REQUEST_ID = web.RequestKey("request_id", str)
 TRUNCATE = web.RequestKey("truncate_results", bool)
+LATE_CREATE = web.RequestKey("late_create", bool)
 
 
 @dataclass
@@ -52,11 +54,32 @@ class FakeApi:
     max_body_bytes: int = MAX_BATCH_BYTES
     state_path: Path | None = None
     ids: random.Random = field(default_factory=random.Random)
+    # Late creates not yet committed (strong references: the loop keeps only weak ones).
+    pending_creates: set[asyncio.Task[None]] = field(default_factory=set)
 
     def persist(self) -> None:
         """Called after every mutation: `--state FILE` keeps batches across restarts."""
         if self.state_path is not None:
             save_state(self.state_path, self.state, self.clock.offset.total_seconds())
+
+    def create_later(self, parsed: ParsedRequests, faults: FaultConfig) -> None:
+        """Commit this create `faults.late_create_seconds` from now (real time)."""
+
+        async def commit() -> None:
+            await asyncio.sleep(faults.late_create_seconds)
+            self.state.create(parsed, faults)
+            self.persist()
+
+        task = asyncio.get_running_loop().create_task(commit())
+        self.pending_creates.add(task)
+        task.add_done_callback(self.pending_creates.discard)
+
+    async def drop_pending_creates(self) -> None:
+        """On stop: a create not committed yet never will be, as if the server died."""
+        pending = list(self.pending_creates)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 FAKE_API = web.AppKey("fake_api", FakeApi)
@@ -177,6 +200,8 @@ async def _guarded(request: web.Request, handler: Handler, api: FakeApi) -> web.
         await asyncio.sleep(faults.config.slow_seconds)
     if fault == "truncate":
         request[TRUNCATE] = True
+    if fault == "late_create":
+        request[LATE_CREATE] = True
     response = await handler(request)
     if fault == "commit_drop" and response.status == 200:
         return drop_connection(request)  # the batch exists; the client never hears of it
@@ -224,6 +249,11 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     # Parsing 256 MB takes a while: off the loop, so polls keep being answered.
     parsed = await asyncio.to_thread(parse_create_body, body, api.models)
     del body
+    if request.get(LATE_CREATE, False):
+        # The body was read and is valid: the client's connection drops now, and the batch
+        # appears later, as when the server commits a create whose answer was lost.
+        api.create_later(parsed, api.faults.config)
+        return drop_connection(request)
     batch = api.state.create(parsed, api.faults.config)
     api.persist()
     return json_response(request, batch.view(api.clock(), api.state.timeline, _base_url(request)))
@@ -248,8 +278,17 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
     if before_id is not None and after_id is not None:
         # UNCONFIRMED: the real API's answer when both cursors are given.
         raise ApiError(400, "invalid_request_error", "Cannot specify both before_id and after_id")
-    page, has_more = api.state.list_page(limit, before_id=before_id, after_id=after_id)
-    now, timeline, base_url = api.clock(), api.state.timeline, _base_url(request)
+    now = api.clock()
+    lag = api.faults.config.list_lag_seconds
+    created_by = now - timedelta(seconds=lag) if lag > 0 else None
+    page, has_more = api.state.list_page(
+        limit, before_id=before_id, after_id=after_id, created_by=created_by
+    )
+    if created_by is not None and any(
+        b.created_at > created_by for b in api.state.batches.values()
+    ):
+        api.faults.record("list_lag")  # a list call that did not show every batch
+    timeline, base_url = api.state.timeline, _base_url(request)
     data = [batch.view(now, timeline, base_url) for batch in page]
     payload: MessageBatchList = {
         "data": data,

@@ -5,8 +5,13 @@ Two kinds of faults:
 - per-request fates decided at create (`errored` with a retryable or non-retryable
   error type, `expired`), rendered later as result lines (spec §4, §4.1);
 - HTTP faults decided per call on chosen endpoints (429 with retry-after, 5xx, 529,
-  a dropped connection, create-then-drop, a results stream cut off midway, a slow
-  response), plus an "API down" switch and a transient 404 just after create (§7.6).
+  a dropped connection, create-then-drop, a create dropped at once and committed
+  later, a results stream cut off midway, a slow response), plus an "API down" switch,
+  a transient 404 just after create (§7.6) and a list that shows new batches late.
+
+The real API promises no idempotency on create (§6.4) and says nothing of when a new
+batch shows on the list: `commit_drop`, `late_create` and `list_lag_seconds` are how a
+client's reconcile (§8.3) meets a batch it did not hear of, or does not see yet.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from typing import Literal, get_args
 Endpoint = Literal["create", "retrieve", "list", "cancel", "delete", "results"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 
-# "commit_drop" applies to create only, "truncate" to results only; the others anywhere.
-FaultKind = Literal["429", "500", "503", "504", "529", "drop", "commit_drop", "truncate", "slow"]
+# "commit_drop" and "late_create" apply to create only, "truncate" to results only; the
+# others anywhere. "late_create": the connection is dropped once the body is read, and the
+# batch is committed `late_create_seconds` later (the client never hears of it).
+FaultKind = Literal[
+    "429", "500", "503", "504", "529", "drop", "commit_drop", "late_create", "truncate", "slow"
+]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 DEFAULT_FAULT_KINDS: tuple[FaultKind, ...] = ("429", "500", "529", "drop")
 
@@ -63,12 +72,20 @@ class FaultConfig:
     http_fault_endpoints: tuple[Endpoint, ...] = ENDPOINTS
     retry_after_seconds: float = 1.0
     slow_seconds: float = 2.0
+    # Real seconds from the dropped connection of a `late_create` to its batch's commit.
+    late_create_seconds: float = 5.0
+    # At most this many HTTP faults are drawn under this configuration (0: no limit):
+    # "the next create is dropped, the ones after succeed" without racing the client.
+    http_fault_limit: int = 0
     # `x-should-retry` on injected error responses: None sends no header (§6.3).
     should_retry: bool | None = None
     # Independent of the above: a results stream cut off midway, at this rate.
     results_truncate_rate: float = 0.0
     # §7.6: retrieve answers 404 for this long after a batch's creation (0 = off).
     not_found_after_create_seconds: float = 0.0
+    # The list endpoint shows a batch only once it is this old, by the fake's clock
+    # (0 = off); retrieve by id answers at once. The API promises no read-after-write.
+    list_lag_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +98,10 @@ class FaultConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        for name in ("late_create_seconds", "list_lag_seconds", "http_fault_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if self.error_rate + self.expire_rate > 1.0:
             raise ValueError("error_rate + expire_rate must not exceed 1")
         for kind in self.http_fault_kinds:
@@ -163,6 +184,10 @@ class FaultInjector:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        # HTTP faults drawn under `_limited` (the config object they were drawn under):
+        # replacing the config starts `http_fault_limit` afresh.
+        self._limited: FaultConfig | None = None
+        self._drawn = 0
 
     def go_down(self, now: datetime, seconds: float, mode: DownMode = "503") -> None:
         """Every API endpoint fails until `now + seconds` (of the fake's clock)."""
@@ -177,9 +202,14 @@ class FaultInjector:
         config = self.config
         if config.http_fault_rate == 0.0 or endpoint not in config.http_fault_endpoints:
             return None
+        if self._limited is not config:
+            self._limited, self._drawn = config, 0
+        if config.http_fault_limit and self._drawn >= config.http_fault_limit:
+            return None
         kinds = [kind for kind in config.http_fault_kinds if _applies(kind, endpoint)]
         if not kinds or self._rng.random() >= config.http_fault_rate:
             return None
+        self._drawn += 1
         return self._rng.choice(kinds)
 
     def draw_truncation(self) -> bool:
@@ -195,7 +225,7 @@ class FaultInjector:
 
 
 def _applies(kind: FaultKind, endpoint: Endpoint) -> bool:
-    if kind == "commit_drop":
+    if kind in ("commit_drop", "late_create"):
         return endpoint == "create"
     if kind == "truncate":
         return endpoint == "results"

@@ -103,6 +103,7 @@ class FakeApiServer:
         self.port = int(runner.addresses[0][1])
 
     async def stop(self) -> None:
+        await self.api.drop_pending_creates()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -183,6 +184,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--retry-after", type=float, default=1.0, help="retry-after seconds sent with 429")
     add("--slow-seconds", type=float, default=2.0, help="delay of the 'slow' fault")
     add(
+        "--late-create-seconds",
+        type=float,
+        default=5.0,
+        help="the 'late_create' fault commits the batch this long after dropping the "
+        "client's connection (default: %(default)s)",
+    )
+    add(
+        "--fault-limit",
+        type=int,
+        default=0,
+        help="inject at most this many HTTP faults, then none (default: 0, no limit)",
+    )
+    add(
         "--results-truncate-rate",
         type=float,
         default=0.0,
@@ -193,6 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="retrieve answers 404 this long after a batch's creation",
+    )
+    add(
+        "--list-lag-seconds",
+        type=float,
+        default=0.0,
+        help="the list endpoint shows a batch only once it is this old (retrieve at once)",
     )
 
 
@@ -207,8 +227,11 @@ def config_from_args(args: argparse.Namespace) -> FakeApiConfig:
         http_fault_endpoints=tuple(parse_names(args.fault_endpoints, ENDPOINTS)),  # type: ignore[arg-type]
         retry_after_seconds=args.retry_after,
         slow_seconds=args.slow_seconds,
+        late_create_seconds=args.late_create_seconds,
+        http_fault_limit=args.fault_limit,
         results_truncate_rate=args.results_truncate_rate,
         not_found_after_create_seconds=args.not_found_after_create_seconds,
+        list_lag_seconds=args.list_lag_seconds,
     )
     return FakeApiConfig(
         host=args.host,

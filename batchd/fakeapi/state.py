@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -267,9 +267,16 @@ class FakeState:
         limit: int = LIST_LIMIT_DEFAULT,
         before_id: str | None = None,
         after_id: str | None = None,
+        created_by: datetime | None = None,
     ) -> tuple[list[FakeBatch], bool]:
-        """§1.1: newest first; `after_id` pages towards older, `before_id` towards newer."""
-        newest_first = sorted(self.batches.values(), key=lambda b: b.seq, reverse=True)
+        """§1.1: newest first; `after_id` pages towards older, `before_id` towards newer.
+
+        `created_by`: only batches created at or before it are listed (the list lag).
+        """
+        listed: Iterable[FakeBatch] = self.batches.values()
+        if created_by is not None:
+            listed = [b for b in listed if b.created_at <= created_by]
+        newest_first = sorted(listed, key=lambda b: b.seq, reverse=True)
         if after_id is not None:
             cursor = self._cursor(after_id, "after_id")
             older = [b for b in newest_first if b.seq < cursor]
@@ -335,4 +342,7 @@ class FakeState:
             "submissions_by_custom_id": {
                 custom_id: count for custom_id, count in stats.submissions.items() if count > 1
             },
+            # Every custom_id ever received, with how many times: the counter itself (one
+            # int per id), never the requests.
+            "submission_counts": dict(stats.submissions),
         }

@@ -26,7 +26,7 @@ from datetime import datetime
 
 import structlog
 
-from batchd.config import BudgetConfig, Config
+from batchd.config import BudgetConfig, BudgetSettings
 from batchd.domain import BatchState
 from batchd.money.pricing import (
     Estimate,
@@ -37,7 +37,7 @@ from batchd.money.pricing import (
     format_usd,
     price_usage,
 )
-from batchd.store import SizeRow, Store, StoreAccounts, UsageRow
+from batchd.store import PendingFingerprint, SizeTotals, Store, UsageTotals
 
 log = structlog.get_logger("batchd.money.budget")
 
@@ -126,9 +126,9 @@ def budget_view(
     table: PriceTable,
     *,
     now: datetime,
-    period_usage: Iterable[UsageRow],
-    in_flight: Iterable[SizeRow],
-    next_batch: Iterable[SizeRow],
+    period_usage: Iterable[UsageTotals],
+    in_flight: Iterable[SizeTotals],
+    next_batch: Iterable[SizeTotals],
 ) -> BudgetView:
     """Pure: the budget's figures from what the store says."""
     assert config.max_spend_usd is not None
@@ -153,9 +153,9 @@ def budget_view(
 
 
 async def fitting_view(
-    next_sizes: Callable[[int], Awaitable[list[SizeRow]]],
+    next_sizes: Callable[[int], Awaitable[list[SizeTotals]]],
     wanted: int,
-    view_of: Callable[[list[SizeRow]], BudgetView],
+    view_of: Callable[[list[SizeTotals]], BudgetView],
 ) -> BudgetView:
     """The view of the largest next batch the budget admits: the oldest `wanted` pending
     tasks, else half as many, and so on; if not even the oldest one fits, its view (which
@@ -184,39 +184,18 @@ class BudgetGate:
     """The submitter's check before each batch; logs each change of its decision once."""
 
     def __init__(
-        self,
-        store: Store,
-        config: BudgetConfig,
-        table: PriceTable,
-        *,
-        next_batch_requests: int,
-        clock: Callable[[], datetime],
+        self, store: Store, settings: BudgetSettings, *, clock: Callable[[], datetime]
     ) -> None:
         self._store = store
-        self._accounts = StoreAccounts(store)
-        self._config = config
-        self._table = table
-        self._next_batch_requests = next_batch_requests
+        self._accounts = store.accounts
+        self._config = settings.budget
+        self._table = PriceTable(settings.pricing.models)
+        self._next_batch_requests = settings.next_batch_requests
         self._clock = clock
         # A batch's requests never change: read its sizes once (reading params is O(n)).
-        self._batch_sizes: dict[int, list[SizeRow]] = {}
-        self._next: tuple[tuple[int, int, int, int], list[SizeRow]] | None = None
+        self._batch_sizes: dict[int, list[SizeTotals]] = {}
+        self._next: tuple[PendingFingerprint, list[SizeTotals]] | None = None
         self.paused_reason: str | None = None
-
-    @classmethod
-    def from_config(
-        cls, store: Store, config: Config, *, clock: Callable[[], datetime]
-    ) -> BudgetGate | None:
-        """None when no budget is configured: nothing is read, nothing is checked."""
-        if config.budget.max_spend_usd is None:
-            return None
-        return cls(
-            store,
-            config.budget,
-            PriceTable(config.pricing.models),
-            next_batch_requests=config.batching.max_requests,
-            clock=clock,
-        )
 
     async def admit(self, task_ids: Sequence[int], custom_ids: Sequence[str]) -> Admission:
         """Which of `task_ids` (a chunk the chunker built: valid tasks, oldest first) may go
@@ -229,7 +208,7 @@ class BudgetGate:
         view_of = await self._viewer()
         start = 0  # the chunk's tasks before this one are refused
 
-        async def first(count: int) -> list[SizeRow]:
+        async def first(count: int) -> list[SizeTotals]:
             return await self._accounts.task_sizes(task_ids[start : start + count])
 
         view = await fitting_view(first, len(task_ids), view_of)
@@ -290,13 +269,13 @@ class BudgetGate:
         view_of = await self._viewer()
         return await fitting_view(self._next_sizes, self._next_batch_requests, view_of)
 
-    async def _viewer(self) -> Callable[[list[SizeRow]], BudgetView]:
+    async def _viewer(self) -> Callable[[list[SizeTotals]], BudgetView]:
         """The budget's figures as of now, for whichever next batch is being weighed."""
         now = self._clock()
         usage = await self._accounts.usage_by_model(period_start(self._config.period, now))
         in_flight = await self._in_flight_sizes()
 
-        def view_of(next_batch: list[SizeRow]) -> BudgetView:
+        def view_of(next_batch: list[SizeTotals]) -> BudgetView:
             return budget_view(
                 self._config,
                 self._table,
@@ -308,12 +287,12 @@ class BudgetGate:
 
         return view_of
 
-    async def _next_sizes(self, limit: int) -> list[SizeRow]:
+    async def _next_sizes(self, limit: int) -> list[SizeTotals]:
         if limit == self._next_batch_requests:
             return await self._next_batch_sizes()
         return await self._accounts.pending_sizes(limit)  # only while the budget is tight
 
-    async def _in_flight_sizes(self) -> list[SizeRow]:
+    async def _in_flight_sizes(self) -> list[SizeTotals]:
         batches = await self._store.batches_in(*UNSETTLED_BATCH_STATES)
         live = {batch.local_id for batch in batches}
         self._batch_sizes = {k: v for k, v in self._batch_sizes.items() if k in live}
@@ -321,7 +300,7 @@ class BudgetGate:
             self._batch_sizes.update(await self._accounts.batch_sizes(unknown))
         return [size for sizes in self._batch_sizes.values() for size in sizes]
 
-    async def _next_batch_sizes(self) -> list[SizeRow]:
+    async def _next_batch_sizes(self) -> list[SizeTotals]:
         # The same oldest pending ids mean the same next batch: skip re-reading their params.
         key = await self._accounts.pending_fingerprint(self._next_batch_requests)
         if self._next is None or self._next[0] != key:

@@ -28,7 +28,7 @@ from batchd.money.pricing import (
 from batchd.money.pricing import (
     format_usd as usd,
 )
-from batchd.store import SizeRow, StoreAccounts, UsageRow
+from batchd.store import SizeTotals, StoreAccounts, UsageTotals
 
 
 async def usage_status(accounts: StoreAccounts, config: Config) -> dict[str, Any]:
@@ -37,7 +37,7 @@ async def usage_status(accounts: StoreAccounts, config: Config) -> dict[str, Any
 
 
 def _usage_rows(
-    rows: Sequence[UsageRow],
+    rows: Sequence[UsageTotals],
 ) -> list[tuple[str, TokenCounts]]:
     return [(row[0], TokenCounts(*row[1:])) for row in rows]
 
@@ -55,7 +55,7 @@ async def budget_status(
     usage = await accounts.usage_by_model(period_start(config.budget.period, now))
     in_flight = [size for rows in sizes.values() for size in rows]
 
-    def view_of(next_batch: list[SizeRow]) -> BudgetView:
+    def view_of(next_batch: list[SizeTotals]) -> BudgetView:
         return budget_view(
             config.budget,
             table,
@@ -174,7 +174,7 @@ async def estimate_status(accounts: StoreAccounts, config: Config) -> dict[str, 
     return estimate_json(estimate(sizes, table, typical))
 
 
-def typical_output(rows: Sequence[UsageRow], table: PriceTable) -> dict[str, float]:
+def typical_output(rows: Sequence[UsageTotals], table: PriceTable) -> dict[str, float]:
     """Mean output tokens per result, by model id and by price key (a family's ids share)."""
     sums: dict[str, tuple[int, int]] = {}
     for model, requests, _, output, *_ in rows:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import orjson
 import structlog
 
-from batchd.api.client import (
+from batchd.api import (
     ApiError,
     AuthenticationError,
     BatchesClient,
@@ -23,7 +23,7 @@ from batchd.api.client import (
     ResultsStreamError,
 )
 from batchd.api.wire import RESULTS_RETENTION_DAYS, parse_timestamp
-from batchd.config import ResultsConfig
+from batchd.config import CollectorSettings
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState, Outcome
 from batchd.pipeline.outcomes import MalformedResultLine, parse_result_line
@@ -68,17 +68,16 @@ class Collector:
         self,
         store: Store,
         client: BatchesClient,
-        config: ResultsConfig,
+        settings: CollectorSettings,
         *,
-        max_attempts: int,
         clock: Callable[[], datetime],
         registry: Registry | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self._client = client
-        self._config = config
-        self._max_attempts = max_attempts
+        self._config = settings.results
+        self._max_attempts = settings.max_attempts
         self._clock = clock
         self._applying_since = time.monotonic()  # since the last pause for users' writes
 
@@ -241,7 +240,7 @@ class Collector:
             )
             if time.monotonic() - self._applying_since >= _WRITERS_WAIT_S:
                 # A sleep of this lane alone would leave the lock to the other lane.
-                await self._store.hold_writes(_WRITERS_PAUSE_S)
+                await self._store.yield_to_writers(_WRITERS_PAUSE_S)
                 self._applying_since = time.monotonic()
         await lane.clear_staging()
 

@@ -10,8 +10,9 @@ from typing import cast
 
 import structlog
 
-from batchd.api.client import ApiError, AuthenticationError, BatchesClient, NotFoundError
+from batchd.api import ApiError, AuthenticationError, BatchesClient, NotFoundError
 from batchd.api.wire import MessageBatch
+from batchd.config import PollingConfig
 from batchd.crashpoints import crash_point
 from batchd.domain import BatchRecord, BatchState
 from batchd.store import Store
@@ -32,15 +33,14 @@ class Poller:
         self,
         store: Store,
         client: BatchesClient,
+        config: PollingConfig,
         *,
-        max_concurrency: int,
-        not_found_grace_s: float,
         clock: Callable[[], datetime],
     ) -> None:
         self._store = store
         self._client = client
-        self._limit = asyncio.Semaphore(max_concurrency)
-        self._grace = timedelta(seconds=not_found_grace_s)
+        self._limit = asyncio.Semaphore(config.max_concurrency)
+        self._grace = timedelta(seconds=config.not_found_grace_s)
         self._clock = clock
 
     async def poll_all(self) -> PollReport:

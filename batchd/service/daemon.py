@@ -14,12 +14,14 @@ from typing import TypeVar
 import aiohttp
 import structlog
 
-from batchd.api.client import ApiError, AuthenticationError, BatchesClient, RetryPolicy
-from batchd.config import Config
+from batchd.api import ApiError, AuthenticationError, BatchesClient, RetryPolicy
+from batchd.config import BudgetSettings, CollectorSettings, Config
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
 from batchd.money.budget import BudgetGate
+from batchd.pipeline.cancels import Canceler
 from batchd.pipeline.collector import Collector
 from batchd.pipeline.poller import Poller
+from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import AuthenticationFailed, Submitter
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock
 from batchd.service.metrics import (
@@ -38,7 +40,7 @@ from batchd.service.metrics import (
     batchd_registry,
 )
 from batchd.service.notify import Notifier
-from batchd.store import Store, StoreAccounts, StoreError
+from batchd.store import Store, StoreError, open_store
 
 log = structlog.get_logger("batchd.service.daemon")
 
@@ -96,29 +98,25 @@ class Daemon:
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
+        # Each component gets its own section of the config (or, reading several, its
+        # settings object from batchd/config.py), its collaborators, and the clock.
+        budget_settings = BudgetSettings.of(config)
+        budget = (
+            None if budget_settings is None else BudgetGate(store, budget_settings, clock=clock)
+        )
+        self.reconciler = Reconciler(store, client, config.batching, clock=clock)
+        self.canceler = Canceler(store, client)
         self.submitter = Submitter(
             store,
             client,
             config.batching,
-            clock=clock,
+            reconciler=self.reconciler,
             monotonic=time.monotonic,
-            reconcile_grace_s=config.batching.reconcile_grace_s,
-            budget=BudgetGate.from_config(store, config, clock=clock),
+            budget=budget,
         )
-        self.poller = Poller(
-            store,
-            client,
-            max_concurrency=config.polling.max_concurrency,
-            not_found_grace_s=config.polling.not_found_grace_s,
-            clock=clock,
-        )
+        self.poller = Poller(store, client, config.polling, clock=clock)
         self.collector = Collector(
-            store,
-            client,
-            config.results,
-            max_attempts=config.batching.max_attempts,
-            clock=clock,
-            registry=self.registry,
+            store, client, CollectorSettings.of(config), clock=clock, registry=self.registry
         )
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
@@ -260,10 +258,10 @@ class Daemon:
             )
 
     async def _submit_step(self) -> float:
-        await self.submitter.cancel_requested()
-        for batch in await self.submitter.creating_batches():
-            await self.submitter.reconcile(batch)
-        if await self.submitter.creating_batches():
+        await self.canceler.cancel_requested()
+        for batch in await self.reconciler.creating_batches():
+            await self.reconciler.reconcile(batch)
+        if await self.reconciler.creating_batches():
             # One unresolved create at a time, so reconciliation can never confuse two.
             return min(2.0, self._config.polling.interval_s)
         result = await self.submitter.submit_once()
@@ -343,11 +341,9 @@ async def run_daemon(
         except StoreError:
             # The directory refuses the lock file: opening the database says more
             # precisely why (read-only, missing, ...), so that error is the one raised.
-            await (await Store.open(config.database.path, migrate=False)).close()
+            await (await open_store(config.database, migrate=False)).close()
             raise
-        store = await Store.open(
-            config.database.path, busy_timeout_ms=config.database.busy_timeout_ms
-        )
+        store = await open_store(config.database)
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())
         registry, reachability = batchd_registry(), ApiReachability()
@@ -394,7 +390,7 @@ def _register_database_gauges(registry: Registry, store: Store) -> None:
 
     async def tokens() -> dict[str, float]:
         totals = [0, 0, 0, 0]
-        for _, _, *by_kind in await StoreAccounts(store).usage_by_model():
+        for _, _, *by_kind in await store.accounts.usage_by_model():
             totals = [total + (value or 0) for total, value in zip(totals, by_kind, strict=True)]
         return dict(zip(TOKEN_KINDS, map(float, totals), strict=True))
 

@@ -1,35 +1,46 @@
-"""The store: every SQL statement of batchd lives below this package."""
+"""The store: tasks, batches and results behind one interface (`Store`), whatever database.
 
-from batchd.store.sqlite.store import (
+Callers depend on the Protocols of `interface.py` and the values of `values.py`, and open a
+store with `open_store`; every SQL statement lives below this package (`sqlite/`).
+"""
+
+from batchd.store.errors import SchemaTooNewError, StoreError
+from batchd.store.factory import open_store
+from batchd.store.interface import Store, StoreAccounts, WriteBackLane
+from batchd.store.values import (
     AppliedRange,
     CancelReport,
+    DuplicateBatch,
     EnqueueReport,
     FinishReport,
+    ForgottenBatches,
+    PendingFingerprint,
+    PrunableTask,
     ResultGaps,
-    Row,
-    SchemaTooNewError,
-    SizeRow,
+    ResultLine,
+    SizeTotals,
     StageReport,
-    Store,
-    StoreAccounts,
-    StoreError,
-    UsageRow,
-    WriteBackLane,
+    UsageTotals,
 )
 
 __all__ = [
     "AppliedRange",
     "CancelReport",
+    "DuplicateBatch",
     "EnqueueReport",
     "FinishReport",
+    "ForgottenBatches",
+    "PendingFingerprint",
+    "PrunableTask",
     "ResultGaps",
-    "Row",
+    "ResultLine",
     "SchemaTooNewError",
-    "SizeRow",
+    "SizeTotals",
     "StageReport",
     "Store",
     "StoreAccounts",
     "StoreError",
-    "UsageRow",
+    "UsageTotals",
     "WriteBackLane",
+    "open_store",
 ]

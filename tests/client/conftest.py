@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -14,7 +14,8 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
 
-from batchd.api.client import BatchesClient
+from batchd.api import BatchesClient
+from tests.support.client import BASE, KEY, Serve, Sleeps
 
 
 class _NoopStreamWriter(AbstractStreamWriter):
@@ -73,9 +74,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client_session
 
 
-Serve = Callable[[web.Application], Awaitable[str]]
-
-
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
     """Start an aiohttp app on a free loopback port; returns its base URL."""
@@ -93,16 +91,6 @@ async def serve() -> AsyncIterator[Serve]:
 
 
 # The client under test with recorded sleeps, and aioresponses (test_client, test_shapes).
-
-KEY = "sk-ant-api03-TEST-SECRET-0123456789"
-BASE = "https://api.example.test"
-
-
-class Sleeps(list[float]):
-    """An injected `sleep` that records the waits instead of sleeping."""
-
-    async def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from aioresponses import aioresponses
 from structlog.testing import capture_logs
 from yarl import URL
 
-from batchd.api.client import (
+from batchd.api import (
     ApiConnectionError,
     ApiError,
     ApiStatusError,
@@ -40,32 +40,9 @@ from batchd.api.client import (
 from batchd.api.wire import ANTHROPIC_VERSION, error_body
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from tests.client.conftest import BASE, KEY, Sleeps
+from tests.support.client import BATCHES, KEY, Sleeps, batch_json
 
 Serve = Callable[[web.Application], Awaitable[str]]  # the `serve` fixture
-
-BATCHES = f"{BASE}/v1/messages/batches"
-
-
-def batch_json(batch_id: str = "msgbatch_01", status: str = "in_progress") -> dict[str, Any]:
-    return {
-        "id": batch_id,
-        "type": "message_batch",
-        "processing_status": status,
-        "request_counts": {
-            "processing": 2,
-            "succeeded": 0,
-            "errored": 0,
-            "canceled": 0,
-            "expired": 0,
-        },
-        "ended_at": None,
-        "created_at": "2025-01-29T14:25:40.141141+00:00",
-        "expires_at": "2025-01-30T14:25:40.141141+00:00",
-        "archived_at": None,
-        "cancel_initiated_at": None,
-        "results_url": None,
-    }
 
 
 def error_json(error_type: str, message: str = "nope") -> dict[str, Any]:

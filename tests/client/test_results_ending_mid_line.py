@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from batchd.api.client import BatchesClient, RetryPolicy
-from tests.client.conftest import Serve
+from batchd.api import BatchesClient, RetryPolicy
+from tests.support.client import Serve
 
 LINES = [b'{"custom_id":"c-%d","result":{"type":"expired"}}' % n for n in range(3)]
 

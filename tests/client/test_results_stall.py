@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from batchd.api.client import BatchesClient, ResultsStreamError, RetryPolicy
-from tests.client.conftest import Serve
+from batchd.api import BatchesClient, ResultsStreamError, RetryPolicy
+from tests.support.client import Serve
 
 LINE = b'{"custom_id":"a","result":{"type":"expired"}}\n'
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aioresponses import aioresponses
 
-from batchd.api.client import (
+from batchd.api import (
     ApiConnectionError,
     ApiStatusError,
     BytesBody,
@@ -24,9 +24,8 @@ from batchd.api.shapes import MalformedResponse, message_batch, message_batch_li
 from batchd.config import Config
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
-from tests.client.conftest import Serve, Sleeps
-from tests.client.test_client import BATCHES, batch_json
-from tests.conftest import request_params
+from tests.support.client import BATCHES, Serve, Sleeps, batch_json
+from tests.support.params import request_params
 
 
 def broken(**changes: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Each scenario runs `batchd run` as a real process against the fake API (served by this
 test's event loop, so it outlives every daemon), kills it again and again, lets a last
-run finish, then checks the invariants of tests/crash/crash_harness.py.
+run finish, then checks the invariants of tests/support/crash_harness.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
-from tests.crash.crash_harness import (
+from tests.support.crash_harness import (
     RunLog,
     assert_nothing_lost_or_duplicated,
     check_invariants,

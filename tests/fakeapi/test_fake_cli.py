@@ -4,39 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from batchd.fakeapi.server import add_arguments, config_from_args
-from tests.fakeapi.conftest import HEADERS, requests_body
-
-
-async def spawn(*args: str) -> asyncio.subprocess.Process:
-    """`python -m batchd.fakeapi --port 0 ARGS`, with its output piped."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchd.fakeapi",
-        "--port",
-        "0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:
-    process = await spawn(*args)
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
-    match = re.fullmatch(r"batchd fake-api listening on (http://127\.0\.0\.1:\d+)\n", line)
-    assert match, line
-    return process, match.group(1)
+from tests.support.fakeapi import HEADERS, requests_body, spawn, start_process
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -107,10 +82,16 @@ def test_every_flag_reaches_the_config(tmp_path: Path) -> None:
                 "4",
                 "--slow-seconds",
                 "3",
+                "--late-create-seconds",
+                "7",
+                "--fault-limit",
+                "2",
                 "--results-truncate-rate",
                 "0.3",
                 "--not-found-after-create-seconds",
                 "6",
+                "--list-lag-seconds",
+                "8",
             ]
         )
     )
@@ -130,3 +111,5 @@ def test_every_flag_reaches_the_config(tmp_path: Path) -> None:
     assert (faults.retry_after_seconds, faults.slow_seconds) == (4, 3)
     assert faults.results_truncate_rate == 0.3
     assert faults.not_found_after_create_seconds == 6
+    assert (faults.late_create_seconds, faults.http_fault_limit) == (7, 2)
+    assert faults.list_lag_seconds == 8

@@ -11,7 +11,7 @@ import pytest
 
 from batchd.api.wire import BATCHES_PATH, parse_timestamp
 from batchd.fakeapi.server import FakeApiServer
-from tests.fakeapi.conftest import HEADERS, Api, StartFake, params, requests_body
+from tests.support.fakeapi import HEADERS, Api, StartFake, params, requests_body
 
 BATCH_KEYS = [
     "id",

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import aiohttp
 import pytest
 
 from batchd.fakeapi.faults import FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiServer
-from tests.fakeapi.conftest import Api, StartFake, requests_body
-
-
-async def admin(
-    http: aiohttp.ClientSession, server: FakeApiServer, path: str, body: Any = None
-) -> tuple[int, Any]:
-    method = "GET" if body is None else "POST"
-    async with http.request(method, f"{server.base_url}/_fake/{path}", json=body) as response:
-        return response.status, await response.json()
+from tests.support.fakeapi import Api, StartFake, admin, requests_body
 
 
 @pytest.mark.parametrize(

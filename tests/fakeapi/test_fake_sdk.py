@@ -14,7 +14,7 @@ from anthropic.types.messages import (
 
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiServer
-from tests.fakeapi.conftest import MODEL, Api, StartFake, jsonl
+from tests.support.fakeapi import MODEL, Api, StartFake, jsonl
 
 
 def sdk_requests(

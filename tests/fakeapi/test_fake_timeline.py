@@ -13,7 +13,7 @@ from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_chunks
 from batchd.fakeapi.state import ApiError, FakeBatch, FakeState, Timeline
 from batchd.fakeapi.validation import parse_create_body
-from tests.fakeapi.conftest import requests_body
+from tests.support.fakeapi import requests_body
 
 
 class ManualClock:

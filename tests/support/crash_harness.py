@@ -20,10 +20,11 @@ from pathlib import Path
 
 import orjson
 
+from batchd.config import DatabaseConfig
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.fakeapi.server import FakeApiServer
-from batchd.store import Store
-from tests.conftest import request_params
+from batchd.store import open_store
+from tests.support.params import request_params
 
 BATCHD = [sys.executable, "-m", "batchd"]
 # Batch states that leave nothing to do; anything else at the end is a stuck batch.
@@ -91,7 +92,7 @@ def _toml(value: object) -> str:
 
 
 async def enqueue(setup: DaemonSetup, count: int) -> None:
-    store = await Store.open(setup.db_path)
+    store = await open_store(DatabaseConfig(path=setup.db_path))
     try:
         await store.enqueue((custom_id(n), request_params(prompt(n))) for n in range(count))
     finally:

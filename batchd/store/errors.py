@@ -1,0 +1,11 @@
+"""Errors every store raises, whichever database is behind it."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is (read-only, full, newer schema, closed...)."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was migrated by a newer batchd than this one."""

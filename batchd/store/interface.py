@@ -1,0 +1,256 @@
+"""The store as the rest of batchd sees it: domain verbs, no database terms.
+
+The pipeline, money, service and cli packages depend on these Protocols only; a backend
+(`batchd/store/sqlite/`, later PostgreSQL) implements them in its own SQL. The numbers
+are the transactions of docs/design.md. The contract every implementation keeps:
+
+- **One write, one transaction.** Every method that writes runs exactly one database
+  transaction (unless said otherwise below), committed before it returns, and that
+  transaction runs to its end even when the caller is cancelled (shield it): a cancelled
+  statement still runs in the database, so a caller must never see half of one.
+- **Guarded state changes.** Every change of a task or batch state is an UPDATE guarded by
+  the state it leaves (`WHERE ... AND state = 'creating'`); its row count decides what
+  happens next. Replaying any write after a crash is therefore a no-op or the same change.
+- **Durability.** A commit of `mark_created` (3) must survive power loss (SQLite:
+  `synchronous=FULL`): losing it means paying again for a batch already created.
+- **Environment errors** (read-only, disk full, unreachable, locked too long) raise
+  `StoreError` naming the database and a remedy; a schema newer than this batchd raises
+  `SchemaTooNewError` before anything is written. Our own bugs (integrity errors) are not
+  translated. Any call after `close()` raises `StoreError`.
+- **Users write too.** Users insert `tasks` rows and read results in the same database:
+  keep write transactions short (results in ranges) and never hold one across network I/O.
+
+Per method (see each docstring):
+
+1. `record_intent` (claim): one transaction inserts the `creating` batch, moves exactly
+   the given tasks `pending -> submitted` (attempts + 1) and remembers them as the batch's
+   members; any task no longer pending rolls it all back (returns None). At most one batch
+   is `creating` at a time: the caller guarantees it, reconcile (4) relies on it.
+3. `mark_created`: `creating -> in_progress/ended` with the API's id, guarded; the other
+   API ids reconcile matched, and this one if the guard failed, go to duplicate_batches in
+   the same transaction (a paid batch is never unrecorded, even across a kill).
+   `release_intent` (a refused create): `creating -> rejected`, its tasks back to pending
+   with the attempt given back, named ones `invalid`, user-cancelled ones `canceled`.
+5. `update_batch` moves `in_progress -> canceling -> ended`, never back; `mark_lost`
+   requeues a lost batch's tasks (attempts kept: the API may have billed them).
+6. Write-back on a `WriteBackLane`: `stage_results` keeps lines apart from `tasks` (takes
+   no lock users' INSERTs wait for; decides batch membership from the batch's members:
+   lines of other tasks are reported unmatched, a repeated line ignored); `apply_staged`
+   applies one range of task ids per transaction, guarded by `tasks.batch_id = batch AND
+   status = 'submitted'`, so a line re-applied after a crash changes nothing. Staging may
+   be lost at any time (a crash): the batch is still `ended` and is staged again.
+   `yield_to_writers` pauses every write of ours so that users' writes get through.
+7. `finish_batch`: `ended -> completed`; in the same transaction, tasks still `submitted`
+   are requeued and listed in missing_results (so paying again is always on record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from batchd.api.wire import MessageBatch
+from batchd.domain import BatchRecord, Outcome, PendingTask, TaskRow, TaskStatus, WriteReport
+from batchd.store.values import (
+    AppliedRange,
+    CancelReport,
+    DuplicateBatch,
+    EnqueueReport,
+    FinishReport,
+    ForgottenBatches,
+    PendingFingerprint,
+    PrunableTask,
+    ResultGaps,
+    ResultLine,
+    SizeTotals,
+    StageReport,
+    UsageTotals,
+)
+
+
+class WriteBackLane(Protocol):
+    """Stages one batch's result lines and applies them (design step 6).
+
+    Lines staged on a lane are applied on the same lane; a lane stages one batch at a time
+    (`clear_staging` first). Two lanes may be used at once: one stages while the other
+    applies.
+    """
+
+    async def clear_staging(self) -> None:
+        """Forget every staged line (of a download that stopped midway)."""
+
+    async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        """Keep a chunk of batch `local_id`'s lines; no task changes yet, no lock users wait for."""
+
+    async def apply_staged(
+        self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
+    ) -> AppliedRange | None:
+        """Apply the staged lines of the next `max_rows` task ids above `after_task_id`, in one
+        guarded transaction; None once none is left. Staging stays as it is."""
+
+
+class StoreAccounts(Protocol):
+    """Reads and writes about money, result gaps and old rows (`store.accounts`)."""
+
+    async def usage_by_model(self, since_day: str | None = None) -> list[UsageTotals]:
+        """Usage of succeeded results per model (the ledger), on or after `since_day`."""
+
+    async def pending_sizes(self, limit: int | None = None) -> list[SizeTotals]:
+        """Request sizes per model of pending tasks (the oldest `limit`, or all)."""
+
+    async def task_sizes(self, task_ids: Sequence[int]) -> list[SizeTotals]:
+        """Request sizes per model of exactly these tasks (a chunk about to be sent)."""
+
+    async def pending_fingerprint(self, limit: int) -> PendingFingerprint:
+        """A cheap fingerprint of the oldest `limit` pending tasks."""
+
+    async def batch_sizes(self, local_ids: Sequence[int]) -> dict[int, list[SizeTotals]]:
+        """Request sizes per model of every task each batch carried, whatever became of it."""
+
+    async def result_gaps(self) -> ResultGaps:
+        """Result lines kept as unmatched, and requests requeued for want of a result."""
+
+    async def prunable_tasks(
+        self, cutoff: datetime, after_id: int, limit: int
+    ) -> list[PrunableTask]:
+        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
+
+    async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
+        """Delete these tasks if still final and completed before `cutoff` (one transaction)."""
+
+    async def forget_empty_batches(self) -> ForgottenBatches:
+        """Drop links of deleted tasks, then finished batches nothing refers to (one short
+        transaction per batch). A batch named in duplicate_batches stays."""
+
+    async def storage_bytes(self) -> int:
+        """Bytes the database takes (SQLite: its main file's pages)."""
+
+    async def reclaim_space(self) -> None:
+        """Give the space of deleted rows back (SQLite: VACUUM; a server database may do
+        nothing here and leave it to its own maintenance)."""
+
+
+class Store(Protocol):
+    """Tasks, batches and results, in domain terms (see the module docstring)."""
+
+    @property
+    def accounts(self) -> StoreAccounts:
+        """Usage, sizes, gaps and pruning, on this store's connections."""
+
+    async def close(self) -> None:
+        """Let a write in progress finish, then close; later calls raise StoreError."""
+
+    async def migrate(self) -> list[int]:
+        """Apply every shipped migration not yet recorded; returns the versions applied."""
+
+    # -- intake --------------------------------------------------------------------------------
+
+    async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
+        """Insert (custom_id, params) tasks; custom_ids stored or repeated are reported."""
+
+    def iter_pending(
+        self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024
+    ) -> AsyncIterator[PendingTask]:
+        """Pending tasks, oldest first, in pages (no long read transaction), each page at
+        most `page_size` rows and `page_bytes` of params unless one row alone is larger.
+        A row that cannot be read as text comes with `unreadable` set, not an error."""
+
+    async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
+        """Pending tasks (id, reason) the chunker refused become `invalid`; returns count."""
+
+    # -- submission (design 1-4) -----------------------------------------------------------------
+
+    async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
+        """Claim the tasks for a new `creating` batch (1); None if any stopped being pending."""
+
+    async def mark_created(
+        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+    ) -> bool:
+        """Record the API's id for a `creating` batch (3); False (and recorded as a duplicate)
+        if it is no longer `creating`; `duplicates` recorded in the same transaction."""
+
+    async def release_intent(
+        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """The create was refused: `rejected`, tasks back to pending without the attempt;
+        (custom_id, error) in `invalid` become `invalid`."""
+
+    # -- batches (design 4-5) -------------------------------------------------------------------
+
+    async def batches_in(self, *states: str) -> list[BatchRecord]:
+        """Batches in any of `states`, oldest first."""
+
+    async def known_api_batch_ids(self) -> set[str]:
+        """Every API batch id we know of: adopted or created, and suspected duplicates."""
+
+    async def in_flight_request_count(self) -> int:
+        """Requests of batches `creating`, `in_progress` or `canceling`."""
+
+    async def update_batch(self, local_id: int, batch: MessageBatch) -> None:
+        """Record a poll (5); `canceling` / `ended` move the state forward, never back."""
+
+    async def note_not_found(self, local_id: int, since: datetime | None) -> None:
+        """Set (first 404 of a run) or clear when the API stopped knowing the batch."""
+
+    async def mark_lost(self, local_id: int, reason: str) -> int:
+        """The API no longer knows the batch: `lost`, tasks requeued; returns how many."""
+
+    async def note_short_stream(self, local_id: int, note: str) -> int:
+        """Count a whole results stream with fewer lines than requests; returns the count."""
+
+    async def note_download_failed(self, local_id: int, note: str) -> int:
+        """Count a failed results download; returns the attempts so far."""
+
+    async def duplicate_batches(self) -> list[DuplicateBatch]:
+        """Every suspected duplicate batch, oldest first."""
+
+    # -- results (design 6-7) -------------------------------------------------------------------
+
+    async def write_results(
+        self, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
+    ) -> WriteReport:
+        """Stage and apply a few lines of batch `local_id` in one transaction (6)."""
+
+    def write_back_lane(self) -> AbstractAsyncContextManager[WriteBackLane]:
+        """A write-back lane of its own, while the context lasts (waits for a free one)."""
+
+    async def yield_to_writers(self, seconds: float) -> None:
+        """No write of ours for `seconds`, so that users' writes waiting for the database
+        get through (SQLite: its busy handler; a backend with row locks may just return)."""
+
+    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
+        """Keep (custom_id, line) result lines that matched no task of their batch."""
+
+    async def finish_batch(
+        self, local_id: int, reason: str, *, archived: bool = False
+    ) -> FinishReport:
+        """`ended -> completed` (7); tasks without a line requeued and listed, at once."""
+
+    # -- user commands and reads ----------------------------------------------------------------
+
+    async def status_counts(self) -> dict[TaskStatus, int]:
+        """How many tasks are in each status, zeros included."""
+
+    async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
+        """The tasks asked for, in the order asked; unknown custom_ids are left out."""
+
+    def iter_result_lines(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[ResultLine]:
+        """Tasks in `statuses` that have a result, by id, in pages."""
+
+    async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
+        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+
+    async def batches_to_cancel(self) -> list[BatchRecord]:
+        """In-progress batches in which every task still waiting was canceled by the user."""
+
+    async def mark_canceling(self, local_id: int) -> None:
+        """We asked the API to cancel the batch (`in_progress -> canceling`)."""
+
+    async def retry_tasks(
+        self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
+    ) -> int:
+        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""

@@ -1,0 +1,1 @@
+"""The PostgreSQL store: connections (`connection.py`) and its schema (`migrations.py`)."""

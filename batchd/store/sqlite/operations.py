@@ -1,0 +1,129 @@
+"""What users ask of the store: counts, tasks by custom_id, results export, cancel, retry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
+from batchd.store.sqlite.batches import BATCH_COLUMNS, USER_CANCELED, batch_record
+from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
+from batchd.store.values import CancelReport, ResultLine
+
+
+class UserOperations:
+    """The reads and commands of `batchd status / results / cancel / retry` (part of
+    SqliteStore)."""
+
+    _db: SqliteDatabase
+
+    async def status_counts(self) -> dict[TaskStatus, int]:
+        """How many tasks are in each status, zeros included."""
+        rows = await self._db.read("SELECT status, count(*) FROM tasks GROUP BY status")
+        counts = dict.fromkeys(TaskStatus, 0)
+        counts.update({TaskStatus(status): count for status, count in rows})
+        return counts
+
+    async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
+        """The tasks asked for, in the order asked; unknown custom_ids are left out."""
+        rows = await self._db.read(
+            "SELECT t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, t.result,"
+            " t.created_at, t.submitted_at, t.completed_at"
+            " FROM json_each(?) AS asked"
+            " JOIN tasks AS t ON t.custom_id = asked.value"
+            " LEFT JOIN batches AS b ON b.id = t.batch_id"
+            " ORDER BY asked.key",
+            (json_list(dict.fromkeys(custom_ids)),),
+        )
+        return [TaskRow(row[0], TaskStatus(row[1]), *row[2:]) for row in rows]
+
+    async def iter_result_lines(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[ResultLine]:
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
+        after = 0
+        wanted = json_list(statuses)
+        while True:
+            rows = await self._db.read(
+                "SELECT id, custom_id, result FROM tasks"
+                " WHERE status IN (SELECT value FROM json_each(?))"
+                " AND result IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
+                (wanted, after, page_size),
+            )
+            for _, custom_id, result in rows:
+                yield ResultLine(custom_id, result)
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
+
+    async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
+        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+        return await self._db.transact(self._request_cancel, list(dict.fromkeys(custom_ids)))
+
+    async def _request_cancel(self, db: Db, custom_ids: list[str]) -> CancelReport:
+        asked = json_list(custom_ids)
+        rows = await db.execute_fetchall(
+            "SELECT custom_id, status FROM tasks"
+            " WHERE custom_id IN (SELECT value FROM json_each(?))",
+            (asked,),
+        )
+        status_of: dict[str, str] = {row[0]: row[1] for row in rows}
+        await db.execute(
+            "UPDATE tasks SET status = 'canceled', error = ?, completed_at = ?"
+            " WHERE custom_id IN (SELECT value FROM json_each(?)) AND status = 'pending'",
+            (USER_CANCELED, self._db.now(), asked),
+        )
+        await db.execute(
+            "UPDATE tasks SET cancel_requested = 1"
+            " WHERE custom_id IN (SELECT value FROM json_each(?)) AND status = 'submitted'",
+            (asked,),
+        )
+
+        def having(*statuses: str | None) -> tuple[str, ...]:
+            return tuple(cid for cid in custom_ids if status_of.get(cid) in statuses)
+
+        return CancelReport(
+            canceled=having(TaskStatus.PENDING),
+            flagged=having(TaskStatus.SUBMITTED),
+            not_cancelable=having(*FINAL_TASK_STATUSES),
+            unknown=having(None),
+        )
+
+    async def batches_to_cancel(self) -> list[BatchRecord]:
+        """In-progress batches in which every task still waiting was canceled by the user."""
+        rows = await self._db.read(
+            f"SELECT {BATCH_COLUMNS} FROM batches AS b WHERE state = 'in_progress'"
+            " AND EXISTS (SELECT 1 FROM tasks AS t"
+            "   WHERE t.batch_id = b.id AND t.status = 'submitted')"
+            " AND NOT EXISTS (SELECT 1 FROM tasks AS t"
+            "   WHERE t.batch_id = b.id AND t.status = 'submitted' AND t.cancel_requested = 0)"
+            " ORDER BY id"
+        )
+        return [batch_record(row) for row in rows]
+
+    async def mark_canceling(self, local_id: int) -> None:
+        """We asked the API to cancel the batch."""
+        await self._db.transact(
+            run_in,
+            "UPDATE batches SET state = 'canceling' WHERE id = ? AND state = 'in_progress'",
+            (local_id,),
+        )
+
+    async def retry_tasks(
+        self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
+    ) -> int:
+        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+        not_final = set(statuses) - FINAL_TASK_STATUSES
+        if not_final:
+            raise ValueError(f"only final tasks can be retried, not {sorted(not_final)}")
+        which = " AND custom_id IN (SELECT value FROM json_each(?))" if custom_ids else ""
+        params = [json_list(statuses)] + ([json_list(custom_ids)] if custom_ids else [])
+        # Usage and model go too: they would describe a result that is no longer there.
+        return await self._db.transact(
+            run_in,
+            "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
+            " error = NULL, cancel_requested = 0, completed_at = NULL, model = NULL,"
+            " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
+            " cache_read_input_tokens = NULL"
+            f" WHERE status IN (SELECT value FROM json_each(?)){which}",
+            params,
+        )

@@ -1,0 +1,240 @@
+"""Intake and claiming (design steps 1-4): new tasks, pending pages, the intent of a batch."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from itertools import islice
+
+from batchd.api.wire import MessageBatch, parse_timestamp
+from batchd.domain import PendingTask
+from batchd.store.sqlite.batches import STATE_OF_PROCESSING, batch_params, cancel_flagged
+from batchd.store.sqlite.database import (
+    Db,
+    Rollback,
+    Row,
+    SqliteDatabase,
+    format_time,
+    json_list,
+    run,
+    run_many,
+)
+from batchd.store.values import EnqueueReport
+
+_ENQUEUE_CHUNK = 5000
+
+
+class TaskIntake:
+    """Tasks in, pending tasks out, and the claim that makes a batch (part of SqliteStore)."""
+
+    _db: SqliteDatabase
+
+    async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
+        """Insert new tasks; custom_ids already stored or repeated in `items` are reported."""
+        inserted = 0
+        duplicates: list[str] = []
+        seen: set[str] = set()
+        source = iter(items)
+        while chunk := list(islice(source, _ENQUEUE_CHUNK)):
+            fresh: dict[str, str] = {}
+            for custom_id, params in chunk:
+                if custom_id not in seen and custom_id not in fresh:
+                    fresh[custom_id] = params
+            existing, count = await self._db.transact(_insert_tasks, fresh)
+            inserted += count
+            for custom_id, _ in chunk:
+                if custom_id in seen or custom_id in existing:
+                    duplicates.append(custom_id)
+                seen.add(custom_id)
+        return EnqueueReport(inserted, tuple(duplicates))
+
+    async def iter_pending(
+        self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024
+    ) -> AsyncIterator[PendingTask]:
+        """Pending tasks, oldest first, a page per query (keyset: no long read transaction).
+
+        A page holds at most `page_size` rows and, unless one row alone is larger, at most
+        `page_bytes` of params: a thousand requests of a few MB each never sit in memory
+        at once. Their sizes are read first (SQLite reads the rows, Python only ints).
+        """
+        after = 0
+        while True:
+            sizes = await self._db.read(
+                "SELECT id, length(CAST(params AS BLOB)) FROM tasks"
+                " WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                (after, page_size),
+            )
+            if not sizes:
+                return
+            last, total = sizes[0][0], 0
+            for task_id, size in sizes:
+                if total and total + (size or 0) > page_bytes:
+                    break
+                last, total = task_id, total + (size or 0)
+            # As bytes, with their types: a user's INSERT may store a BLOB or text that is
+            # not UTF-8, which sqlite3 would fail to decode for the whole page.
+            rows = await self._db.read(
+                "SELECT id, CAST(custom_id AS BLOB), CAST(params AS BLOB), attempts,"
+                " typeof(custom_id), typeof(params) FROM tasks"
+                " WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id",
+                (after, last),
+            )
+            for row in rows:
+                yield _pending_task(row)
+            if len(sizes) < page_size and last == sizes[-1][0]:
+                return
+            after = last
+
+    async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
+        """Pending tasks the chunker refused become `invalid` with the reason; returns count."""
+        return await self._db.transact(self._mark_invalid, reasons)
+
+    async def _mark_invalid(self, db: Db, reasons: Sequence[tuple[int, str]]) -> int:
+        now = self._db.now()
+        return await run_many(
+            db,
+            "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?"
+            " WHERE id = ? AND status = 'pending'",
+            [(reason, now, task_id) for task_id, reason in reasons],
+        )
+
+    # -- submission (design steps 1-4) ---------------------------------------------------------
+
+    async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
+        """Claim the tasks for a new `creating` batch; None if any stopped being pending."""
+        if not task_ids:
+            raise ValueError("record_intent needs at least one task")
+        try:
+            return await self._db.transact(self._claim, task_ids, body_bytes)
+        except Rollback:
+            return None
+
+    async def _claim(self, db: Db, task_ids: Sequence[int], body_bytes: int) -> int:
+        now = self._db.now()
+        async with db.execute(
+            "INSERT INTO batches (state, request_count, body_bytes, intent_at)"
+            " VALUES ('creating', ?, ?, ?)",
+            (len(task_ids), body_bytes, now),
+        ) as cursor:
+            local_id = cursor.lastrowid
+        assert local_id is not None
+        # One JSON array parameter: no limit on bound variables, no temp table to fill.
+        task_list = json_list(task_ids)
+        claimed = await run(
+            db,
+            "UPDATE tasks SET status = 'submitted', batch_id = ?, attempts = attempts + 1,"
+            " submitted_at = ?, error = NULL"
+            " WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending'",
+            (local_id, now, task_list),
+        )
+        if claimed != len(task_ids):
+            raise Rollback
+        await db.execute(
+            "INSERT INTO batch_tasks (batch_id, task_id) SELECT ?, value FROM json_each(?)",
+            (local_id, task_list),
+        )
+        return local_id
+
+    async def mark_created(
+        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+    ) -> bool:
+        """Record the API's id for a `creating` batch (also adopts one found by reconcile).
+
+        In the same transaction, so that a kill cannot leave a paid batch unrecorded:
+        `duplicates` (other API batches reconcile matched) go to duplicate_batches, and so
+        does `batch` itself if the local batch is no longer `creating` (returns False).
+        """
+        return await self._db.transact(self._mark_created, local_id, batch, duplicates)
+
+    async def _mark_created(
+        self, db: Db, local_id: int, batch: MessageBatch, duplicates: Sequence[str]
+    ) -> bool:
+        now = self._db.now()
+        unrecorded = [
+            (api_id, f"same request count created in the window of local batch {local_id}")
+            for api_id in duplicates
+        ]
+        changed = await run(
+            db,
+            "UPDATE batches SET api_batch_id = :api_id, state = :state, submitted_at = :now,"
+            " api_created_at = :created, processing_status = :processing,"
+            " request_counts = :counts, results_url = :url, ended_at = :ended"
+            " WHERE id = :local AND state = 'creating'",
+            {
+                **batch_params(batch),
+                "state": STATE_OF_PROCESSING[batch["processing_status"]].value,
+                "created": format_time(parse_timestamp(batch["created_at"])),
+                "now": now,
+                "local": local_id,
+            },
+        )
+        if changed != 1:
+            note = f"created for local batch {local_id} after its intent was released"
+            unrecorded.append((batch["id"], note))
+        await run_many(
+            db,
+            "INSERT OR IGNORE INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
+            " VALUES (?, ?, ?, ?)",
+            [(api_id, local_id, now, note) for api_id, note in unrecorded],
+        )
+        return changed == 1
+
+    async def release_intent(
+        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """The create was refused: the batch is `rejected`, its tasks go back (no attempt)."""
+        await self._db.transact(self._release_intent, local_id, reason, invalid)
+
+    async def _release_intent(
+        self, db: Db, local_id: int, reason: str, invalid: Sequence[tuple[str, str]]
+    ) -> None:
+        rejected = await run(
+            db,
+            "UPDATE batches SET state = 'rejected', note = ? WHERE id = ? AND state = 'creating'",
+            (reason, local_id),
+        )
+        if not rejected:
+            return
+        now = self._db.now()
+        await run_many(
+            db,
+            "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?,"
+            " attempts = attempts - 1"
+            " WHERE custom_id = ? AND batch_id = ? AND status = 'submitted'",
+            [(error, now, custom_id, local_id) for custom_id, error in invalid],
+        )
+        await cancel_flagged(db, local_id, now, attempts_delta=-1)
+        await run(
+            db,
+            "UPDATE tasks SET status = 'pending', batch_id = NULL, attempts = attempts - 1,"
+            " error = NULL WHERE batch_id = ? AND status = 'submitted'",
+            (local_id,),
+        )
+
+
+async def _insert_tasks(db: Db, fresh: dict[str, str]) -> tuple[set[str], int]:
+    rows = await db.execute_fetchall(
+        "SELECT custom_id FROM tasks WHERE custom_id IN (SELECT value FROM json_each(?))",
+        (json_list(fresh),),
+    )
+    existing = {row[0] for row in rows}
+    new = [(cid, params) for cid, params in fresh.items() if cid not in existing]
+    count = await run_many(db, "INSERT OR IGNORE INTO tasks (custom_id, params) VALUES (?, ?)", new)
+    return existing, count
+
+
+def _pending_task(row: Row) -> PendingTask:
+    """A pending row read as bytes with its column types, as `iter_pending` selects it."""
+    task_id, custom_id, params, attempts, id_type, params_type = row
+    for name, value, kind in (("custom_id", custom_id, id_type), ("params", params, params_type)):
+        if kind != "text":
+            reason = f"{name} is stored as a {kind.upper()}; store it as text (a str, not bytes)"
+            break
+        try:
+            value.decode()
+        except UnicodeDecodeError as exc:
+            reason = f"{name} is not valid UTF-8 text (byte {exc.start}: {exc.reason})"
+            break
+    else:
+        return PendingTask(task_id, custom_id.decode(), params.decode(), attempts)
+    readable_id = custom_id.decode(errors="replace")
+    return PendingTask(task_id, readable_id, params.decode(errors="replace"), attempts, reason)

@@ -1,0 +1,114 @@
+"""What the store returns: reports of its writes and totals of its reads, backend-neutral.
+
+Totals are NamedTuples where callers unpack them positionally (usage per model, sizes per
+model, a pruned task's export line); reports of writes are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from batchd.domain import WriteReport
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueReport:
+    inserted: int
+    duplicates: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReport:
+    canceled: tuple[str, ...]  # pending tasks now canceled
+    flagged: tuple[str, ...]  # submitted tasks: canceled when their result comes back canceled
+    not_cancelable: tuple[str, ...]  # already final
+    unknown: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FinishReport:
+    missing_requeued: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultGaps:
+    unmatched: int  # result lines that matched no task of their batch
+    missing_requeued: int  # requests a whole results stream had no line for
+    archived_requeued: int  # requests whose results were archived before being written
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedRange:
+    last_task_id: int  # apply the next range after this one
+    report: WriteReport
+
+
+@dataclass(frozen=True, slots=True)
+class StageReport:
+    staged: int  # lines kept for a task of the batch, to be applied
+    repeated: int  # further lines for a task already staged: ignored
+    unmatched: tuple[int, ...]  # positions in the chunk of lines that match no task of the batch
+
+
+class UsageTotals(NamedTuple):
+    """Usage of succeeded results of one model (the usage ledger)."""
+
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+
+
+class SizeTotals(NamedTuple):
+    """Request sizes of some tasks of one model (None: a request the chunker will refuse)."""
+
+    model: str | None
+    requests: int
+    request_bytes: int
+    max_tokens: int
+
+
+class PendingFingerprint(NamedTuple):
+    """Which tasks are the oldest pending ones, cheaply: changes when any of them does."""
+
+    tasks: int
+    min_id: int
+    max_id: int
+    id_sum: int
+
+
+class ForgottenBatches(NamedTuple):
+    links: int  # task-to-batch links of deleted tasks
+    batches: int  # finished batches nothing referred to any more
+
+
+class DuplicateBatch(NamedTuple):
+    api_batch_id: str
+    detected_at: str
+    note: str
+
+
+class ResultLine(NamedTuple):
+    custom_id: str
+    result_json: str
+
+
+class PrunableTask(NamedTuple):
+    """A final task old enough to prune, with everything an export line keeps of it."""
+
+    id: int
+    custom_id: str
+    status: str
+    result: str | None
+    error: str | None
+    params: str
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_creation_input_tokens: int | None
+    cache_read_input_tokens: int | None
+    created_at: str
+    completed_at: str | None
