@@ -170,7 +170,7 @@ def test_every_params_shape_gets_the_general_answer(raw: str, reason: str | None
 
 
 async def test_a_chunk_of_thousands_is_the_same_body_as_one_write_per_request() -> None:
-    """The body is written a MB at a time: byte for byte what encode_request splices."""
+    """The body is written in pieces of many requests: byte for byte what encode_request splices."""
     tasks = [task(i, "w" * (i % 700)) for i in range(1, 6001)]
     tasks[100] = task(101, raw="[1]")
     chunk = await chunker.build_chunk(feed(tasks), max_requests=100_000, max_bytes=256_000_000)
