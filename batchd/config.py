@@ -430,3 +430,16 @@ def _read_key_file(path: Path, what: str) -> str:
     if not key:
         raise ConfigError(f"{what}: {path} is empty")
     return key
+
+
+def api_key_source(config: Config, env: Mapping[str, str] | None = None) -> str | None:
+    """Where `resolve_api_key` takes the key from, for messages: never the key itself."""
+    env = os.environ if env is None else env
+    if config.api.api_key_file is not None:
+        return f"[api] api_key_file {config.api.api_key_file}"
+    if env.get(config.api.api_key_env):
+        return f"${config.api.api_key_env}"
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL_NAME).is_file():
+        return f"systemd credential {CREDENTIAL_NAME} ({Path(credentials) / CREDENTIAL_NAME})"
+    return None

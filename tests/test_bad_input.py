@@ -187,8 +187,9 @@ def test_a_corrupted_config_stops_run_at_start_naming_the_problem(
         timeout=60,
         check=False,
     )
-    assert run.returncode == 2
+    assert run.returncode == 78  # EX_CONFIG
     assert phrase in run.stderr
+    assert "Traceback" not in run.stderr
     assert not (tmp_path / "batchd.db").exists()
 
 
@@ -213,7 +214,7 @@ async def test_a_database_of_a_newer_schema_is_refused_at_start_and_left_alone(
     config.write_text(f'[database]\npath = "{db_path}"\n')
     before = dump(db_path)
     run = run_cli(config, "run")
-    assert run.returncode == 1
+    assert run.returncode == 78  # EX_CONFIG: a restart cannot fix it
     assert str(db_path) in run.stderr
     assert "schema version 999 is newer than this batchd supports" in run.stderr
     assert dump(db_path) == before  # never altered
@@ -260,7 +261,7 @@ async def test_a_read_only_database_stops_run_at_start_naming_the_path(
         timeout=60,
         check=False,
     )
-    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.returncode == 78, run.stdout + run.stderr
     assert f"database {path}" in run.stderr
     assert "readonly database" in run.stderr
     assert "write the file and its directory" in run.stderr

@@ -67,7 +67,7 @@ def test_a_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[batching]\nmax_requests = 0\n")
     result = batchd("--config", str(config), "status", env=dict(os.environ))
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG: the unit does not restart on it
     assert "[batching] max_requests" in result.stderr.decode()
 
 

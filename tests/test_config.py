@@ -171,7 +171,7 @@ def test_run_refuses_a_zero_grace_at_start_the_same_way(
         timeout=60,
         check=False,
     )
-    assert run.returncode == 2  # EXIT_USAGE, as every config error
+    assert run.returncode == 78  # EXIT_CONFIG (EX_CONFIG), as every config error
     assert run.stderr.startswith(f"batchd: config error: {refusal}must be "), run.stderr
     assert run.stderr.rstrip().endswith("got 0"), run.stderr
     assert not (tmp_path / "batchd.db").exists()

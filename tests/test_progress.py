@@ -14,6 +14,7 @@ from batchd.cli.progress import (
     eta_s,
     format_duration,
     progress_snapshot,
+    rate_from_completions,
     render_bar,
     render_line,
     render_watch,
@@ -71,7 +72,8 @@ def test_the_watch_view() -> None:
     assert text.splitlines() == [
         "batchd status   2026-11-24 16:00:00 UTC",
         "",
-        "tasks 1,000   done 200 (20.0%)   [######........................]",
+        "tasks 1,000   done 200 (20.0%) (+120 processed by the API)   "
+        "[######----....................]",
         "  pending 500  submitted 300  succeeded 180  errored 15  canceled 3  expired 1  invalid 1",
         "throughput 4.0 tasks/s (last 5m00s)   ETA 3m20s",
         "batches in flight 2   (requests processed/sent, age)",
@@ -84,11 +86,13 @@ def test_the_watch_view() -> None:
 
 def test_the_plain_line_and_the_bar() -> None:
     assert render_line(SNAPSHOT, None) == (
-        "done 200/1,000 (20.0%) pending 500 submitted 300 batches 2 rate measuring "
+        "done 200/1,000 (20.0%) (+120 processed by the API) pending 500 submitted 300 "
+        "batches 2 rate measuring "
         "eta unknown | submission paused: budget (over)"
     )
     assert render_bar(SNAPSHOT, 4.0, 200) == (
-        "[####................] 200/1,000 20% | 2 in flight | 4.0 tasks/s | ETA 3m20s"
+        "[####--..............] 200/1,000 20% (+120 processed by the API) | 2 in flight | "
+        "4.0 tasks/s | ETA 3m20s"
         " | submission paused: budget (over)"
     )
     assert len(render_bar(SNAPSHOT, 4.0, 40)) == 39  # never wraps the terminal line
@@ -129,11 +133,14 @@ def test_log_lines_clear_the_bar_and_redraw_it() -> None:
 
 async def test_watch_prints_a_line_per_interval_when_not_on_a_terminal() -> None:
     done = iter([100, 160, 220])
-    ticks = iter([0.0, 10.0, 20.0])
+    completed_in_window = iter([0, 1800, 1800])
 
     async def read() -> ProgressSnapshot:
         finished = next(done)
         return ProgressSnapshot({"pending": 300 - finished, "succeeded": finished})
+
+    async def read_rate() -> float:  # tasks completed in the 300 s window, per second
+        return rate_from_completions(next(completed_in_window))
 
     out = io.StringIO()
     await watch(
@@ -142,11 +149,22 @@ async def test_watch_prints_a_line_per_interval_when_not_on_a_terminal() -> None
         interval_s=0.001,
         tty=False,
         count=3,
-        monotonic=lambda: next(ticks),
         clock_text=lambda: "now",
+        read_rate=read_rate,
     )
     assert out.getvalue().splitlines() == [
-        "done 100/300 (33.3%) pending 200 submitted 0 batches 0 rate measuring eta unknown",
+        "done 100/300 (33.3%) pending 200 submitted 0 batches 0 rate 0.0 tasks/s eta unknown",
         "done 160/300 (53.3%) pending 140 submitted 0 batches 0 rate 6.0 tasks/s eta 23s",
         "done 220/300 (73.3%) pending 80 submitted 0 batches 0 rate 6.0 tasks/s eta 13s",
     ]
+
+
+def test_a_log_line_after_the_final_bar_does_not_draw_it_again() -> None:
+    screen = io.StringIO()
+    bar = ProgressBar(screen)
+    logs = LogThroughBar(screen, bar)  # type: ignore[arg-type]
+    bar.update("[####] 4/4")
+    bar.finish()  # the run's last figures, drawn before `daemon_stopped` is logged
+    logs.write("daemon_stopped\n")
+    logs.flush()
+    assert screen.getvalue() == "\r\x1b[K[####] 4/4" + "\r\x1b[K[####] 4/4\n" + "daemon_stopped\n"

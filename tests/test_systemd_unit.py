@@ -13,6 +13,14 @@ from pathlib import Path
 import pytest
 
 from batchd.config import CREDENTIAL_NAME
+from batchd.service.exits import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    NOT_RESTARTABLE,
+)
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "batchd.service"
 EXEC_START = "/usr/local/bin/batchd --config /etc/batchd/batchd.toml run"
@@ -58,9 +66,11 @@ def test_unit_is_a_notify_service_with_a_watchdog_and_the_daemons_exit_codes() -
     assert unit["ExecStart"] == [EXEC_START]
     assert unit["WatchdogSec"] == ["60"]
     assert unit["Restart"] == ["on-failure"]
-    # EXIT_AUTH (batchd.service.daemon) and EXIT_USAGE (batchd.cli.main), a bad config:
-    # no restart fixes them.
-    assert set(unit["RestartPreventExitStatus"][0].split()) == {"2", "78"}
+    # Exactly the codes no restart fixes (usage, unforeseen error, configuration); the
+    # temporary ones (another process holds a port or the lock) are restarted.
+    prevented = {int(code) for code in unit["RestartPreventExitStatus"][0].split()}
+    assert prevented == NOT_RESTARTABLE == {EXIT_USAGE, EXIT_SOFTWARE, EXIT_CONFIG}
+    assert not prevented & {EXIT_FAILURE, EXIT_TEMPFAIL}
     assert unit["KillSignal"] == ["SIGTERM"]
     # Stop must outlast the daemon's drain plus closing the database, or systemd SIGKILLs it.
     assert int(unit["TimeoutStopSec"][0]) > DAEMON_DRAIN_S + 15
@@ -157,7 +167,9 @@ _MDWE_PROBE = textwrap.dedent(
     import asyncio, sqlite3
     import aiohttp, aiosqlite, orjson, structlog
     from aiohttp import web
-    from batchd.service.metrics import MetricsServer, Registry, Health
+    from batchd.service.health import Health
+    from batchd.service.metrics import Registry
+    from batchd.service.web.server import MetricsServer
     from batchd.service.notify import Notifier
 
     async def healthy():

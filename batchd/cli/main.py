@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import TextIO, cast
@@ -16,26 +15,35 @@ import orjson
 
 from batchd.cli import commands
 from batchd.cli.demo import run_demo
+from batchd.cli.failures import check_database_directory, report_failure, store_failure
 from batchd.cli.progress import (
+    RATE_WINDOW_S,
     LogThroughBar,
     ProgressBar,
     ProgressSnapshot,
-    RunView,
-    run_with_progress,
+    rate_from_completions,
     watch,
     watch_snapshot,
 )
 from batchd.cli.prune import DurationError, open_export, parse_duration, prune
-from batchd.config import Config, ConfigError, load_config, resolve_api_key
-from batchd.domain import FAILED_TASK_STATUSES, TaskStatus
+from batchd.cli.runprogress import RunView, run_with_progress
+from batchd.config import Config, ConfigError, api_key_source, load_config, resolve_api_key
+from batchd.domain import FAILED_TASK_STATUSES, FINAL_TASK_STATUSES, TaskStatus
 from batchd.fakeapi.server import add_arguments as add_fake_api_arguments
 from batchd.fakeapi.server import serve as serve_fake_api
 from batchd.money.spending import estimate_status, render_estimate
-from batchd.service.daemon import EXIT_AUTH, EXIT_FAILURE, run_daemon
-from batchd.service.logs import configure_logging
+from batchd.service.daemon import run_daemon
+from batchd.service.exits import (
+    EXIT_CONFIG,
+    EXIT_SOFTWARE,
+    EXIT_USAGE,
+    ConfigurationError,
+    StartupError,
+)
+from batchd.service.logs import configure_logging, syslog_prefix
 from batchd.store import Store, StoreError, open_store
 
-EXIT_USAGE = 2
+_MAX_PORT = 65535
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML config file (default: $BATCHD_CONFIG)")
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure, not only its message"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon")
@@ -60,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--watch", action="store_true", help="redraw every --interval seconds (Ctrl-C to stop)"
     )
-    status.add_argument("--interval", type=float, default=2.0, help="seconds (default: 2)")
+    status.add_argument("--interval", type=float, help="with --watch: seconds (default: 2)")
     status.add_argument("--count", type=int, help="with --watch: stop after this many")
     estimate = sub.add_parser("estimate", help="what the pending tasks would cost")
     estimate.add_argument("--json", action="store_true")
@@ -85,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument(
         "--status",
         action="append",
-        choices=[s.value for s in TaskStatus],
+        # Only final tasks go back to the queue: a pending or submitted one is not offered.
+        choices=[s.value for s in TaskStatus if s in FINAL_TASK_STATUSES],
         help="statuses to retry (default: errored, expired, canceled)",
     )
     demo = sub.add_parser("demo", help="run everything against the bundled fake API")
@@ -95,19 +107,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone; exits 2 (argparse's usage error) with its message."""
+    if args.command == "fake-api" and not 0 <= args.port <= _MAX_PORT:
+        parser.error(f"fake-api --port must be between 0 and {_MAX_PORT}, not {args.port}")
+    if args.command == "status":
+        if not args.watch and (args.count is not None or args.interval is not None):
+            parser.error("status --count and --interval need --watch")
+        if args.interval is not None and args.interval <= 0:
+            parser.error("status --interval must be > 0")
+        if args.count is not None and args.count < 1:
+            parser.error("status --count must be >= 1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_usage(parser, args)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        return 130 if args.command != "status" else 0  # Ctrl-C ends `status --watch`
+    except StartupError as exc:
+        return report_failure(exc.exit_code, exc.event, str(exc), debug=args.debug)
+    except ConfigError as exc:  # a setting found wrong only once it is used
+        message = f"config error: {exc}"
+        return report_failure(EXIT_CONFIG, "config_invalid", message, debug=args.debug)
+    except StoreError as exc:
+        failure = store_failure(exc)
+        return report_failure(failure.exit_code, failure.event, str(failure), debug=args.debug)
+    except OSError as exc:
+        if exc.filename is None:
+            return _unforeseen(exc, debug=args.debug)
+        # A file batchd was told to use (the database, a lock, a key file) is unusable.
+        message = f"cannot use {exc.filename}: {exc.strerror or exc}"
+        return report_failure(EXIT_CONFIG, "file_unusable", message, debug=args.debug)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, exit 70
+        return _unforeseen(exc, debug=args.debug)
+
+
+def _unforeseen(exc: Exception, *, debug: bool) -> int:
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    if not debug:
+        message += " (--debug shows the traceback)"
+    return report_failure(EXIT_SOFTWARE, "internal_error", message, debug=debug)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "fake-api":
         return asyncio.run(serve_fake_api(args))
     if args.command == "demo":
         configure_logging(args.log_format or "console", "info")
         return asyncio.run(run_demo(args.tasks))
+    daemon_output: TextIO = sys.stdout if args.command == "run" else sys.stderr
+    # Until the file is read, its log settings are not known: a failure to read it is
+    # logged where the command's other lines would go.
+    configure_logging(args.log_format or "auto", "info", stream=daemon_output)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"batchd: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    daemon_output: TextIO = sys.stdout if args.command == "run" else sys.stderr
+        raise ConfigurationError(f"config error: {exc}", event="config_invalid") from None
     if args.command == "run" and args.exit_when_idle and sys.stderr.isatty():
         args.progress_bar = ProgressBar(sys.stderr)
         if daemon_output.isatty():
@@ -115,33 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         args.log_format or config.logging.format, config.logging.level, stream=daemon_output
     )
-    try:
-        return asyncio.run(_dispatch(args, config))
-    except KeyboardInterrupt:
-        return 130 if args.command != "status" else 0  # Ctrl-C ends `status --watch`
-    except (StoreError, ConfigError) as exc:
-        print(f"batchd: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    check_database_directory(config.database.path)
+    return asyncio.run(_dispatch(args, config))
 
 
 async def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "run":
-        try:
-            api_key = resolve_api_key(config)
-        except ConfigError as exc:  # restarting cannot fix the key: EX_CONFIG, as a 401
-            print(f"batchd: {exc}", file=sys.stderr)
-            return EXIT_AUTH
-        if not api_key:
-            print(
-                f"batchd: no API key: set ${config.api.api_key_env}, [api] api_key_file, or a "
-                "systemd credential named anthropic-api-key",
-                file=sys.stderr,
-            )
-            return EXIT_AUTH
-        if args.exit_when_idle:
-            view = RunView(getattr(args, "progress_bar", None))
-            return await run_with_progress(config, api_key, view)
-        return await run_daemon(config, api_key)
+        return await _run(args, config)
     handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
         "migrate": _migrate,
         "enqueue": _enqueue,
@@ -157,6 +196,33 @@ async def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return await handlers[args.command](store, args)
     finally:
         await store.close()
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    try:
+        api_key = resolve_api_key(config)
+    except ConfigError as exc:  # restarting cannot fix the key: EX_CONFIG, as a 401
+        raise ConfigurationError(str(exc), event="api_key_unusable") from None
+    if not api_key:
+        raise ConfigurationError(
+            f"no API key: set ${config.api.api_key_env}, [api] api_key_file, or a "
+            "systemd credential named anthropic-api-key",
+            event="api_key_missing",
+        )
+    if args.exit_when_idle:
+        code = await run_with_progress(
+            config, api_key, RunView(getattr(args, "progress_bar", None))
+        )
+    else:
+        code = await run_daemon(config, api_key)
+    if code == EXIT_CONFIG:  # the daemon logged `api_key_refused`; the person reads this
+        source = api_key_source(config) or "unknown"
+        print(
+            f"{syslog_prefix('error', sys.stderr)}batchd: the API refused the API key "
+            f"(key from {source}): fix it, then start batchd again",
+            file=sys.stderr,
+        )
+    return code
 
 
 async def _migrate(store: Store, args: argparse.Namespace) -> int:
@@ -195,22 +261,23 @@ async def _status(store: Store, args: argparse.Namespace, *, config: Config) -> 
 
 
 async def _watch(store: Store, args: argparse.Namespace, config: Config) -> int:
-    if args.interval <= 0 or (args.count is not None and args.count < 1):
-        print("batchd: --interval must be > 0 and --count >= 1", file=sys.stderr)
-        return EXIT_USAGE
-
     async def read() -> ProgressSnapshot:
         status = await commands.status_snapshot(store, config)
         return watch_snapshot(status, datetime.now(UTC))
 
+    async def read_rate() -> float:
+        since = datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_S)
+        count, _ = await store.completed_since(since)
+        return rate_from_completions(count)
+
     await watch(
         read,
         sys.stdout,
-        interval_s=args.interval,
+        interval_s=2.0 if args.interval is None else args.interval,
         tty=sys.stdout.isatty(),
         count=args.count,
-        monotonic=time.monotonic,
         clock_text=lambda: f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
+        read_rate=read_rate,
     )
     return 0
 
@@ -246,7 +313,12 @@ async def _results(store: Store, args: argparse.Namespace) -> int:
     if args.output is None:
         count = await commands.export_results(store, sys.stdout.buffer, statuses)
     else:
-        with args.output.open("wb") as out:
+        try:
+            out = args.output.open("wb")
+        except OSError as exc:
+            print(f"batchd: cannot create {args.output}: {exc.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        with out:
             count = await commands.export_results(store, out, statuses)
     print(f"exported {count} result line(s)", file=sys.stderr)
     return 0

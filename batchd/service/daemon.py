@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -15,7 +16,7 @@ import aiohttp
 import structlog
 
 from batchd.api import ApiError, AuthenticationError, BatchesClient, RetryPolicy
-from batchd.config import BudgetSettings, CollectorSettings, Config
+from batchd.config import BudgetSettings, CollectorSettings, Config, api_key_source
 from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
 from batchd.money.budget import BudgetGate
 from batchd.pipeline.cancels import Canceler
@@ -23,23 +24,21 @@ from batchd.pipeline.collector import Collector
 from batchd.pipeline.poller import Poller
 from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import AuthenticationFailed, Submitter
+from batchd.service.exits import EXIT_CONFIG, TemporaryError
+from batchd.service.gauges import register_database_gauges
+from batchd.service.health import ApiReachability, Health, api_observer
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock
+from batchd.service.keycheck import ApiKeyCheck, KeyState
 from batchd.service.metrics import (
     BATCHES_CREATED,
-    BATCHES_IN_FLIGHT,
     REQUESTS_SUBMITTED,
     RETRIES,
-    TASKS,
-    TOKEN_KINDS,
-    TOKENS,
-    ApiReachability,
-    Health,
-    MetricsServer,
     Registry,
-    api_observer,
     batchd_registry,
 )
 from batchd.service.notify import Notifier
+from batchd.service.status import status_snapshot
+from batchd.service.web.server import MetricsServer
 from batchd.store import Store, StoreError, open_store
 
 log = structlog.get_logger("batchd.service.daemon")
@@ -48,7 +47,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 # EX_CONFIG from sysexits.h: the unit file tells systemd not to restart on it, since a
 # restart cannot fix a refused key.
-EXIT_AUTH = 78
+EXIT_AUTH = EXIT_CONFIG
 
 # /healthz fails when the API has failed with no success for this long.
 API_SILENCE_S = 300.0
@@ -66,6 +65,14 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class DaemonState:
+    """What the daemon publishes for displays (the progress bar), read without reaching in."""
+
+    paused_reason: str | None  # the budget holds submission back, and why
+    stopping: bool
+
+
 class Daemon:
     """Submits, polls and collects until stopped (or, with exit_when_idle, until done)."""
 
@@ -81,8 +88,13 @@ class Daemon:
         notifier: Notifier | None = None,
         registry: Registry | None = None,
         reachability: ApiReachability | None = None,
+        key_check: ApiKeyCheck | None = None,
     ) -> None:
         self._config = config
+        self._client = client
+        self.key_check = key_check or ApiKeyCheck(api_key_source(config) or "unknown")
+        # Awaited after the loops are drained, before `daemon_stopped` is logged.
+        self._shutdown_steps: list[Callable[[], Awaitable[None]]] = []
         self._store = store
         self._exit_when_idle = exit_when_idle
         self._on_status = on_status
@@ -119,6 +131,20 @@ class Daemon:
             store, client, CollectorSettings.of(config), clock=clock, registry=self.registry
         )
 
+    def state(self) -> DaemonState:
+        """The budget's pause (as last seen) and whether the daemon is stopping."""
+        budget = self.submitter.budget
+        return DaemonState(budget.paused_reason if budget else None, self._stop.is_set())
+
+    async def fresh_paused_reason(self) -> str | None:
+        """The budget's pause read now (the gate's own answer may predate a result)."""
+        budget = self.submitter.budget
+        return None if budget is None else (await budget.view()).paused_reason
+
+    def add_shutdown_step(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` once the loops are done, before `daemon_stopped` is logged."""
+        self._shutdown_steps.append(step)
+
     def stop(self, exit_code: int = EXIT_OK) -> None:
         """Stop taking new work; loops finish the step in hand and return."""
         if not self._stop.is_set():
@@ -136,14 +162,12 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_signal, signum)
         try:
             log.info("daemon_started", exit_when_idle=self._exit_when_idle)
-            self._spawn("submitter", self._submit_loop)
-            self._spawn("poller", self._poll_loop)
-            self._spawn("collector", self._collect_loop)
-            if self._exit_when_idle:
-                self._spawn("idle_watch", self._idle_loop)
-            self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
-            self._spawn("status", self._status_loop, auxiliary=True)
-            self.notifier.ready()  # the store was opened and migrated before run()
+            # The key first: a refused one ends the start (exit 78) before any work.
+            if await self.key_check.verify(self._client) is KeyState.REFUSED:
+                self.stop(EXIT_AUTH)
+            else:
+                self._start_loops()
+                self.notifier.ready()  # the store was opened and migrated before run()
             await self._stop.wait()
             await self._drain(shutdown_timeout_s)
         except asyncio.CancelledError:
@@ -156,8 +180,24 @@ class Daemon:
             for task in self._aux:
                 task.cancel()
             await asyncio.gather(*self._aux, return_exceptions=True)
+        for step in self._shutdown_steps:
+            await step()
         log.info("daemon_stopped", exit_code=self._exit_code)
         return self._exit_code
+
+    def _start_loops(self) -> None:
+        self._spawn("submitter", self._submit_loop)
+        self._spawn("poller", self._poll_loop)
+        self._spawn("collector", self._collect_loop)
+        if self._exit_when_idle:
+            self._spawn("idle_watch", self._idle_loop)
+        self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
+        self._spawn("status", self._status_loop, auxiliary=True)
+        if self.key_check.state is KeyState.UNCHECKED:
+            check = self.key_check
+            self._spawn(
+                "api_key_check", lambda: check.recheck(self._client, self.stop), auxiliary=True
+            )
 
     def _on_signal(self, signum: int) -> None:
         if self._stop.is_set():
@@ -196,6 +236,8 @@ class Daemon:
         except (TimeoutError, StoreError):
             reasons.append("database not answering")
         if problem := self.reachability.problem(API_SILENCE_S):
+            reasons.append(problem)
+        if problem := self.key_check.health_problem():
             reasons.append(problem)
         return Health(tuple(reasons))
 
@@ -365,35 +407,34 @@ async def run_daemon(
             registry=registry,
             reachability=reachability,
         )
-        _register_database_gauges(registry, store)
+        budget = daemon.submitter.budget
+        register_database_gauges(
+            registry,
+            store,
+            config,
+            utc_now,
+            budget_paused=lambda: budget is not None and budget.paused_reason is not None,
+        )
         if config.metrics.enabled:
             server = MetricsServer(
-                registry, daemon.health, host=config.metrics.host, port=config.metrics.port
+                registry,
+                daemon.health,
+                status=lambda: status_snapshot(store, config),
+                host=config.metrics.host,
+                port=config.metrics.port,
             )
-            await stack.enter_async_context(server)
-            daemon.metrics_port = server.port
-            log.info("metrics_listening", host=config.metrics.host, port=server.port)
+            try:
+                await stack.enter_async_context(server)
+            except OSError as exc:
+                # Another process holds the port; it may let go of it: worth a restart.
+                where = f"{config.metrics.host}:{config.metrics.port}"
+                raise TemporaryError(
+                    f"cannot listen for metrics on {where}: {exc.strerror or exc} "
+                    "([metrics] host and port)",
+                    event="metrics_listen_failed",
+                ) from exc
+            daemon.metrics_port = server.port  # MetricsServer logs `metrics_listening`
         if on_started is not None:
             await on_started(daemon)
         return await daemon.run()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _register_database_gauges(registry: Registry, store: Store) -> None:
-    """Gauges read from the database at scrape time: /metrics shows what it says now."""
-
-    async def task_counts() -> dict[str, float]:
-        return {str(status): count for status, count in (await store.status_counts()).items()}
-
-    async def in_flight() -> float:
-        return len(await store.batches_in(*IN_FLIGHT_BATCH_STATES))
-
-    async def tokens() -> dict[str, float]:
-        totals = [0, 0, 0, 0]
-        for _, _, *by_kind in await store.accounts.usage_by_model():
-            totals = [total + (value or 0) for total, value in zip(totals, by_kind, strict=True)]
-        return dict(zip(TOKEN_KINDS, map(float, totals), strict=True))
-
-    registry.set_callback(TASKS, task_counts)
-    registry.set_callback(BATCHES_IN_FLIGHT, in_flight)
-    registry.set_callback(TOKENS, tokens)

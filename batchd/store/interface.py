@@ -254,3 +254,21 @@ class Store(Protocol):
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+
+    # --- issue 14 reads ---
+
+    async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
+        """Tasks that reached a final status at or after `since`, and the first such time."""
+
+    # -- operator views: /metrics and the web view read these every few seconds ------------------
+
+    async def oldest_pending_created_at(self) -> datetime | None:
+        """When the longest-waiting pending task was inserted; None when none is pending."""
+
+    async def batch_completions_since(self, since: datetime) -> list[tuple[datetime, int, int]]:
+        """(completed_at, succeeded, not succeeded) per batch whose results were all stored
+        at or after `since`, oldest first."""
+
+    async def latest_failed_tasks(self, limit: int) -> list[TaskRow]:
+        """Up to `limit` errored, expired or invalid tasks, most recently finished first
+        (among the newest failed tasks of each status; no result bodies)."""

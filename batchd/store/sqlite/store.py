@@ -1,7 +1,7 @@
 """`SqliteStore`: the store interface on one SQLite file, composed of one part per job.
 
-The parts (`tasks`, `batches`, `writeback`, `operations`, `accounts`) each hold the SQL of
-their job and reach the database only through `SqliteDatabase`'s public methods
+The parts (`tasks`, `batches`, `writeback`, `operations`, `views`, `accounts`) each hold
+the SQL of their job and reach the database only through `SqliteDatabase`'s public methods
 (`database.py`): the writer lock, shielded transactions, the reader. See
 `batchd/store/interface.py` for the contract and docs/design.md for the transactions.
 """
@@ -16,10 +16,11 @@ from batchd.store.sqlite.batches import BatchTracking
 from batchd.store.sqlite.database import Clock, Db, SqliteDatabase, utc_now
 from batchd.store.sqlite.operations import UserOperations
 from batchd.store.sqlite.tasks import TaskIntake
+from batchd.store.sqlite.views import OperatorViews
 from batchd.store.sqlite.writeback import LanePool, SqliteWriteBackLane, WriteBack
 
 
-class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
+class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews):
     """One writer connection behind an asyncio.Lock, one reader connection, and the
     write-back lanes (each a connection whose writes to the database take that lock too)."""
 
@@ -77,8 +78,8 @@ class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
         return await migrations.migrate(self._db)
 
     # --- issue 14 reads ---
-    # Read-only methods for operator views go in a part of their own (e.g. `views.py`, a
-    # mixin like `UserOperations`), through `self._db.read(...)`, and into `Store`.
+    # Read-only methods for operator views go in a part of their own (`views.py`, the
+    # `OperatorViews` mixin), through `self._db.read(...)`, and into `Store`.
 
 
 async def _attach_staging(db: Db) -> None:
