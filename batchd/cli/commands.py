@@ -100,9 +100,11 @@ def render_status(snapshot: dict[str, Any]) -> str:
     for batch in batches:
         counts = batch["request_counts"] or {}
         done = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        candidate = batch.get("candidate_for")
         lines.append(
             f"  {batch['batch_id'] or '(creating)':<36} {batch['state']:<11} "
             f"{batch['requests']:>7,} requests  {done}"
+            + (f"  (possible duplicate, read for local batch {candidate})" if candidate else "")
         )
     if "usage" in snapshot:
         lines += render_usage(snapshot["usage"])
@@ -138,8 +140,34 @@ def status_alerts(snapshot: dict[str, Any]) -> list[str]:
             "again; listed in the missing_results table (reason 'archived')"
         )
     for duplicate in snapshot["duplicate_batches"]:
-        alerts.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")
+        alerts.append(
+            f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}; "
+            + _harvest_text(duplicate)
+        )
+    shared = snapshot.get("shared_key") or {}
+    if shared.get("batches_not_ours"):
+        alerts.append(
+            f"KEY APPEARS SHARED: {shared['batches_not_ours']} batch(es) on this API key were "
+            f"not created by batchd (first seen {shared['first_seen_at']}; "
+            f"{shared['proven_foreign']} proven by their results). Give batchd a dedicated "
+            "workspace key (the API lists batches per workspace): see docs/operations.md, "
+            '"One key, one batchd"'
+        )
     return alerts
+
+
+def _harvest_text(duplicate: dict[str, Any]) -> str:
+    state, origin = duplicate.get("harvest_state"), duplicate.get("origin")
+    if origin == "foreign":
+        return f"foreign: its {duplicate['foreign_lines']} line(s) named no task of ours"
+    if state == "completed":
+        return (
+            f"harvested: {duplicate['written']} result(s) written from it, "
+            f"{duplicate['duplicate_lines']} duplicate line(s) kept"
+        )
+    if state in ("lost", "unread"):
+        return f"never read ({state})"
+    return f"being read ({state}): its results will be harvested"
 
 
 def task_json(row: TaskRow) -> dict[str, Any]:

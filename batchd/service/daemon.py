@@ -97,6 +97,7 @@ class Daemon:
         self._shutdown_steps: list[Callable[[], Awaitable[None]]] = []
         self._store = store
         self._exit_when_idle = exit_when_idle
+        self._clock = clock
         self._on_status = on_status
         self._stop = asyncio.Event()
         self._wake_submitter = asyncio.Event()
@@ -116,7 +117,9 @@ class Daemon:
         budget = (
             None if budget_settings is None else BudgetGate(store, budget_settings, clock=clock)
         )
-        self.reconciler = Reconciler(store, client, config.batching, clock=clock)
+        self.reconciler = Reconciler(
+            store, client, config.batching, clock=clock, registry=self.registry
+        )
         self.canceler = Canceler(store, client)
         self.submitter = Submitter(
             store,
@@ -306,6 +309,8 @@ class Daemon:
         if await self.reconciler.creating_batches():
             # One unresolved create at a time, so reconciliation can never confuse two.
             return min(2.0, self._config.polling.interval_s)
+        if await self.reconciler.watch():
+            self._wake_poller.set()  # a late batch found: poll it, harvest it when it ends
         result = await self.submitter.submit_once()
         if result.created:
             self.registry.inc(BATCHES_CREATED, result.created)
@@ -347,7 +352,11 @@ class Daemon:
             BatchState.CANCELING,
             BatchState.ENDED,
         )
-        return not await self._store.batches_in(*active)
+        if await self._store.batches_in(*active):
+            return False
+        # A create whose outcome was unknown may still land on the list: watched until then
+        # (docs/design.md, step 4), since a batch found late saves paying its requests again.
+        return not await self._store.watched_intents(self._clock())
 
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""

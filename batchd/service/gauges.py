@@ -18,6 +18,8 @@ from batchd.service.metrics import (
     BUDGET_LIMIT,
     BUDGET_PAUSED,
     BUDGET_SPENT,
+    CANDIDATE_BATCHES,
+    FOREIGN_BATCHES,
     NEXT_EXPIRY,
     OLDEST_BATCH_AGE,
     OLDEST_PENDING_AGE,
@@ -25,6 +27,7 @@ from batchd.service.metrics import (
     TOKEN_KINDS,
     TOKENS,
     Registry,
+    harvest_state,
 )
 from batchd.service.status import batch_created_at, expires_in_s
 from batchd.store import Store
@@ -91,3 +94,21 @@ def register_database_gauges(
     registry.set_callback(BUDGET_SPENT, budget_spent)
     registry.set_callback(BUDGET_LIMIT, budget_limit)
     registry.set_callback(BUDGET_PAUSED, paused)
+    register_harvest_gauges(registry, store)
+
+
+def register_harvest_gauges(registry: Registry, store: Store) -> None:
+    """Suspected duplicates by harvest state, and batches proven another client's."""
+
+    async def candidates() -> dict[str, float]:
+        found: dict[str, float] = {}
+        for candidate in await store.candidate_batches():
+            key = harvest_state(candidate.state, candidate.origin)
+            found[key] = found.get(key, 0) + 1
+        return found
+
+    async def foreign() -> float:
+        return (await store.shared_key_evidence()).proven_foreign
+
+    registry.set_callback(CANDIDATE_BATCHES, candidates)
+    registry.set_callback(FOREIGN_BATCHES, foreign)

@@ -146,8 +146,34 @@ BUDGET_PAUSED = MetricSpec(
     "gauge",
     "1 while submission waits because the next batch would pass the budget, else 0.",
 )
+# Issue 15: batches on the key batchd did not create, and suspected duplicates harvested.
+FOREIGN_BATCHES_LISTED = MetricSpec(
+    "batchd_foreign_batches_listed_total",
+    "counter",
+    "Batches seen on the API's list in a reconcile window that batchd did not create.",
+)
+CANDIDATE_BATCHES = MetricSpec(
+    "batchd_candidate_batches",
+    "gauge",
+    "Suspected duplicate batches by harvest state (in_progress, ended: being read;"
+    " harvested; foreign: another client's; lost, unread: never read).",
+    ("state",),
+)
+FOREIGN_BATCHES = MetricSpec(
+    "batchd_foreign_batches",
+    "gauge",
+    "Batches whose results named no task of ours (another client on this key).",
+)
 
 TOKEN_KINDS = ("input", "output", "cache_creation_input", "cache_read_input")
+
+
+def harvest_state(state: str, origin: str | None) -> str:
+    """A candidate batch's state as the gauge and `status` name it."""
+    if origin == "foreign":
+        return "foreign"
+    return "harvested" if state == "completed" else state
+
 
 BATCHD_METRICS = (
     TASKS,
@@ -167,6 +193,9 @@ BATCHD_METRICS = (
     BUDGET_SPENT,
     BUDGET_LIMIT,
     BUDGET_PAUSED,
+    FOREIGN_BATCHES_LISTED,
+    CANDIDATE_BATCHES,
+    FOREIGN_BATCHES,
 )
 
 

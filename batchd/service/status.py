@@ -14,7 +14,7 @@ from batchd.api.wire import RESULTS_RETENTION_DAYS
 from batchd.config import Config
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
 from batchd.money.spending import budget_status, usage_status
-from batchd.store import Store
+from batchd.store import CandidateBatch, Store
 
 ACTIVE_BATCH_STATES = (
     BatchState.CREATING,
@@ -48,15 +48,18 @@ async def status_snapshot(
     now = now or datetime.now(UTC)
     counts = await store.status_counts()
     batches = await store.batches_in(*ACTIVE_BATCH_STATES)
-    duplicates = await store.duplicate_batches()
+    candidates = await store.candidate_batches()
+    shared = await store.shared_key_evidence()
     snapshot: dict[str, Any] = {
         "generated_at": now.isoformat(),
         "tasks": {str(status): counts[status] for status in TaskStatus},
         "batches_in_flight": [batch_json(batch, now) for batch in batches],
-        "duplicate_batches": [
-            {"batch_id": batch_id, "detected_at": detected_at, "note": note}
-            for batch_id, detected_at, note in duplicates
-        ],
+        "duplicate_batches": [candidate_json(candidate) for candidate in candidates],
+        "shared_key": {
+            "batches_not_ours": shared.batches,
+            "first_seen_at": shared.first_seen_at,
+            "proven_foreign": shared.proven_foreign,
+        },
         "retention": retention_warnings(batches, now),
     }
     if accounting:
@@ -122,6 +125,22 @@ def batch_json(batch: BatchRecord, now: datetime) -> dict[str, Any]:
         "age_s": round((now - batch_created_at(batch)).total_seconds(), 1),
         "expires_in_s": None if remaining is None else round(remaining, 1),
         "note": batch.note,
+        "candidate_for": batch.candidate_for,
+    }
+
+
+def candidate_json(candidate: CandidateBatch) -> dict[str, Any]:
+    """A suspected duplicate and its harvest (issue 15: read to the end, never wasted)."""
+    return {
+        "batch_id": candidate.api_batch_id,
+        "detected_at": candidate.detected_at,
+        "note": candidate.note,
+        "candidate_for": candidate.intent_id,
+        "harvest_state": candidate.state,
+        "origin": candidate.origin,
+        "written": candidate.written,
+        "duplicate_lines": candidate.duplicate_lines,
+        "foreign_lines": candidate.foreign_lines,
     }
 
 

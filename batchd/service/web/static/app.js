@@ -161,7 +161,16 @@ function showAlerts(doc) {
   for (const w of doc.retention || []) {
     items.push(`Results near archival: ${w.batch_id} (${w.state}), archived in ${w.archived_in_days} days`);
   }
-  for (const d of doc.duplicate_batches || []) items.push(`Possible duplicate batch ${d.batch_id}: ${d.note}`);
+  for (const d of doc.duplicate_batches || []) {
+    const harvest = d.origin === "foreign" ? "another client's batch"
+      : d.harvest_state === "completed" ? `harvested: ${number(d.written)} result(s) written from it`
+      : d.harvest_state ? `harvest: ${d.harvest_state}` : "";
+    items.push(`Possible duplicate batch ${d.batch_id}: ${d.note}${harvest ? `; ${harvest}` : ""}`);
+  }
+  const shared = doc.shared_key || {};
+  if (shared.batches_not_ours) {
+    items.push(`Key appears shared: ${number(shared.batches_not_ours)} batch(es) on this API key were not created by batchd; give batchd a dedicated workspace key (docs/operations.md, "One key, one batchd")`);
+  }
   const results = doc.results || {};
   if (results.unmatched) items.push(`${number(results.unmatched)} result line(s) matched no task`);
   if (results.missing_requeued) items.push(`${number(results.missing_requeued)} request(s) had no result line: requeued`);
