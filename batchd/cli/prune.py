@@ -2,10 +2,11 @@
 
 Only final tasks (succeeded, errored, expired, canceled, invalid) with a `completed_at`
 before the cutoff go; pending and submitted ones never do, and each delete re-checks
-that, so a task retried meanwhile stays. With an export file the tasks are all written
-and synced first, then deleted: a crash can leave exported tasks undeleted (pruned on the
-next run, exported again), never deleted tasks unexported. Spending survives in the
-usage ledger (migration 003), so costs and budgets do not change when tasks are pruned.
+that, so a task retried meanwhile stays. Tasks go a page at a time, by id; with an export
+file each page is written and synced before it is deleted: a crash can leave exported
+tasks undeleted (pruned on the next run, exported again), never deleted tasks unexported.
+Spending survives in the usage ledger (migration 003), so costs and budgets do not change
+when tasks are pruned.
 """
 
 from __future__ import annotations
@@ -60,17 +61,20 @@ async def prune(
     """Delete final tasks completed before `cutoff` (exporting them first), then vacuum."""
     accounts = store.accounts
     bytes_before = await accounts.storage_bytes()
-    task_ids = await _collect(accounts, cutoff, export)
-    deleted = 0
-    for start in range(0, len(task_ids), _PAGE):
-        deleted += await accounts.delete_tasks(task_ids[start : start + _PAGE], cutoff)
+    deleted = exported = 0
+    after = 0
+    # A page at a time, by id: memory holds one page whatever the database holds.
+    while task_ids := await _next_page(accounts, cutoff, after, export):
+        exported += len(task_ids) if export is not None else 0
+        deleted += await accounts.delete_tasks(task_ids, cutoff)
+        after = task_ids[-1]
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
         await accounts.reclaim_space()
     return PruneReport(
         cutoff=cutoff,
         deleted=deleted,
-        exported=len(task_ids) if export is not None else 0,
+        exported=exported,
         batch_links_deleted=links,
         batches_deleted=batches,
         bytes_before=bytes_before,
@@ -79,21 +83,19 @@ async def prune(
     )
 
 
-async def _collect(
-    accounts: StoreAccounts, cutoff: datetime, export: IO[bytes] | None
+async def _next_page(
+    accounts: StoreAccounts, cutoff: datetime, after: int, export: IO[bytes] | None
 ) -> list[int]:
-    """Ids of the tasks to delete, written to `export` (and synced) on the way."""
-    task_ids: list[int] = []
-    after = 0
-    while rows := await accounts.prunable_tasks(cutoff, after, _PAGE):
-        if export is not None:
-            export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
-        task_ids.extend(row[0] for row in rows)
-        after = rows[-1][0]
-    if export is not None:
+    """Ids of the next page of tasks to delete. With `export`, the page is written and
+    synced first: a task is never deleted before its line is on disk."""
+    if export is None:
+        return await accounts.prunable_task_ids(cutoff, after, _PAGE)  # no params, no results
+    rows = await accounts.prunable_tasks(cutoff, after, _PAGE)
+    if rows:
+        export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
         export.flush()
         os.fsync(export.fileno())
-    return task_ids
+    return [row[0] for row in rows]
 
 
 def export_line(row: PrunableTask) -> dict[str, Any]:

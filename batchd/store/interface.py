@@ -42,6 +42,23 @@ Per method (see each docstring):
    `yield_to_writers` pauses every write of ours so that users' writes get through.
 7. `finish_batch`: `ended -> completed`; in the same transaction, tasks still `submitted`
    are requeued and listed in missing_results (so paying again is always on record).
+
+**Flat costs** (issue 16). A database may hold millions of finished tasks and a queue of
+a million pending ones; what a second store must keep flat:
+
+- `status_counts` costs the same at 2,000,000 rows as at 0 (SQLite: a `task_counts` table
+  kept by triggers in the writing transaction, users' writes included; PostgreSQL may do
+  the same, or count per status from an index-only scan only if that stays under ~20 ms).
+  It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
+- `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
+  submitter at its in-flight limit ask it, never for counts.
+- Pages by key: `iter_result_lines`, `prunable_tasks` and `iter_pending` read the next
+  page from an index on (status, id), only rows of the statuses asked for, in id order
+  (SQLite merges one ordered range per status), and never sort or re-read earlier rows.
+- A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
+  `mark_invalid`) finds them by id or custom_id, never through the status index: a
+  query that also says `status = ...` must not be planned as a scan of that status.
+- Tests hold the SQLite plans to this (`EXPLAIN QUERY PLAN`, tests/test_flat_costs.py).
 """
 
 from __future__ import annotations
@@ -115,7 +132,11 @@ class StoreAccounts(Protocol):
     async def prunable_tasks(
         self, cutoff: datetime, after_id: int, limit: int
     ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
+        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages); a
+        page reads only final rows (see "Flat costs")."""
+
+    async def prunable_task_ids(self, cutoff: datetime, after_id: int, limit: int) -> list[int]:
+        """The ids of `prunable_tasks` alone, without reading params or results."""
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks if still final and completed before `cutoff` (one transaction)."""
@@ -231,7 +252,12 @@ class Store(Protocol):
     # -- user commands and reads ----------------------------------------------------------------
 
     async def status_counts(self) -> dict[TaskStatus, int]:
-        """How many tasks are in each status, zeros included."""
+        """How many tasks are in each status, zeros included, in time independent of how
+        many tasks there are: read on timers (/metrics, /healthz, progress, status)."""
+
+    async def has_tasks(self, *statuses: TaskStatus) -> bool:
+        """Whether any task is in one of `statuses`, from the tasks themselves (exact even
+        if kept counts drifted): the daemon's idle and anything-pending decisions."""
 
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
         """The tasks asked for, in the order asked; unknown custom_ids are left out."""
@@ -239,10 +265,12 @@ class Store(Protocol):
     def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """Tasks in `statuses` that have a result, by id, in pages."""
+        """Tasks in `statuses` that have a result, by id, in pages; a page reads only rows
+        of `statuses` (never every pending row again)."""
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
-        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+        """Cancel pending tasks now; flag submitted ones for when their result comes back.
+        Reads the asked rows only (by custom_id), however many tasks are pending."""
 
     async def batches_to_cancel(self) -> list[BatchRecord]:
         """In-progress batches in which every task still waiting was canceled by the user."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.store.sqlite.database import Db, SqliteDatabase, format_time, json_list, run, run_in
+from batchd.store.sqlite.keyset import page_params, statuses_after
 from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
@@ -33,6 +35,7 @@ _PRUNE_COLUMNS = (
     " cache_creation_input_tokens, cache_read_input_tokens, created_at, completed_at"
 )
 _FINISHED_BATCH_STATES = ("completed", "rejected", "lost")
+_FINAL = sorted(FINAL_TASK_STATUSES)
 
 
 class SqliteAccounts:
@@ -107,22 +110,25 @@ class SqliteAccounts:
     async def prunable_tasks(
         self, cutoff: datetime, after_id: int, limit: int
     ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
-        rows = await self._db.read(
-            f"SELECT {_PRUNE_COLUMNS} FROM tasks WHERE id > ?"
-            " AND status IN (SELECT value FROM json_each(?)) AND completed_at < ?"
-            " ORDER BY id LIMIT ?",
-            (after_id, json_list(sorted(FINAL_TASK_STATUSES)), format_time(cutoff), limit),
-        )
+        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages),
+        every column (an export)."""
+        rows = await self._db.read(*_prunable(_PRUNE_COLUMNS, cutoff, after_id, limit))
         return [PrunableTask(*row) for row in rows]
 
+    async def prunable_task_ids(self, cutoff: datetime, after_id: int, limit: int) -> list[int]:
+        """The ids alone of `prunable_tasks`: params and results are not read."""
+        rows = await self._db.read(*_prunable("id", cutoff, after_id, limit))
+        return [row[0] for row in rows]
+
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
-        """Delete these tasks, if they are still final and completed before `cutoff`."""
+        """Delete these tasks, if they are still final and completed before `cutoff`.
+
+        `+status`: found by id, never through tasks_by_status (all final rows)."""
         return await self._db.transact(
             run_in,
             "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
-            " AND status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
-            (json_list(task_ids), json_list(sorted(FINAL_TASK_STATUSES)), format_time(cutoff)),
+            " AND +status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
+            (json_list(task_ids), json_list(_FINAL), format_time(cutoff)),
         )
 
     async def forget_empty_batches(self) -> ForgottenBatches:
@@ -166,6 +172,14 @@ class SqliteAccounts:
                 await writer.execute("VACUUM")
             finally:
                 await writer.execute(f"PRAGMA temp_store = {previous}")
+
+
+def _prunable(
+    columns: str, cutoff: datetime, after_id: int, limit: int
+) -> tuple[str, dict[str, Any]]:
+    """A page of final tasks completed before `cutoff`, reading only final rows (keyset)."""
+    sql = statuses_after(columns, _FINAL, "completed_at < :cutoff")
+    return sql, page_params(_FINAL, after_id, limit, cutoff=format_time(cutoff))
 
 
 async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:
