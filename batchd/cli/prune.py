@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.store import PrunableTask, Store, StoreAccounts
+from batchd.store import PrunableTask, Store
 
 _PAGE = 5000
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -62,12 +62,18 @@ async def prune(
     accounts = store.accounts
     bytes_before = await accounts.storage_bytes()
     deleted = exported = 0
-    after = 0
-    # A page at a time, by id: memory holds one page whatever the database holds.
-    while task_ids := await _next_page(accounts, cutoff, after, export):
-        exported += len(task_ids) if export is not None else 0
-        deleted += await accounts.delete_tasks(task_ids, cutoff)
-        after = task_ids[-1]
+    # A page at a time, by id: memory holds a page whatever the database holds. With an
+    # export, each page is written and synced before it is deleted.
+    if export is None:
+        async for task_ids in accounts.iter_prunable_ids(cutoff, page_size=_PAGE):
+            deleted += await accounts.delete_tasks(task_ids, cutoff)  # params never read
+    else:
+        async for rows in accounts.iter_prunable(cutoff, page_size=_PAGE):
+            export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
+            export.flush()
+            os.fsync(export.fileno())
+            exported += len(rows)
+            deleted += await accounts.delete_tasks([row[0] for row in rows], cutoff)
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
         await accounts.reclaim_space()
@@ -81,21 +87,6 @@ async def prune(
         bytes_after=await accounts.storage_bytes(),
         vacuumed=vacuum,
     )
-
-
-async def _next_page(
-    accounts: StoreAccounts, cutoff: datetime, after: int, export: IO[bytes] | None
-) -> list[int]:
-    """Ids of the next page of tasks to delete. With `export`, the page is written and
-    synced first: a task is never deleted before its line is on disk."""
-    if export is None:
-        return await accounts.prunable_task_ids(cutoff, after, _PAGE)  # no params, no results
-    rows = await accounts.prunable_tasks(cutoff, after, _PAGE)
-    if rows:
-        export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
-        export.flush()
-        os.fsync(export.fileno())
-    return [row[0] for row in rows]
 
 
 def export_line(row: PrunableTask) -> dict[str, Any]:

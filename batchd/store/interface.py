@@ -52,9 +52,11 @@ a million pending ones; what a second store must keep flat:
   It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
 - `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
   submitter at its in-flight limit ask it, never for counts.
-- Pages by key: `iter_result_lines`, `prunable_tasks` and `iter_pending` read the next
-  page from an index on (status, id), only rows of the statuses asked for, in id order
-  (SQLite merges one ordered range per status), and never sort or re-read earlier rows.
+- Pages by key: `iter_result_lines`, `iter_prunable` and `iter_pending` read from an
+  index on (status, id) only rows of the statuses asked for, each once: one cursor per
+  status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a
+  status found exhausted is not read again (SQLite's own merge of the ranges read a
+  status with no further match to its end on every page). No sort, no list of every id.
 - A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
   `mark_invalid`) finds them by id or custom_id, never through the status index: a
   query that also says `status = ...` must not be planned as a scan of that status.
@@ -129,14 +131,16 @@ class StoreAccounts(Protocol):
     async def result_gaps(self) -> ResultGaps:
         """Result lines kept as unmatched, and requests requeued for want of a result."""
 
-    async def prunable_tasks(
-        self, cutoff: datetime, after_id: int, limit: int
-    ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages); a
-        page reads only final rows (see "Flat costs")."""
+    def iter_prunable(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[PrunableTask]]:
+        """Final tasks completed before `cutoff`, by id, in pages; each final row read once
+        and no other (see "Flat costs"). Deleting a page before the next is read is safe."""
 
-    async def prunable_task_ids(self, cutoff: datetime, after_id: int, limit: int) -> list[int]:
-        """The ids of `prunable_tasks` alone, without reading params or results."""
+    def iter_prunable_ids(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[int]]:
+        """The ids of `iter_prunable` alone, without reading params or results."""
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks if still final and completed before `cutoff` (one transaction)."""

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
 
 from batchd.domain import FINAL_TASK_STATUSES
-from batchd.store.sqlite.database import Db, SqliteDatabase, format_time, json_list, run, run_in
-from batchd.store.sqlite.keyset import page_params, statuses_after
+from batchd.store.sqlite.database import (
+    Db,
+    Row,
+    SqliteDatabase,
+    format_time,
+    json_list,
+    run,
+    run_in,
+)
+from batchd.store.sqlite.keyset import in_pages, merged_by_id, status_page
 from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
@@ -107,18 +114,25 @@ class SqliteAccounts:
         unmatched, missing, archived = rows[0]
         return ResultGaps(int(unmatched), int(missing), int(archived))
 
-    async def prunable_tasks(
-        self, cutoff: datetime, after_id: int, limit: int
-    ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages),
-        every column (an export)."""
-        rows = await self._db.read(*_prunable(_PRUNE_COLUMNS, cutoff, after_id, limit))
-        return [PrunableTask(*row) for row in rows]
+    async def iter_prunable(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[PrunableTask]]:
+        """Final tasks completed before `cutoff`, by id, in pages, every column (an export):
+        each final row read once, no other row (`keyset`)."""
+        async for page in self._prunable(_PRUNE_COLUMNS, cutoff, page_size):
+            yield [PrunableTask(*row) for row in page]
 
-    async def prunable_task_ids(self, cutoff: datetime, after_id: int, limit: int) -> list[int]:
-        """The ids alone of `prunable_tasks`: params and results are not read."""
-        rows = await self._db.read(*_prunable("id", cutoff, after_id, limit))
-        return [row[0] for row in rows]
+    async def iter_prunable_ids(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[int]]:
+        """The ids alone of `iter_prunable`: params and results are not read."""
+        async for page in self._prunable("id", cutoff, page_size):
+            yield [row[0] for row in page]
+
+    def _prunable(self, columns: str, cutoff: datetime, page_size: int) -> AsyncIterator[list[Row]]:
+        sql = status_page(columns, "completed_at < :cutoff")
+        rows = merged_by_id(self._db.read, sql, _FINAL, page_size, cutoff=format_time(cutoff))
+        return in_pages(rows, page_size)
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks, if they are still final and completed before `cutoff`.
@@ -172,14 +186,6 @@ class SqliteAccounts:
                 await writer.execute("VACUUM")
             finally:
                 await writer.execute(f"PRAGMA temp_store = {previous}")
-
-
-def _prunable(
-    columns: str, cutoff: datetime, after_id: int, limit: int
-) -> tuple[str, dict[str, Any]]:
-    """A page of final tasks completed before `cutoff`, reading only final rows (keyset)."""
-    sql = statuses_after(columns, _FINAL, "completed_at < :cutoff")
-    return sql, page_params(_FINAL, after_id, limit, cutoff=format_time(cutoff))
 
 
 async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:

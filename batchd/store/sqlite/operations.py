@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
 from batchd.store.sqlite.batches import BATCH_COLUMNS, USER_CANCELED, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
-from batchd.store.sqlite.keyset import page_params, statuses_after
+from batchd.store.sqlite.keyset import merged_by_id, status_page
 from batchd.store.values import CancelReport, ResultLine
 
 
@@ -51,19 +51,11 @@ class UserOperations:
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
         """(custom_id, result JSON) of tasks in `statuses` that have a result, by id: each
-        page reads only rows of those statuses, from where the last one stopped."""
-        wanted = sorted(set(statuses))
-        if not wanted:
-            return
-        sql = statuses_after("id, custom_id, result", wanted, "result IS NOT NULL")
-        after = 0
-        while True:
-            rows = await self._db.read(sql, page_params(wanted, after, page_size))
-            for _, custom_id, result in rows:
-                yield ResultLine(custom_id, result)
-            if len(rows) < page_size:
-                return
-            after = rows[-1][0]
+        row of those statuses read once (`keyset`), none of other statuses."""
+        sql = status_page("id, custom_id, result", "result IS NOT NULL")
+        rows = merged_by_id(self._db.read, sql, sorted(set(statuses)), page_size)
+        async for _, custom_id, result in rows:
+            yield ResultLine(custom_id, result)
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back."""
