@@ -2,6 +2,7 @@
 
     python3 bench/flat.py reads --db PATH [--pending 1000000]
     python3 bench/flat.py deep [--tasks 100000 1000000] [--batch-size 10000]
+    python3 bench/flat.py triggers [--tasks 100000] [--rounds 3]
 
 `reads` works on a COPY of a database holding a long history (bench/scale.py builds one;
 this script adds rows to it and removes them again, and a newer batchd migrates it). It
@@ -15,6 +16,11 @@ with and without --export (rows/s, peak RSS).
 against `batchd fake-api --processing-seconds 0`, both child processes, a fresh database
 each) and prints wall, the daemon's CPU, the median gap between batch creates, and the
 ratios to the first count.
+
+`triggers` measures what the task_counts triggers (migration 007) cost: CPU seconds of
+inserting `--tasks` tasks, then claiming them (pending -> submitted) and finishing them
+(submitted -> succeeded) in transactions of 5,000 with plain sqlite3, with and without
+the triggers, alternately.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import orjson
 from batchd.config import DatabaseConfig
 from batchd.domain import TaskStatus
 from batchd.store import open_store
+from batchd.store.sqlite.migrations import shipped_migrations
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
@@ -56,7 +63,7 @@ _OLD_RESULT = orjson.dumps({"type": "succeeded", "message": {"text": "x" * 1100}
 
 
 def median_ms(samples: list[float]) -> str:
-    return f"{statistics.median(samples) * 1000:.1f} ms (min {min(samples) * 1000:.1f})"
+    return f"{statistics.median(samples) * 1000:.2f} ms (min {min(samples) * 1000:.2f})"
 
 
 async def store_reads(db: Path, pending: int) -> None:
@@ -79,7 +86,7 @@ async def store_reads(db: Path, pending: int) -> None:
             times = []
             for n in range(3):
                 started = time.perf_counter()
-                report = await store.request_cancel([f"{_PREFIX}{n * 7919:09d}"])
+                report = await store.request_cancel([f"{_PREFIX}{n * 7919 % pending:09d}"])
                 times.append(time.perf_counter() - started)
                 assert len(report.canceled) == 1, report
             print(f"  cancel one task of {pending:,} pending: {median_ms(times)}")
@@ -239,6 +246,47 @@ def deep(counts: list[int], batch_size: int) -> None:
         print(line, flush=True)
 
 
+def trigger_costs(count: int, rounds: int) -> None:
+    scripts = shipped_migrations()
+    steps = {
+        "insert": "",  # executemany below
+        "claim": "UPDATE tasks SET status = 'submitted', batch_id = NULL"
+        " WHERE id BETWEEN ? AND ? AND status = 'pending'",
+        "finish": "UPDATE tasks SET status = 'succeeded', result = '{}', completed_at = 'x'"
+        " WHERE id BETWEEN ? AND ? AND status = 'submitted'",
+    }
+    found: dict[tuple[bool, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="batchd-triggers-") as tmp:
+        for _ in range(rounds):
+            for counted in (False, True):
+                path = Path(tmp) / f"{counted}.db"
+                path.unlink(missing_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None)
+                conn.execute("PRAGMA journal_mode = WAL")
+                for migration in scripts:
+                    if counted or migration.name != "task_counts":
+                        conn.executescript(migration.script)
+                for step, sql in steps.items():
+                    started = time.process_time()
+                    for first in range(1, count + 1, 5000):
+                        last = min(first + 4999, count)
+                        conn.execute("BEGIN IMMEDIATE")
+                        if step == "insert":
+                            conn.executemany(
+                                "INSERT INTO tasks (id, custom_id, params) VALUES (?, ?, ?)",
+                                ((n, f"c{n}", "x" * 400) for n in range(first, last + 1)),
+                            )
+                        else:
+                            conn.execute(sql, (first, last))
+                        conn.execute("COMMIT")
+                    found.setdefault((counted, step), []).append(time.process_time() - started)
+                conn.close()
+    for step in steps:
+        without, with_ = (statistics.median(found[(c, step)]) for c in (False, True))
+        print(f"  {step} {count:,}: {without:.3f} s CPU without, {with_:.3f} s with the"
+              f" triggers (+{(with_ - without) / count * 1e6:.2f} us a row)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -249,13 +297,18 @@ def main() -> None:
     queue = sub.add_parser("deep")
     queue.add_argument("--tasks", type=int, nargs="+", default=[100_000, 1_000_000])
     queue.add_argument("--batch-size", type=int, default=10_000)
+    costs = sub.add_parser("triggers")
+    costs.add_argument("--tasks", type=int, default=100_000)
+    costs.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"# reproduce: {command_line()}")
     if args.what == "reads":
         reads(args.db, args.pending, results=not args.skip_results)
-    else:
+    elif args.what == "deep":
         deep(args.tasks, args.batch_size)
+    else:
+        trigger_costs(args.tasks, args.rounds)
 
 
 if __name__ == "__main__":

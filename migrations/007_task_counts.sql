@@ -29,11 +29,12 @@ BEGIN
     UPDATE task_counts SET tasks = tasks - 1 WHERE status = OLD.status;
 END;
 
--- One statement for both rows: a trigger body runs per changed task (100,000 in one
--- batch's write-back), and each statement in it costs.
+-- Runs once per changed task (100,000 in one batch's write-back). Two statements on the
+-- key: one `WHERE status IN (OLD.status, NEW.status)` cost 3.5x as much per row (0.29 s
+-- against 0.08 s of CPU per 100,000 claimed tasks: `python3 bench/flat.py triggers`).
 CREATE TRIGGER task_counts_update AFTER UPDATE OF status ON tasks
 WHEN NEW.status IS NOT OLD.status
 BEGIN
-    UPDATE task_counts SET tasks = tasks + CASE WHEN status = NEW.status THEN 1 ELSE -1 END
-    WHERE status IN (OLD.status, NEW.status);
+    UPDATE task_counts SET tasks = tasks - 1 WHERE status = OLD.status;
+    UPDATE task_counts SET tasks = tasks + 1 WHERE status = NEW.status;
 END;
