@@ -46,9 +46,9 @@ Per method (see each docstring):
 **Flat costs** (issue 16). A database may hold millions of finished tasks and a queue of
 a million pending ones; what a second store must keep flat:
 
-- `status_counts` costs the same at 2,000,000 rows as at 0 (SQLite: a `task_counts` table
-  kept by triggers in the writing transaction, users' writes included; PostgreSQL may do
-  the same, or count per status from an index-only scan only if that stays under ~20 ms).
+- `status_counts` costs the same at 2,000,000 rows as at 0: a `task_counts` table kept by
+  triggers in the writing transaction, users' writes included (migration 007: row
+  triggers in SQLite, statement-level ones over transition tables in PostgreSQL).
   It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
 - `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
   submitter at its in-flight limit ask it, never for counts.
