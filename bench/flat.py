@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,13 +116,18 @@ def endpoint_times(db: Path, tmp: Path) -> None:
         drain.start()
         time.sleep(1.0)  # past the start: loops running, first status published
         for path in ("/metrics", "/healthz"):
-            times = []
+            times, codes = [], set()
             for _ in range(9):
                 started = time.perf_counter()
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-                    r.read()
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+                        r.read()
+                        codes.add(r.status)
+                except urllib.error.HTTPError as answer:  # /healthz: 503, the API is down
+                    answer.read()
+                    codes.add(answer.code)
                 times.append(time.perf_counter() - started)
-            print(f"  GET {path}: {median_ms(times)}")
+            print(f"  GET {path}: {median_ms(times)} (HTTP {sorted(codes)})")
     finally:
         proc.terminate()
         proc.wait(30)

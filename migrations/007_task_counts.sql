@@ -38,3 +38,10 @@ BEGIN
     UPDATE task_counts SET tasks = tasks - 1 WHERE status = OLD.status;
     UPDATE task_counts SET tasks = tasks + 1 WHERE status = NEW.status;
 END;
+
+-- completed_at joins the status index: `batchd prune` finds the tasks finished before its
+-- cutoff from the index alone, instead of reading every finished row (4 GB at 2,000,000
+-- tasks, ~12 s) to learn that it is recent. The entry is rewritten anyway when a task
+-- finishes (its status changes in the same UPDATE), so the write-back pays nothing more.
+DROP INDEX tasks_by_status;
+CREATE INDEX tasks_by_status ON tasks (status, id, completed_at);

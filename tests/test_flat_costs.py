@@ -23,8 +23,8 @@ from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
-from tests.conftest import request_params
-from tests.test_store import add_tasks, api_batch, claim, outcome, pending_ids, submitted_batch
+from tests.support.params import request_params
+from tests.support.store import add_tasks, api_batch, claim, outcome, pending_ids, submitted_batch
 
 PARAMS = '{"model": "claude-x", "max_tokens": 16, "messages": []}'
 
@@ -362,6 +362,8 @@ async def test_paging_queries_read_only_rows_of_their_statuses_in_id_order(
         for step in reads:
             assert step.startswith("SEARCH tasks USING"), (sql, plan)
             assert "tasks_by_status (status=? AND id>?" in step, (sql, plan)
+            if sql.startswith("SELECT id FROM"):  # prune without export: the index alone
+                assert "COVERING INDEX" in step, (sql, plan)
         checked += 1
     assert checked >= 4 + 5 + 5  # a query per status asked: results, and prune twice
 

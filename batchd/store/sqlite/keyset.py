@@ -13,8 +13,9 @@ and the rows are merged by id here. Memory: one page per status.
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from batchd.store.sqlite.database import Row
@@ -34,33 +35,46 @@ def status_page(columns: str, condition: str = "") -> str:
 
 async def merged_by_id(
     read: Read, sql: str, statuses: Sequence[str], page_size: int, **named: Any
-) -> AsyncIterator[Row]:
-    """Every row `sql` (from `status_page`) gives for each of `statuses`, by id."""
-    buffers: dict[str, deque[Row]] = {str(status): deque() for status in statuses}
+) -> AsyncIterator[list[Row]]:
+    """Every row `sql` (from `status_page`) gives for each of `statuses`, by id, in runs:
+    lists of rows of one status with no row of another status between them (a whole page
+    while only one status has rows left), so the merge costs per run, not per row."""
+    buffers: dict[str, list[Row]] = {str(status): [] for status in statuses}
+    taken = dict.fromkeys(buffers, 0)  # rows of each buffer already handed out
     after = dict.fromkeys(buffers, 0)
     live = set(buffers)  # statuses that may have rows not read yet
     while True:
-        for status in [s for s in live if not buffers[s]]:
+        for status in [s for s in live if taken[s] == len(buffers[s])]:
             params = {**named, "status": status, "after": after[status], "limit": page_size}
             rows = await read(sql, params)
-            buffers[status].extend(rows)
+            buffers[status], taken[status] = rows, 0
             if rows:
                 after[status] = rows[-1][0]
             if len(rows) < page_size:
                 live.discard(status)
-        heads = [(rows[0][0], status) for status, rows in buffers.items() if rows]
+        heads = sorted(
+            (rows[taken[status]][0], status)
+            for status, rows in buffers.items()
+            if taken[status] < len(rows)
+        )
         if not heads:
             return
-        yield buffers[min(heads)[1]].popleft()
+        status = heads[0][1]
+        rows, start = buffers[status], taken[status]
+        end = len(rows)
+        if len(heads) > 1:  # up to the next status's first row
+            end = bisect_left(rows, heads[1][0], lo=start, key=itemgetter(0))
+        taken[status] = end
+        yield rows[start:end]
 
 
-async def in_pages(rows: AsyncIterator[Row], page_size: int) -> AsyncIterator[list[Row]]:
-    """`rows` in lists of `page_size` (the last may be shorter; none empty)."""
+async def in_pages(runs: AsyncIterator[list[Row]], page_size: int) -> AsyncIterator[list[Row]]:
+    """The rows of `runs` in lists of `page_size` (the last may be shorter; none empty)."""
     page: list[Row] = []
-    async for row in rows:
-        page.append(row)
-        if len(page) == page_size:
-            yield page
-            page = []
+    async for run in runs:
+        page.extend(run)
+        while len(page) >= page_size:
+            yield page[:page_size]
+            page = page[page_size:]
     if page:
         yield page

@@ -53,9 +53,9 @@ class UserOperations:
         """(custom_id, result JSON) of tasks in `statuses` that have a result, by id: each
         row of those statuses read once (`keyset`), none of other statuses."""
         sql = status_page("id, custom_id, result", "result IS NOT NULL")
-        rows = merged_by_id(self._db.read, sql, sorted(set(statuses)), page_size)
-        async for _, custom_id, result in rows:
-            yield ResultLine(custom_id, result)
+        async for run in merged_by_id(self._db.read, sql, sorted(set(statuses)), page_size):
+            for _, custom_id, result in run:
+                yield ResultLine(custom_id, result)
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back."""
