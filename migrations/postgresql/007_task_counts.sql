@@ -7,6 +7,9 @@
 -- rows are hot: a writer that changes a status's count holds its row until it commits,
 -- so keep transactions short (they are: claims and write-back ranges). batchd's own
 -- decisions (idle, anything pending) never read these counts: they ask the tasks.
+-- SECURITY DEFINER: a producer role (docs/postgresql.md) may INSERT tasks but has no
+-- right on task_counts; the functions run as their owner, batchd's role, with the
+-- search_path fixed when they were created, so a caller's path cannot redirect them.
 
 CREATE TABLE task_counts (
     status  text PRIMARY KEY,
@@ -19,7 +22,7 @@ FROM unnest(ARRAY['pending', 'submitted', 'succeeded', 'errored', 'canceled', 'e
                   'invalid']) AS s (status);
 
 CREATE FUNCTION batchd_task_counts_added() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE task_counts AS c SET tasks = c.tasks + d.n
     FROM (SELECT status, count(*) AS n FROM new_rows GROUP BY status) AS d
@@ -29,7 +32,7 @@ END
 $$;
 
 CREATE FUNCTION batchd_task_counts_removed() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE task_counts AS c SET tasks = c.tasks - d.n
     FROM (SELECT status, count(*) AS n FROM old_rows GROUP BY status) AS d
@@ -40,7 +43,7 @@ $$;
 
 -- Old and new rows are the same tasks: the net change per status is what moved.
 CREATE FUNCTION batchd_task_counts_moved() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE task_counts AS c SET tasks = c.tasks + d.n
     FROM (SELECT status, sum(n) AS n
@@ -53,7 +56,7 @@ END
 $$;
 
 CREATE FUNCTION batchd_task_counts_truncated() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE task_counts SET tasks = 0;
     RETURN NULL;
