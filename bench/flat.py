@@ -270,7 +270,7 @@ def trigger_costs(count: int, rounds: int) -> None:
                 conn = sqlite3.connect(path, isolation_level=None)
                 conn.execute("PRAGMA journal_mode = WAL")
                 for migration in scripts:
-                    if counted or migration.name != "task_counts":
+                    if counted or migration.name != "flat_costs":
                         conn.executescript(migration.script)
                 for step, sql in steps.items():
                     started = time.process_time()

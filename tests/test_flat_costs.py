@@ -24,7 +24,15 @@ from batchd.service.daemon import run_daemon
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 from tests.support.params import request_params
-from tests.support.store import add_tasks, api_batch, claim, outcome, pending_ids, submitted_batch
+from tests.support.store import (
+    add_tasks,
+    api_batch,
+    claim,
+    outcome,
+    pending_ids,
+    query,
+    submitted_batch,
+)
 
 PARAMS = '{"model": "claude-x", "max_tokens": 16, "messages": []}'
 
@@ -68,6 +76,9 @@ async def test_counts_of_an_existing_database_are_taken_by_the_migration(tmp_pat
         "DROP TRIGGER task_counts_delete",
         "DROP TRIGGER task_counts_update",
         "DROP TABLE task_counts",
+        "DROP TRIGGER tasks_deleted_batches",
+        "DROP TABLE batches_to_check",
+        "DROP INDEX batch_tasks_by_task",
         "DELETE FROM schema_migrations WHERE version = 7",
         "UPDATE tasks SET status = 'invalid' WHERE custom_id = 'c'",
     )
@@ -406,3 +417,32 @@ async def test_changes_to_named_tasks_are_planned_by_key_not_by_status(
         assert not any(step.startswith("SCAN tasks") for step in plan), (sql, plan)
         checked += 1
     assert checked >= 5
+
+
+async def test_prune_forgets_only_batches_that_lost_tasks_and_only_once_finished(
+    store: SqliteStore, db_path: Path
+) -> None:
+    """A user's DELETE marks the batches its tasks were in (trigger); forget_empty_batches
+    looks at those alone, and keeps an unfinished one marked until it is finished."""
+    done_a = await submitted_batch(store, "msgbatch_a", "a1", "a2")
+    done_b = await submitted_batch(store, "msgbatch_b", "b1")
+    for local_id, ids in ((done_a, ["a1", "a2"]), (done_b, ["b1"])):
+        await store.write_results(local_id, [outcome(i) for i in ids], 3)
+        await store.finish_batch(local_id, "unused")
+    await add_tasks(store, "c1")
+    running = await claim(store, "c1")
+    assert await store.mark_created(running, api_batch("msgbatch_c"))
+    user_sql(db_path, "DELETE FROM batches_to_check")  # as if every batch had been looked at
+    user_sql(db_path, "DELETE FROM tasks WHERE custom_id IN ('a1', 'a2', 'c1')")
+    assert query(db_path, "SELECT batch_id FROM batches_to_check ORDER BY 1") == [
+        (done_a,),
+        (running,),
+    ]
+    assert await store.accounts.forget_empty_batches() == (2, 1)  # a's links, then a
+    assert query(db_path, "SELECT id FROM batches ORDER BY id") == [(done_b,), (running,)]
+    assert query(db_path, "SELECT batch_id FROM batches_to_check") == [(running,)]
+    await store.update_batch(running, api_batch("msgbatch_c", "ended"))
+    await store.finish_batch(running, "no line")
+    assert await store.accounts.forget_empty_batches() == (1, 1)
+    assert query(db_path, "SELECT id FROM batches") == [(done_b,)]
+    assert query(db_path, "SELECT count(*) FROM batches_to_check") == [(0,)]

@@ -60,7 +60,7 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (3, "usage_ledger", "2026-11-24T15:40:37.123Z"),
         (4, "short_downloads", "2026-11-24T15:40:37.123Z"),
         (5, "missing_reason", "2026-11-24T15:40:37.123Z"),
-        (7, "task_counts", "2026-11-24T15:40:37.123Z"),
+        (7, "flat_costs", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await SqliteStore.open(db_path, clock=clock)
     try:

@@ -148,11 +148,15 @@ class SqliteAccounts:
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to.
 
-        One short transaction per batch, so users' INSERTs never wait long. A batch named
-        in duplicate_batches stays: that report must survive.
+        Only batches that lost a task since they were last looked at (`batches_to_check`,
+        filled by a trigger on every DELETE of a task, migration 007): the cost follows
+        what was deleted, not the history. One short transaction per batch, so users'
+        INSERTs never wait long. A batch named in duplicate_batches stays: that report
+        must survive. A batch not finished yet stays to be looked at by a later prune.
         """
         finished = await self._db.read(
-            "SELECT id FROM batches WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
+            "SELECT c.batch_id FROM batches_to_check AS c JOIN batches AS b ON b.id = c.batch_id"
+            " WHERE b.state IN (SELECT value FROM json_each(?)) ORDER BY c.batch_id",
             (json_list(_FINISHED_BATCH_STATES),),
         )
         links = batches = 0
@@ -160,6 +164,11 @@ class SqliteAccounts:
             links_gone, batch_gone = await self._db.transact(_forget_batch, local_id)
             links += links_gone
             batches += batch_gone
+        await self._db.transact(
+            run_in,
+            "DELETE FROM batches_to_check WHERE batch_id NOT IN (SELECT id FROM batches)",
+            (),
+        )
         return ForgottenBatches(links, batches)
 
     async def storage_bytes(self) -> int:
@@ -203,4 +212,5 @@ async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:
         " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = :id)",
         {"id": local_id},
     )
+    await db.execute("DELETE FROM batches_to_check WHERE batch_id = ?", (local_id,))
     return links, batches

@@ -45,3 +45,20 @@ END;
 -- finishes (its status changes in the same UPDATE), so the write-back pays nothing more.
 DROP INDEX tasks_by_status;
 CREATE INDEX tasks_by_status ON tasks (status, id, completed_at);
+
+-- Batches that lost a task, for `batchd prune` to look at (forget_empty_batches), instead
+-- of every link of every finished batch (2,000,000 links, 2.2 s per prune at 2M tasks).
+-- A trigger fills it, so a user's DELETE counts too; every batch of an older database is
+-- looked at once, at the first prune after this migration.
+CREATE TABLE batches_to_check (
+    batch_id  INTEGER PRIMARY KEY
+);
+INSERT INTO batches_to_check (batch_id) SELECT id FROM batches;
+
+CREATE INDEX batch_tasks_by_task ON batch_tasks (task_id);
+
+CREATE TRIGGER tasks_deleted_batches AFTER DELETE ON tasks
+BEGIN
+    INSERT OR IGNORE INTO batches_to_check (batch_id)
+    SELECT batch_id FROM batch_tasks WHERE task_id = OLD.id;
+END;

@@ -1,5 +1,5 @@
 -- batchd schema v7 (PostgreSQL): how many tasks are in each status, kept as rows change
--- (migrations/007_task_counts.sql is the SQLite one), so that status, /metrics, /healthz
+-- (migrations/007_flat_costs.sql is the SQLite one), so that status, /metrics, /healthz
 -- and the progress display read 7 rows, not every task (issue 16).
 --
 -- Per statement, over its transition tables, as the usage ledger (003): one UPDATE of the
@@ -77,3 +77,27 @@ CREATE TRIGGER task_counts_update AFTER UPDATE ON tasks
 
 CREATE TRIGGER task_counts_truncate AFTER TRUNCATE ON tasks
     FOR EACH STATEMENT EXECUTE FUNCTION batchd_task_counts_truncated();
+
+-- Batches that lost a task, for `batchd prune` to look at (forget_empty_batches), instead
+-- of every link of every finished batch. Every batch of an older database is looked at
+-- once, at the first prune after this migration.
+CREATE TABLE batches_to_check (
+    batch_id  bigint PRIMARY KEY
+);
+INSERT INTO batches_to_check (batch_id) SELECT id FROM batches;
+
+CREATE INDEX batch_tasks_by_task ON batch_tasks (task_id);
+
+CREATE FUNCTION batchd_tasks_deleted_batches() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO batches_to_check (batch_id)
+    SELECT DISTINCT m.batch_id FROM old_rows AS o JOIN batch_tasks AS m ON m.task_id = o.id
+    ON CONFLICT (batch_id) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER tasks_deleted_batches AFTER DELETE ON tasks
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION batchd_tasks_deleted_batches();
