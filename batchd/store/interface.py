@@ -147,7 +147,8 @@ class StoreAccounts(Protocol):
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop links of deleted tasks, then finished batches nothing refers to (one short
-        transaction per batch). A batch named in duplicate_batches stays."""
+        transaction per batch). A batch named in duplicate_batches stays. Looks only at
+        batches that lost a task since last looked at (flat in history: migration 007)."""
 
     async def storage_bytes(self) -> int:
         """Bytes the database takes (SQLite: its main file's pages)."""
