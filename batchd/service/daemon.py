@@ -343,8 +343,8 @@ class Daemon:
                 self.stop(EXIT_OK)
 
     async def _is_idle(self) -> bool:
-        counts = await self._store.status_counts()
-        if counts[TaskStatus.PENDING] or counts[TaskStatus.SUBMITTED]:
+        # Every 0.2 s: two index entries at most, never a count of every task.
+        if await self._store.has_tasks(TaskStatus.PENDING, TaskStatus.SUBMITTED):
             return False
         active = (
             BatchState.CREATING,

@@ -54,6 +54,25 @@ exactly once (the task then points at the candidate, so no second line passes th
 any batch), and withdraws a pending one from the queue in the same UPDATE. Every apply
 keeps, in its range's transaction, the lines for tasks another batch already answered in
 duplicate_results: the first result written wins, none is ever overwritten.
+
+**Flat costs** (issue 16). A database may hold millions of finished tasks and a queue of
+a million pending ones; what a second store must keep flat:
+
+- `status_counts` costs the same at 2,000,000 rows as at 0: a `task_counts` table kept by
+  triggers in the writing transaction, users' writes included (migration 007: row
+  triggers in SQLite, statement-level ones over transition tables in PostgreSQL).
+  It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
+- `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
+  submitter at its in-flight limit ask it, never for counts.
+- Pages by key: `iter_result_lines`, `iter_prunable` and `iter_pending` read from an
+  index on (status, id) only rows of the statuses asked for, each once: one cursor per
+  status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a
+  status found exhausted is not read again (SQLite's own merge of the ranges read a
+  status with no further match to its end on every page). No sort, no list of every id.
+- A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
+  `mark_invalid`) finds them by id or custom_id, never through the status index: a
+  query that also says `status = ...` must not be planned as a scan of that status.
+- Tests hold the SQLite plans to this (`EXPLAIN QUERY PLAN`, tests/test_flat_costs.py).
 """
 
 from __future__ import annotations
@@ -126,17 +145,24 @@ class StoreAccounts(Protocol):
     async def result_gaps(self) -> ResultGaps:
         """Result lines kept as unmatched, and requests requeued for want of a result."""
 
-    async def prunable_tasks(
-        self, cutoff: datetime, after_id: int, limit: int
-    ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
+    def iter_prunable(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[PrunableTask]]:
+        """Final tasks completed before `cutoff`, by id, in pages; each final row read once
+        and no other (see "Flat costs"). Deleting a page before the next is read is safe."""
+
+    def iter_prunable_ids(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[int]]:
+        """The ids of `iter_prunable` alone, without reading params or results."""
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks if still final and completed before `cutoff` (one transaction)."""
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop links of deleted tasks, then finished batches nothing refers to (one short
-        transaction per batch). A batch named in duplicate_batches stays."""
+        transaction per batch). A batch named in duplicate_batches stays. Looks only at
+        batches that lost a task since last looked at (flat in history: migration 007)."""
 
     async def storage_bytes(self) -> int:
         """Bytes the database takes (SQLite: its main file's pages)."""
@@ -286,7 +312,12 @@ class Store(Protocol):
     # -- user commands and reads ----------------------------------------------------------------
 
     async def status_counts(self) -> dict[TaskStatus, int]:
-        """How many tasks are in each status, zeros included."""
+        """How many tasks are in each status, zeros included, in time independent of how
+        many tasks there are: read on timers (/metrics, /healthz, progress, status)."""
+
+    async def has_tasks(self, *statuses: TaskStatus) -> bool:
+        """Whether any task is in one of `statuses`, from the tasks themselves (exact even
+        if kept counts drifted): the daemon's idle and anything-pending decisions."""
 
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
         """The tasks asked for, in the order asked; unknown custom_ids are left out."""
@@ -294,10 +325,12 @@ class Store(Protocol):
     def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """Tasks in `statuses` that have a result, by id, in pages."""
+        """Tasks in `statuses` that have a result, by id, in pages; a page reads only rows
+        of `statuses` (never every pending row again)."""
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
-        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+        """Cancel pending tasks now; flag submitted ones for when their result comes back.
+        Reads the asked rows only (by custom_id), however many tasks are pending."""
 
     async def batches_to_cancel(self) -> list[BatchRecord]:
         """In-progress batches in which every task still waiting was canceled by the user."""

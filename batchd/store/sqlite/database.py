@@ -121,6 +121,11 @@ class SqliteDatabase:
         return self.main.db
 
     @property
+    def reader(self) -> Db:
+        """The read-only connection (tests trace its statements and their plans)."""
+        return self._reader
+
+    @property
     def write_lock(self) -> asyncio.Lock:
         """Held by every write to the database file, whichever connection makes it."""
         return self.main.lock
