@@ -28,6 +28,8 @@ _ENQUEUE_CHUNK = 5000
 # Results not yet stored this close to the API's retention limit are flagged (as the
 # collector's `results_near_archival` log line does).
 RETENTION_MARGIN = timedelta(days=2)
+# The API expires a batch that has not ended 24 hours after its creation (spec §1).
+BATCH_EXPIRY = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,7 @@ async def status_snapshot(
     duplicates = await store.duplicate_batches()
     snapshot: dict[str, Any] = {
         "tasks": {str(status): counts[status] for status in TaskStatus},
-        "batches_in_flight": [_batch_json(batch) for batch in batches],
+        "batches_in_flight": [batch_json(batch, now) for batch in batches],
         "duplicate_batches": [
             {"batch_id": batch_id, "detected_at": detected_at, "note": note}
             for batch_id, detected_at, note in duplicates
@@ -156,7 +158,21 @@ def retention_warnings(batches: Sequence[BatchRecord], now: datetime) -> list[di
     return warnings
 
 
-def _batch_json(batch: BatchRecord) -> dict[str, Any]:
+def batch_created_at(batch: BatchRecord) -> datetime:
+    """When the batch's 24 h started: the API's created_at, else our best earlier guess."""
+    return batch.api_created_at or batch.submitted_at or batch.intent_at
+
+
+def expires_in_s(batch: BatchRecord, now: datetime) -> float | None:
+    """Seconds until the API expires the batch; None once it ended or before it exists."""
+    if batch.state not in (BatchState.IN_PROGRESS, BatchState.CANCELING):
+        return None
+    return (batch_created_at(batch) + BATCH_EXPIRY - now).total_seconds()
+
+
+def batch_json(batch: BatchRecord, now: datetime) -> dict[str, Any]:
+    """A batch as the status document, `batchd batches --json` and the web view show it."""
+    remaining = expires_in_s(batch, now)
     return {
         "batch_id": batch.api_batch_id,
         "local_id": batch.local_id,
@@ -166,6 +182,8 @@ def _batch_json(batch: BatchRecord) -> dict[str, Any]:
         "request_counts": dict(batch.request_counts) if batch.request_counts else None,
         "submitted_at": _iso(batch.submitted_at),
         "ended_at": _iso(batch.ended_at),
+        "age_s": round((now - batch_created_at(batch)).total_seconds(), 1),
+        "expires_in_s": None if remaining is None else round(remaining, 1),
         "note": batch.note,
     }
 

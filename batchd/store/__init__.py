@@ -4,10 +4,16 @@ Callers depend on the Protocols of `interface.py` and the values of `values.py`,
 store with `open_store`; every SQL statement lives below this package (`sqlite/`).
 """
 
-from batchd.store.errors import SchemaTooNewError, StoreError
+from batchd.store.errors import (
+    DatabaseMissingError,
+    SchemaTooNewError,
+    SchemaTooOldError,
+    StoreError,
+)
 from batchd.store.factory import open_store
 from batchd.store.interface import Store, StoreAccounts, WriteBackLane
 from batchd.store.values import (
+    AcknowledgeReport,
     AppliedRange,
     CancelReport,
     DuplicateBatch,
@@ -18,14 +24,18 @@ from batchd.store.values import (
     PrunableTask,
     ResultGaps,
     ResultLine,
+    SchemaVersions,
     SizeTotals,
     StageReport,
     UsageTotals,
+    WaitingCancelReport,
 )
 
 __all__ = [
+    "AcknowledgeReport",
     "AppliedRange",
     "CancelReport",
+    "DatabaseMissingError",
     "DuplicateBatch",
     "EnqueueReport",
     "FinishReport",
@@ -35,12 +45,15 @@ __all__ = [
     "ResultGaps",
     "ResultLine",
     "SchemaTooNewError",
+    "SchemaTooOldError",
+    "SchemaVersions",
     "SizeTotals",
     "StageReport",
     "Store",
     "StoreAccounts",
     "StoreError",
     "UsageTotals",
+    "WaitingCancelReport",
     "WriteBackLane",
     "open_store",
 ]

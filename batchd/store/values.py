@@ -112,3 +112,25 @@ class PrunableTask(NamedTuple):
     cache_read_input_tokens: int | None
     created_at: str
     completed_at: str | None
+
+
+class SchemaVersions(NamedTuple):
+    """The schema version a database records (0: none) and the newest this batchd ships."""
+
+    recorded: int
+    supported: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingCancelReport:
+    """`cancel --all / --status`: how many waiting tasks the cancel reached."""
+
+    canceled: int  # pending tasks now canceled
+    flagged: int  # submitted tasks flagged: canceled when their result comes back canceled
+
+
+@dataclass(frozen=True, slots=True)
+class AcknowledgeReport:
+    acknowledged: tuple[str, ...]  # suspected duplicates now acknowledged
+    already: tuple[str, ...]  # acknowledged before (left as they were)
+    unknown: tuple[str, ...]  # not a suspected duplicate batch

@@ -1,10 +1,13 @@
-"""Read-only views for operators (issue 14): what `status --watch` needs beyond counts."""
+"""Read-only views for operators (issue 14): throughput, batch and task listings."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
-from batchd.store.sqlite.database import SqliteDatabase, format_time
+from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
+from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
+from batchd.store.sqlite.database import SqliteDatabase, format_time, json_list
 
 
 class OperatorViews:
@@ -24,3 +27,31 @@ class OperatorViews:
         )
         count, first = rows[0]
         return int(count), None if first is None else datetime.fromisoformat(str(first))
+
+    async def recent_batches(
+        self, limit: int, states: Sequence[BatchState] = ()
+    ) -> list[BatchRecord]:
+        """The newest `limit` batches (of `states`, or of any state), newest first.
+
+        By the primary key backwards (or `batches_by_state`, whose entries are in id order
+        within a state): `limit` rows read, however many batches the database remembers.
+        """
+        where = " WHERE state IN (SELECT value FROM json_each(?))" if states else ""
+        params: list[object] = [json_list(states)] if states else []
+        rows = await self._db.read(
+            f"SELECT {BATCH_COLUMNS} FROM batches{where} ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [batch_record(row) for row in rows]
+
+    async def tasks_in_status(self, status: TaskStatus, limit: int) -> list[TaskRow]:
+        """Up to `limit` tasks in `status`, oldest first: `limit` entries of the
+        (status, id) index, however many tasks there are."""
+        rows = await self._db.read(
+            "SELECT t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, t.result,"
+            " t.created_at, t.submitted_at, t.completed_at"
+            " FROM tasks AS t LEFT JOIN batches AS b ON b.id = t.batch_id"
+            " WHERE t.status = ? ORDER BY t.id LIMIT ?",
+            (str(status), limit),
+        )
+        return [TaskRow(row[0], TaskStatus(row[1]), *row[2:]) for row in rows]
