@@ -7,7 +7,7 @@ from datetime import datetime
 
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
 from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
-from batchd.store.sqlite.database import SqliteDatabase, format_time, json_list
+from batchd.store.sqlite.database import SqliteDatabase, format_time
 
 
 class OperatorViews:
@@ -33,15 +33,23 @@ class OperatorViews:
     ) -> list[BatchRecord]:
         """The newest `limit` batches (of `states`, or of any state), newest first.
 
-        By the primary key backwards (or `batches_by_state`, whose entries are in id order
-        within a state): `limit` rows read, however many batches the database remembers.
+        Backwards on the primary key, or on `batches_by_state` one state at a time (its
+        entries are in id order within a state; `state IN (...)` made SQLite sort every
+        batch of those states): at most `limit` rows per state, however many batches the
+        database remembers.
         """
-        where = " WHERE state IN (SELECT value FROM json_each(?))" if states else ""
-        params: list[object] = [json_list(states)] if states else []
-        rows = await self._db.read(
-            f"SELECT {BATCH_COLUMNS} FROM batches{where} ORDER BY id DESC LIMIT ?",
-            [*params, limit],
-        )
+        if not states:
+            rows = await self._db.read(
+                f"SELECT {BATCH_COLUMNS} FROM batches ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = []
+            for state in dict.fromkeys(states):
+                rows += await self._db.read(
+                    f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    (str(state), limit),
+                )
+            rows = sorted(rows, key=lambda row: -int(row[0]))[:limit]
         return [batch_record(row) for row in rows]
 
     async def tasks_in_status(self, status: TaskStatus, limit: int) -> list[TaskRow]:
