@@ -5,31 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from batchd.api.wire import RESULTS_RETENTION_DAYS
 from batchd.cli.prune import PruneReport
-from batchd.config import Config
-from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
-from batchd.money.spending import budget_status, render_budget, render_usage, usage_status
+from batchd.domain import TaskRow, TaskStatus
+from batchd.money.spending import render_budget, render_usage
+
+# The status document moved below the command line, to be served by the daemon too; its
+# names stay importable from here (the `as` form is mypy's explicit re-export).
+from batchd.service.status import RETENTION_MARGIN as RETENTION_MARGIN  # noqa: PLC0414
+from batchd.service.status import retention_warnings as retention_warnings  # noqa: PLC0414
+from batchd.service.status import status_snapshot as status_snapshot  # noqa: PLC0414
 from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
 
-_ACTIVE_BATCH_STATES = (
-    BatchState.CREATING,
-    BatchState.IN_PROGRESS,
-    BatchState.CANCELING,
-    BatchState.ENDED,
-)
 _ENQUEUE_CHUNK = 5000
-# Results not yet stored this close to the API's retention limit are flagged (as the
-# collector's `results_near_archival` log line does).
-RETENTION_MARGIN = timedelta(days=2)
-# The API expires a batch that has not ended 24 hours after its creation (spec §1).
-BATCH_EXPIRY = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,99 +89,6 @@ async def enqueue_file(store: Store, stream: IO[bytes]) -> EnqueueSummary:
 
 def open_input(path: str) -> IO[bytes]:
     return sys.stdin.buffer if path == "-" else Path(path).open("rb")
-
-
-async def status_snapshot(
-    store: Store,
-    config: Config | None = None,
-    now: datetime | None = None,
-    *,
-    accounting: bool = True,
-) -> dict[str, Any]:
-    """Everything `batchd status` shows, as plain JSON-ready data.
-
-    `accounting=False` leaves out usage, cost, budget and result gaps: the run's progress
-    bar reads this several times a second.
-    """
-    config = config or Config()
-    now = now or datetime.now(UTC)
-    counts = await store.status_counts()
-    batches = await store.batches_in(*_ACTIVE_BATCH_STATES)
-    duplicates = await store.duplicate_batches()
-    snapshot: dict[str, Any] = {
-        "tasks": {str(status): counts[status] for status in TaskStatus},
-        "batches_in_flight": [batch_json(batch, now) for batch in batches],
-        "duplicate_batches": [
-            {"batch_id": batch_id, "detected_at": detected_at, "note": note}
-            for batch_id, detected_at, note in duplicates
-        ],
-        "retention": retention_warnings(batches, now),
-    }
-    if accounting:
-        accounts = store.accounts
-        snapshot["usage"] = await usage_status(accounts, config)
-        snapshot["budget"] = await budget_status(accounts, config, batches, now)
-        gaps = await accounts.result_gaps()
-        snapshot["results"] = {
-            "unmatched": gaps.unmatched,
-            "missing_requeued": gaps.missing_requeued,
-            "archived_requeued": gaps.archived_requeued,
-        }
-    return snapshot
-
-
-def retention_warnings(batches: Sequence[BatchRecord], now: datetime) -> list[dict[str, Any]]:
-    """Batches whose results are not stored yet and will soon be (or are) archived."""
-    limit = timedelta(days=RESULTS_RETENTION_DAYS)
-    warnings = []
-    for batch in batches:
-        created = batch.api_created_at
-        if created is None or now - created < limit - RETENTION_MARGIN:
-            continue
-        warnings.append(
-            {
-                "batch_id": batch.api_batch_id,
-                "state": str(batch.state),
-                "created_at": created.isoformat(),
-                "age_days": round((now - created) / timedelta(days=1), 2),
-                "archived_in_days": round((created + limit - now) / timedelta(days=1), 2),
-            }
-        )
-    return warnings
-
-
-def batch_created_at(batch: BatchRecord) -> datetime:
-    """When the batch's 24 h started: the API's created_at, else our best earlier guess."""
-    return batch.api_created_at or batch.submitted_at or batch.intent_at
-
-
-def expires_in_s(batch: BatchRecord, now: datetime) -> float | None:
-    """Seconds until the API expires the batch; None once it ended or before it exists."""
-    if batch.state not in (BatchState.IN_PROGRESS, BatchState.CANCELING):
-        return None
-    return (batch_created_at(batch) + BATCH_EXPIRY - now).total_seconds()
-
-
-def batch_json(batch: BatchRecord, now: datetime) -> dict[str, Any]:
-    """A batch as the status document, `batchd batches --json` and the web view show it."""
-    remaining = expires_in_s(batch, now)
-    return {
-        "batch_id": batch.api_batch_id,
-        "local_id": batch.local_id,
-        "state": str(batch.state),
-        "requests": batch.request_count,
-        "body_bytes": batch.body_bytes,
-        "request_counts": dict(batch.request_counts) if batch.request_counts else None,
-        "submitted_at": _iso(batch.submitted_at),
-        "ended_at": _iso(batch.ended_at),
-        "age_s": round((now - batch_created_at(batch)).total_seconds(), 1),
-        "expires_in_s": None if remaining is None else round(remaining, 1),
-        "note": batch.note,
-    }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
 
 
 def render_status(snapshot: dict[str, Any]) -> str:

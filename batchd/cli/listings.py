@@ -1,8 +1,8 @@
 """`batchd batches` and `batchd tasks`: local batches and tasks by status, for operators.
 
 The `--json` documents are built from the same builders as the status document (and so
-the web view's /api/status): `commands.batch_json` for a batch, `commands.task_json` for
-a task. No listing writes: the store is opened read-only.
+the web view's /api/status): `service.status.batch_json` for a batch, `commands.task_json`
+(as `status CUSTOM_ID --json`) for a task. No listing writes: the store is opened read-only.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from batchd.cli.commands import batch_json, task_json
+from batchd.cli.commands import task_json
 from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
+from batchd.service.status import batch_json
 from batchd.store import Store
 
 _COUNT_KINDS = ("processing", "succeeded", "errored", "canceled", "expired")

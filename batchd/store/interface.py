@@ -304,3 +304,16 @@ class Store(Protocol):
     ) -> AcknowledgeReport:
         """An operator has seen these suspected duplicates (one transaction): they stay
         recorded, with the time and `note`, and `duplicate_batches` no longer returns them."""
+
+    # -- operator views: /metrics and the web view read these every few seconds ------------------
+
+    async def oldest_pending_created_at(self) -> datetime | None:
+        """When the longest-waiting pending task was inserted; None when none is pending."""
+
+    async def batch_completions_since(self, since: datetime) -> list[tuple[datetime, int, int]]:
+        """(completed_at, succeeded, not succeeded) per batch whose results were all stored
+        at or after `since`, oldest first."""
+
+    async def latest_failed_tasks(self, limit: int) -> list[TaskRow]:
+        """Up to `limit` errored, expired or invalid tasks, most recently finished first
+        (among the newest failed tasks of each status; no result bodies)."""

@@ -1,7 +1,7 @@
 """`SqliteStore`: the store interface on one SQLite file, composed of one part per job.
 
-The parts (`tasks`, `batches`, `writeback`, `operations`, `accounts`) each hold the SQL of
-their job and reach the database only through `SqliteDatabase`'s public methods
+The parts (`tasks`, `batches`, `writeback`, `operations`, `views`, `accounts`) each hold
+the SQL of their job and reach the database only through `SqliteDatabase`'s public methods
 (`database.py`): the writer lock, shielded transactions, the reader. See
 `batchd/store/interface.py` for the contract and docs/design.md for the transactions.
 """
