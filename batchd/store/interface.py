@@ -19,6 +19,13 @@ are the transactions of docs/design.md. The contract every implementation keeps:
   translated. Any call after `close()` raises `StoreError`.
 - **Users write too.** Users insert `tasks` rows and read results in the same database:
   keep write transactions short (results in ranges) and never hold one across network I/O.
+- **Read-only stores** (`open_store(..., read_only=True)`: `status`, `results`,
+  `estimate`, `batches`, `tasks`) never create the database or its schema, never migrate
+  and never write; every write method (and `migrate`) raises StoreError before touching
+  the database. A missing database raises DatabaseMissingError naming where it was
+  looked for. A schema of another version than this batchd's is read where it can be; a
+  read that needs a table or column that version lacks raises SchemaTooOldError or
+  SchemaTooNewError naming both versions, and the schema is left as it was.
 
 Per method (see each docstring):
 
@@ -83,8 +90,17 @@ from datetime import datetime
 from typing import Protocol
 
 from batchd.api.wire import MessageBatch
-from batchd.domain import BatchRecord, Outcome, PendingTask, TaskRow, TaskStatus, WriteReport
+from batchd.domain import (
+    BatchRecord,
+    BatchState,
+    Outcome,
+    PendingTask,
+    TaskRow,
+    TaskStatus,
+    WriteReport,
+)
 from batchd.store.values import (
+    AcknowledgeReport,
     AppliedRange,
     CancelReport,
     CandidateBatch,
@@ -96,10 +112,12 @@ from batchd.store.values import (
     PrunableTask,
     ResultGaps,
     ResultLine,
+    SchemaVersions,
     SharedKeyEvidence,
     SizeTotals,
     StageReport,
     UsageTotals,
+    WaitingCancelReport,
 )
 
 
@@ -185,6 +203,10 @@ class Store(Protocol):
     async def migrate(self) -> list[int]:
         """Apply every shipped migration not yet recorded; returns the versions applied."""
 
+    async def schema_versions(self) -> SchemaVersions:
+        """The schema version the database records (0: none) and the newest this batchd
+        ships: the command line refuses to migrate under a daemon of another version."""
+
     # -- intake --------------------------------------------------------------------------------
 
     async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
@@ -242,7 +264,8 @@ class Store(Protocol):
         still watched at `now`: a batch of theirs may land late."""
 
     async def candidate_batches(self) -> list[CandidateBatch]:
-        """Every suspected duplicate with how far its harvest got, oldest first."""
+        """Every suspected duplicate not acknowledged by an operator, with how far its harvest
+        got, oldest first."""
 
     async def note_foreign_batches(self, api_batch_ids: Sequence[str]) -> int:
         """Batches listed in a reconcile window that batchd did not create (one
@@ -278,7 +301,8 @@ class Store(Protocol):
         """Count a failed results download; returns the attempts so far."""
 
     async def duplicate_batches(self) -> list[DuplicateBatch]:
-        """Every suspected duplicate batch, oldest first."""
+        """Every suspected duplicate batch not acknowledged by an operator, oldest first
+        (acknowledged ones stay recorded, and known to `known_api_batch_ids`)."""
 
     # -- results (design 6-7) -------------------------------------------------------------------
 
@@ -347,6 +371,28 @@ class Store(Protocol):
 
     async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
         """Tasks that reached a final status at or after `since`, and the first such time."""
+
+    async def recent_batches(
+        self, limit: int, states: Sequence[BatchState] = ()
+    ) -> list[BatchRecord]:
+        """The newest `limit` batches (of `states`, or any), newest first; reads about
+        `limit` rows however many batches are remembered (`batchd batches`)."""
+
+    async def tasks_in_status(self, status: TaskStatus, limit: int) -> list[TaskRow]:
+        """Up to `limit` tasks in `status`, oldest first; reads about `limit` rows however
+        many tasks there are (`batchd tasks`)."""
+
+    async def cancel_waiting(self, statuses: Sequence[TaskStatus]) -> WaitingCancelReport:
+        """`cancel --all / --status`: every task waiting in `statuses` (pending, submitted)
+        when the call began is canceled (pending) or flagged (submitted, as
+        `request_cancel` does). Several short transactions, not one (users' writes get
+        through): a crash midway leaves what was done, and running it again finishes."""
+
+    async def acknowledge_duplicates(
+        self, api_batch_ids: Sequence[str], note: str
+    ) -> AcknowledgeReport:
+        """An operator has seen these suspected duplicates (one transaction): they stay
+        recorded, with the time and `note`, and `duplicate_batches` no longer returns them."""
 
     # -- operator views: /metrics and the web view read these every few seconds ------------------
 

@@ -136,3 +136,25 @@ class SharedKeyEvidence(NamedTuple):
     batches: int  # seen on the list in a reconcile window, or proven by their results
     first_seen_at: str | None
     proven_foreign: int  # read to the end: none of their lines named a task of ours
+
+
+class SchemaVersions(NamedTuple):
+    """The schema version a database records (0: none) and the newest this batchd ships."""
+
+    recorded: int
+    supported: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingCancelReport:
+    """`cancel --all / --status`: how many waiting tasks the cancel reached."""
+
+    canceled: int  # pending tasks now canceled
+    flagged: int  # submitted tasks flagged: canceled when their result comes back canceled
+
+
+@dataclass(frozen=True, slots=True)
+class AcknowledgeReport:
+    acknowledged: tuple[str, ...]  # suspected duplicates now acknowledged
+    already: tuple[str, ...]  # acknowledged before (left as they were)
+    unknown: tuple[str, ...]  # not a suspected duplicate batch

@@ -37,6 +37,7 @@ SELECT d.api_batch_id, d.harvest_id, d.local_id, coalesce(b.state, 'unread'), b.
     (SELECT count(*) FROM duplicate_results AS r WHERE r.api_batch_id = d.api_batch_id),
     coalesce(b.foreign_lines, 0), d.detected_at, d.note
 FROM duplicate_batches AS d LEFT JOIN batches AS b ON b.id = d.harvest_id
+WHERE d.acknowledged_at IS NULL
 ORDER BY d.detected_at, d.api_batch_id"""
 
 
@@ -97,7 +98,8 @@ class Harvest:
         return [batch_record(row) for row in rows]
 
     async def candidate_batches(self) -> list[CandidateBatch]:
-        """Every suspected duplicate, with how far its harvest got, oldest first."""
+        """Every suspected duplicate not acknowledged by an operator, with how far its harvest
+        got, oldest first (an acknowledged one stays on record, no longer reported)."""
         rows = await self._db.read(_CANDIDATES)
         return [CandidateBatch(*row) for row in rows]
 
