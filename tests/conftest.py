@@ -13,8 +13,6 @@ import pytest
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.logs import configure_logging
-from batchd.store import Store
-from batchd.store.sqlite import SqliteStore
 
 # Before the first import of a helper, so its asserts explain themselves as a test's do.
 pytest.register_assert_rewrite("tests.support")
@@ -24,12 +22,20 @@ from tests.support.store import FakeClock  # noqa: E402
 pytest_plugins = [
     "tests.support.cli",
     "tests.support.postgres",  # a PostgreSQL server and a database per session
+    "tests.support.backends",  # `store`, `peek`, `database_config` on either database
 ]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
+        "markers", "both_stores: tests using the store run on SQLite and on PostgreSQL"
+    )
+    config.addinivalue_line(
         "markers", "fake_clock: the store runs on the test's `clock`, not on real time"
+    )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only: of a module run on both stores, run on SQLite alone (why: its docstring)",
     )
 
 
@@ -52,15 +58,6 @@ def store_clock(request: pytest.FixtureRequest) -> Callable[[], datetime] | None
         return None
     clock: FakeClock = request.getfixturevalue("clock")
     return clock
-
-
-@pytest.fixture
-async def store(db_path: Path, store_clock: Callable[[], datetime] | None) -> AsyncIterator[Store]:
-    opened = await SqliteStore.open(db_path, clock=store_clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture
