@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from batchd.config import Config
+from batchd.config import Config, DatabaseConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.logs import configure_logging
 
@@ -68,14 +68,14 @@ async def fake_api() -> AsyncIterator[FakeApiServer]:
 
 
 @pytest.fixture
-def daemon_config(db_path: Path) -> Callable[..., Config]:
+def daemon_config(database_config: DatabaseConfig) -> Callable[..., Config]:
     """A Config for the daemon under test, with quick timings; override per test."""
 
     def make(base_url: str, **batching: Any) -> Config:
         config = Config()
         return replace(
             config,
-            database=replace(config.database, path=db_path),
+            database=database_config,
             api=replace(config.api, base_url=base_url, max_retries=3, request_timeout_s=10.0),
             batching=replace(config.batching, linger_s=0.05, **batching),
             polling=replace(config.polling, interval_s=0.1, not_found_grace_s=1.0),

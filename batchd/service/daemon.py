@@ -380,15 +380,18 @@ async def run_daemon(
         stack.callback(notifier.close)
         # The lock before the open (a second daemon must not migrate the schema under a
         # running one) and released after the close (the exit stack unwinds in reverse).
-        try:
-            stack.enter_context(daemon_lock(config.database.path))
-        except AlreadyRunningError:
-            raise
-        except StoreError:
-            # The directory refuses the lock file: opening the database says more
-            # precisely why (read-only, missing, ...), so that error is the one raised.
-            await (await open_store(config.database, migrate=False)).close()
-            raise
+        # SQLite only: on PostgreSQL daemons on any hosts share the database (the store
+        # coordinates them), and the file `path` names is not used at all.
+        if config.database.url is None:
+            try:
+                stack.enter_context(daemon_lock(config.database.path))
+            except AlreadyRunningError:
+                raise
+            except StoreError:
+                # The directory refuses the lock file: opening the database says more
+                # precisely why (read-only, missing, ...), so that error is the one raised.
+                await (await open_store(config.database, migrate=False)).close()
+                raise
         store = await open_store(config.database)
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())

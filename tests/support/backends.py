@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -44,6 +44,10 @@ class Peek:
 
     def execute(self, sql: str, *params: Any) -> None:
         """A user's write (an INSERT, an UPDATE) in a transaction of its own."""
+        self.execute_each(sql, [params])
+
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """A user's writes on one connection, each row in a transaction of its own."""
         raise NotImplementedError
 
 
@@ -72,11 +76,12 @@ class SqlitePeek(Peek):
         assert found is not None, custom_id
         return dict(found)
 
-    def execute(self, sql: str, *params: Any) -> None:
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         conn = self._connect()
         try:
-            with conn:
-                conn.execute(sql, params)
+            for params in rows:
+                with conn:
+                    conn.execute(sql, params)
         finally:
             conn.close()
 
@@ -86,7 +91,9 @@ class PostgresPeek(Peek):
         self.dsn = dsn
         self.schema = schema
 
-    def _run(self, sql: str, params: tuple[Any, ...], fetch: bool) -> list[asyncpg.Record]:
+    def _run(
+        self, sql: str, params: tuple[Any, ...], fetch: bool, rows: Sequence[Sequence[Any]] = ()
+    ) -> list[asyncpg.Record]:
         numbered = iter(range(1, 1000))
         sql = _PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql)
 
@@ -97,7 +104,8 @@ class PostgresPeek(Peek):
             try:
                 if fetch:
                     return list(await conn.fetch(sql, *params))
-                await conn.execute(sql, *params)
+                for row in rows:
+                    await conn.execute(sql, *row)
                 return []
             finally:
                 await conn.close()
@@ -114,8 +122,8 @@ class PostgresPeek(Peek):
         assert rows, custom_id
         return {key: _as_sqlite(value) for key, value in rows[0].items()}
 
-    def execute(self, sql: str, *params: Any) -> None:
-        self._run(sql, params, False)
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._run(sql, (), False, rows)
 
 
 def _as_sqlite(value: Any) -> Any:
