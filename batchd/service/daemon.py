@@ -164,12 +164,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        stack = contextlib.AsyncExitStack()
         try:
             log.info("daemon_started", exit_when_idle=self._exit_when_idle)
             # The key first: a refused one ends the start (exit 78) before any work.
             if await self.key_check.verify(self._client) is KeyState.REFUSED:
                 self.stop(EXIT_AUTH)
             else:
+                # New tasks wake the submitter at once where the store can tell (PostgreSQL's
+                # LISTEN); the submit loop's tick finds them otherwise.
+                await stack.enter_async_context(
+                    self._store.listen_for_tasks(self._wake_submitter.set)
+                )
                 self._start_loops()
                 self.notifier.ready()  # the store was opened and migrated before run()
             await self._stop.wait()
@@ -179,6 +185,7 @@ class Daemon:
             await self._drain(0)
             raise
         finally:
+            await stack.aclose()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             for task in self._aux:

@@ -46,7 +46,7 @@ Per method (see each docstring):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
@@ -254,6 +254,11 @@ class Store(Protocol):
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+
+    def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """While the context lasts, call `wake()` soon after users commit new tasks, and
+        after every reconnect (notifications sent meanwhile are lost). A store that cannot
+        tell (SQLite) never calls it: the daemon's poll tick finds new tasks."""
 
     # --- issue 14 reads ---
 

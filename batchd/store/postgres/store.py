@@ -9,12 +9,15 @@ See `batchd/store/interface.py` for the contract and docs/design.md for the tran
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from batchd.store.postgres import migrations
 from batchd.store.postgres.accounts import PostgresAccounts
 from batchd.store.postgres.batches import BatchTracking
 from batchd.store.postgres.connection import DEFAULT_POOL_SIZE, PostgresTarget, connect
 from batchd.store.postgres.database import Clock, PostgresDatabase, utc_now
+from batchd.store.postgres.listen import listening
 from batchd.store.postgres.operations import UserOperations
 from batchd.store.postgres.tasks import TaskIntake
 from batchd.store.postgres.writeback import LanePool, WriteBack
@@ -71,6 +74,11 @@ class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
         """Let a write in progress finish (it may be shielded from its caller), then close."""
         await self._db.close()
         await self._lanes.close()
+
+    def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """LISTEN on a connection of its own for the insert trigger's NOTIFY (listen.py)."""
+        self._db.check_open()
+        return listening(self._db, wake)
 
     async def migrate(self) -> list[int]:
         """Apply every shipped migration not yet recorded, each in its own transaction."""

@@ -8,6 +8,9 @@ their job and reach the database only through `SqliteDatabase`'s public methods
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from batchd.store.sqlite import migrations, staging
@@ -76,6 +79,11 @@ class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operator
     async def migrate(self) -> list[int]:
         """Apply every shipped migration not yet recorded, each in its own transaction."""
         return await migrations.migrate(self._db)
+
+    def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """Nothing to listen to: SQLite has no notifications across processes; the
+        daemon's poll tick finds new tasks."""
+        return contextlib.nullcontext()
 
     # --- issue 14 reads ---
     # Read-only methods for operator views go in a part of their own (`views.py`, the
