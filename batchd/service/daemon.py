@@ -43,6 +43,7 @@ from batchd.service.metrics import (
     batchd_registry,
 )
 from batchd.service.notify import Notifier
+from batchd.service.outage import Outage
 from batchd.store import Store, StoreError, open_store
 
 log = structlog.get_logger("batchd.service.daemon")
@@ -111,6 +112,7 @@ class Daemon:
         # Helpers (watchdog, status) are not drained: cancelled once the loops are done.
         self._aux: set[asyncio.Task[None]] = set()
         self.notifier = notifier or Notifier(None)
+        self._outage = Outage(self.notifier)
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
@@ -233,8 +235,12 @@ class Daemon:
         try:
             # A read: abandoning it at the timeout is harmless.
             await asyncio.wait_for(self._store.status_counts(), PROBE_TIMEOUT_S)
-        except (TimeoutError, StoreError):
+        except TimeoutError:
             return False
+        except StoreError as exc:
+            # A database outage (a server restarting) is waited out, not a hung daemon: a
+            # watchdog restart would only fail to connect the same way.
+            return exc.retryable
         return True
 
     async def health(self) -> Health:
@@ -246,6 +252,8 @@ class Daemon:
             await asyncio.wait_for(self._store.status_counts(), PROBE_TIMEOUT_S)
         except (TimeoutError, StoreError):
             reasons.append("database not answering")
+        if problem := self._outage.problem():
+            reasons.append(problem)
         if problem := self.reachability.problem(API_SILENCE_S):
             reasons.append(problem)
         if problem := self.key_check.health_problem():
@@ -258,6 +266,8 @@ class Daemon:
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _publish_status(self) -> None:
+        if self._outage.problem():
+            return  # the outage's own STATUS stays until a step succeeds again
         counts = await self._store.status_counts()
         in_flight = len(await self._store.batches_in(*IN_FLIGHT_BATCH_STATES))
         done = sum(counts[status] for status in FINAL_TASK_STATUSES)
@@ -363,15 +373,23 @@ class Daemon:
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""
         try:
-            return await fn()
+            result = await fn()
         except AuthenticationError as exc:
             # Every later call would be refused too: stop (exit 78) instead of looping.
             # A refused key is not a crash: no traceback wanted.
             log.error("authentication_failed", step=step, error=str(exc))  # noqa: TRY400
             raise AuthenticationFailed(str(exc)) from exc
-        except (ApiError, StoreError) as exc:
+        except StoreError as exc:
+            if not exc.retryable:
+                log.warning("step_failed", step=step, error=str(exc), error_type="StoreError")
+                return fallback
+            await self._outage.wait_out(step, exc, self._stop)
+            return fallback
+        except ApiError as exc:
             log.warning("step_failed", step=step, error=str(exc), error_type=type(exc).__name__)
             return fallback
+        self._outage.over()
+        return result
 
 
 async def run_daemon(
