@@ -45,6 +45,7 @@ from batchd.service.metrics import (
 from batchd.service.notify import Notifier
 from batchd.service.outage import Outage
 from batchd.store import Store, StoreError, open_store
+from batchd.store.interface import Leadership
 
 log = structlog.get_logger("batchd.service.daemon")
 
@@ -113,6 +114,7 @@ class Daemon:
         self._aux: set[asyncio.Task[None]] = set()
         self.notifier = notifier or Notifier(None)
         self._outage = Outage(self.notifier)
+        self._lead: Leadership | None = None
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
@@ -169,8 +171,14 @@ class Daemon:
         stack = contextlib.AsyncExitStack()
         try:
             log.info("daemon_started", exit_when_idle=self._exit_when_idle)
+            # Lead first (PostgreSQL: another daemon may; this one stands by till it dies).
+            self._lead = await stack.enter_async_context(
+                self._store.leadership(self._stop, self._standing_by)
+            )
+            if not await self._lead.acquired():
+                pass  # stopped while standing by
             # The key first: a refused one ends the start (exit 78) before any work.
-            if await self.key_check.verify(self._client) is KeyState.REFUSED:
+            elif await self.key_check.verify(self._client) is KeyState.REFUSED:
                 self.stop(EXIT_AUTH)
             else:
                 # New tasks wake the submitter at once where the store can tell (PostgreSQL's
@@ -197,6 +205,10 @@ class Daemon:
             await step()
         log.info("daemon_stopped", exit_code=self._exit_code)
         return self._exit_code
+
+    def _standing_by(self, text: str) -> None:
+        self.notifier.ready()  # running as it should: a standby
+        self.notifier.status(text)
 
     def _start_loops(self) -> None:
         self._spawn("submitter", self._submit_loop)
@@ -321,6 +333,10 @@ class Daemon:
             )
 
     async def _submit_step(self) -> float:
+        if self._lead is not None and not self._lead.leading:
+            # Lost the lock (a server restart): claims would fail their fence, and
+            # reconciling belongs to whoever leads now. Polls and results go on.
+            return 1.0
         await self.canceler.cancel_requested()
         for batch in await self.reconciler.creating_batches():
             await self.reconciler.reconcile(batch)

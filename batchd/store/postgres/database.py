@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -32,6 +33,15 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The leader lock as pg_locks shows it (leader.py): which backend holds which keys."""
+
+    pid: int
+    classid: int
+    objid: int
+
+
 class Rollback(Exception):
     """Raised inside a transaction body to undo it; never leaves the store."""
 
@@ -45,6 +55,8 @@ class PostgresDatabase:
         self._clock = clock
         self._writes: set[asyncio.Task[Any]] = set()
         self._closed = False
+        # Set while this daemon leads (leader.py): every claim is fenced by it.
+        self.lease: Lease | None = None
 
     @classmethod
     async def open(cls, target: PostgresTarget, clock: Clock, pool_size: int) -> PostgresDatabase:

@@ -8,6 +8,7 @@ See `batchd/store/interface.py` for the contract and docs/design.md for the tran
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -17,6 +18,7 @@ from batchd.store.postgres.accounts import PostgresAccounts
 from batchd.store.postgres.batches import BatchTracking
 from batchd.store.postgres.connection import DEFAULT_POOL_SIZE, PostgresTarget, connect
 from batchd.store.postgres.database import Clock, PostgresDatabase, utc_now
+from batchd.store.postgres.leader import PostgresLeadership, leadership
 from batchd.store.postgres.listen import listening
 from batchd.store.postgres.operations import UserOperations
 from batchd.store.postgres.tasks import TaskIntake
@@ -74,6 +76,13 @@ class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
         """Let a write in progress finish (it may be shielded from its caller), then close."""
         await self._db.close()
         await self._lanes.close()
+
+    def leadership(
+        self, stop: asyncio.Event, on_standby: Callable[[str], None]
+    ) -> AbstractAsyncContextManager[PostgresLeadership]:
+        """Lead the daemons on this database (leader.py); claims are fenced meanwhile."""
+        self._db.check_open()
+        return leadership(self._db, stop, on_standby)
 
     def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
         """LISTEN on a connection of its own for the insert trigger's NOTIFY (listen.py)."""

@@ -11,9 +11,11 @@ from itertools import islice
 
 from batchd.api.wire import MessageBatch, parse_timestamp
 from batchd.domain import PendingTask
+from batchd.store.errors import StoreError
 from batchd.store.postgres.batches import STATE_OF_PROCESSING, batch_params, cancel_flagged
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, Rollback, count_of, ids
+from batchd.store.postgres.leader import check_fence
 from batchd.store.values import EnqueueReport
 
 _ENQUEUE_CHUNK = 5000
@@ -109,6 +111,12 @@ class TaskIntake:
             return None
 
     async def _claim(self, conn: Conn, task_ids: list[int], body_bytes: int) -> int:
+        lease = self._db.lease
+        if lease is not None and not await check_fence(conn, lease):
+            raise StoreError(
+                f"{self._db.shown}: this daemon no longer leads (its leader lock's session "
+                "ended): it claims nothing more"
+            )
         now = self._db.now()
         local_id: int = await conn.fetchval(
             "INSERT INTO batches (state, request_count, body_bytes, intent_at)"

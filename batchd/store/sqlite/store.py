@@ -8,9 +8,10 @@ their job and reach the database only through `SqliteDatabase`'s public methods
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from batchd.store.sqlite import migrations, staging
@@ -80,6 +81,13 @@ class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operator
         """Apply every shipped migration not yet recorded, each in its own transaction."""
         return await migrations.migrate(self._db)
 
+    @asynccontextmanager
+    async def leadership(
+        self, stop: asyncio.Event, on_standby: Callable[[str], None]
+    ) -> AsyncIterator[AlwaysLeading]:
+        """The daemon's file lock already admits one: it leads, for good."""
+        yield AlwaysLeading()
+
     def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
         """Nothing to listen to: SQLite has no notifications across processes; the
         daemon's poll tick finds new tasks."""
@@ -88,6 +96,17 @@ class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operator
     # --- issue 14 reads ---
     # Read-only methods for operator views go in a part of their own (`views.py`, the
     # `OperatorViews` mixin), through `self._db.read(...)`, and into `Store`.
+
+
+class AlwaysLeading:
+    """The one daemon a SQLite file admits (its file lock) leads for good."""
+
+    @property
+    def leading(self) -> bool:
+        return True
+
+    async def acquired(self) -> bool:
+        return True
 
 
 async def _attach_staging(db: Db) -> None:
