@@ -139,10 +139,20 @@ class DaemonRun:
         return [e["t"] for e in self.events if e["event"] == event]
 
 
-def write_config(path: Path, db: Path, base_url: str, **batching: object) -> Path:
+def write_config(
+    path: Path,
+    db: Path,
+    base_url: str,
+    *,
+    url: str | None = None,
+    schema: str | None = None,
+    **batching: object,
+) -> Path:
+    """A daemon config on the SQLite file `db`, or on PostgreSQL (`url`, `schema`)."""
+    database = [f'path = "{db}"'] if url is None else [f'url = "{url}"', f'schema = "{schema}"']
     lines = [
         "[database]",
-        f'path = "{db}"',
+        *database,
         "[api]",
         f'base_url = "{base_url}"',
         "[batching]",
