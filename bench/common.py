@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import orjson
 
+from batchd.store.dsn import mask_dsn
+
 MODEL = "claude-haiku-4-5-20251001"
 _LISTENING = re.compile(r"listening on (http://\S+)")
 _WORDS = [
@@ -227,4 +229,6 @@ def peak_between(samples: list[tuple[float, float]], start: float, end: float) -
 
 
 def command_line() -> str:
-    return shlex.join(["python3", *sys.argv])
+    """The command that reproduces a run; a database URL's password shown as ***."""
+    shown = [mask_dsn(arg) if arg.startswith("postgres") else arg for arg in sys.argv]
+    return shlex.join(["python3", *shown])
