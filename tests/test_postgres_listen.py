@@ -30,10 +30,25 @@ async def _woken(event: asyncio.Event, within_s: float) -> float:
     return time.monotonic() - started
 
 
+async def _listeners(dsn: str) -> set[int]:
+    """Backends of batchd in this database whose last statement was a LISTEN."""
+    admin = await asyncpg.connect(dsn)
+    try:
+        rows = await admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'batchd' AND query LIKE 'LISTEN%'"
+        )
+    finally:
+        await admin.close()
+    return {row[0] for row in rows}
+
+
 async def test_an_insert_by_a_user_wakes_the_listener_and_a_killed_connection_relistens(
     store: Store, peek: Peek, database_config: DatabaseConfig
 ) -> None:
     woken = asyncio.Event()
+    assert database_config.url is not None
+    before = await _listeners(database_config.url)
     async with store.listen_for_tasks(woken.set):
         await _woken(woken, 10)  # once at connect: whatever came while it was not listening
         await asyncio.to_thread(
@@ -45,16 +60,13 @@ async def test_an_insert_by_a_user_wakes_the_listener_and_a_killed_connection_re
         await asyncio.sleep(0.3)
         assert not woken.is_set()
         # The server ends the listening session: it reconnects, LISTENs and wakes again.
-        assert database_config.url is not None
+        ours = await _listeners(database_config.url) - before
+        assert len(ours) == 1, ours
         admin = await asyncpg.connect(database_config.url)
         try:
-            killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE application_name = 'batchd' AND query LIKE 'LISTEN%'"
-            )
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", ours.pop())
         finally:
             await admin.close()
-        assert killed == 1
         await _woken(woken, 10)
         await asyncio.to_thread(
             peek.execute, "INSERT INTO tasks (custom_id, params) VALUES ('u2', '{}')"
