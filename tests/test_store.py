@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 import pytest
 
+from batchd.config import DatabaseConfig
 from batchd.domain import BatchState, TaskStatus, Usage
-from batchd.store import SchemaTooNewError, Store, StoreError
+from batchd.store import SchemaTooNewError, Store, StoreError, open_store
 from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek
 from tests.support.store import (
@@ -207,15 +208,17 @@ async def test_user_insert_from_another_connection_while_open(store: Store, peek
     assert [t.custom_id async for t in store.iter_pending()] == ["by-user", "by-daemon"]
 
 
-async def test_cancelled_caller_still_commits_its_whole_transaction(db_path: Path):
-    store = await SqliteStore.open(db_path)
+async def test_cancelled_caller_still_commits_its_whole_transaction(
+    database_config: DatabaseConfig, peek: Peek
+):
+    store = await open_store(database_config)
     caller = asyncio.create_task(store.enqueue((f"t{i}", PARAMS) for i in range(3000)))
     await asyncio.sleep(0)  # the write transaction has started
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
     await store.close()  # waits for the shielded transaction
-    assert query(db_path, "SELECT count(*) FROM tasks") == [(3000,)]
+    assert peek.query("SELECT count(*) FROM tasks") == [(3000,)]
 
 
 # -- intake ------------------------------------------------------------------------------------
