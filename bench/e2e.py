@@ -1,6 +1,10 @@
 """End to end: batchd against the floor and against a plain SDK script, same tasks, same fake.
 
     python3 bench/e2e.py [--tasks 100000] [--batch-size 10000] [--no-sdk] [--profile FILE]
+                         [--database postgresql://user@host/db]
+
+With --database the same tasks also run end to end on PostgreSQL (a schema of their own in
+that database, dropped afterwards), in the same run: both ratios are printed.
 
 The fake API runs in a child process (`batchd fake-api --port 0 --processing-seconds 0`),
 and so does the daemon (`batchd run --exit-when-idle`). Each contender gets its own copy
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import sqlite3
 import sys
 import tempfile
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import aiohttp
 import anthropic
+import asyncpg
 import orjson
 
 from batchd.api.resultstream import iter_lines
@@ -57,10 +63,10 @@ _UPDATE = (
 )
 
 
-async def ingest(db: Path, count: int) -> float:
+async def ingest(db: Path, count: int, database: DatabaseConfig | None = None) -> float:
     """What `batchd enqueue` does: Store.enqueue in chunked transactions."""
     started = time.perf_counter()
-    store = await open_store(DatabaseConfig(path=db))
+    store = await open_store(database or DatabaseConfig(path=db))
     try:
         report = await store.enqueue(tasks(count))
     finally:
@@ -219,6 +225,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10_000, help="[batching] max_requests")
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK script")
     parser.add_argument("--profile", type=Path, help="cProfile the daemon into this file")
+    parser.add_argument("--database", help="also run on this PostgreSQL database (a URL)")
     args = parser.parse_args()
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"# reproduce: {command_line()}")
@@ -254,7 +261,71 @@ def main() -> None:
             if not args.no_sdk:
                 sdk_s = sdk_script(sdk_db, fake.base_url, args.batch_size)
                 check_done(sdk_db, args.tasks)
-    report(run, floor_s, sdk_s, locals_)
+            report(run, floor_s, sdk_s, locals_)
+            if args.database:
+                ingest_pg, run_pg = on_postgres(args.database, work, fake.base_url, args)
+                print(
+                    f"ingest on PostgreSQL (Store.enqueue) {args.tasks:,} tasks: {ingest_pg:.2f} s"
+                )
+                report_postgres(run_pg, run, floor_s)
+
+
+def on_postgres(
+    url: str, work: Path, base_url: str, args: argparse.Namespace
+) -> tuple[float, DaemonRun]:
+    """The same tasks, the same fake, on PostgreSQL: a schema of its own, dropped after
+    (the URL's role needs CREATE on that database)."""
+    schema = f"bench_{secrets.token_hex(4)}"
+    database = DatabaseConfig(url=url, schema=schema)
+    try:
+        ingest_s = asyncio.run(ingest(work / "unused.db", args.tasks, database))
+        config = write_config(
+            work / "postgres.toml",
+            work / "unused.db",
+            base_url,
+            url=url,
+            schema=schema,
+            max_requests=args.batch_size,
+        )
+        run = run_daemon(config)
+        if run.exit_code != 0:
+            raise SystemExit(f"daemon on PostgreSQL exited with {run.exit_code}")
+        done = asyncio.run(_pg_succeeded(url, schema))
+        if done != args.tasks:
+            raise SystemExit(f"PostgreSQL: only {done} of {args.tasks} tasks have their result")
+    finally:
+        asyncio.run(_pg_drop(url, schema))
+    return ingest_s, run
+
+
+async def _pg_succeeded(url: str, schema: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        count: int = await conn.fetchval(
+            f"SELECT count(*) FROM \"{schema}\".tasks WHERE status = 'succeeded'"
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def _pg_drop(url: str, schema: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def report_postgres(run: DaemonRun, sqlite: DaemonRun, floor_s: float) -> None:
+    print(f"batchd on PostgreSQL: {run.wall_s:.2f} s wall from spawn to exit")
+    for label, seconds in stages(run):
+        print(f"  {label}: {seconds:.2f} s")
+    print(f"  peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_s:.2f} s")
+    print(
+        f"PostgreSQL / SQLite = {run.wall_s / sqlite.wall_s:.2f}x;"
+        f" PostgreSQL / floor = {run.wall_s / floor_s:.2f}x"
+    )
 
 
 def report(run: DaemonRun, floor_s: float, sdk_s: float | None, locals_: list[LocalFloor]) -> None:

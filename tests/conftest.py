@@ -10,11 +10,9 @@ from typing import Any
 
 import pytest
 
-from batchd.config import Config
+from batchd.config import Config, DatabaseConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.logs import configure_logging
-from batchd.store import Store
-from batchd.store.sqlite import SqliteStore
 
 # Before the first import of a helper, so its asserts explain themselves as a test's do.
 pytest.register_assert_rewrite("tests.support")
@@ -24,12 +22,20 @@ from tests.support.store import FakeClock  # noqa: E402
 pytest_plugins = [
     "tests.support.cli",
     "tests.support.postgres",  # a PostgreSQL server and a database per session
+    "tests.support.backends",  # `store`, `peek`, `database_config` on either database
 ]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
+        "markers", "both_stores: tests using the store run on SQLite and on PostgreSQL"
+    )
+    config.addinivalue_line(
         "markers", "fake_clock: the store runs on the test's `clock`, not on real time"
+    )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only: of a module run on both stores, run on SQLite alone (why: its docstring)",
     )
 
 
@@ -55,15 +61,6 @@ def store_clock(request: pytest.FixtureRequest) -> Callable[[], datetime] | None
 
 
 @pytest.fixture
-async def store(db_path: Path, store_clock: Callable[[], datetime] | None) -> AsyncIterator[Store]:
-    opened = await SqliteStore.open(db_path, clock=store_clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 async def fake_api() -> AsyncIterator[FakeApiServer]:
     """The fake API with a short timeline, started in-process on a free port."""
     async with FakeApiServer(FakeApiConfig(port=0, processing_seconds=0.3, seed=1)) as server:
@@ -71,14 +68,14 @@ async def fake_api() -> AsyncIterator[FakeApiServer]:
 
 
 @pytest.fixture
-def daemon_config(db_path: Path) -> Callable[..., Config]:
+def daemon_config(database_config: DatabaseConfig) -> Callable[..., Config]:
     """A Config for the daemon under test, with quick timings; override per test."""
 
     def make(base_url: str, **batching: Any) -> Config:
         config = Config()
         return replace(
             config,
-            database=replace(config.database, path=db_path),
+            database=database_config,
             api=replace(config.api, base_url=base_url, max_retries=3, request_timeout_s=10.0),
             # A short watch for late batches: `--exit-when-idle` waits for it to end.
             batching=replace(

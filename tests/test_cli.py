@@ -7,12 +7,18 @@ import re
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.support.cli import batchd
 from tests.support.params import request_params
 
 
-def test_enqueue_run_status_results_cancel_retry(cli_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.both_stores
+def test_enqueue_run_status_results_cancel_retry(
+    cli_env: dict[str, str], tmp_path: Path, store_backend: str
+) -> None:
+    migrated = batchd("migrate", env=cli_env)
+    assert migrated.returncode == 0, migrated.stderr.decode()
     lines = [
         orjson.dumps({"custom_id": f"c-{n}", "params": orjson.loads(request_params(f"q{n}"))})
         for n in range(10)

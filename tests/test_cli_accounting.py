@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.support.backends import Peek
 from tests.support.cli import BATCHD, batchd
 from tests.support.params import request_params
 
@@ -29,9 +30,15 @@ def enqueue(env: dict[str, str], count: int, *, model: str = "claude-haiku-4-5")
     return [orjson.dumps(orjson.loads(p)) for p in params]
 
 
-def test_estimate_run_status_watch_and_prune(cli_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.both_stores
+def test_estimate_run_status_watch_and_prune(
+    cli_env: dict[str, str], tmp_path: Path, peek: Peek, store_backend: str
+) -> None:
     stored = enqueue(cli_env, 6)
     enqueue(cli_env, 1, model="claude-unknown-7")
+    if store_backend == "postgresql":  # jsonb's own text, which is what is sent and counted
+        rows = peek.query("SELECT params::text FROM tasks WHERE custom_id LIKE 'claude-haiku%'")
+        stored = [row[0].encode() for row in rows]
 
     figures = orjson.loads(batchd("estimate", "--json", env=cli_env).stdout)
     haiku = next(m for m in figures["models"] if m["model"] == "claude-haiku-4-5")

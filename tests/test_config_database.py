@@ -92,12 +92,13 @@ def test_schema_name_longer_than_postgresql_keeps_is_refused(tmp_path: Path) -> 
         load_config(path, env={})
 
 
-async def test_a_url_is_refused_by_the_store_until_postgresql_runs_and_sqlite_is_not_used(
+async def test_a_url_no_server_answers_is_a_masked_error_and_sqlite_is_not_used(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "batchd.db"
-    database = DatabaseConfig(path=path, url=URL)
-    with pytest.raises(StoreError, match=r"postgresql://batchd:\*\*\*@db.example.com") as raised:
+    closed = "postgresql://batchd:secret@127.0.0.1:1/batchd"  # port 1: refused at once
+    database = DatabaseConfig(path=path, url=closed)
+    with pytest.raises(StoreError, match=r"postgresql://batchd:\*\*\*@127.0.0.1:1") as raised:
         await open_store(database)
     assert "secret" not in str(raised.value)
     assert not path.exists()  # no silent SQLite file instead

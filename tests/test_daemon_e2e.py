@@ -1,19 +1,19 @@
-"""The daemon end to end: real SQLite file, the fake API over loopback, no mocks."""
+"""The daemon end to end on each store (a real SQLite file, a real PostgreSQL database), the
+fake API over loopback, no mocks."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 
 import orjson
+import pytest
 
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
-from batchd.store import Store
-from batchd.store.sqlite import SqliteStore
+from batchd.store import Store, open_store
+from tests.support.backends import Peek
 from tests.support.params import request_params
 
 
@@ -21,9 +21,11 @@ def prompt(n: int) -> str:
     return f"Describe product number {n} in one line"
 
 
-def final_rows(db_path: Path) -> dict[str, tuple[str, str | None, str | None, int]]:
-    with sqlite3.connect(db_path) as db:
-        rows = db.execute("SELECT custom_id, status, result, error, attempts FROM tasks").fetchall()
+pytestmark = pytest.mark.both_stores
+
+
+def final_rows(peek: Peek) -> dict[str, tuple[str, str | None, str | None, int]]:
+    rows = peek.query("SELECT custom_id, status, result, error, attempts FROM tasks")
     return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
 
 
@@ -36,7 +38,7 @@ async def run_until_idle(config: Config, timeout_s: float = 60.0) -> int:
 
 
 async def test_thousands_of_tasks_in_several_batches_each_result_on_its_own_task(
-    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], peek: Peek
 ) -> None:
     report = await store.enqueue((f"task-{n}", request_params(prompt(n))) for n in range(3000))
     assert report.inserted == 3000
@@ -44,7 +46,7 @@ async def test_thousands_of_tasks_in_several_batches_each_result_on_its_own_task
 
     assert await run_until_idle(daemon_config(fake_api.base_url, max_requests=700)) == 0
 
-    rows = final_rows(db_path)
+    rows = final_rows(peek)
     assert len(rows) == 3000
     for custom_id, (status, result, error, attempts) in rows.items():
         n = int(custom_id.removeprefix("task-"))
@@ -52,9 +54,8 @@ async def test_thousands_of_tasks_in_several_batches_each_result_on_its_own_task
         assert result is not None
         assert prompt(n) in result_text(result), custom_id  # never another task's answer
         assert attempts == 1
-    with sqlite3.connect(db_path) as db:
-        batches = db.execute("SELECT request_count, state FROM batches ORDER BY id").fetchall()
-        usage = db.execute("SELECT min(input_tokens), min(output_tokens) FROM tasks").fetchone()
+    batches = peek.query("SELECT request_count, state FROM batches ORDER BY id")
+    usage = peek.query("SELECT min(input_tokens), min(output_tokens) FROM tasks")[0]
     assert [count for count, _ in batches] == [700, 700, 700, 700, 200]
     assert {state for _, state in batches} == {"completed"}
     assert usage[0] > 0
@@ -62,7 +63,7 @@ async def test_thousands_of_tasks_in_several_batches_each_result_on_its_own_task
 
 
 async def test_byte_limit_splits_batches_and_a_request_too_big_alone_is_invalid(
-    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], peek: Peek
 ) -> None:
     padding = "x" * 900
     await store.enqueue((f"t-{n}", request_params(f"{prompt(n)} {padding}")) for n in range(60))
@@ -72,38 +73,40 @@ async def test_byte_limit_splits_batches_and_a_request_too_big_alone_is_invalid(
     max_bytes = 20_000
     assert await run_until_idle(daemon_config(fake_api.base_url, max_bytes=max_bytes)) == 0
 
-    rows = final_rows(db_path)
+    rows = final_rows(peek)
     assert rows["huge"][0] == "invalid"
     assert "at most 20000 bytes" in (rows["huge"][2] or "")
     assert all(rows[f"t-{n}"][0] == "succeeded" for n in range(60))
-    with sqlite3.connect(db_path) as db:
-        sizes = [b for (b,) in db.execute("SELECT body_bytes FROM batches")]
+    sizes = [b for (b,) in peek.query("SELECT body_bytes FROM batches")]
     assert len(sizes) >= 3
     assert max(sizes) <= max_bytes
 
 
 async def test_bad_rows_are_marked_invalid_with_a_reason_and_the_rest_go_on(
-    store: Store, fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    peek: Peek,
+    store_backend: str,
 ) -> None:
     await store.enqueue([("good-1", request_params("fine one")), ("good-2", request_params("two"))])
-    with sqlite3.connect(db_path) as db:  # a user's own INSERTs, bypassing every check
-        db.executemany(
-            "INSERT INTO tasks (custom_id, params) VALUES (?, ?)",
-            [
-                ("not-json", "{oops"),
-                ("not-object", "[1]"),
-                ("no-model", '{"max_tokens": 5, "messages": [{"role":"user","content":"x"}]}'),
-                ("streaming", request_params("s", stream=True)),
-                ("bad id!", request_params("bad id")),
-            ],
-        )
+    bad = [
+        ("not-object", "[1]"),
+        ("no-model", '{"max_tokens": 5, "messages": [{"role":"user","content":"x"}]}'),
+        ("streaming", request_params("s", stream=True)),
+        ("bad id!", request_params("bad id")),
+    ]
+    if store_backend == "sqlite":  # PostgreSQL's jsonb refuses it at the user's INSERT
+        bad.append(("not-json", "{oops"))
+    # A user's own INSERTs, bypassing every check.
+    peek.execute_each("INSERT INTO tasks (custom_id, params) VALUES (?, ?)", bad)
     await store.close()
 
     assert await run_until_idle(daemon_config(fake_api.base_url)) == 0
 
-    rows = final_rows(db_path)
+    rows = final_rows(peek)
     assert rows["good-1"][0] == rows["good-2"][0] == "succeeded"
-    for custom_id in ("not-json", "not-object", "no-model", "streaming", "bad id!"):
+    for custom_id, _ in bad:
         status, _, error, attempts = rows[custom_id]
         assert status == "invalid", custom_id
         assert error, custom_id
@@ -111,20 +114,16 @@ async def test_bad_rows_are_marked_invalid_with_a_reason_and_the_rest_go_on(
 
 
 async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
-    fake_api: FakeApiServer, daemon_config: Callable[..., Config], db_path: Path
+    fake_api: FakeApiServer, daemon_config: Callable[..., Config], peek: Peek
 ) -> None:
     config = daemon_config(fake_api.base_url, max_requests=50)
-    opened = await SqliteStore.open(db_path)
-    await opened.close()
+    await (await open_store(config.database)).close()
 
     def insert_slowly() -> None:
-        with sqlite3.connect(db_path, timeout=5) as db:
-            for n in range(400):
-                db.execute(
-                    "INSERT INTO tasks (custom_id, params) VALUES (?, ?)",
-                    (f"live-{n}", request_params(prompt(n))),
-                )
-                db.commit()
+        peek.execute_each(
+            "INSERT INTO tasks (custom_id, params) VALUES (?, ?)",
+            [(f"live-{n}", request_params(prompt(n))) for n in range(400)],
+        )
 
     started: list[Daemon] = []
 
@@ -133,7 +132,7 @@ async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
 
     running = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
     await asyncio.to_thread(insert_slowly)
-    opened = await SqliteStore.open(db_path)
+    opened = await open_store(config.database)
     try:
         for _ in range(300):
             counts = await opened.status_counts()
@@ -144,7 +143,7 @@ async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
         await opened.close()
     started[0].stop()
     assert await running == 0
-    rows = final_rows(db_path)
+    rows = final_rows(peek)
     assert len(rows) == 400
     assert {status for status, *_ in rows.values()} == {"succeeded"}
     assert all(

@@ -11,6 +11,7 @@ import pytest
 import batchd
 from batchd.config import DatabaseConfig
 from batchd.store import SchemaTooNewError, StoreError, open_store
+from batchd.store.postgres.store import PostgresStore
 from batchd.store.sqlite import SqliteStore
 
 PACKAGE = Path(batchd.__file__).parent
@@ -30,6 +31,23 @@ async def test_open_store_opens_the_sqlite_file_of_the_config_with_its_busy_time
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT custom_id FROM tasks").fetchall() == [("a",)]
     conn.close()
+
+
+@pytest.mark.postgres
+async def test_open_store_opens_postgresql_for_a_url_and_never_the_sqlite_file(
+    db_path: Path, postgres_dsn: str, postgres_schema: str
+) -> None:
+    config = DatabaseConfig(path=db_path, url=postgres_dsn, schema=postgres_schema)
+    store = await open_store(config)
+    try:
+        assert isinstance(store, PostgresStore)
+        assert (await store.enqueue([("a", '{"model": "m"}')])).inserted == 1
+        assert [t.custom_id async for t in store.iter_pending()] == ["a"]
+    finally:
+        await store.close()
+    assert not db_path.exists()
+    with pytest.raises(StoreError, match="closed"):
+        await store.status_counts()
 
 
 async def test_open_store_without_migrating_refuses_a_newer_schema_and_writes_nothing(

@@ -47,6 +47,8 @@ def store_failure(exc: StoreError) -> StartupError:
         return ConfigurationError(str(exc), event="schema_too_old")
     if isinstance(exc, DatabaseMissingError):
         return ConfigurationError(str(exc), event="database_missing")
+    if exc.retryable:  # a database server down or restarting: a restart later may do
+        return TemporaryError(str(exc), event="database_unavailable")
     if any(word in str(exc) for word in _TEMPORARY_STORE_ERRORS):
         return TemporaryError(str(exc), event="database_busy")
     return ConfigurationError(str(exc), event="database_unusable")

@@ -212,7 +212,8 @@ def _main(args: argparse.Namespace) -> int:
     configure_logging(
         args.log_format or config.logging.format, config.logging.level, stream=daemon_output
     )
-    check_database_directory(config.database.path)
+    if config.database.url is None:  # a SQLite file: its directory must be usable
+        check_database_directory(config.database.path)
     return asyncio.run(_dispatch(args, config))
 
 

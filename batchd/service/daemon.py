@@ -37,9 +37,11 @@ from batchd.service.metrics import (
     batchd_registry,
 )
 from batchd.service.notify import Notifier
+from batchd.service.outage import Outage
 from batchd.service.status import status_snapshot
 from batchd.service.web.server import MetricsServer
 from batchd.store import Store, StoreError, open_store
+from batchd.store.interface import Leadership
 
 log = structlog.get_logger("batchd.service.daemon")
 
@@ -108,6 +110,9 @@ class Daemon:
         # Helpers (watchdog, status) are not drained: cancelled once the loops are done.
         self._aux: set[asyncio.Task[None]] = set()
         self.notifier = notifier or Notifier(None)
+        self._outage = Outage(self.notifier)
+        self._lead: Leadership | None = None
+        self._loops_started = False  # not while standing by for the leader lock
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
@@ -163,12 +168,23 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        stack = contextlib.AsyncExitStack()
         try:
             log.info("daemon_started", exit_when_idle=self._exit_when_idle)
+            # Lead first (PostgreSQL: another daemon may; this one stands by till it dies).
+            self._lead = await stack.enter_async_context(
+                self._store.leadership(self._stop, self._standing_by)
+            )
+            if not await self._lead.acquired():
+                pass  # stopped while standing by
             # The key first: a refused one ends the start (exit 78) before any work.
-            if await self.key_check.verify(self._client) is KeyState.REFUSED:
+            elif await self.key_check.verify(self._client) is KeyState.REFUSED:
                 self.stop(EXIT_AUTH)
             else:
+                # New tasks wake the submitter at once (PostgreSQL: LISTEN), else the tick.
+                await stack.enter_async_context(
+                    self._store.listen_for_tasks(self._wake_submitter.set)
+                )
                 self._start_loops()
                 self.notifier.ready()  # the store was opened and migrated before run()
             await self._stop.wait()
@@ -178,6 +194,7 @@ class Daemon:
             await self._drain(0)
             raise
         finally:
+            await stack.aclose()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             for task in self._aux:
@@ -188,13 +205,23 @@ class Daemon:
         log.info("daemon_stopped", exit_code=self._exit_code)
         return self._exit_code
 
+    def _standing_by(self, text: str) -> None:
+        self.notifier.ready()  # running as it should: a standby (WatchdogSec= applies too)
+        self._start_watchdog()
+        self.notifier.status(text)
+
+    def _start_watchdog(self) -> None:
+        if "watchdog" not in {t.get_name() for t in self._aux}:
+            self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
+
     def _start_loops(self) -> None:
+        self._loops_started = True
+        self._start_watchdog()
         self._spawn("submitter", self._submit_loop)
         self._spawn("poller", self._poll_loop)
         self._spawn("collector", self._collect_loop)
         if self._exit_when_idle:
             self._spawn("idle_watch", self._idle_loop)
-        self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
         self._spawn("status", self._status_loop, auxiliary=True)
         if self.key_check.state is KeyState.UNCHECKED:
             check = self.key_check
@@ -220,13 +247,16 @@ class Daemon:
 
     async def alive(self) -> bool:
         """The watchdog's probe: every loop still running and the database answering."""
-        if not self._stop.is_set() and not {t.get_name() for t in self._tasks} >= _LOOPS:
+        running = {t.get_name() for t in self._tasks}
+        if not self._stop.is_set() and self._loops_started and not running >= _LOOPS:
             return False
         try:
             # A read: abandoning it at the timeout is harmless.
             await asyncio.wait_for(self._store.status_counts(), PROBE_TIMEOUT_S)
-        except (TimeoutError, StoreError):
+        except TimeoutError:
             return False
+        except StoreError as exc:
+            return exc.retryable  # an outage is waited out: a restart would not help
         return True
 
     async def health(self) -> Health:
@@ -238,6 +268,8 @@ class Daemon:
             await asyncio.wait_for(self._store.status_counts(), PROBE_TIMEOUT_S)
         except (TimeoutError, StoreError):
             reasons.append("database not answering")
+        if problem := self._outage.problem():
+            reasons.append(problem)
         if problem := self.reachability.problem(API_SILENCE_S):
             reasons.append(problem)
         if problem := self.key_check.health_problem():
@@ -250,6 +282,8 @@ class Daemon:
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _publish_status(self) -> None:
+        if self._outage.problem():
+            return  # the outage's own STATUS stays until a step succeeds again
         counts = await self._store.status_counts()
         in_flight = len(await self._store.batches_in(*IN_FLIGHT_BATCH_STATES))
         done = sum(counts[status] for status in FINAL_TASK_STATUSES)
@@ -303,6 +337,8 @@ class Daemon:
             )
 
     async def _submit_step(self) -> float:
+        if self._lead is not None and not self._lead.leading:
+            return 1.0  # lost the lock: claims would fail, reconciling is the leader's
         await self.canceler.cancel_requested()
         for batch in await self.reconciler.creating_batches():
             await self.reconciler.reconcile(batch)
@@ -361,15 +397,23 @@ class Daemon:
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""
         try:
-            return await fn()
+            result = await fn()
         except AuthenticationError as exc:
             # Every later call would be refused too: stop (exit 78) instead of looping.
             # A refused key is not a crash: no traceback wanted.
             log.error("authentication_failed", step=step, error=str(exc))  # noqa: TRY400
             raise AuthenticationFailed(str(exc)) from exc
-        except (ApiError, StoreError) as exc:
+        except StoreError as exc:
+            if not exc.retryable:
+                log.warning("step_failed", step=step, error=str(exc), error_type="StoreError")
+                return fallback
+            await self._outage.wait_out(step, exc, self._stop)
+            return fallback
+        except ApiError as exc:
             log.warning("step_failed", step=step, error=str(exc), error_type=type(exc).__name__)
             return fallback
+        self._outage.over()
+        return result
 
 
 async def run_daemon(
@@ -385,15 +429,18 @@ async def run_daemon(
         stack.callback(notifier.close)
         # The lock before the open (a second daemon must not migrate the schema under a
         # running one) and released after the close (the exit stack unwinds in reverse).
-        try:
-            stack.enter_context(daemon_lock(config.database.path))
-        except AlreadyRunningError:
-            raise
-        except StoreError:
-            # The directory refuses the lock file: opening the database says more
-            # precisely why (read-only, missing, ...), so that error is the one raised.
-            await (await open_store(config.database, migrate=False)).close()
-            raise
+        # SQLite only: on PostgreSQL daemons on any hosts share the database (the store
+        # coordinates them), and the file `path` names is not used at all.
+        if config.database.url is None:
+            try:
+                stack.enter_context(daemon_lock(config.database.path))
+            except AlreadyRunningError:
+                raise
+            except StoreError:
+                # The directory refuses the lock file: opening the database says more
+                # precisely why (read-only, missing, ...), so that error is the one raised.
+                await (await open_store(config.database, migrate=False)).close()
+                raise
         store = await open_store(config.database)
         stack.push_async_callback(store.close)
         session = await stack.enter_async_context(aiohttp.ClientSession())

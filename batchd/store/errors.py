@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class StoreError(Exception):
-    """The database cannot be used as it is (read-only, full, newer schema, closed...)."""
+    """The database cannot be used as it is (read-only, full, newer schema, closed...).
+
+    `retryable`: the database is unavailable for now (a server restarting, unreachable)
+    and waiting is the remedy; the daemon then waits with backoff rather than failing.
+    """
+
+    retryable: bool = False
 
 
 class SchemaTooNewError(StoreError):

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from datetime import datetime
 
 from batchd.config import DatabaseConfig
-from batchd.store.dsn import mask_dsn
-from batchd.store.errors import StoreError
 from batchd.store.interface import Store
+from batchd.store.postgres.connection import PostgresTarget
+from batchd.store.postgres.store import PostgresStore
 from batchd.store.sqlite import SqliteStore
 
 
@@ -29,16 +29,13 @@ async def open_store(
     version lacks raises SchemaTooOldError / SchemaTooNewError, the schema untouched.
     Every backend keeps this contract (SQLite: a `mode=ro` connection and no other).
 
-    Today `[database] path`, a SQLite file. A `url` (issue 13: `postgresql://...`) will
-    select the PostgreSQL store here; nothing else in batchd needs to know which it is.
+    `[database] path`, a SQLite file, or a `url` (`postgresql://...`, or the environment's
+    BATCHD_DATABASE_URL, which config.py folds in): the PostgreSQL store. Nothing else in
+    batchd needs to know which it is.
     """
     if database.url is not None:
-        # Until the PostgreSQL store exists: never fall back to the SQLite file while the
-        # user believes their tasks go to PostgreSQL.
-        raise StoreError(
-            f"{mask_dsn(database.url)}: this batchd cannot run on PostgreSQL yet (the schema "
-            "and connections exist, the store does not): use [database] path"
-        )
+        target = PostgresTarget(database.url, database.schema)
+        return await PostgresStore.open(target, clock=clock, migrate=migrate and not read_only)
     return await SqliteStore.open(
         database.path,
         busy_timeout_ms=database.busy_timeout_ms,

@@ -84,7 +84,8 @@ a million pending ones; what a second store must keep flat:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
@@ -140,6 +141,18 @@ class WriteBackLane(Protocol):
     ) -> AppliedRange | None:
         """Apply the staged lines of the next `max_rows` task ids above `after_task_id`, in one
         guarded transaction; None once none is left. Staging stays as it is."""
+
+
+class Leadership(Protocol):
+    """Whether this daemon is the one that submits and reconciles (PostgreSQL: one of many
+    daemons on a database; docs/postgresql-design.md)."""
+
+    @property
+    def leading(self) -> bool:
+        """Leads now; False while it lost the lock and tries again (claims fail meanwhile)."""
+
+    async def acquired(self) -> bool:
+        """Wait until it leads (True) or the daemon stops (False)."""
 
 
 class StoreAccounts(Protocol):
@@ -366,6 +379,18 @@ class Store(Protocol):
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+
+    def leadership(
+        self, stop: asyncio.Event, on_standby: Callable[[str], None]
+    ) -> AbstractAsyncContextManager[Leadership]:
+        """Try to lead the daemons of this database for the duration (`on_standby` called
+        once while another leads). SQLite: its file lock already admits one daemon, so it
+        leads at once and for good."""
+
+    def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """While the context lasts, call `wake()` soon after users commit new tasks, and
+        after every reconnect (notifications sent meanwhile are lost). A store that cannot
+        tell (SQLite) never calls it: the daemon's poll tick finds new tasks."""
 
     # --- issue 14 reads ---
 

@@ -2,7 +2,8 @@
 
 Each scenario runs `batchd run` as a real process against the fake API (served by this
 test's event loop, so it outlives every daemon), kills it again and again, lets a last
-run finish, then checks the invariants of tests/support/crash_harness.py.
+run finish, then checks the invariants of tests/support/crash_harness.py. Each runs on
+both stores (a SQLite file; a PostgreSQL database, a schema of the test's own).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from batchd.config import DatabaseConfig
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from tests.support.backends import Peek
 from tests.support.crash_harness import (
     RunLog,
     assert_nothing_lost_or_duplicated,
@@ -27,6 +30,7 @@ from tests.support.crash_harness import (
 
 TASKS = 80  # 20 batches of 4, each written back in 2 chunks of 2 lines
 RANDOM_KILL_TASKS = 240
+pytestmark = pytest.mark.both_stores
 
 # In order: each point is reachable from the state the previous kills leave behind
 # (e.g. `reconcile_matched` needs the batch a `create_returned` kill left unrecorded).
@@ -58,9 +62,9 @@ async def fake() -> AsyncIterator[FakeApiServer]:
 
 
 async def test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothing(
-    fake: FakeApiServer, tmp_path: Path
+    fake: FakeApiServer, tmp_path: Path, database_config: DatabaseConfig, peek: Peek
 ) -> None:
-    setup = write_config(tmp_path, fake.base_url)
+    setup = write_config(tmp_path, fake.base_url, database_config)
     await enqueue(setup, TASKS)
     log = RunLog()
 
@@ -71,7 +75,7 @@ async def test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothi
     final = await run_daemon(setup, log)
     assert final.returncode == 0, final.stderr[-2000:]
 
-    ledger = check_invariants(setup.db_path, fake)
+    ledger = check_invariants(peek, fake)
     assert_nothing_lost_or_duplicated(ledger, TASKS)
     assert log.kills == len(KILL_POINTS)
     # The fake saw every task at least once and no task more often than recorded.
@@ -80,7 +84,7 @@ async def test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothi
 
 
 async def test_kills_at_random_moments_with_faults_lose_and_duplicate_nothing(
-    tmp_path: Path,
+    tmp_path: Path, database_config: DatabaseConfig, peek: Peek
 ) -> None:
     # Retryable per-request errors and lost create answers make the restarts meet
     # requeues and reconciliation too.
@@ -94,7 +98,7 @@ async def test_kills_at_random_moments_with_faults_lose_and_duplicate_nothing(
     config = FakeApiConfig(port=0, processing_seconds=0.3, seed=11, faults=faults)
     rng = random.Random(20240611)
     async with FakeApiServer(config) as server:
-        setup = write_config(tmp_path, server.base_url)
+        setup = write_config(tmp_path, server.base_url, database_config)
         await enqueue(setup, RANDOM_KILL_TASKS)
         log = RunLog()
         for _ in range(8):
@@ -102,7 +106,7 @@ async def test_kills_at_random_moments_with_faults_lose_and_duplicate_nothing(
         server.faults.config = FaultConfig(error_rate=0.15, retryable_error_share=1.0)
         final = await run_daemon(setup, log, timeout_s=40)
         assert final.returncode == 0, final.stderr[-2000:]
-        ledger = check_invariants(setup.db_path, server)
+        ledger = check_invariants(peek, server)
     assert_nothing_lost_or_duplicated(ledger, RANDOM_KILL_TASKS)
     assert log.kills >= 6  # most runs were still busy when killed
     print(f"\nrandom kills: {log.kills}; faults {dict(server.faults.injected)}; {ledger}")

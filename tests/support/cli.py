@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from batchd.config import DatabaseConfig
+
 BATCHD = [sys.executable, "-m", "batchd"]
 
 
@@ -46,10 +48,18 @@ def fake_api_process() -> Iterator[str]:
 
 
 @pytest.fixture
-def cli_env(tmp_path: Path, fake_api_process: str) -> dict[str, str]:
+def cli_env(
+    tmp_path: Path, fake_api_process: str, database_config: DatabaseConfig
+) -> dict[str, str]:
+    """A config file for the test's store: `cli.db` in tmp_path, or (a `both_stores` test
+    on PostgreSQL) the test's database and schema."""
     config = tmp_path / "batchd.toml"
+    if database_config.url is None:
+        database = f'path = "{tmp_path / "cli.db"}"\n'
+    else:
+        database = f'url = "{database_config.url}"\nschema = "{database_config.schema}"\n'
     config.write_text(
-        f'[database]\npath = "{tmp_path / "cli.db"}"\n'
+        f"[database]\n{database}"
         "[batching]\nlinger_seconds = 0.05\nmax_requests = 4\n"
         "[polling]\ninterval_seconds = 0.1\n"
     )

@@ -24,6 +24,7 @@ from batchd.config import DatabaseConfig
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import open_store
+from tests.support.backends import Peek, SqlitePeek
 from tests.support.params import request_params
 
 BATCHD = [sys.executable, "-m", "batchd"]
@@ -44,16 +45,30 @@ class DaemonSetup:
     """A database, a config file pointing at it, and the environment to run batchd with."""
 
     directory: Path
-    db_path: Path
+    database: DatabaseConfig
     config_path: Path
     env: dict[str, str]
 
+    @property
+    def db_path(self) -> Path:
+        return self.database.path
 
-def write_config(directory: Path, base_url: str, **sections: dict[str, object]) -> DaemonSetup:
-    """Quick timings and small batches and result chunks, so every run is short."""
-    db_path = directory / "crash.db"
+
+def write_config(
+    directory: Path,
+    base_url: str,
+    database: DatabaseConfig | None = None,
+    **sections: dict[str, object],
+) -> DaemonSetup:
+    """Quick timings and small batches and result chunks, so every run is short. The
+    database: `database` (a SQLite file or a PostgreSQL URL and schema), else crash.db."""
+    database = database or DatabaseConfig(path=directory / "crash.db")
+    if database.url is None:
+        where: dict[str, object] = {"path": str(database.path)}
+    else:
+        where = {"url": database.url, **({"schema": database.schema} if database.schema else {})}
     values: dict[str, dict[str, object]] = {
-        "database": {"path": str(db_path)},
+        "database": where,
         "api": {"max_retries": 2, "request_timeout_seconds": 5.0},
         "batching": {
             "max_requests": 4,
@@ -81,7 +96,7 @@ def write_config(directory: Path, base_url: str, **sections: dict[str, object]) 
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("BATCHD_CRASH_AT", None)
-    return DaemonSetup(directory, db_path, config_path, env)
+    return DaemonSetup(directory, database, config_path, env)
 
 
 def _toml(value: object) -> str:
@@ -93,7 +108,7 @@ def _toml(value: object) -> str:
 
 
 async def enqueue(setup: DaemonSetup, count: int) -> None:
-    store = await open_store(DatabaseConfig(path=setup.db_path))
+    store = await open_store(setup.database)
     try:
         await store.enqueue((custom_id(n), request_params(prompt(n))) for n in range(count))
     finally:
@@ -199,13 +214,14 @@ class Ledger:
     submissions: int
 
 
-def check_invariants(db_path: Path, server: FakeApiServer) -> Ledger:
-    """Every task final, every result its own, every submission known to the database."""
-    with sqlite3.connect(db_path) as db:
-        tasks = db.execute("SELECT custom_id, status, result, attempts FROM tasks").fetchall()
-        batches = db.execute("SELECT id, state FROM batches").fetchall()
-        unmatched = db.execute("SELECT count(*) FROM unmatched_results").fetchone()[0]
-        duplicates = [row[0] for row in db.execute("SELECT api_batch_id FROM duplicate_batches")]
+def check_invariants(database: Path | Peek, server: FakeApiServer) -> Ledger:
+    """Every task final, every result its own, every submission known to the database
+    (a SQLite file's path, or a `Peek` at either store)."""
+    peek = SqlitePeek(database) if isinstance(database, Path) else database
+    tasks = peek.query("SELECT custom_id, status, result, attempts FROM tasks")
+    batches = peek.query("SELECT id, state FROM batches")
+    unmatched = peek.query("SELECT count(*) FROM unmatched_results")[0][0]
+    duplicates = [row[0] for row in peek.query("SELECT api_batch_id FROM duplicate_batches")]
     # A suspected duplicate batch was recorded: its requests are accounted for.
     recorded_extra: Counter[str] = Counter()
     for api_batch_id in duplicates:

@@ -281,3 +281,16 @@ async def _on(dsn: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def local_cluster() -> tuple[str, str]:
+    """(version, name) of the machine's cluster the tests use, which a test may restart
+    (root only, and not with a server of BATCHD_TEST_POSTGRES_DSN's)."""
+    if os.environ.get(ENV_DSN) or os.geteuid() != 0:
+        reason = f"restarts the local cluster: needs root and no {ENV_DSN}"
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    version, name, *_ = _local_clusters()[0]
+    return version, name

@@ -151,9 +151,15 @@ async def acquired(
     after a server restart the pool reconnects inside `acquire`, which then fails with the
     server's "starting up" or a refused connection until the server is back."""
     with postgres_errors(target, action):
-        async with pool.acquire() as conn:
-            with postgres_errors(target, action, conn=conn):
-                yield conn
+        conn = await pool.acquire()
+    try:
+        with postgres_errors(target, action, conn=conn):
+            yield conn
+    finally:
+        # Releasing resets the session; on a connection the server ended (a restart) that
+        # fails with a protocol error: the connection's, so the outage's, not a bug of ours.
+        with postgres_errors(target, action, conn=conn):
+            await pool.release(conn)
 
 
 @contextmanager

@@ -14,8 +14,6 @@ from batchd.store.errors import StoreError
 class PostgresError(StoreError):
     """A PostgreSQL store error; `retryable` is False where retrying cannot help."""
 
-    retryable = False
-
 
 class PostgresUnavailableError(PostgresError):
     """The server cannot be reached now (down, restarting, out of connections): retry."""

@@ -8,6 +8,10 @@ public methods (`database.py`): the writer lock, shielded transactions, the read
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import structlog
@@ -128,9 +132,32 @@ class SqliteStore(
         """The schema version the database records and the newest this batchd ships."""
         return await migrations.schema_versions(self._db)
 
+    @asynccontextmanager
+    async def leadership(
+        self, stop: asyncio.Event, on_standby: Callable[[str], None]
+    ) -> AsyncIterator[AlwaysLeading]:
+        """The daemon's file lock already admits one: it leads, for good."""
+        yield AlwaysLeading()
+
+    def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """Nothing to listen to: SQLite has no notifications across processes; the
+        daemon's poll tick finds new tasks."""
+        return contextlib.nullcontext()
+
     # --- issue 14 reads ---
     # Read-only methods for operator views go in a part of their own (`views.py`, the
     # `OperatorViews` mixin), through `self._db.read(...)`, and into `Store`.
+
+
+class AlwaysLeading:
+    """The one daemon a SQLite file admits (its file lock) leads for good."""
+
+    @property
+    def leading(self) -> bool:
+        return True
+
+    async def acquired(self) -> bool:
+        return True
 
 
 async def _attach_staging(db: Db) -> None:

@@ -1,0 +1,197 @@
+"""Usage, request sizes, result gaps and housekeeping on PostgreSQL: `PostgresStore.accounts`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from batchd.domain import FINAL_TASK_STATUSES
+from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.database import PostgresDatabase, count_of, ids, text_time
+from batchd.store.values import (
+    ForgottenBatches,
+    PendingFingerprint,
+    PrunableTask,
+    ResultGaps,
+    SizeTotals,
+    UsageTotals,
+)
+
+# As SQLite's: rows the chunker will refuse (no model, a custom_id the API would refuse)
+# give a NULL model and 0 max_tokens instead of an SQL error. Bytes of params::text, the
+# text a body is built from.
+_REQUEST_SIZE_COLUMNS = """
+    CASE WHEN jsonb_typeof(params->'model') = 'string'
+              AND custom_id ~ '^[a-zA-Z0-9_-]{1,64}$'
+         THEN params->>'model' END AS model,
+    octet_length(params::text) AS request_bytes,
+    CASE WHEN jsonb_typeof(params->'max_tokens') = 'number'
+              AND params->>'max_tokens' ~ '^-?[0-9]{1,18}$'
+         THEN (params->>'max_tokens')::bigint ELSE 0 END AS max_tokens"""
+_SIZE_TOTALS = "model, count(*), sum(request_bytes)::bigint, sum(max_tokens)::bigint"
+_PRUNE_COLUMNS = (
+    "id, custom_id, status, result::text, error, params::text, model, input_tokens,"
+    " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, created_at,"
+    " completed_at"
+)
+_FINISHED_BATCH_STATES = ["completed", "rejected", "lost"]
+_FINAL = sorted(str(status) for status in FINAL_TASK_STATUSES)
+
+
+class PostgresAccounts:
+    """Reads and writes about money, gaps and old rows, on the store's pool."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self._db = database
+
+    async def usage_by_model(self, since_day: str | None = None) -> list[UsageTotals]:
+        """Usage of succeeded results per model (the ledger), on or after `since_day`."""
+        rows = await self._db.read(
+            "SELECT model, sum(requests)::bigint, sum(input_tokens)::bigint,"
+            " sum(output_tokens)::bigint, sum(cache_creation_input_tokens)::bigint,"
+            " sum(cache_read_input_tokens)::bigint FROM usage_ledger"
+            " WHERE $1::text IS NULL OR day >= $1::text::date GROUP BY model ORDER BY model",
+            since_day or None,
+        )
+        return [UsageTotals(*row) for row in rows]
+
+    async def pending_sizes(self, limit: int | None = None) -> list[SizeTotals]:
+        """Request sizes per model of pending tasks (the oldest `limit`, or all)."""
+        rows = await self._db.read(
+            f"SELECT {_SIZE_TOTALS} FROM (SELECT {_REQUEST_SIZE_COLUMNS} FROM tasks"
+            " WHERE status = 'pending' ORDER BY id LIMIT $1) AS sized"
+            " GROUP BY model ORDER BY model",
+            limit,
+        )
+        return [SizeTotals(*row) for row in rows]
+
+    async def task_sizes(self, task_ids: Sequence[int]) -> list[SizeTotals]:
+        """Request sizes per model of exactly these tasks (a chunk about to be sent)."""
+        rows = await self._db.read(
+            f"SELECT {_SIZE_TOTALS} FROM (SELECT {_REQUEST_SIZE_COLUMNS} FROM tasks"
+            " WHERE id = ANY($1::bigint[])) AS sized GROUP BY model ORDER BY model",
+            ids(task_ids),
+        )
+        return [SizeTotals(*row) for row in rows]
+
+    async def pending_fingerprint(self, limit: int) -> PendingFingerprint:
+        """(count, min id, max id, sum of ids) of the oldest `limit` pending tasks (index only)."""
+        row = await self._db.read_one(
+            "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0), coalesce(sum(id), 0)"
+            " FROM (SELECT id FROM tasks WHERE status = 'pending' ORDER BY id LIMIT $1) AS p",
+            limit,
+        )
+        return PendingFingerprint(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    async def batch_sizes(self, local_ids: Sequence[int]) -> dict[int, list[SizeTotals]]:
+        """Request sizes per model of every task each batch carried, whatever became of it."""
+        rows = await self._db.read(
+            f"SELECT batch_id, {_SIZE_TOTALS} FROM (SELECT m.batch_id, {_REQUEST_SIZE_COLUMNS}"
+            " FROM batch_tasks AS m JOIN tasks ON tasks.id = m.task_id"
+            " WHERE m.batch_id = ANY($1::bigint[])) AS sized"
+            " GROUP BY batch_id, model ORDER BY batch_id, model",
+            ids(local_ids),
+        )
+        sizes: dict[int, list[SizeTotals]] = {local_id: [] for local_id in local_ids}
+        for local_id, *size in rows:
+            sizes[local_id].append(SizeTotals(*size))
+        return sizes
+
+    async def result_gaps(self) -> ResultGaps:
+        """Result lines kept as unmatched, and requests requeued for want of a result."""
+        row = await self._db.read_one(
+            "SELECT (SELECT count(*) FROM unmatched_results),"
+            " (SELECT count(*) FROM missing_results WHERE reason = 'no_line'),"
+            " (SELECT count(*) FROM missing_results WHERE reason = 'archived')"
+        )
+        return ResultGaps(int(row[0]), int(row[1]), int(row[2]))
+
+    async def prunable_tasks(
+        self, cutoff: datetime, after_id: int, limit: int
+    ) -> list[PrunableTask]:
+        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
+        rows = await self._db.read(
+            f"SELECT {_PRUNE_COLUMNS} FROM tasks WHERE id > $1"
+            " AND status = ANY($2::text[]) AND completed_at < $3 ORDER BY id LIMIT $4",
+            after_id,
+            _FINAL,
+            cutoff,
+            limit,
+        )
+        return [
+            PrunableTask(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                row[6],
+                row[7],
+                row[8],
+                row[9],
+                row[10],
+                text_time(row[11]) or "",
+                text_time(row[12]),
+            )
+            for row in rows
+        ]
+
+    async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
+        """Delete these tasks, if they are still final and completed before `cutoff`."""
+        return await self._db.transact(_delete_tasks, ids(task_ids), cutoff)
+
+    async def forget_empty_batches(self) -> ForgottenBatches:
+        """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to;
+        one short transaction per batch. A batch named in duplicate_batches stays."""
+        finished = await self._db.read(
+            "SELECT id FROM batches WHERE state = ANY($1::text[]) ORDER BY id",
+            _FINISHED_BATCH_STATES,
+        )
+        links = batches = 0
+        for (local_id,) in finished:
+            links_gone, batch_gone = await self._db.transact(_forget_batch, local_id)
+            links += links_gone
+            batches += batch_gone
+        return ForgottenBatches(links, batches)
+
+    async def storage_bytes(self) -> int:
+        """Bytes batchd's tables take (with their indexes and TOAST), not the database's."""
+        row = await self._db.read_one(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint"
+            " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+        )
+        return int(row[0])
+
+    async def reclaim_space(self) -> None:
+        """Nothing: autovacuum makes the space of deleted rows reusable; giving it back to
+        the filesystem (VACUUM FULL) locks `tasks` against users, an operator's decision."""
+        self._db.check_open()
+
+
+async def _delete_tasks(conn: Conn, task_ids: list[int], cutoff: datetime) -> int:
+    status = await conn.execute(
+        "DELETE FROM tasks WHERE id = ANY($1::bigint[]) AND status = ANY($2::text[])"
+        " AND completed_at < $3",
+        task_ids,
+        _FINAL,
+        cutoff,
+    )
+    return count_of(status)
+
+
+async def _forget_batch(conn: Conn, local_id: int) -> tuple[int, int]:
+    links = await conn.execute(
+        "DELETE FROM batch_tasks WHERE batch_id = $1"
+        " AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = batch_tasks.task_id)",
+        local_id,
+    )
+    batches = await conn.execute(
+        "DELETE FROM batches WHERE id = $1"
+        " AND NOT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = $1)"
+        " AND NOT EXISTS (SELECT 1 FROM tasks WHERE batch_id = $1)"
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = $1)",
+        local_id,
+    )
+    return count_of(links), count_of(batches)

@@ -1,0 +1,169 @@
+"""What users ask of the store on PostgreSQL: counts, tasks by custom_id, results export,
+cancel, retry, and the operator views' reads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+
+from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
+from batchd.store.postgres.batches import BATCH_COLUMNS, USER_CANCELED, batch_record
+from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
+from batchd.store.values import CancelReport, ResultLine
+
+# Tasks go back to the queue by UPDATE, which fires no INSERT trigger: wake the leader.
+NOTIFY_TASKS = "SELECT pg_notify('batchd_tasks', current_schema())"
+
+
+class UserOperations:
+    """The reads and commands of `batchd status / results / cancel / retry` (part of
+    PostgresStore)."""
+
+    _db: PostgresDatabase
+
+    async def status_counts(self) -> dict[TaskStatus, int]:
+        """How many tasks are in each status, zeros included."""
+        rows = await self._db.read("SELECT status, count(*) FROM tasks GROUP BY status")
+        counts = dict.fromkeys(TaskStatus, 0)
+        counts.update({TaskStatus(status): count for status, count in rows})
+        return counts
+
+    async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
+        """The tasks asked for, in the order asked; unknown custom_ids are left out."""
+        rows = await self._db.read(
+            "SELECT t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, t.result::text,"
+            " t.created_at, t.submitted_at, t.completed_at"
+            " FROM unnest($1::text[]) WITH ORDINALITY AS asked(cid, n)"
+            " JOIN tasks AS t ON t.custom_id = asked.cid"
+            " LEFT JOIN batches AS b ON b.id = t.batch_id"
+            " ORDER BY asked.n",
+            list(dict.fromkeys(custom_ids)),
+        )
+        return [
+            TaskRow(
+                row[0],
+                TaskStatus(row[1]),
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                text_time(row[6]) or "",
+                text_time(row[7]),
+                text_time(row[8]),
+            )
+            for row in rows
+        ]
+
+    async def iter_result_lines(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[ResultLine]:
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
+        after = 0
+        wanted = [str(status) for status in statuses]
+        while True:
+            rows = await self._db.read(
+                "SELECT id, custom_id, result::text FROM tasks"
+                " WHERE status = ANY($1::text[]) AND result IS NOT NULL AND id > $2"
+                " ORDER BY id LIMIT $3",
+                wanted,
+                after,
+                page_size,
+            )
+            for _, custom_id, result in rows:
+                yield ResultLine(custom_id, result)
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
+
+    async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
+        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+        return await self._db.transact(self._request_cancel, list(dict.fromkeys(custom_ids)))
+
+    async def _request_cancel(self, conn: Conn, custom_ids: list[str]) -> CancelReport:
+        # FOR UPDATE: the statuses read are the ones the two UPDATEs below act on (a
+        # daemon's claim on another connection waits, rather than slipping in between).
+        rows = await conn.fetch(
+            "SELECT custom_id, status FROM tasks WHERE custom_id = ANY($1::text[]) FOR UPDATE",
+            custom_ids,
+        )
+        status_of: dict[str, str] = {row[0]: row[1] for row in rows}
+        await conn.execute(
+            "UPDATE tasks SET status = 'canceled', error = $1, completed_at = $2"
+            " WHERE custom_id = ANY($3::text[]) AND status = 'pending'",
+            USER_CANCELED,
+            self._db.now(),
+            custom_ids,
+        )
+        await conn.execute(
+            "UPDATE tasks SET cancel_requested = true"
+            " WHERE custom_id = ANY($1::text[]) AND status = 'submitted'",
+            custom_ids,
+        )
+
+        def having(*statuses: str | None) -> tuple[str, ...]:
+            return tuple(cid for cid in custom_ids if status_of.get(cid) in statuses)
+
+        return CancelReport(
+            canceled=having(TaskStatus.PENDING),
+            flagged=having(TaskStatus.SUBMITTED),
+            not_cancelable=having(*FINAL_TASK_STATUSES),
+            unknown=having(None),
+        )
+
+    async def batches_to_cancel(self) -> list[BatchRecord]:
+        """In-progress batches in which every task still waiting was canceled by the user."""
+        rows = await self._db.read(
+            f"SELECT {BATCH_COLUMNS} FROM batches AS b WHERE state = 'in_progress'"
+            " AND EXISTS (SELECT 1 FROM tasks AS t"
+            "   WHERE t.batch_id = b.id AND t.status = 'submitted')"
+            " AND NOT EXISTS (SELECT 1 FROM tasks AS t"
+            "   WHERE t.batch_id = b.id AND t.status = 'submitted' AND NOT t.cancel_requested)"
+            " ORDER BY id"
+        )
+        return [batch_record(row) for row in rows]
+
+    async def mark_canceling(self, local_id: int) -> None:
+        """We asked the API to cancel the batch."""
+        await self._db.transact(_mark_canceling, local_id)
+
+    async def retry_tasks(
+        self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
+    ) -> int:
+        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+        not_final = set(statuses) - FINAL_TASK_STATUSES
+        if not_final:
+            raise ValueError(f"only final tasks can be retried, not {sorted(not_final)}")
+        wanted = [str(status) for status in statuses]
+        return await self._db.transact(_retry, wanted, list(custom_ids) if custom_ids else None)
+
+    async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
+        """Tasks that reached a final status at or after `since`, and the first such time."""
+        row = await self._db.read_one(
+            "SELECT count(*), min(completed_at) FROM tasks WHERE completed_at >= $1", since
+        )
+        return int(row[0]), row[1]
+
+
+async def _mark_canceling(conn: Conn, local_id: int) -> None:
+    await conn.execute(
+        "UPDATE batches SET state = 'canceling' WHERE id = $1 AND state = 'in_progress'",
+        local_id,
+    )
+
+
+async def _retry(conn: Conn, statuses: list[str], custom_ids: list[str] | None) -> int:
+    # Usage and model go too: they would describe a result that is no longer there.
+    status = await conn.execute(
+        "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
+        " error = NULL, cancel_requested = false, completed_at = NULL, model = NULL,"
+        " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
+        " cache_read_input_tokens = NULL"
+        " WHERE status = ANY($1::text[]) AND ($2::text[] IS NULL OR custom_id = ANY($2::text[]))",
+        statuses,
+        custom_ids,
+    )
+    changed = count_of(status)
+    if changed:
+        await conn.execute(NOTIFY_TASKS)
+    return changed

@@ -1,0 +1,238 @@
+"""Intake and claiming (design steps 1-4) on PostgreSQL: new tasks, pending pages, intents.
+
+Bodies are built from `params::text`: jsonb keeps no text of the user's own, so the text
+read here is exactly what is sent, and its bytes are what is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from itertools import islice
+
+from batchd.api.wire import MessageBatch, parse_timestamp
+from batchd.domain import PendingTask
+from batchd.store.errors import StoreError
+from batchd.store.postgres.batches import STATE_OF_PROCESSING, batch_params, cancel_flagged
+from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.database import PostgresDatabase, Rollback, count_of, ids
+from batchd.store.postgres.leader import check_fence
+from batchd.store.values import EnqueueReport
+
+_ENQUEUE_CHUNK = 5000
+_INSERT_TASKS = """
+INSERT INTO tasks (custom_id, params)
+SELECT c, p::jsonb FROM unnest($1::text[], $2::text[]) AS new(c, p)
+ON CONFLICT (custom_id) DO NOTHING"""
+
+
+class TaskIntake:
+    """Tasks in, pending tasks out, and the claim that makes a batch (part of PostgresStore)."""
+
+    _db: PostgresDatabase
+
+    async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
+        """Insert new tasks; custom_ids already stored or repeated in `items` are reported."""
+        inserted = 0
+        duplicates: list[str] = []
+        seen: set[str] = set()
+        source = iter(items)
+        while chunk := list(islice(source, _ENQUEUE_CHUNK)):
+            fresh: dict[str, str] = {}
+            for custom_id, params in chunk:
+                if custom_id not in seen and custom_id not in fresh:
+                    fresh[custom_id] = params
+            existing, count = await self._db.transact(_insert_tasks, fresh)
+            inserted += count
+            for custom_id, _ in chunk:
+                if custom_id in seen or custom_id in existing:
+                    duplicates.append(custom_id)
+                seen.add(custom_id)
+        return EnqueueReport(inserted, tuple(duplicates))
+
+    async def iter_pending(
+        self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024
+    ) -> AsyncIterator[PendingTask]:
+        """Pending tasks, oldest first, a page per query (keyset: no long read transaction).
+
+        Ids are not in commit order across producers: a task that commits after this walk
+        passed its id is simply found by the next walk (each starts from the lowest id).
+        """
+        after = 0
+        while True:
+            sizes = await self._db.read(
+                "SELECT id, octet_length(params::text) FROM tasks"
+                " WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT $2",
+                after,
+                page_size,
+            )
+            if not sizes:
+                return
+            last, total = sizes[0][0], 0
+            for task_id, size in sizes:
+                if total and total + size > page_bytes:
+                    break
+                last, total = task_id, total + size
+            rows = await self._db.read(
+                "SELECT id, custom_id, params::text, attempts FROM tasks"
+                " WHERE status = 'pending' AND id > $1 AND id <= $2 ORDER BY id",
+                after,
+                last,
+            )
+            for task_id, custom_id, params, attempts in rows:
+                yield PendingTask(task_id, custom_id, params, attempts)
+            if len(sizes) < page_size and last == sizes[-1][0]:
+                return
+            after = last
+
+    async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
+        """Pending tasks the chunker refused become `invalid` with the reason; returns count."""
+        return await self._db.transact(self._mark_invalid, reasons)
+
+    async def _mark_invalid(self, conn: Conn, reasons: Sequence[tuple[int, str]]) -> int:
+        status = await conn.execute(
+            "UPDATE tasks SET status = 'invalid', error = r.reason, completed_at = $3"
+            " FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)"
+            " WHERE tasks.id = r.id AND tasks.status = 'pending'",
+            [task_id for task_id, _ in reasons],
+            [reason for _, reason in reasons],
+            self._db.now(),
+        )
+        return count_of(status)
+
+    # -- submission (design steps 1-4) ---------------------------------------------------------
+
+    async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
+        """Claim the tasks for a new `creating` batch; None if any stopped being pending."""
+        if not task_ids:
+            raise ValueError("record_intent needs at least one task")
+        try:
+            return await self._db.transact(self._claim, ids(task_ids), body_bytes)
+        except Rollback:
+            return None
+
+    async def _claim(self, conn: Conn, task_ids: list[int], body_bytes: int) -> int:
+        lease = self._db.lease
+        if lease is not None and not await check_fence(conn, lease):
+            raise StoreError(
+                f"{self._db.shown}: this daemon no longer leads (its leader lock's session "
+                "ended): it claims nothing more"
+            )
+        now = self._db.now()
+        local_id: int = await conn.fetchval(
+            "INSERT INTO batches (state, request_count, body_bytes, intent_at)"
+            " VALUES ('creating', $1, $2, $3) RETURNING id",
+            len(task_ids),
+            body_bytes,
+            now,
+        )
+        claimed = count_of(
+            await conn.execute(
+                "UPDATE tasks SET status = 'submitted', batch_id = $1, attempts = attempts + 1,"
+                " submitted_at = $2, error = NULL"
+                " WHERE id = ANY($3::bigint[]) AND status = 'pending'",
+                local_id,
+                now,
+                task_ids,
+            )
+        )
+        if claimed != len(task_ids):
+            raise Rollback
+        await conn.execute(
+            "INSERT INTO batch_tasks (batch_id, task_id) SELECT $1, unnest($2::bigint[])",
+            local_id,
+            task_ids,
+        )
+        return local_id
+
+    async def mark_created(
+        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+    ) -> bool:
+        """Record the API's id for a `creating` batch (also adopts one found by reconcile);
+        `duplicates`, and `batch` itself if no longer `creating`, go to duplicate_batches in
+        the same transaction (a paid batch is never unrecorded, even across a kill)."""
+        return await self._db.transact(self._mark_created, local_id, batch, duplicates)
+
+    async def _mark_created(
+        self, conn: Conn, local_id: int, batch: MessageBatch, duplicates: Sequence[str]
+    ) -> bool:
+        # Losing this commit means paying again: flushed whatever the role's default says.
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        now = self._db.now()
+        unrecorded = [
+            (api_id, f"same request count created in the window of local batch {local_id}")
+            for api_id in duplicates
+        ]
+        api_id, processing, counts, url, ended = batch_params(batch)
+        changed = count_of(
+            await conn.execute(
+                "UPDATE batches SET api_batch_id = $1, state = $2, submitted_at = $3,"
+                " api_created_at = $4, processing_status = $5, request_counts = $6::jsonb,"
+                " results_url = $7, ended_at = $8 WHERE id = $9 AND state = 'creating'",
+                api_id,
+                STATE_OF_PROCESSING[batch["processing_status"]].value,
+                now,
+                parse_timestamp(batch["created_at"]),
+                processing,
+                counts,
+                url,
+                ended,
+                local_id,
+            )
+        )
+        if changed != 1:
+            note = f"created for local batch {local_id} after its intent was released"
+            unrecorded.append((batch["id"], note))
+        if unrecorded:
+            await conn.executemany(
+                "INSERT INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                [(api_id, local_id, now, note) for api_id, note in unrecorded],
+            )
+        return changed == 1
+
+    async def release_intent(
+        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """The create was refused: the batch is `rejected`, its tasks go back (no attempt)."""
+        await self._db.transact(self._release_intent, local_id, reason, invalid)
+
+    async def _release_intent(
+        self, conn: Conn, local_id: int, reason: str, invalid: Sequence[tuple[str, str]]
+    ) -> None:
+        rejected = await conn.execute(
+            "UPDATE batches SET state = 'rejected', note = $1 WHERE id = $2 AND state = 'creating'",
+            reason,
+            local_id,
+        )
+        if not count_of(rejected):
+            return
+        now = self._db.now()
+        if invalid:
+            await conn.execute(
+                "UPDATE tasks SET status = 'invalid', error = i.error, completed_at = $3,"
+                " attempts = attempts - 1 FROM unnest($1::text[], $2::text[]) AS i(cid, error)"
+                " WHERE tasks.custom_id = i.cid AND tasks.batch_id = $4"
+                " AND tasks.status = 'submitted'",
+                [custom_id for custom_id, _ in invalid],
+                [error for _, error in invalid],
+                now,
+                local_id,
+            )
+        await cancel_flagged(conn, local_id, now, attempts_delta=-1)
+        await conn.execute(
+            "UPDATE tasks SET status = 'pending', batch_id = NULL, attempts = attempts - 1,"
+            " error = NULL WHERE batch_id = $1 AND status = 'submitted'",
+            local_id,
+        )
+
+
+async def _insert_tasks(conn: Conn, fresh: dict[str, str]) -> tuple[set[str], int]:
+    rows = await conn.fetch(
+        "SELECT custom_id FROM tasks WHERE custom_id = ANY($1::text[])", list(fresh)
+    )
+    existing = {row[0] for row in rows}
+    new = [(cid, params) for cid, params in fresh.items() if cid not in existing]
+    status = await conn.execute(
+        _INSERT_TASKS, [cid for cid, _ in new], [params for _, params in new]
+    )
+    return existing, count_of(status)

@@ -1,0 +1,371 @@
+"""The write-back (design steps 6-7) on PostgreSQL: lanes that COPY a batch's lines into a
+staging table and apply them with one guarded `UPDATE ... FROM` per range of task ids.
+
+A lane is a connection of its own (never pooled: its staging lives in the session) with
+two TEMP tables: `incoming`, which each chunk is COPYed into (COPY knows no ON CONFLICT),
+and `staging`, which keeps the first line of each task of the batch. TEMP tables are
+never WAL-logged and vanish with the session, like the SQLite lane's unlinked file. A
+lane whose connection was lost lost its staging with it: it says so (a StoreError) until
+`clear_staging`, so a collector never mistakes lost lines for a batch without lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import asyncpg
+
+from batchd.domain import Outcome, TaskStatus, WriteReport
+from batchd.store.postgres.batches import USER_CANCELED, cancel_flagged
+from batchd.store.postgres.connection import Conn, postgres_errors
+from batchd.store.postgres.database import PostgresDatabase, in_transaction
+from batchd.store.postgres.errors import PostgresUnavailableError
+from batchd.store.values import AppliedRange, FinishReport, StageReport
+
+P = ParamSpec("P")
+T = TypeVar("T")
+# Two: one lane parses and stages a batch while the other applies its own.
+_WRITE_BACK_LANES = 2
+_RESULT_TYPES = frozenset({"succeeded", "errored", "canceled", "expired"})
+_COLUMNS = (
+    "seq", "task_id", "batch_id", "custom_id", "result_type", "result_json", "error",
+    "retryable", "input_tokens", "output_tokens", "cache_creation_input_tokens",
+    "cache_read_input_tokens", "model",
+)  # fmt: skip
+_CREATE_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS {name} (
+    seq integer NOT NULL,
+    task_id bigint NOT NULL{key},
+    batch_id bigint NOT NULL,
+    custom_id text NOT NULL,
+    result_type text NOT NULL,
+    result_json text NOT NULL,
+    error text,
+    retryable boolean NOT NULL,
+    input_tokens bigint,
+    output_tokens bigint,
+    cache_creation_input_tokens bigint,
+    cache_read_input_tokens bigint,
+    model text
+)"""
+_MEMBER_TASK_IDS = """
+SELECT t.custom_id, t.id FROM unnest($1::text[]) AS line(cid)
+JOIN tasks AS t ON t.custom_id = line.cid
+JOIN batch_tasks AS m ON m.batch_id = $2 AND m.task_id = t.id"""
+# The first line of a task wins; a repeated one (in this chunk or an earlier) is ignored.
+_KEEP_FIRST = """
+INSERT INTO pg_temp.staging SELECT DISTINCT ON (task_id) * FROM pg_temp.incoming
+ORDER BY task_id, seq ON CONFLICT (task_id) DO NOTHING"""
+_NEXT_RANGE = """
+SELECT min(task_id), max(task_id), count(*)
+FROM (SELECT task_id FROM pg_temp.staging WHERE task_id > $1 ORDER BY task_id LIMIT $2) AS r"""
+_RETRY = """(s.result_type <> 'succeeded' AND s.retryable
+    AND tasks.attempts < $2 AND NOT tasks.cancel_requested)"""
+_APPLY_STAGED = f"""
+UPDATE tasks SET
+    status = CASE
+        WHEN s.result_type = 'succeeded' THEN 'succeeded'
+        WHEN s.result_type = 'canceled' AND tasks.cancel_requested THEN 'canceled'
+        WHEN {_RETRY} THEN 'pending'
+        ELSE s.result_type END,
+    batch_id = CASE WHEN {_RETRY} THEN NULL ELSE tasks.batch_id END,
+    result = CASE WHEN {_RETRY} THEN NULL ELSE s.result_json::jsonb END,
+    error = CASE
+        WHEN s.result_type = 'succeeded' THEN NULL
+        WHEN s.result_type = 'canceled' AND tasks.cancel_requested THEN '{USER_CANCELED}'
+        ELSE s.error END,
+    completed_at = CASE WHEN {_RETRY} THEN NULL ELSE $3::timestamptz END,
+    model = s.model,
+    input_tokens = s.input_tokens,
+    output_tokens = s.output_tokens,
+    cache_creation_input_tokens = s.cache_creation_input_tokens,
+    cache_read_input_tokens = s.cache_read_input_tokens
+FROM pg_temp.staging AS s
+WHERE s.task_id BETWEEN $4 AND $5 AND s.batch_id = $1
+    AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+    AND tasks.batch_id = $1 AND tasks.status = 'submitted'
+RETURNING tasks.status"""
+
+
+class PostgresWriteBackLane:
+    """Stages a batch's result lines and applies them, on a connection of its own."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self._database = database
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._seq = 0
+        self._staging_lost = False
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            self._conn.terminate()
+
+    async def clear_staging(self) -> None:
+        """Forget staged lines (of a download that stopped midway): a batch stages alone."""
+        await self._run(self._reset)
+
+    async def stage_results(self, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        """Keep a chunk of a batch's lines in this session's staging; no task changes yet,
+        no lock users wait for (TEMP tables only)."""
+        check_result_types(outcomes)
+        return await self._run(self._stage, local_id, outcomes)
+
+    async def apply_staged(
+        self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
+    ) -> AppliedRange | None:
+        """Apply the staged lines of the next `max_rows` task ids above `after_task_id` in
+        one guarded transaction; None once none is left."""
+        return await self._run(self._apply, local_id, max_attempts, max_rows, after_task_id)
+
+    async def _run(
+        self, body: Callable[Concatenate[Conn, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`body(conn, ...)` as one transaction on this lane's connection, shielded."""
+        self._database.check_open()
+
+        async def run() -> T:
+            async with self._lock:
+                conn = await self._connection()
+                if body != self._reset and self._staging_lost:
+                    raise PostgresUnavailableError(
+                        f"{self._database.shown}: the connection holding the staged results "
+                        "was lost; download the batch again"
+                    )
+                with postgres_errors(self._database.target, "write back to", conn=conn):
+                    return await in_transaction(conn, body, *args, **kwargs)
+
+        return await self._database.shielded(run())
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        if self._conn is not None:
+            self._staging_lost = True  # its TEMP tables went with the session
+        self._conn = None
+        conn = await self._database.connect()
+        try:
+            with postgres_errors(self._database.target, "write back to", conn=conn):
+                await create_staging(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._conn = conn
+        return conn
+
+    async def _reset(self, conn: Conn) -> None:
+        await conn.execute("TRUNCATE pg_temp.staging, pg_temp.incoming")
+        self._seq = 0
+        self._staging_lost = False
+
+    async def _stage(self, conn: Conn, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        rows, unmatched = await _staging_rows(conn, local_id, outcomes, self._seq)
+        self._seq += len(outcomes)
+        await conn.copy_records_to_table(
+            "incoming", schema_name="pg_temp", records=rows, columns=_COLUMNS
+        )
+        staged = await conn.execute(_KEEP_FIRST)
+        await conn.execute("TRUNCATE pg_temp.incoming")
+        count = int(staged.rsplit(" ", 1)[-1])
+        return StageReport(count, len(rows) - count, tuple(unmatched))
+
+    async def _apply(
+        self, conn: Conn, local_id: int, max_attempts: int, max_rows: int, after_task_id: int
+    ) -> AppliedRange | None:
+        return await apply_range(
+            conn, self._database, local_id, max_attempts, (max_rows, after_task_id)
+        )
+
+
+async def create_staging(conn: Conn) -> None:
+    """The session's `staging` and `incoming` TEMP tables (kept across transactions)."""
+    await conn.execute(_CREATE_STAGING.format(name="pg_temp.staging", key=" PRIMARY KEY"))
+    await conn.execute(_CREATE_STAGING.format(name="pg_temp.incoming", key=""))
+
+
+async def _staging_rows(
+    conn: Conn, local_id: int, outcomes: Sequence[Outcome], first_seq: int
+) -> tuple[list[tuple[Any, ...]], list[int]]:
+    found = await conn.fetch(_MEMBER_TASK_IDS, [o.custom_id for o in outcomes], local_id)
+    task_ids: dict[str, int] = {row[0]: row[1] for row in found}
+    rows: list[tuple[Any, ...]] = []
+    unmatched: list[int] = []
+    for position, outcome in enumerate(outcomes):
+        task_id = task_ids.get(outcome.custom_id)
+        if task_id is None:
+            unmatched.append(position)
+            continue
+        usage = outcome.usage
+        rows.append(
+            (
+                first_seq + position,
+                task_id,
+                local_id,
+                outcome.custom_id,
+                outcome.result_type,
+                outcome.result_json,
+                outcome.error,
+                outcome.retryable,
+                usage and usage.input_tokens,
+                usage and usage.output_tokens,
+                usage and usage.cache_creation_input_tokens,
+                usage and usage.cache_read_input_tokens,
+                outcome.model,
+            )
+        )
+    return rows, unmatched
+
+
+async def apply_range(
+    conn: Conn,
+    database: PostgresDatabase,
+    local_id: int,
+    max_attempts: int,
+    window: tuple[int | None, int],
+) -> AppliedRange | None:
+    """The next range of staged lines, (at most `max_rows`, above `after_task_id`) =
+    `window`, applied in the caller's transaction."""
+    max_rows, after_task_id = window
+    found = await conn.fetchrow(_NEXT_RANGE, after_task_id, max_rows)
+    assert found is not None  # an aggregate returns one row
+    first, last, count = found
+    if not count:
+        return None
+    changed = await conn.fetch(_APPLY_STAGED, local_id, max_attempts, database.now(), first, last)
+    requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
+    report = WriteReport(len(changed) - requeued, requeued, count - len(changed), ())
+    return AppliedRange(last, report)
+
+
+class LanePool:
+    """The write-back lanes of a store, connected at the first write-back, not at open:
+    `batchd status` and the other commands never need them."""
+
+    def __init__(self, database: PostgresDatabase) -> None:
+        self._lanes: asyncio.Queue[PostgresWriteBackLane] = asyncio.Queue()
+        self._all = [PostgresWriteBackLane(database) for _ in range(_WRITE_BACK_LANES)]
+        for lane in self._all:
+            self._lanes.put_nowait(lane)
+
+    @asynccontextmanager
+    async def lane(self) -> AsyncIterator[PostgresWriteBackLane]:
+        lane = await self._lanes.get()
+        try:
+            yield lane
+        finally:
+            self._lanes.put_nowait(lane)
+
+    async def close(self) -> None:
+        for lane in self._all:
+            await lane.close()
+
+
+class WriteBack:
+    """Results into tasks, unmatched lines kept, batches finished (part of PostgresStore)."""
+
+    _db: PostgresDatabase
+    _lanes: LanePool
+
+    async def write_results(
+        self, local_id: int, outcomes: Sequence[Outcome], max_attempts: int
+    ) -> WriteReport:
+        """Stage and apply a few lines of batch `local_id` in one transaction, on a pooled
+        connection (its own TEMP tables, emptied before and after)."""
+        check_result_types(outcomes)
+        return await self._db.transact(_write_results, self._db, local_id, outcomes, max_attempts)
+
+    def write_back_lane(self) -> AbstractAsyncContextManager[PostgresWriteBackLane]:
+        """A write-back lane of its own (waits for a free one)."""
+        return self._lanes.lane()
+
+    async def yield_to_writers(self, seconds: float) -> None:
+        """Nothing to wait for: row locks never block users' INSERTs, and a range's UPDATE
+        holds only the rows of its own tasks."""
+        self._db.check_open()
+
+    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
+        """Keep result lines that matched no task of their batch (never dropped)."""
+        if lines:
+            await self._db.transact(_keep_unmatched, api_batch_id, lines, self._db.now())
+
+    async def finish_batch(
+        self, local_id: int, reason: str, *, archived: bool = False
+    ) -> FinishReport:
+        """All lines written (or, `archived`, none can be any more): requeue tasks that
+        got none and list them in missing_results, mark the batch `completed`; at once."""
+        return await self._db.transact(self._finish_batch, local_id, reason, archived)
+
+    async def _finish_batch(
+        self, conn: Conn, local_id: int, reason: str, archived: bool
+    ) -> FinishReport:
+        now = self._db.now()
+        api_id = await conn.fetchval(
+            "UPDATE batches SET state = 'completed', completed_at = $1"
+            " WHERE id = $2 AND state = 'ended' RETURNING coalesce(api_batch_id, '')",
+            now,
+            local_id,
+        )
+        if api_id is None:
+            return FinishReport(())
+        await cancel_flagged(conn, local_id, now, attempts_delta=0)
+        rows = await conn.fetch(
+            "UPDATE tasks SET status = 'pending', batch_id = NULL, error = $1"
+            " WHERE batch_id = $2 AND status = 'submitted' RETURNING id, custom_id",
+            reason,
+            local_id,
+        )
+        missing = tuple(row[1] for row in sorted(rows, key=lambda row: int(row[0])))
+        # In the same transaction: requests that will be sent (and paid for) again are
+        # always on record (`batchd status`), even across a kill.
+        await conn.execute(
+            "INSERT INTO missing_results (api_batch_id, custom_id, detected_at, reason)"
+            " SELECT api_batch_id, unnest($1::text[]), $2, $3 FROM batches WHERE id = $4"
+            " ON CONFLICT DO NOTHING",
+            list(missing),
+            now,
+            "archived" if archived else "no_line",
+            local_id,
+        )
+        return FinishReport(missing)
+
+
+async def _write_results(
+    conn: Conn,
+    database: PostgresDatabase,
+    local_id: int,
+    outcomes: Sequence[Outcome],
+    max_attempts: int,
+) -> WriteReport:
+    await create_staging(conn)
+    await conn.execute("TRUNCATE pg_temp.staging, pg_temp.incoming")
+    rows, unmatched_at = await _staging_rows(conn, local_id, outcomes, 0)
+    await conn.copy_records_to_table(
+        "incoming", schema_name="pg_temp", records=rows, columns=_COLUMNS
+    )
+    await conn.execute(_KEEP_FIRST)
+    applied = await apply_range(conn, database, local_id, max_attempts, (None, 0))
+    await conn.execute("TRUNCATE pg_temp.staging, pg_temp.incoming")
+    written, requeued = (applied.report.written, applied.report.requeued) if applied else (0, 0)
+    # A repeated unmatched line counts once, as a repeated matched one does.
+    unmatched = tuple(dict.fromkeys(outcomes[at].custom_id for at in unmatched_at))
+    ignored = len(outcomes) - written - requeued - len(unmatched)
+    return WriteReport(written, requeued, ignored, unmatched)
+
+
+async def _keep_unmatched(
+    conn: Conn, api_batch_id: str, lines: Sequence[tuple[str, str]], now: Any
+) -> None:
+    await conn.executemany(
+        "INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        [(api_batch_id, custom_id, line, now) for custom_id, line in lines],
+    )
+
+
+def check_result_types(outcomes: Iterable[Outcome]) -> None:
+    for outcome in outcomes:
+        if outcome.result_type not in _RESULT_TYPES:
+            raise ValueError(f"unknown result type {outcome.result_type!r}")
