@@ -10,6 +10,7 @@ from batchd.store.interface import Store, StoreAccounts, WriteBackLane
 from batchd.store.values import (
     AppliedRange,
     CancelReport,
+    CandidateBatch,
     DuplicateBatch,
     EnqueueReport,
     FinishReport,
@@ -18,6 +19,7 @@ from batchd.store.values import (
     PrunableTask,
     ResultGaps,
     ResultLine,
+    SharedKeyEvidence,
     SizeTotals,
     StageReport,
     UsageTotals,
@@ -26,6 +28,7 @@ from batchd.store.values import (
 __all__ = [
     "AppliedRange",
     "CancelReport",
+    "CandidateBatch",
     "DuplicateBatch",
     "EnqueueReport",
     "FinishReport",
@@ -35,6 +38,7 @@ __all__ = [
     "ResultGaps",
     "ResultLine",
     "SchemaTooNewError",
+    "SharedKeyEvidence",
     "SizeTotals",
     "StageReport",
     "Store",

@@ -40,8 +40,20 @@ Per method (see each docstring):
    status = 'submitted'`, so a line re-applied after a crash changes nothing. Staging may
    be lost at any time (a crash): the batch is still `ended` and is staged again.
    `yield_to_writers` pauses every write of ours so that users' writes get through.
-7. `finish_batch`: `ended -> completed`; in the same transaction, tasks still `submitted`
-   are requeued and listed in missing_results (so paying again is always on record).
+7. `finish_batch`: `ended -> completed`, with the batch's origin (ours, partly ours,
+   foreign: a foreign batch's kept lines dropped, counted); in the same transaction the
+   intent's tasks still `submitted` are requeued and listed in missing_results (so paying
+   again is always on record), but only once no candidate of the intent is still open.
+
+Candidates (docs/design.md, "Harvesting candidate batches"): an API batch found for an
+intent but not adopted (`mark_created`'s `duplicates`, `record_candidate`) is a batch of
+its own for the poller and the collector, whose members are the intent's tasks. Its
+apply is guarded by `task in the intent AND status IN ('submitted', 'pending') AND the
+line ends the task`: it writes a task that still waits, whichever batch it waits in,
+exactly once (the task then points at the candidate, so no second line passes the guard of
+any batch), and withdraws a pending one from the queue in the same UPDATE. Every apply
+keeps, in its range's transaction, the lines for tasks another batch already answered in
+duplicate_results: the first result written wins, none is ever overwritten.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ from batchd.domain import BatchRecord, Outcome, PendingTask, TaskRow, TaskStatus
 from batchd.store.values import (
     AppliedRange,
     CancelReport,
+    CandidateBatch,
     DuplicateBatch,
     EnqueueReport,
     FinishReport,
@@ -65,6 +78,7 @@ from batchd.store.values import (
     PrunableTask,
     ResultGaps,
     ResultLine,
+    SharedKeyEvidence,
     SizeTotals,
     StageReport,
     UsageTotals,
@@ -179,16 +193,50 @@ class Store(Protocol):
         """Claim the tasks for a new `creating` batch (1); None if any stopped being pending."""
 
     async def mark_created(
-        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+        self,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> bool:
-        """Record the API's id for a `creating` batch (3); False (and recorded as a duplicate)
-        if it is no longer `creating`; `duplicates` recorded in the same transaction."""
+        """Record the API's id for a `creating` batch (3); False (and `batch` recorded as a
+        candidate of the intent) if it is no longer `creating`; `duplicates` become
+        candidates of the intent in the same transaction. `watch_until`: adopted by
+        reconcile, the intent stays watched for a batch of it that lands late."""
 
     async def release_intent(
-        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+        self,
+        local_id: int,
+        reason: str,
+        invalid: Sequence[tuple[str, str]] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> None:
         """The create was refused: `rejected`, tasks back to pending without the attempt;
-        (custom_id, error) in `invalid` become `invalid`."""
+        (custom_id, error) in `invalid` become `invalid`. `watch_until`: its outcome was
+        unknown and nothing was found; the intent stays watched until then."""
+
+    # -- candidates (docs/design.md, "Harvesting candidate batches") ---------------------------
+
+    async def record_candidate(self, intent_id: int, batch: MessageBatch, note: str) -> bool:
+        """One transaction: `batch` (found late for intent `intent_id`) gets a row that is
+        polled and harvested for the intent's tasks, its members copied, and is reported in
+        duplicate_batches. Guard: its API id is not recorded yet (else False, no change)."""
+
+    async def watched_intents(self, now: datetime) -> list[BatchRecord]:
+        """Intents whose create's outcome was unknown (adopted from the list, or released),
+        still watched at `now`: a batch of theirs may land late."""
+
+    async def candidate_batches(self) -> list[CandidateBatch]:
+        """Every suspected duplicate with how far its harvest got, oldest first."""
+
+    async def note_foreign_batches(self, api_batch_ids: Sequence[str]) -> int:
+        """Batches listed in a reconcile window that batchd did not create (one
+        transaction, each recorded once); returns how many were new."""
+
+    async def shared_key_evidence(self) -> SharedKeyEvidence:
+        """How many batches on the key batchd did not create, and since when."""
 
     # -- batches (design 4-5) -------------------------------------------------------------------
 
@@ -237,9 +285,16 @@ class Store(Protocol):
         """Keep (custom_id, line) result lines that matched no task of their batch."""
 
     async def finish_batch(
-        self, local_id: int, reason: str, *, archived: bool = False
+        self,
+        local_id: int,
+        reason: str,
+        *,
+        archived: bool = False,
+        matched_lines: int | None = None,
     ) -> FinishReport:
-        """`ended -> completed` (7); tasks without a line requeued and listed, at once."""
+        """`ended -> completed` (7), guarded; its origin from `matched_lines` (lines that
+        named a task of its intent; None: not read); the intent's tasks without a line
+        requeued and listed, at once, once no candidate of the intent is still open."""
 
     # -- user commands and reads ----------------------------------------------------------------
 
@@ -284,3 +339,16 @@ class Store(Protocol):
 
     async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
         """Tasks that reached a final status at or after `since`, and the first such time."""
+
+    # -- operator views: /metrics and the web view read these every few seconds ------------------
+
+    async def oldest_pending_created_at(self) -> datetime | None:
+        """When the longest-waiting pending task was inserted; None when none is pending."""
+
+    async def batch_completions_since(self, since: datetime) -> list[tuple[datetime, int, int]]:
+        """(completed_at, succeeded, not succeeded) per batch whose results were all stored
+        at or after `since`, oldest first."""
+
+    async def latest_failed_tasks(self, limit: int) -> list[TaskRow]:
+        """Up to `limit` errored, expired or invalid tasks, most recently finished first
+        (among the newest failed tasks of each status; no result bodies)."""

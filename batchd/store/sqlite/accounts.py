@@ -180,7 +180,8 @@ async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:
         "DELETE FROM batches WHERE id = :id"
         " AND NOT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = :id)"
         " AND NOT EXISTS (SELECT 1 FROM tasks WHERE batch_id = :id)"
-        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = :id)",
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = :id)"
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE harvest_id = :id)",
         {"id": local_id},
     )
     return links, batches

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
-from batchd.store.sqlite.batches import BATCH_COLUMNS, USER_CANCELED, batch_record
+from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
+from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import CancelReport, ResultLine
 
 

@@ -1,8 +1,8 @@
 """`SqliteStore`: the store interface on one SQLite file, composed of one part per job.
 
-The parts (`tasks`, `batches`, `writeback`, `operations`, `accounts`) each hold the SQL of
-their job and reach the database only through `SqliteDatabase`'s public methods
-(`database.py`): the writer lock, shielded transactions, the reader. See
+The parts (`tasks`, `batches`, `writeback`, `operations`, `views`, `harvest`, `accounts`)
+each hold the SQL of their job and reach the database only through `SqliteDatabase`'s
+public methods (`database.py`): the writer lock, shielded transactions, the reader. See
 `batchd/store/interface.py` for the contract and docs/design.md for the transactions.
 """
 
@@ -18,13 +18,14 @@ from batchd.store.sqlite import migrations, staging
 from batchd.store.sqlite.accounts import SqliteAccounts
 from batchd.store.sqlite.batches import BatchTracking
 from batchd.store.sqlite.database import Clock, Db, SqliteDatabase, utc_now
+from batchd.store.sqlite.harvest import Harvest
 from batchd.store.sqlite.operations import UserOperations
 from batchd.store.sqlite.tasks import TaskIntake
 from batchd.store.sqlite.views import OperatorViews
 from batchd.store.sqlite.writeback import LanePool, SqliteWriteBackLane, WriteBack
 
 
-class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews):
+class SqliteStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews, Harvest):
     """One writer connection behind an asyncio.Lock, one reader connection, and the
     write-back lanes (each a connection whose writes to the database take that lock too)."""
 
