@@ -9,15 +9,17 @@ files, a real PostgreSQL schema per test), no mocks.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
 from batchd.domain import BatchOrigin, BatchState, Outcome, TaskStatus
 from batchd.store import Store
-from batchd.store.postgres.connection import PostgresTarget
+from batchd.store.postgres.connection import PostgresTarget, quote_ident
 from batchd.store.postgres.store import PostgresStore
 from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek, PostgresPeek
@@ -184,6 +186,44 @@ async def test_an_intent_is_settled_only_when_its_batch_and_every_candidate_were
     assert peek.query("SELECT api_batch_id, custom_id, reason FROM missing_results") == [
         ("msgbatch_adopted", "b", "no_line")
     ]
+
+
+@pytest.mark.postgres
+async def test_an_intent_finishing_while_its_last_candidate_finishes_is_settled_on_postgresql(
+    postgres_dsn: str, postgres_schema: str, clock: FakeClock
+) -> None:
+    # Two connections at once (SQLite has one writer): the intent's finish has completed
+    # its row, not yet committed, when its last candidate finishes. Each would see the
+    # other still open and neither settle; the candidate's settle waits for the intent.
+    store = await PostgresStore.open(PostgresTarget(postgres_dsn, postgres_schema), clock=clock)
+    try:
+        await add_tasks(store, "a", "b")
+        intent = await claim(store, "a", "b")
+        adopted = api_batch("msgbatch_adopted", "ended")
+        assert await store.mark_created(intent, adopted, [api_batch("msgbatch_other", "ended")])
+        [candidate] = [b for b in await store.batches_in(BatchState.ENDED) if b.candidate_for]
+        await store.write_results(intent, [line("a", "adopted")], MAX_ATTEMPTS)
+        conn = await asyncpg.connect(
+            postgres_dsn, server_settings={"search_path": quote_ident(postgres_schema)}
+        )
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE batches SET state = 'completed', completed_at = now() WHERE id = $1",
+                    intent,
+                )
+                finishing = asyncio.create_task(
+                    store.finish_batch(candidate.local_id, "no line", matched_lines=0)
+                )
+                await asyncio.sleep(0.5)
+                assert not finishing.done()  # it waits for the intent's row
+            done = await asyncio.wait_for(finishing, 10)
+        finally:
+            await conn.close()
+        assert done.missing_requeued == ("b",)
+        assert [t.custom_id async for t in store.iter_pending()] == ["b"]
+    finally:
+        await store.close()
 
 
 async def test_a_lost_candidate_settles_its_intent(store: Store, peek: Peek) -> None:

@@ -99,6 +99,12 @@ async def settle_intent(
     Listed in missing_results (paying again is on record), unless the adopted batch proved
     foreign: then its requests were never ours to miss. Returns the requeued custom_ids.
     """
+    # The intent's row locked first, then read in a statement of its own (a fresh snapshot
+    # under READ COMMITTED): an intent and its last candidate finishing at once on two
+    # connections would otherwise each see the other still open, and neither settle
+    # (SQLite's single writer serializes them). The finish of the intent holds this lock
+    # from its UPDATE; a candidate's finish or loss waits here for it, then sees it.
+    await conn.execute("SELECT 1 FROM batches WHERE id = $1 FOR UPDATE", intent_id)
     found = await conn.fetchrow(_SETTLEABLE, intent_id, list(OPEN_STATES))
     if found is None:
         return ()
