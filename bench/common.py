@@ -26,6 +26,7 @@ from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_lines
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
 from batchd.fakeapi.validation import parse_create_body
+from batchd.store.dsn import mask_dsn
 
 MODEL = "claude-haiku-4-5-20251001"
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -243,4 +244,6 @@ def peak_between(samples: list[tuple[float, float]], start: float, end: float) -
 
 
 def command_line() -> str:
-    return shlex.join(["python3", *sys.argv])
+    """The command that reproduces a run; a database URL's password shown as ***."""
+    shown = [mask_dsn(arg) if arg.startswith("postgres") else arg for arg in sys.argv]
+    return shlex.join(["python3", *shown])

@@ -261,19 +261,20 @@ def main() -> None:
             if not args.no_sdk:
                 sdk_s = sdk_script(sdk_db, fake.base_url, args.batch_size)
                 check_done(sdk_db, args.tasks)
-            postgres = None
+            report(run, floor_s, sdk_s, locals_)
             if args.database:
-                postgres = on_postgres(args.database, work, fake.base_url, args)
-    report(run, floor_s, sdk_s, locals_)
-    if postgres is not None:
-        print(f"batchd on PostgreSQL: ingest {postgres[0]:.2f} s")
-        report_postgres(postgres[1], run, floor_s)
+                ingest_pg, run_pg = on_postgres(args.database, work, fake.base_url, args)
+                print(
+                    f"ingest on PostgreSQL (Store.enqueue) {args.tasks:,} tasks: {ingest_pg:.2f} s"
+                )
+                report_postgres(run_pg, run, floor_s)
 
 
 def on_postgres(
     url: str, work: Path, base_url: str, args: argparse.Namespace
 ) -> tuple[float, DaemonRun]:
-    """The same tasks, the same fake, on PostgreSQL: a schema of its own, dropped after."""
+    """The same tasks, the same fake, on PostgreSQL: a schema of its own, dropped after
+    (the URL's role needs CREATE on that database)."""
     schema = f"bench_{secrets.token_hex(4)}"
     database = DatabaseConfig(url=url, schema=schema)
     try:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +11,7 @@ from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import run_daemon
 from batchd.store import Store
+from tests.support.backends import Peek
 from tests.support.fakeapi import refuse_in_fake
 from tests.support.params import request_params
 
@@ -22,9 +21,11 @@ def refuse_batches_holding(monkeypatch: pytest.MonkeyPatch, refused: set[str]) -
     refuse_in_fake(monkeypatch, refused, lambda _: "requests: a request in this batch is refused")
 
 
-def rows(db_path: Path) -> dict[str, tuple[str, int, str | None]]:
-    with sqlite3.connect(db_path) as db:
-        found = db.execute("SELECT custom_id, status, attempts, error FROM tasks").fetchall()
+pytestmark = pytest.mark.both_stores
+
+
+def rows(peek: Peek) -> dict[str, tuple[str, int, str | None]]:
+    found = peek.query("SELECT custom_id, status, attempts, error FROM tasks")
     return {custom_id: (status, attempts, error) for custom_id, status, attempts, error in found}
 
 
@@ -32,7 +33,7 @@ async def test_bisection_isolates_the_refused_requests_and_sends_all_the_others(
     store: Store,
     fake_api: FakeApiServer,
     daemon_config: Callable[..., Config],
-    db_path: Path,
+    peek: Peek,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     refused = {"t-13", "t-29"}
@@ -41,7 +42,7 @@ async def test_bisection_isolates_the_refused_requests_and_sends_all_the_others(
     config = daemon_config(fake_api.base_url, max_requests=16)
     assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
 
-    found = rows(db_path)
+    found = rows(peek)
     for custom_id, (status, attempts, error) in found.items():
         if custom_id in refused:
             assert (status, attempts) == ("invalid", 0)
@@ -55,7 +56,7 @@ async def test_a_refusal_that_is_not_about_any_request_fails_no_task(
     store: Store,
     fake_api: FakeApiServer,
     daemon_config: Callable[..., Config],
-    db_path: Path,
+    peek: Peek,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     everything = {f"t-{n}" for n in range(8)}
@@ -64,7 +65,7 @@ async def test_a_refusal_that_is_not_about_any_request_fails_no_task(
     config = daemon_config(fake_api.base_url, max_requests=8)
     running = asyncio.create_task(run_daemon(config, "k", exit_when_idle=True))
     await asyncio.sleep(1.5)
-    found = rows(db_path)
+    found = rows(peek)
     statuses = [status for status, _, _ in found.values()]
     # A lone refused request is only a suspect; the control (another task, alone) is
     # refused too, so the problem is not in the requests: all wait for it to be fixed.

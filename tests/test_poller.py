@@ -16,6 +16,8 @@ from batchd.pipeline.poller import Poller
 from batchd.store import Store, StoreError
 from tests.support.params import request_params
 
+pytestmark = pytest.mark.both_stores
+
 
 async def test_polls_write_only_when_a_batch_changed(
     store: Store, monkeypatch: pytest.MonkeyPatch

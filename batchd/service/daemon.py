@@ -112,6 +112,7 @@ class Daemon:
         self.notifier = notifier or Notifier(None)
         self._outage = Outage(self.notifier)
         self._lead: Leadership | None = None
+        self._loops_started = False  # not while standing by for the leader lock
         self.registry = registry or batchd_registry()
         self.reachability = reachability or ApiReachability()
         self.metrics_port: int | None = None  # set once the metrics listener is bound
@@ -180,8 +181,7 @@ class Daemon:
             elif await self.key_check.verify(self._client) is KeyState.REFUSED:
                 self.stop(EXIT_AUTH)
             else:
-                # New tasks wake the submitter at once where the store can tell (PostgreSQL's
-                # LISTEN); the submit loop's tick finds them otherwise.
+                # New tasks wake the submitter at once (PostgreSQL: LISTEN), else the tick.
                 await stack.enter_async_context(
                     self._store.listen_for_tasks(self._wake_submitter.set)
                 )
@@ -206,16 +206,22 @@ class Daemon:
         return self._exit_code
 
     def _standing_by(self, text: str) -> None:
-        self.notifier.ready()  # running as it should: a standby
+        self.notifier.ready()  # running as it should: a standby (WatchdogSec= applies too)
+        self._start_watchdog()
         self.notifier.status(text)
 
+    def _start_watchdog(self) -> None:
+        if "watchdog" not in {t.get_name() for t in self._aux}:
+            self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
+
     def _start_loops(self) -> None:
+        self._loops_started = True
+        self._start_watchdog()
         self._spawn("submitter", self._submit_loop)
         self._spawn("poller", self._poll_loop)
         self._spawn("collector", self._collect_loop)
         if self._exit_when_idle:
             self._spawn("idle_watch", self._idle_loop)
-        self._spawn("watchdog", lambda: self.notifier.watchdog_loop(self.alive), auxiliary=True)
         self._spawn("status", self._status_loop, auxiliary=True)
         if self.key_check.state is KeyState.UNCHECKED:
             check = self.key_check
@@ -241,7 +247,8 @@ class Daemon:
 
     async def alive(self) -> bool:
         """The watchdog's probe: every loop still running and the database answering."""
-        if not self._stop.is_set() and not {t.get_name() for t in self._tasks} >= _LOOPS:
+        running = {t.get_name() for t in self._tasks}
+        if not self._stop.is_set() and self._loops_started and not running >= _LOOPS:
             return False
         try:
             # A read: abandoning it at the timeout is harmless.
@@ -249,9 +256,7 @@ class Daemon:
         except TimeoutError:
             return False
         except StoreError as exc:
-            # A database outage (a server restarting) is waited out, not a hung daemon: a
-            # watchdog restart would only fail to connect the same way.
-            return exc.retryable
+            return exc.retryable  # an outage is waited out: a restart would not help
         return True
 
     async def health(self) -> Health:
@@ -333,9 +338,7 @@ class Daemon:
 
     async def _submit_step(self) -> float:
         if self._lead is not None and not self._lead.leading:
-            # Lost the lock (a server restart): claims would fail their fence, and
-            # reconciling belongs to whoever leads now. Polls and results go on.
-            return 1.0
+            return 1.0  # lost the lock: claims would fail, reconciling is the leader's
         await self.canceler.cancel_requested()
         for batch in await self.reconciler.creating_batches():
             await self.reconciler.reconcile(batch)

@@ -79,7 +79,13 @@ class PostgresLeadership:
 
     async def run(self) -> None:
         while not self._stop.is_set():
-            conn = await _win(self._database, self._stop, self._on_standby)
+            try:
+                conn = await _win(self._database, self._stop, self._on_standby)
+            except StoreError as exc:  # refused (a password changed under us): say so, retry
+                # A message that says what to fix, not a traceback: as daemon.py's refusals.
+                log.error("leader_lock_refused", database=self._database.shown, error=str(exc))  # noqa: TRY400
+                await _sleep(self._stop, 10 * TRY_EVERY_S)
+                continue
             if conn is None:
                 return
             self._conn = conn

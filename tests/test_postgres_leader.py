@@ -1,0 +1,68 @@
+"""Two daemons in one process on one PostgreSQL database: one leads, the other stands by
+(alive for the watchdog, nothing running), and takes over when the leader stops."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from batchd.config import Config
+from batchd.fakeapi.server import FakeApiServer
+from batchd.service.daemon import Daemon, run_daemon
+from tests.support.backends import Peek
+from tests.support.params import request_params
+
+pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["postgresql"],
+                                                             indirect=True)]  # fmt: skip
+
+
+async def test_a_standby_is_alive_runs_nothing_and_takes_over_when_the_leader_stops(
+    fake_api: FakeApiServer, daemon_config: Callable[..., Config], peek: Peek
+) -> None:
+    config = daemon_config(fake_api.base_url)
+    daemons: list[Daemon] = []
+
+    async def keep(daemon: Daemon) -> None:
+        daemons.append(daemon)
+
+    first = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
+    async with asyncio.timeout(30):
+        while not daemons or not daemons[0]._loops_started:
+            await asyncio.sleep(0.02)
+    second = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
+    try:
+        async with asyncio.timeout(30):
+            while len(daemons) < 2:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(1.5)  # it tried for the lock, and stands by
+        standby = daemons[1]
+        assert not standby._loops_started
+        assert await standby.alive()  # the watchdog keeps a standby
+        peek.execute(
+            "INSERT INTO tasks (custom_id, params) VALUES (?, ?)", "t1", request_params("one")
+        )
+        async with asyncio.timeout(30):
+            while peek.query("SELECT status FROM tasks") != [("succeeded",)]:
+                await asyncio.sleep(0.05)
+        daemons[0].stop()
+        assert await first == 0
+        stopped = time.monotonic()
+        async with asyncio.timeout(10):
+            while not standby._loops_started:
+                await asyncio.sleep(0.02)
+        takeover_s = time.monotonic() - stopped
+        peek.execute(
+            "INSERT INTO tasks (custom_id, params) VALUES (?, ?)", "t2", request_params("two")
+        )
+        async with asyncio.timeout(30):
+            while peek.query("SELECT count(*) FROM tasks WHERE status = 'succeeded'") != [(2,)]:
+                await asyncio.sleep(0.05)
+        assert takeover_s < 3  # a stopped leader's session ends at once; next try <= 1 s
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        await asyncio.gather(first, second, return_exceptions=True)
+    assert await second == 0
