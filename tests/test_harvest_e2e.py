@@ -4,7 +4,8 @@ A create committed but answered with a dropped connection, hidden by a lagging l
 its intent was released and the requests sent again, is found late and harvested; another
 client creating batches of our size on the same key is recognised, never written to our
 tasks, and warned about once. The daemon runs in-process against the fake over loopback,
-with a real database; `batchd status` runs as a real process.
+with a real database (SQLite, and PostgreSQL: a schema per test); `batchd status` runs as
+a real process.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -20,16 +20,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 from structlog.testing import capture_logs
 
-from batchd.config import Config
+from batchd.config import Config, DatabaseConfig
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import open_store
+from tests.support.backends import Peek
 from tests.support.foreign import create_foreign_batches
 from tests.support.params import request_params
 
+pytestmark = pytest.mark.both_stores
 TASKS = 4
 
 
@@ -47,10 +50,8 @@ async def enqueue(config: Config) -> list[str]:
     return ids
 
 
-def tasks(db_path: Path) -> dict[str, tuple[str, str | None, int]]:
-    with sqlite3.connect(db_path) as db:
-        rows = db.execute("SELECT custom_id, status, result, attempts FROM tasks").fetchall()
-    db.close()
+def tasks(peek: Peek) -> dict[str, tuple[str, str | None, int]]:
+    rows = peek.query("SELECT custom_id, status, result, attempts FROM tasks")
     return {cid: (status, result, attempts) for cid, status, result, attempts in rows}
 
 
@@ -62,20 +63,21 @@ def answers_own_prompt(custom_id: str, result: str | None) -> bool:
     return prompt(int(custom_id.removeprefix("h-"))) in text
 
 
-def recorded_extra(db_path: Path, fake: FakeApiServer) -> Counter[str]:
+def recorded_extra(peek: Peek, fake: FakeApiServer) -> Counter[str]:
     """Submissions the database accounts for beyond attempts: its recorded duplicates."""
-    with sqlite3.connect(db_path) as db:
-        duplicates = [row[0] for row in db.execute("SELECT api_batch_id FROM duplicate_batches")]
-    db.close()
+    duplicates = [row[0] for row in peek.query("SELECT api_batch_id FROM duplicate_batches")]
     extra: Counter[str] = Counter()
     for api_id in duplicates:
         extra.update(fake.state.batches[api_id].requests.custom_ids)
     return extra
 
 
-def status_output(db_path: Path, tmp_path: Path) -> str:
+def status_output(database: DatabaseConfig, tmp_path: Path) -> str:
     config = tmp_path / "status.toml"
-    config.write_text(f'[database]\npath = "{db_path}"\n')
+    if database.url is None:
+        config.write_text(f'[database]\npath = "{database.path}"\n')
+    else:
+        config.write_text(f'[database]\nurl = "{database.url}"\nschema = "{database.schema}"\n')
     done = subprocess.run(
         [sys.executable, "-m", "batchd", "--config", str(config), "status"],
         capture_output=True,
@@ -89,7 +91,10 @@ def status_output(db_path: Path, tmp_path: Path) -> str:
 
 
 async def test_a_dropped_create_found_after_its_resubmission_is_harvested_not_paid_again(
-    daemon_config: Callable[..., Config], db_path: Path, tmp_path: Path
+    daemon_config: Callable[..., Config],
+    database_config: DatabaseConfig,
+    peek: Peek,
+    tmp_path: Path,
 ) -> None:
     # The first create is committed, then its connection dropped; the list shows a batch
     # only 8 s after its creation, longer than the 5 s grace: the intent is released and
@@ -110,10 +115,10 @@ async def test_a_dropped_create_found_after_its_resubmission_is_harvested_not_pa
             code = await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 60)
         assert code == 0
         sent = fake.state.stats.submissions
-        extra = recorded_extra(db_path, fake)
-        [late] = [b for b in fake.state.batches.values() if b.id != _adopted(db_path)]
+        extra = recorded_extra(peek, fake)
+        [late] = [b for b in fake.state.batches.values() if b.id != _adopted(peek)]
 
-    got = tasks(db_path)
+    got = tasks(peek)
     assert {status for status, _, _ in got.values()} == {"succeeded"}
     assert all(answers_own_prompt(cid, result) for cid, (_, result, _) in got.items())
     # Sent twice (the dropped create and the resubmission), never a third time, and both
@@ -125,32 +130,30 @@ async def test_a_dropped_create_found_after_its_resubmission_is_harvested_not_pa
     assert harvested["batch_id"] == late.id
     # Whichever batch ended first answered; the other's lines are kept as duplicates.
     assert harvested["written"] + harvested["duplicates"] == TASKS
-    with sqlite3.connect(db_path) as db:
-        kept = db.execute("SELECT count(*) FROM duplicate_results").fetchone()[0]
-        states = db.execute("SELECT state FROM batches ORDER BY id").fetchall()
-    db.close()
+    [(kept,)] = peek.query("SELECT count(*) FROM duplicate_results")
+    states = peek.query("SELECT state FROM batches ORDER BY id")
     assert kept == TASKS
     assert states == [("rejected",), ("completed",), ("completed",)]
 
-    out = status_output(db_path, tmp_path)
+    out = status_output(database_config, tmp_path)
     assert f"POSSIBLE DUPLICATE BATCH {late.id}" in out
     assert f"harvested: {harvested['written']} result(s) written from it" in out
     assert "KEY APPEARS SHARED" not in out
 
 
-def _adopted(db_path: Path) -> str:
+def _adopted(peek: Peek) -> str:
     """The API id batchd created (or adopted) for its own intent."""
-    with sqlite3.connect(db_path) as db:
-        [(api_id,)] = db.execute(
-            "SELECT api_batch_id FROM batches"
-            " WHERE candidate_for IS NULL AND api_batch_id IS NOT NULL"
-        ).fetchall()
-    db.close()
+    [(api_id,)] = peek.query(
+        "SELECT api_batch_id FROM batches WHERE candidate_for IS NULL AND api_batch_id IS NOT NULL"
+    )
     return str(api_id)
 
 
 async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvested(
-    daemon_config: Callable[..., Config], db_path: Path, tmp_path: Path
+    daemon_config: Callable[..., Config],
+    database_config: DatabaseConfig,
+    peek: Peek,
+    tmp_path: Path,
 ) -> None:
     # Our create is committed a second after its connection was dropped; meanwhile and
     # after, another tool posts batches of exactly our size (and one of another size).
@@ -197,21 +200,19 @@ async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvest
             assert await asyncio.wait_for(daemon, 60) == 0
             scrapes[0].cancel()
         sent = fake.state.stats.submissions
-        extra = recorded_extra(db_path, fake)
+        extra = recorded_extra(peek, fake)
         our_batches = [
             b.id for b in fake.state.batches.values() if ours & set(b.requests.custom_ids)
         ]
 
     assert all(batch.failure is None for batch in foreign), foreign
-    got = tasks(db_path)
+    got = tasks(peek)
     assert {status for status, _, _ in got.values()} == {"succeeded"}
     assert all(answers_own_prompt(cid, result) for cid, (_, result, _) in got.items())
     assert max(sent[cid] for cid in ids) <= 2  # never a third time
     assert all(sent[cid] == got[cid][2] + extra[cid] for cid in ids)
-    with sqlite3.connect(db_path) as db:
-        rows = db.execute("SELECT api_batch_id, state, origin FROM batches").fetchall()
-        unmatched = db.execute("SELECT count(*) FROM unmatched_results").fetchone()[0]
-    db.close()
+    rows = peek.query("SELECT api_batch_id, state, origin FROM batches")
+    [(unmatched,)] = peek.query("SELECT count(*) FROM unmatched_results")
     origin_of = {api_id: (state, origin) for api_id, state, origin in rows}
     # The batch our dropped create made was found and read to the end, as ours.
     assert origin_of[our_batches[0]] == ("completed", "ours")
@@ -225,13 +226,13 @@ async def test_another_client_on_the_key_is_recognised_and_our_own_batch_harvest
     assert "batchd_foreign_batches_listed_total 1" in metrics  # the batch of another size
     assert 'batchd_candidate_batches{state="harvested"} 1' in metrics  # ours, found late
     assert re.search(r"^batchd_foreign_batches [1-9]", metrics, re.MULTILINE)
-    out = status_output(db_path, tmp_path)
+    out = status_output(database_config, tmp_path)
     assert "KEY APPEARS SHARED" in out
     assert "docs/operations.md" in out
 
 
 async def test_half_the_creates_dropped_beside_another_client_pays_no_request_a_third_time(
-    daemon_config: Callable[..., Config], db_path: Path
+    daemon_config: Callable[..., Config], peek: Peek
 ) -> None:
     # The issue's run: the fake drops half of all creates after committing them, and
     # another client posts batches of our size every 0.8 s. Once, each dropped create made
@@ -258,17 +259,15 @@ async def test_half_the_creates_dropped_beside_another_client_pays_no_request_a_
         )
         assert await asyncio.wait_for(daemon, 90) == 0
         sent = fake.state.stats.submissions
-        extra = recorded_extra(db_path, fake)
+        extra = recorded_extra(peek, fake)
         dropped = fake.faults.injected.get("commit_drop", 0)
 
-    got = tasks(db_path)
+    got = tasks(peek)
     assert {status for status, _, _ in got.values()} == {"succeeded"}
     assert all(answers_own_prompt(cid, result) for cid, (_, result, _) in got.items())
     assert max(sent[cid] for cid in ids) <= 2
     assert all(sent[cid] == got[cid][2] + extra[cid] for cid in ids)
-    with sqlite3.connect(db_path) as db:
-        unmatched = db.execute("SELECT count(*) FROM unmatched_results").fetchone()[0]
-    db.close()
+    [(unmatched,)] = peek.query("SELECT count(*) FROM unmatched_results")
     assert unmatched == 0
     assert dropped >= 2, "the fault never met our creates: the test proves nothing"
     print(

@@ -10,26 +10,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchd.api.wire import MessageBatch, ProcessingStatus
-from batchd.config import Config
+from batchd.config import Config, DatabaseConfig
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.service.gauges import register_database_gauges
 from batchd.service.metrics import Registry, batchd_registry
 from batchd.service.status import status_snapshot
 from batchd.store import Store
+from batchd.store.postgres.connection import PostgresTarget
+from batchd.store.postgres.store import PostgresStore
 from batchd.store.sqlite import SqliteStore
 from tests.support.params import request_params
 
 MODEL = "claude-haiku-4-5-20251001"
+pytestmark = pytest.mark.both_stores
 
 
 class Clock:
-    """Starts at the real time (the tasks' created_at is SQLite's own clock); moved by hand."""
+    """Starts at the real time (tasks' created_at is the database's own clock); moved by hand."""
 
     def __init__(self) -> None:
         self.now = datetime.now(UTC)
@@ -44,8 +46,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def store(db_path: Path, clock: Clock) -> AsyncIterator[Store]:
-    opened = await SqliteStore.open(db_path, clock=clock)
+async def store(database_config: DatabaseConfig, clock: Clock) -> AsyncIterator[Store]:
+    opened: Store
+    if database_config.url is None:
+        opened = await SqliteStore.open(database_config.path, clock=clock)
+    else:
+        target = PostgresTarget(database_config.url, database_config.schema)
+        opened = await PostgresStore.open(target, clock=clock)
     try:
         yield opened
     finally:

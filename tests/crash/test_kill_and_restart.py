@@ -126,7 +126,7 @@ HARVEST_TASKS = 4
 
 
 async def test_kills_inside_the_harvest_of_a_late_batch_lose_nothing_and_account_for_every_payment(
-    tmp_path: Path,
+    tmp_path: Path, database_config: DatabaseConfig, peek: Peek
 ) -> None:
     # The first create is committed and its answer dropped; the list shows batches only
     # 8 s after their creation, past the 5 s grace, so the intent is released and sent
@@ -140,7 +140,9 @@ async def test_kills_inside_the_harvest_of_a_late_batch_lose_nothing_and_account
     )
     config = FakeApiConfig(port=0, processing_seconds=8.0, seed=5, faults=faults)
     async with FakeApiServer(config) as server:
-        setup = write_config(tmp_path, server.base_url, batching={"duplicate_watch_seconds": 30.0})
+        setup = write_config(
+            tmp_path, server.base_url, database_config, batching={"duplicate_watch_seconds": 30.0}
+        )
         await enqueue(setup, HARVEST_TASKS)
         log = RunLog()
         for point in HARVEST_KILL_POINTS:
@@ -149,8 +151,8 @@ async def test_kills_inside_the_harvest_of_a_late_batch_lose_nothing_and_account
             assert run.crash_point == point, run.stderr[-2000:]
         final = await run_daemon(setup, log, timeout_s=60)
         assert final.returncode == 0, final.stderr[-2000:]
-        ledger = check_invariants(setup.db_path, server)
-        harvests = candidate_harvests(setup.db_path)
+        ledger = check_invariants(peek, server)
+        harvests = candidate_harvests(peek)
 
     assert ledger.tasks == HARVEST_TASKS
     assert ledger.not_final == []

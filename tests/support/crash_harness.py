@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import sys
 import time
 from collections import Counter
@@ -248,14 +247,13 @@ def check_invariants(database: Path | Peek, server: FakeApiServer) -> Ledger:
     )
 
 
-def candidate_harvests(db_path: Path) -> list[tuple[str, str | None]]:
+def candidate_harvests(database: Path | Peek) -> list[tuple[str, str | None]]:
     """(state, origin) of every suspected duplicate's harvest row, by detection."""
-    with sqlite3.connect(db_path) as db:
-        rows = db.execute(
-            "SELECT b.state, b.origin FROM duplicate_batches AS d"
-            " JOIN batches AS b ON b.id = d.harvest_id ORDER BY d.detected_at"
-        ).fetchall()
-    db.close()
+    peek = SqlitePeek(database) if isinstance(database, Path) else database
+    rows = peek.query(
+        "SELECT b.state, b.origin FROM duplicate_batches AS d"
+        " JOIN batches AS b ON b.id = d.harvest_id ORDER BY d.detected_at"
+    )
     return [(state, origin) for state, origin in rows]
 
 

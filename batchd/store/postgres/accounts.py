@@ -191,7 +191,8 @@ async def _forget_batch(conn: Conn, local_id: int) -> tuple[int, int]:
         "DELETE FROM batches WHERE id = $1"
         " AND NOT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = $1)"
         " AND NOT EXISTS (SELECT 1 FROM tasks WHERE batch_id = $1)"
-        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = $1)",
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = $1)"
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE harvest_id = $1)",
         local_id,
     )
     return count_of(links), count_of(batches)

@@ -8,7 +8,7 @@ from typing import Any, cast
 import orjson
 
 from batchd.api.wire import MessageBatch, RequestCounts, parse_timestamp
-from batchd.domain import BatchRecord, BatchState
+from batchd.domain import BatchOrigin, BatchRecord, BatchState
 from batchd.store.errors import StoreError
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import (
@@ -18,9 +18,9 @@ from batchd.store.postgres.database import (
     text_time,
     to_millis,
 )
+from batchd.store.postgres.settle import cancel_flagged, settle_intent
 from batchd.store.values import DuplicateBatch
 
-USER_CANCELED = "canceled at user request"
 STATE_OF_PROCESSING = {
     "in_progress": BatchState.IN_PROGRESS,
     "canceling": BatchState.CANCELING,
@@ -29,7 +29,7 @@ STATE_OF_PROCESSING = {
 BATCH_COLUMNS = (
     "id, api_batch_id, state, request_count, body_bytes, intent_at, submitted_at,"
     " processing_status, request_counts::text, api_created_at, ended_at, results_url,"
-    " not_found_since, download_attempts, note"
+    " not_found_since, download_attempts, note, candidate_for, origin"
 )
 _UPDATE_BATCH = """
 UPDATE batches SET processing_status = $2, request_counts = $3::jsonb, results_url = $4,
@@ -92,15 +92,23 @@ class BatchTracking:
         return await self._db.transact(self._mark_lost, local_id, reason)
 
     async def _mark_lost(self, conn: Conn, local_id: int, reason: str) -> int:
-        api_id = await conn.fetchval(
+        found = await conn.fetchrow(
             "UPDATE batches SET state = 'lost', note = $1 WHERE id = $2"
-            " AND state IN ('in_progress', 'canceling', 'ended') RETURNING api_batch_id",
+            " AND state IN ('in_progress', 'canceling', 'ended')"
+            " RETURNING api_batch_id, candidate_for",
             reason,
             local_id,
         )
-        if api_id is None:
+        if found is None:
             return 0
-        await cancel_flagged(conn, local_id, self._db.now(), attempts_delta=0)
+        api_id, intent_id = found
+        now = self._db.now()
+        if intent_id is not None:
+            # A candidate answers no task of its own: its intent may now be settled (the
+            # last open candidate of a completed intent lets its unanswered tasks go).
+            why = f"no result line for this request, and candidate batch {api_id} lost"
+            return len(await settle_intent(conn, intent_id, why, "no_line", now))
+        await cancel_flagged(conn, local_id, now, attempts_delta=0)
         # Attempts stay counted: the API may have processed (and billed) them.
         return count_of(
             await conn.execute(
@@ -154,19 +162,6 @@ async def _fetchval(conn: Conn, sql: str, *params: Any) -> Any:
     return await conn.fetchval(sql, *params)
 
 
-async def cancel_flagged(conn: Conn, local_id: int, now: datetime, *, attempts_delta: int) -> None:
-    """Tasks the user canceled must not go back to the queue with their batch."""
-    await conn.execute(
-        "UPDATE tasks SET status = 'canceled', error = $1, completed_at = $2,"
-        " attempts = attempts + $3"
-        " WHERE batch_id = $4 AND status = 'submitted' AND cancel_requested",
-        USER_CANCELED,
-        now,
-        attempts_delta,
-        local_id,
-    )
-
-
 def batch_params(batch: MessageBatch) -> tuple[str, str, str, str | None, datetime | None]:
     """(api id, processing status, request counts JSON, results url, ended at)."""
     ended = batch["ended_at"]
@@ -196,4 +191,6 @@ def batch_record(row: Row) -> BatchRecord:
         not_found_since=row[12],
         download_attempts=row[13],
         note=row[14],
+        candidate_for=row[15],
+        origin=None if row[16] is None else BatchOrigin(row[16]),
     )

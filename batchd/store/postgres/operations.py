@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
 from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
-from batchd.store.postgres.batches import BATCH_COLUMNS, USER_CANCELED, batch_record
+from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
+from batchd.store.postgres.settle import USER_CANCELED
 from batchd.store.values import CancelReport, ResultLine
 
 # Tasks go back to the queue by UPDATE, which fires no INSERT trigger: wake the leader.

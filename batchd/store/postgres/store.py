@@ -1,5 +1,6 @@
 """`PostgresStore`: the store interface on a PostgreSQL database, composed of one part per
-job, as `SqliteStore` is (`tasks`, `batches`, `writeback`, `operations`, `accounts`).
+job, as `SqliteStore` is (`tasks`, `batches`, `writeback`, `operations`, `views`,
+`harvest`, `accounts`).
 
 The parts reach the server only through `PostgresDatabase` (database.py): the pool, the
 shielded one-transaction writes, reads. Write-back lanes are connections of their own.
@@ -18,10 +19,12 @@ from batchd.store.postgres.accounts import PostgresAccounts
 from batchd.store.postgres.batches import BatchTracking
 from batchd.store.postgres.connection import DEFAULT_POOL_SIZE, PostgresTarget, connect
 from batchd.store.postgres.database import Clock, PostgresDatabase, utc_now
+from batchd.store.postgres.harvest import Harvest
 from batchd.store.postgres.leader import PostgresLeadership, leadership
 from batchd.store.postgres.listen import listening
 from batchd.store.postgres.operations import UserOperations
 from batchd.store.postgres.tasks import TaskIntake
+from batchd.store.postgres.views import OperatorViews
 from batchd.store.postgres.writeback import LanePool, WriteBack
 
 # asyncpg's pool logs a traceback for every failed reconnect during an outage; the store
@@ -29,7 +32,7 @@ from batchd.store.postgres.writeback import LanePool, WriteBack
 logging.getLogger("asyncpg").setLevel(logging.CRITICAL)
 
 
-class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations):
+class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews, Harvest):
     """A pool of a few connections for every statement, and two write-back lanes."""
 
     def __init__(self, database: PostgresDatabase) -> None:

@@ -7,15 +7,18 @@ read here is exactly what is sent, and its bytes are what is counted.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
 from itertools import islice
 
 from batchd.api.wire import MessageBatch, parse_timestamp
 from batchd.domain import PendingTask
 from batchd.store.errors import StoreError
-from batchd.store.postgres.batches import STATE_OF_PROCESSING, batch_params, cancel_flagged
+from batchd.store.postgres.batches import STATE_OF_PROCESSING, batch_params
 from batchd.store.postgres.connection import Conn
-from batchd.store.postgres.database import PostgresDatabase, Rollback, count_of, ids
+from batchd.store.postgres.database import PostgresDatabase, Rollback, count_of, ids, to_millis
+from batchd.store.postgres.harvest import record_candidate_in
 from batchd.store.postgres.leader import check_fence
+from batchd.store.postgres.settle import cancel_flagged
 from batchd.store.values import EnqueueReport
 
 _ENQUEUE_CHUNK = 5000
@@ -145,29 +148,46 @@ class TaskIntake:
         return local_id
 
     async def mark_created(
-        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+        self,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> bool:
-        """Record the API's id for a `creating` batch (also adopts one found by reconcile);
-        `duplicates`, and `batch` itself if no longer `creating`, go to duplicate_batches in
-        the same transaction (a paid batch is never unrecorded, even across a kill)."""
-        return await self._db.transact(self._mark_created, local_id, batch, duplicates)
+        """Record the API's id for a `creating` batch (also adopts one found by reconcile).
+
+        In the same transaction, so that a kill cannot leave a paid batch unrecorded:
+        `duplicates` (other API batches reconcile matched) become candidates of this intent
+        (recorded in duplicate_batches, and harvested), and so does `batch` itself if the
+        local batch is no longer `creating` (returns False). `watch_until`: adopted by
+        reconcile, so a batch of it may still land late: watched until then.
+        """
+        watch = None if watch_until is None else to_millis(watch_until)
+        return await self._db.transact(self._mark_created, local_id, batch, duplicates, watch)
 
     async def _mark_created(
-        self, conn: Conn, local_id: int, batch: MessageBatch, duplicates: Sequence[str]
+        self,
+        conn: Conn,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch],
+        watch_until: datetime | None,
     ) -> bool:
         # Losing this commit means paying again: flushed whatever the role's default says.
         await conn.execute("SET LOCAL synchronous_commit = on")
         now = self._db.now()
         unrecorded = [
-            (api_id, f"same request count created in the window of local batch {local_id}")
-            for api_id in duplicates
+            (other, f"same request count created in the window of local batch {local_id}")
+            for other in duplicates
         ]
         api_id, processing, counts, url, ended = batch_params(batch)
         changed = count_of(
             await conn.execute(
                 "UPDATE batches SET api_batch_id = $1, state = $2, submitted_at = $3,"
                 " api_created_at = $4, processing_status = $5, request_counts = $6::jsonb,"
-                " results_url = $7, ended_at = $8 WHERE id = $9 AND state = 'creating'",
+                " results_url = $7, ended_at = $8, watch_until = $9"
+                " WHERE id = $10 AND state = 'creating'",
                 api_id,
                 STATE_OF_PROCESSING[batch["processing_status"]].value,
                 now,
@@ -176,32 +196,44 @@ class TaskIntake:
                 counts,
                 url,
                 ended,
+                watch_until,
                 local_id,
             )
         )
         if changed != 1:
             note = f"created for local batch {local_id} after its intent was released"
-            unrecorded.append((batch["id"], note))
-        if unrecorded:
-            await conn.executemany(
-                "INSERT INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                [(api_id, local_id, now, note) for api_id, note in unrecorded],
-            )
+            unrecorded.append((batch, note))
+        for other, note in unrecorded:
+            await record_candidate_in(conn, local_id, other, note, now)
         return changed == 1
 
     async def release_intent(
-        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+        self,
+        local_id: int,
+        reason: str,
+        invalid: Sequence[tuple[str, str]] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> None:
-        """The create was refused: the batch is `rejected`, its tasks go back (no attempt)."""
-        await self._db.transact(self._release_intent, local_id, reason, invalid)
+        """The create was refused, or nothing was found for it: the batch is `rejected`, its
+        tasks go back (no attempt). `watch_until`: the create's outcome was unknown, so the
+        list is still searched until then for a batch that lands late (`watched_intents`)."""
+        watch = None if watch_until is None else to_millis(watch_until)
+        await self._db.transact(self._release_intent, local_id, reason, invalid, watch)
 
     async def _release_intent(
-        self, conn: Conn, local_id: int, reason: str, invalid: Sequence[tuple[str, str]]
+        self,
+        conn: Conn,
+        local_id: int,
+        reason: str,
+        invalid: Sequence[tuple[str, str]],
+        watch_until: datetime | None,
     ) -> None:
         rejected = await conn.execute(
-            "UPDATE batches SET state = 'rejected', note = $1 WHERE id = $2 AND state = 'creating'",
+            "UPDATE batches SET state = 'rejected', note = $1, watch_until = $2"
+            " WHERE id = $3 AND state = 'creating'",
             reason,
+            watch_until,
             local_id,
         )
         if not count_of(rejected):

@@ -18,11 +18,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import asyncpg
 
+from batchd.crashpoints import crash_point
 from batchd.domain import Outcome, TaskStatus, WriteReport
-from batchd.store.postgres.batches import USER_CANCELED, cancel_flagged
 from batchd.store.postgres.connection import Conn, postgres_errors
-from batchd.store.postgres.database import PostgresDatabase, in_transaction
+from batchd.store.postgres.database import PostgresDatabase, count_of, in_transaction
 from batchd.store.postgres.errors import PostgresUnavailableError
+from batchd.store.postgres.settle import USER_CANCELED, decide_origin, settle_intent
 from batchd.store.values import AppliedRange, FinishReport, StageReport
 
 P = ParamSpec("P")
@@ -88,6 +89,46 @@ WHERE s.task_id BETWEEN $4 AND $5 AND s.batch_id = $1
     AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND tasks.batch_id = $1 AND tasks.status = 'submitted'
 RETURNING tasks.status"""
+# A candidate batch (a suspected duplicate, `harvest.py`) answers a task of its intent only
+# while the task still waits for a result: `submitted` in whichever batch, or requeued and
+# `pending` (then it is withdrawn from the queue: no longer pending, never claimed). Only a
+# line that ends a task counts; a retryable error leaves the task to its own course. The
+# task then points at the candidate, so the candidate's own re-download is a no-op and
+# any other batch's line for it is a duplicate (below).
+_ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
+_APPLY_HARVESTED = f"""
+UPDATE tasks SET
+    status = s.result_type,
+    batch_id = $1,
+    result = s.result_json::jsonb,
+    error = CASE WHEN s.result_type = 'succeeded' THEN NULL ELSE s.error END,
+    completed_at = $2::timestamptz,
+    model = s.model,
+    input_tokens = s.input_tokens,
+    output_tokens = s.output_tokens,
+    cache_creation_input_tokens = s.cache_creation_input_tokens,
+    cache_read_input_tokens = s.cache_read_input_tokens
+FROM pg_temp.staging AS s
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $1
+    AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+    AND {_ENDS_TASK} AND tasks.status IN ('submitted', 'pending')
+RETURNING tasks.status"""
+# After the range's UPDATE, in its transaction: a line that would end a task another batch
+# already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
+# never written over the first result. A re-download of this batch's own line is not one.
+# The line is built as the collector keeps an unmatched one: custom_id first, then the
+# result's text as it came (`::json` checks it and keeps it unchanged).
+_KEEP_DUPLICATES = f"""
+INSERT INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT $1, s.custom_id,
+    '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
+    || '}}',
+    $2::timestamptz
+FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK}
+    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled')
+    AND t.batch_id IS DISTINCT FROM $5
+ON CONFLICT DO NOTHING"""
 
 
 class PostgresWriteBackLane:
@@ -234,9 +275,21 @@ async def apply_range(
     first, last, count = found
     if not count:
         return None
-    changed = await conn.fetch(_APPLY_STAGED, local_id, max_attempts, database.now(), first, last)
+    found = await conn.fetchrow(
+        "SELECT api_batch_id, candidate_for FROM batches WHERE id = $1", local_id
+    )
+    assert found is not None, local_id  # staged lines name a batch's members
+    api_id, intent_id = found
+    now = database.now()
+    if intent_id is None:
+        changed = await conn.fetch(_APPLY_STAGED, local_id, max_attempts, now, first, last)
+    else:
+        changed = await conn.fetch(_APPLY_HARVESTED, local_id, now, first, last)
+    crash_point("harvest_range_applied" if intent_id is not None else "range_applied")
+    duplicates = count_of(await conn.execute(_KEEP_DUPLICATES, api_id, now, first, last, local_id))
     requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
-    report = WriteReport(len(changed) - requeued, requeued, count - len(changed), ())
+    ignored = count - len(changed) - duplicates
+    report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
     return AppliedRange(last, report)
 
 
@@ -292,44 +345,46 @@ class WriteBack:
             await self._db.transact(_keep_unmatched, api_batch_id, lines, self._db.now())
 
     async def finish_batch(
-        self, local_id: int, reason: str, *, archived: bool = False
+        self,
+        local_id: int,
+        reason: str,
+        *,
+        archived: bool = False,
+        matched_lines: int | None = None,
     ) -> FinishReport:
-        """All lines written (or, `archived`, none can be any more): requeue tasks that
-        got none and list them in missing_results, mark the batch `completed`; at once."""
-        return await self._db.transact(self._finish_batch, local_id, reason, archived)
+        """All lines written (or, `archived`, none can be any more): mark the batch
+        `completed` with what its lines showed (`matched_lines`: lines that named a task of
+        its intent), and requeue the intent's tasks that got none, listed in
+        missing_results, once no candidate of it is still open; at once."""
+        return await self._db.transact(
+            self._finish_batch, local_id, reason, archived, matched_lines
+        )
 
     async def _finish_batch(
-        self, conn: Conn, local_id: int, reason: str, archived: bool
+        self, conn: Conn, local_id: int, reason: str, archived: bool, matched_lines: int | None
     ) -> FinishReport:
         now = self._db.now()
-        api_id = await conn.fetchval(
+        found = await conn.fetchrow(
             "UPDATE batches SET state = 'completed', completed_at = $1"
-            " WHERE id = $2 AND state = 'ended' RETURNING coalesce(api_batch_id, '')",
+            " WHERE id = $2 AND state = 'ended' RETURNING candidate_for",
             now,
             local_id,
         )
-        if api_id is None:
+        if found is None:
             return FinishReport(())
-        await cancel_flagged(conn, local_id, now, attempts_delta=0)
-        rows = await conn.fetch(
-            "UPDATE tasks SET status = 'pending', batch_id = NULL, error = $1"
-            " WHERE batch_id = $2 AND status = 'submitted' RETURNING id, custom_id",
-            reason,
-            local_id,
-        )
-        missing = tuple(row[1] for row in sorted(rows, key=lambda row: int(row[0])))
+        crash_point("batch_completed")
+        intent_id = found[0]
+        origin = await decide_origin(conn, local_id, matched_lines, now, own=intent_id is None)
+        kind = "archived" if archived else "no_line"
+        if intent_id is None:
+            missing = await settle_intent(conn, local_id, reason, kind, now)
+        else:
+            # A candidate's end may be the last thing its intent waited for.
+            why = "no result line for this request in its batch or any candidate batch"
+            missing = await settle_intent(conn, intent_id, why, "no_line", now)
         # In the same transaction: requests that will be sent (and paid for) again are
         # always on record (`batchd status`), even across a kill.
-        await conn.execute(
-            "INSERT INTO missing_results (api_batch_id, custom_id, detected_at, reason)"
-            " SELECT api_batch_id, unnest($1::text[]), $2, $3 FROM batches WHERE id = $4"
-            " ON CONFLICT DO NOTHING",
-            list(missing),
-            now,
-            "archived" if archived else "no_line",
-            local_id,
-        )
-        return FinishReport(missing)
+        return FinishReport(missing, origin)
 
 
 async def _write_results(
@@ -348,11 +403,12 @@ async def _write_results(
     await conn.execute(_KEEP_FIRST)
     applied = await apply_range(conn, database, local_id, max_attempts, (None, 0))
     await conn.execute("TRUNCATE pg_temp.staging, pg_temp.incoming")
-    written, requeued = (applied.report.written, applied.report.requeued) if applied else (0, 0)
+    report = applied.report if applied else WriteReport(0, 0, 0, ())
+    written, requeued, duplicates = report.written, report.requeued, report.duplicates
     # A repeated unmatched line counts once, as a repeated matched one does.
     unmatched = tuple(dict.fromkeys(outcomes[at].custom_id for at in unmatched_at))
-    ignored = len(outcomes) - written - requeued - len(unmatched)
-    return WriteReport(written, requeued, ignored, unmatched)
+    ignored = len(outcomes) - written - requeued - duplicates - len(unmatched)
+    return WriteReport(written, requeued, ignored, unmatched, duplicates)
 
 
 async def _keep_unmatched(
