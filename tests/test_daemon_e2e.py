@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
-from batchd.store import Store, open_store
+from batchd.store import Store, StoreError, open_store
+from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek
 from tests.support.params import request_params
 
@@ -149,3 +151,33 @@ async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
     assert all(
         prompt(int(k.removeprefix("live-"))) in result_text(r[1] or "") for k, r in rows.items()
     )
+
+
+@pytest.mark.sqlite_only  # the fault is injected into the SQLite store's method
+async def test_a_database_outage_during_the_idle_check_is_waited_out_not_fatal(
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    peek: Peek,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--exit-when-idle` on a database that goes away for a moment (a PostgreSQL restart):
+    the idle check waits it out like every other step, instead of ending the daemon with 1."""
+    await store.enqueue((f"idle-{n}", request_params(prompt(n))) for n in range(20))
+    await store.close()
+
+    has_tasks = SqliteStore.has_tasks
+    refusals = iter(range(3))
+
+    async def unavailable_at_first(self: SqliteStore, *statuses: Any) -> bool:
+        if next(refusals, None) is not None:
+            raise _Unavailable("the database system is shutting down")
+        return await has_tasks(self, *statuses)
+
+    monkeypatch.setattr(SqliteStore, "has_tasks", unavailable_at_first)
+    assert await run_until_idle(daemon_config(fake_api.base_url)) == 0
+    assert {status for status, *_ in final_rows(peek).values()} == {"succeeded"}
+
+
+class _Unavailable(StoreError):
+    retryable = True

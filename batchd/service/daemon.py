@@ -374,7 +374,9 @@ class Daemon:
     async def _idle_loop(self) -> None:
         while not self._stop.is_set():
             await asyncio.sleep(0.2)
-            if await self._is_idle():
+            # Guarded like every step: an outage (a PostgreSQL restart) is waited out; a
+            # fault here ended the daemon with 1 under `--exit-when-idle`.
+            if await self._guarded("idle_check", self._is_idle, False):
                 log.info("daemon_idle")
                 self.stop(EXIT_OK)
 
