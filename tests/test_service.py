@@ -113,10 +113,13 @@ async def test_metrics_and_health_report_what_the_database_says(
                 text = await response.text()
             async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
                 assert response.status == 200
+                health = await response.text()
     finally:
         if started:
             started[0].stop()
         assert await running == 0
+    # Healthy, and the key's state said too (issue 14: /healthz reports the key's state).
+    assert re.fullmatch(r"ok\napi key: ok \(from [^)]+\)\n", health), health
     assert 'batchd_tasks{status="succeeded"} 20' in text
     assert 'batchd_tasks{status="pending"} 0' in text
     assert "batchd_batches_created_total 1" in text

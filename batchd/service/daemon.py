@@ -274,7 +274,7 @@ class Daemon:
             reasons.append(problem)
         if problem := self.key_check.health_problem():
             reasons.append(problem)
-        return Health(tuple(reasons))
+        return Health(tuple(reasons), notes=(self.key_check.health_note(),))
 
     async def _status_loop(self) -> None:
         while True:

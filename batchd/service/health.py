@@ -17,6 +17,8 @@ class Health:
     """The daemon's health: healthy when there is no reason to think otherwise."""
 
     reasons: tuple[str, ...] = ()
+    # Facts worth a glance when healthy too (the API key's state): after "ok", a line each.
+    notes: tuple[str, ...] = ()
 
     @property
     def healthy(self) -> bool:

@@ -76,6 +76,10 @@ class ApiKeyCheck:
             if await self.verify(client) is KeyState.REFUSED:
                 stop(EXIT_CONFIG)
 
+    def health_note(self) -> str:
+        """The key's state for /healthz, healthy or not (never the key itself)."""
+        return f"api key: {self.state} (from {self.source})"
+
     def health_problem(self) -> str | None:
         """A reason for /healthz when the key was refused."""
         if self.state is KeyState.REFUSED:

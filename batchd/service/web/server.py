@@ -141,8 +141,9 @@ class MetricsServer:
             log.warning("health_check_failed", error=str(exc), error_type=type(exc).__name__)
             health = Health((f"health check failed: {type(exc).__name__}",))
         if health.healthy:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="".join(f"{r}\n" for r in health.reasons))
+            return web.Response(text="".join(f"{line}\n" for line in ("ok", *health.notes)))
+        lines = (*health.reasons, *health.notes)
+        return web.Response(status=503, text="".join(f"{line}\n" for line in lines))
 
     async def _api_status(self, request: web.Request) -> web.Response:
         assert self._status is not None
