@@ -63,6 +63,9 @@ class BatchingConfig:
     linger_s: float = 5.0
     max_attempts: int = 3
     reconcile_grace_s: float = 60.0
+    # After an intent is released for want of a batch on the list, the list is still
+    # searched this long for one that lands late (a lagging list, a late commit).
+    duplicate_watch_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,7 @@ _KEY_ALIASES = {
     "request_timeout_seconds": "request_timeout_s",
     "linger_seconds": "linger_s",
     "reconcile_grace_seconds": "reconcile_grace_s",
+    "duplicate_watch_seconds": "duplicate_watch_s",
     "interval_seconds": "interval_s",
     "not_found_grace_seconds": "not_found_grace_s",
 }
@@ -360,6 +364,7 @@ def _validate(config: Config) -> None:
         "endpoint for this long; the list can lag a create, and sending too soon pays twice), "
         f"got {b.reconcile_grace_s:g}",
     )
+    _check(b.duplicate_watch_s >= 0, "[batching] duplicate_watch_seconds: must be >= 0")
     p = config.polling
     _check(p.interval_s > 0, "[polling] interval_seconds: must be > 0")
     _check(p.max_concurrency >= 1, "[polling] max_concurrency: must be >= 1")

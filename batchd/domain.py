@@ -42,6 +42,14 @@ class BatchState(enum.StrEnum):
     LOST = "lost"
 
 
+class BatchOrigin(enum.StrEnum):
+    """What a batch's results showed (decided when it is finished; `batches.origin`)."""
+
+    OURS = "ours"  # every line answered a task of its intent
+    PARTLY_OURS = "partly_ours"  # some lines named no task of the intent: kept unmatched
+    FOREIGN = "foreign"  # no line named any task of ours: another client's batch
+
+
 # Batches whose requests count against the organisation's processing queue.
 IN_FLIGHT_BATCH_STATES = frozenset(
     {BatchState.CREATING, BatchState.IN_PROGRESS, BatchState.CANCELING}
@@ -86,6 +94,8 @@ class WriteReport:
     requeued: int  # tasks sent back to pending for another attempt
     ignored: int  # lines for tasks already written (a re-download): harmless no-ops
     unmatched: tuple[str, ...]  # custom_ids with no task in this batch: kept aside
+    # Lines for tasks another batch had already answered: kept in duplicate_results.
+    duplicates: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +115,9 @@ class BatchRecord:
     not_found_since: datetime | None
     download_attempts: int
     note: str | None
+    # Set on a candidate batch (a suspected duplicate read for the tasks of that intent).
+    candidate_for: int | None = None
+    origin: BatchOrigin | None = None  # what its results showed, once finished
 
 
 @dataclass(frozen=True, slots=True)

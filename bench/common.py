@@ -23,6 +23,10 @@ from typing import IO, Any
 import orjson
 
 from batchd.store.dsn import mask_dsn
+from batchd.fakeapi.faults import FaultConfig
+from batchd.fakeapi.results import result_lines
+from batchd.fakeapi.state import FakeClock, FakeState, Timeline
+from batchd.fakeapi.validation import parse_create_body
 
 MODEL = "claude-haiku-4-5-20251001"
 _LISTENING = re.compile(r"listening on (http://\S+)")
@@ -87,6 +91,17 @@ def custom_id(n: int) -> str:
 def tasks(count: int, size: int = 300) -> Iterator[tuple[str, str]]:
     for n in range(count):
         yield custom_id(n), params_json(n, size)
+
+
+def fake_lines(count: int, first: int) -> list[bytes]:
+    """The fake's result lines for tasks first..first+count, in its shuffled order."""
+    body = b'{"requests":[%s]}' % b",".join(
+        b'{"custom_id":"%s","params":%s}' % (cid.encode(), params.encode())
+        for cid, params in list(tasks(first + count))[first:]
+    )
+    state = FakeState(clock=FakeClock(), timeline=Timeline(processing_seconds=0.0), seed=1)
+    batch = state.create(parse_create_body(bytearray(body), frozenset()), FaultConfig())
+    return [line.rstrip(b"\n") for line in result_lines(batch, state.timeline)]
 
 
 def machine() -> str:

@@ -23,28 +23,13 @@ from typing import Any
 
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus
-from batchd.fakeapi.faults import FaultConfig
-from batchd.fakeapi.results import result_lines
-from batchd.fakeapi.state import FakeClock, FakeState, Timeline
-from batchd.fakeapi.validation import parse_create_body
 from batchd.pipeline.collector import Collector
 from batchd.pipeline.outcomes import parse_result_line
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import command_line, machine, tasks
-
-
-def fake_lines(count: int, first: int) -> list[bytes]:
-    """The fake's result lines for tasks first..first+count, in its shuffled order."""
-    body = b'{"requests":[%s]}' % b",".join(
-        b'{"custom_id":"%s","params":%s}' % (cid.encode(), params.encode())
-        for cid, params in list(tasks(first + count))[first:]
-    )
-    state = FakeState(clock=FakeClock(), timeline=Timeline(processing_seconds=0.0), seed=1)
-    batch = state.create(parse_create_body(bytearray(body), frozenset()), FaultConfig())
-    return [line.rstrip(b"\n") for line in result_lines(batch, state.timeline)]
+from common import command_line, fake_lines, machine, tasks
 
 
 def api_batch(batch_id: str) -> dict[str, Any]:

@@ -77,7 +77,10 @@ def daemon_config(database_config: DatabaseConfig) -> Callable[..., Config]:
             config,
             database=database_config,
             api=replace(config.api, base_url=base_url, max_retries=3, request_timeout_s=10.0),
-            batching=replace(config.batching, linger_s=0.05, **batching),
+            # A short watch for late batches: `--exit-when-idle` waits for it to end.
+            batching=replace(
+                config.batching, **{"linger_s": 0.05, "duplicate_watch_s": 1.0, **batching}
+            ),
             polling=replace(config.polling, interval_s=0.1, not_found_grace_s=1.0),
         )
 

@@ -122,3 +122,60 @@ async def test_large_body_spills_to_disk_and_reads_back_in_chunks() -> None:
     received = b"".join([piece async for piece in chunk.body.iter_chunks()])
     assert len(received) == chunk.body.size
     assert len(orjson.loads(received)["requests"]) == 2000
+
+
+_MESSAGES = '"messages": [{"role": "user", "content": "x"}]'
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        # Shapes the typed path does not take: the general path still decides, the same way.
+        (f'{{"model": "m", "max_tokens": 5, "stream": false, {_MESSAGES}}}', None),
+        (f'{{"model": "m", "max_tokens": 5, "stream": null, {_MESSAGES}}}', None),
+        (f'{{"model": "m", "max_tokens": 5, "stream": "yes", {_MESSAGES}}}', None),
+        (f'{{"model": "m", "max_tokens": 9223372036854775808, {_MESSAGES}}}', None),
+        (f'{{"model": "m", "max_tokens": 18446744073709551616, {_MESSAGES}}}', "max_tokens"),
+        (f'{{"model": "m", "max_tokens": 5.0, {_MESSAGES}}}', "params.max_tokens"),
+        (f'{{"model": "m", "max_tokens": true, {_MESSAGES}}}', "params.max_tokens"),
+        (f'{{"model": "m", "max_tokens": -3, {_MESSAGES}}}', "params.max_tokens"),
+        (f'{{"model": "", "max_tokens": 5, {_MESSAGES}}}', "params.model"),
+        (f'{{"model": 7, "max_tokens": 5, {_MESSAGES}}}', "params.model"),
+        ('{"model": "m", "max_tokens": 5, "messages": []}', "params.messages"),
+        ('{"model": "m", "max_tokens": 5, "messages": {"role": "user"}}', "params.messages"),
+        (f'{{"model": "m", "max_tokens": 5, "store": null, {_MESSAGES}}}', "params.store"),
+        (f'{{"model": "m", "max_tokens": 5, "cache_hint": 1, {_MESSAGES}}}', "params.cache_hint"),
+        # Repeated keys: the last one counts, on both paths.
+        (f'{{"model": "m", "max_tokens": 5, "max_tokens": 0, {_MESSAGES}}}', "params.max_tokens"),
+        (f'{{"model": "m", "max_tokens": 0, "max_tokens": 5, {_MESSAGES}}}', None),
+        # Nested deeper than orjson reads: not valid JSON, as before.
+        (
+            '{"model": "m", "max_tokens": 5, "messages": [' + "[" * 1100 + "]" * 1100 + "]}",
+            "not valid JSON",
+        ),
+        (f'{{"model": "m", "max_tokens": 5, {_MESSAGES}}} trailing', "not valid JSON"),
+        (f'{{"model": "m", "max_tokens": 5, "extra": {{"any": [1]}}, {_MESSAGES}}}', None),
+    ],
+)
+def test_every_params_shape_gets_the_general_answer(raw: str, reason: str | None) -> None:
+    """The typed path accepts only what the general checks accept, and every refusal
+    carries the general path's reason."""
+    problem = validate_task(PendingTask(1, "ok", raw, 0))
+    assert problem == chunker._params_problem(raw)
+    if reason is None:
+        assert problem is None
+    else:
+        assert problem is not None
+        assert reason in problem
+
+
+async def test_a_chunk_of_thousands_is_the_same_body_as_one_write_per_request() -> None:
+    """The body is written in pieces of many requests: byte for byte what encode_request splices."""
+    tasks = [task(i, "w" * (i % 700)) for i in range(1, 6001)]
+    tasks[100] = task(101, raw="[1]")
+    chunk = await chunker.build_chunk(feed(tasks), max_requests=100_000, max_bytes=256_000_000)
+    body = chunk.body.read_all()
+    valid = [t for t in tasks if t.id != 101]
+    assert body == b'{"requests":[' + b",".join(map(encode_request, valid)) + b"]}"
+    assert len(body) == chunk.body.size > 2 * chunker._FLUSH_BYTES
+    assert chunk.invalid == [(101, "params must be a JSON object, got list")]

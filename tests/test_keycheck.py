@@ -20,8 +20,10 @@ from batchd.api import BatchesClient, RetryPolicy
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.exits import EXIT_CONFIG
+from batchd.service.health import Health
 from batchd.service.keycheck import ApiKeyCheck, KeyState
-from batchd.service.metrics import Health, MetricsServer, batchd_registry
+from batchd.service.metrics import batchd_registry
+from batchd.service.web.server import MetricsServer
 from tests.support.cli import BATCHD, batchd
 
 RIGHT_KEY = "sk-the-right-key"

@@ -1,4 +1,5 @@
-"""The Prometheus registry's exact text, and /metrics and /healthz over real loopback HTTP."""
+"""The Prometheus registry's text (prometheus_client's), and /metrics and /healthz over
+real loopback HTTP."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import aiosqlite
+import prometheus_client
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from batchd.service.health import ApiReachability, Health, api_observer
 from batchd.service.metrics import (
     API_ERRORS,
     API_REQUESTS,
@@ -20,22 +25,29 @@ from batchd.service.metrics import (
     BATCHES_IN_FLIGHT,
     CALLBACK_ERRORS,
     CONTENT_TYPE,
+    LAST_POLL,
     REQUESTS_SUBMITTED,
     TASKS,
     TOKENS,
-    ApiReachability,
-    Health,
     MetricSpec,
-    MetricsServer,
     Registry,
-    api_observer,
     batchd_registry,
 )
+from batchd.service.web.server import MetricsServer
 
 # --- the text format -------------------------------------------------------------------
 
 
-def test_render_is_exact_text_format_with_help_type_and_escaping() -> None:
+def parsed(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition, read back by prometheus_client's own parser."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_render_is_the_text_format_with_help_type_and_escaping() -> None:
     registry = Registry(
         [
             MetricSpec("demo_requests_total", "counter", 'Requests.\nSee "docs" \\ here.'),
@@ -45,32 +57,37 @@ def test_render_is_exact_text_format_with_help_type_and_escaping() -> None:
     registry.inc("demo_requests_total", 2)
     registry.set("demo_items", 1.5, kind="a", path='C:\\dir "x"\nnext')
     registry.set("demo_items", 3, path="/b", kind="b")
-    assert registry.render() == (
+    text = registry.render()
+    assert text.startswith(
         '# HELP demo_requests_total Requests.\\nSee "docs" \\\\ here.\n'
         "# TYPE demo_requests_total counter\n"
-        "demo_requests_total 2\n"
-        "# HELP demo_items Items by path.\n"
-        "# TYPE demo_items gauge\n"
-        'demo_items{path="/b",kind="b"} 3\n'
-        'demo_items{path="C:\\\\dir \\"x\\"\\nnext",kind="a"} 1.5\n'
+        "demo_requests_total 2.0\n"
     )
+    assert "demo_requests_total_created" not in text  # no _created twin series
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert families["demo_requests"].documentation == 'Requests.\nSee "docs" \\ here.'
+    assert parsed(text) == {
+        ("demo_requests_total", frozenset()): 2,
+        ("demo_items", frozenset({("path", "/b"), ("kind", "b")})): 3,
+        ("demo_items", frozenset({("path", 'C:\\dir "x"\nnext'), ("kind", "a")})): 1.5,
+    }
 
 
-def test_labels_render_in_declared_order_whatever_the_keyword_order() -> None:
+def test_labels_are_matched_by_name_whatever_the_keyword_order() -> None:
     registry = Registry([API_REQUESTS])
     registry.inc(API_REQUESTS, status=200, endpoint="create")
     registry.inc(API_REQUESTS, endpoint="create", status=200)
     registry.inc(API_REQUESTS, endpoint="poll", status=429)
     assert registry.render().splitlines()[2:] == [
-        'batchd_api_requests_total{endpoint="create",status="200"} 2',
-        'batchd_api_requests_total{endpoint="poll",status="429"} 1',
+        'batchd_api_requests_total{endpoint="create",status="200"} 2.0',
+        'batchd_api_requests_total{endpoint="poll",status="429"} 1.0',
     ]
     assert registry.value(API_REQUESTS, endpoint="create", status="200") == 2
 
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(0, "0"), (12_400, "12400"), (0.25, "0.25"), (math.inf, "+Inf"), (-math.inf, "-Inf")],
+    [(0, "0.0"), (12_400, "12400.0"), (0.25, "0.25"), (math.inf, "+Inf"), (-math.inf, "-Inf")],
 )
 def test_values_render_as_prometheus_numbers(value: float, text: str) -> None:
     registry = Registry([MetricSpec("demo", "gauge", "A number.")])
@@ -82,6 +99,14 @@ def test_nan_renders_as_nan() -> None:
     registry = Registry([MetricSpec("demo", "gauge", "A number.")])
     registry.set("demo", math.nan)
     assert registry.render().splitlines()[-1] == "demo NaN"
+
+
+def test_two_registries_share_no_series() -> None:
+    # Our own CollectorRegistry each, never prometheus_client's global one.
+    first, second = batchd_registry(), batchd_registry()
+    first.inc(REQUESTS_SUBMITTED, 5)
+    assert (first.value(REQUESTS_SUBMITTED), second.value(REQUESTS_SUBMITTED)) == (5, 0)
+    assert "batchd_" not in generate_latest(prometheus_client.REGISTRY).decode()
 
 
 def test_misuse_is_refused_loudly() -> None:
@@ -100,6 +125,8 @@ def test_misuse_is_refused_loudly() -> None:
         MetricSpec("demo", "gauge", "x", ("bad-name",))
     with pytest.raises(ValueError, match="invalid metric name"):
         MetricSpec("demo metric", "gauge", "x")
+    with pytest.raises(ValueError, match="must end in _total"):
+        MetricSpec("demo_requests", "counter", "x")
 
 
 def test_batchd_registry_declares_every_metric_and_starts_series_at_zero() -> None:
@@ -108,9 +135,10 @@ def test_batchd_registry_declares_every_metric_and_starts_series_at_zero() -> No
         assert f"# HELP {spec.name} " in text
         assert f"# TYPE {spec.name} {spec.kind}\n" in text
     # rate() needs a series from the first scrape on, not from the first increment.
-    assert "batchd_requests_submitted_total 0\n" in text
-    assert "batchd_batches_created_total 0\n" in text
-    assert 'batchd_tokens_total{kind="cache_read_input"} 0\n' in text
+    samples = parsed(text)
+    assert samples[("batchd_requests_submitted_total", frozenset())] == 0
+    assert samples[("batchd_batches_created_total", frozenset())] == 0
+    assert samples[("batchd_tokens_total", frozenset({("kind", "cache_read_input")}))] == 0
     names = {spec.name for spec in BATCHD_METRICS}
     assert {
         "batchd_tasks",
@@ -136,7 +164,7 @@ async def test_a_failing_callback_leaves_its_gauge_empty_and_is_counted() -> Non
 
     registry.set_callback(BATCHES_IN_FLIGHT, in_flight)
     await registry.refresh()
-    assert "batchd_batches_in_flight 3\n" in registry.render()
+    assert "batchd_batches_in_flight 3.0\n" in registry.render()
     healthy = False
     with capture_logs() as logs:
         await registry.refresh()
@@ -161,7 +189,7 @@ async def test_callbacks_fill_metrics_with_at_most_one_label() -> None:
     # A counter may come from a running total kept elsewhere (the usage ledger).
     registry.set_callback(REQUESTS_SUBMITTED, ledger_total)
     await registry.refresh()
-    assert "batchd_requests_submitted_total 42" in registry.render()
+    assert "batchd_requests_submitted_total 42.0\n" in registry.render()
 
 
 async def test_callback_shape_must_match_the_labels() -> None:
@@ -208,6 +236,39 @@ def test_api_observer_counts_responses_and_tracks_reachability() -> None:
     assert registry.value(API_ERRORS, endpoint="retrieve", kind="connection") == 1
     on_response("retrieve", 200, 0.1)
     assert reachability.problem(0) is None
+
+
+def test_last_successful_poll_starts_at_start_and_moves_only_on_an_answered_poll() -> None:
+    wall = 1_700_000_000.0
+    registry = batchd_registry()
+    on_response = api_observer(registry, ApiReachability(), wall_clock=lambda: wall)
+    assert registry.value(LAST_POLL) == 1_700_000_000  # "no poll for N min" counts from start
+    for endpoint, status in [
+        ("retrieve", 0),
+        ("retrieve", 529),
+        ("retrieve", 404),
+        ("create", 200),
+    ]:
+        wall += 60
+        on_response(endpoint, status, 0.1)
+    assert registry.value(LAST_POLL) == 1_700_000_000
+    wall += 60
+    on_response("retrieve", 200, 0.1)
+    assert registry.value(LAST_POLL) == 1_700_000_300
+
+
+async def test_a_callback_with_nothing_to_report_leaves_no_sample() -> None:
+    registry = batchd_registry()
+
+    async def nothing() -> None:
+        return None
+
+    registry.set_callback(BATCHES_IN_FLIGHT, nothing)
+    await registry.refresh()
+    text = registry.render()
+    assert "# TYPE batchd_batches_in_flight gauge\n" in text
+    assert "\nbatchd_batches_in_flight " not in text
+    assert registry.value(CALLBACK_ERRORS, metric="batchd_batches_in_flight") == 0
 
 
 # --- the HTTP listener, against a real database ----------------------------------------
@@ -276,15 +337,15 @@ async def test_metrics_reflect_the_database_at_scrape_time(
     status, content_type, text = await get(f"{base_url}/metrics")
     assert status == 200
     assert content_type == CONTENT_TYPE
-    assert 'batchd_tasks{status="pending"} 2\n' in text
-    assert 'batchd_tasks{status="succeeded"} 1\n' in text
-    assert "batchd_batches_in_flight 1\n" in text
-    assert 'batchd_tokens_total{kind="input"} 1200\n' in text
+    assert 'batchd_tasks{status="pending"} 2.0\n' in text
+    assert 'batchd_tasks{status="succeeded"} 1.0\n' in text
+    assert "batchd_batches_in_flight 1.0\n" in text
+    assert 'batchd_tokens_total{kind="input"} 1200.0\n' in text
 
     await database.execute("UPDATE tasks SET status = 'submitted' WHERE custom_id = 'a'")
     _, _, text = await get(f"{base_url}/metrics")
-    assert 'batchd_tasks{status="pending"} 1\n' in text
-    assert 'batchd_tasks{status="submitted"} 1\n' in text
+    assert 'batchd_tasks{status="pending"} 1.0\n' in text
+    assert 'batchd_tasks{status="submitted"} 1.0\n' in text
 
 
 async def test_healthz_is_200_ok_only_when_healthy(

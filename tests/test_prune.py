@@ -81,7 +81,7 @@ async def test_prune_keeps_a_task_that_was_retried_meanwhile(
     clock.now = START + timedelta(days=40)
     cutoff = START + timedelta(days=10)
     accounts = store.accounts
-    rows = await accounts.prunable_tasks(cutoff, 0, 10)
+    [rows] = [page async for page in accounts.iter_prunable(cutoff, page_size=10)]
     assert [row[1] for row in rows] == ["a", "b"]
     await store.retry_tasks([TaskStatus.SUCCEEDED], ["a"])  # between listing and deleting
     assert await accounts.delete_tasks([row[0] for row in rows], cutoff) == 1

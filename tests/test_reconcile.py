@@ -142,8 +142,9 @@ async def test_two_matching_batches_one_is_adopted_the_other_recorded_and_shown_
     await rig.reconciler.reconcile(creating)
 
     first_id = next(b.id for b in fake_api.state.batches.values() if b.id != second["id"])
-    [adopted] = await rig.store.batches_in(BatchState.IN_PROGRESS)
+    adopted, candidate = await rig.store.batches_in(BatchState.IN_PROGRESS)
     assert adopted.api_batch_id == first_id  # the oldest
+    assert (candidate.api_batch_id, candidate.candidate_for) == (second["id"], creating.local_id)
     [(duplicate_id, _, note)] = await rig.store.duplicate_batches()
     assert duplicate_id == second["id"]
     assert f"local batch {creating.local_id}" in note

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -125,6 +126,18 @@ async def test_metrics_and_health_report_what_the_database_says(
     input_tokens = re.search(r'batchd_tokens_total\{kind="input"\} (\d+)', text)
     assert input_tokens
     assert int(input_tokens.group(1)) > 0  # from the usage ledger, as the database says
+    # Issue 14's gauges, from the real daemon: all done, so nothing waits or flies.
+    assert "batchd_oldest_pending_task_age_seconds 0.0\n" in text
+    assert "batchd_oldest_in_flight_batch_age_seconds 0.0\n" in text
+    assert (
+        "# TYPE batchd_next_batch_expiry_seconds gauge\nbatchd_next_batch_expiry_seconds"
+        not in (text)
+    )
+    assert "batchd_budget_paused 0.0\n" in text
+    assert re.search(r"\nbatchd_budget_period_spent_usd \d", text)
+    polled = re.search(r"\nbatchd_last_successful_poll_timestamp_seconds ([0-9.e+]+)\n", text)
+    assert polled
+    assert abs(float(polled.group(1)) - time.time()) < 60
 
 
 async def test_health_names_missing_loops_without_blaming_the_database(

@@ -63,13 +63,16 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (3, "usage_ledger", "2026-11-24T15:40:37.123Z"),
         (4, "short_downloads", "2026-11-24T15:40:37.123Z"),
         (5, "missing_reason", "2026-11-24T15:40:37.123Z"),
+        (6, "harvest", "2026-11-24T15:40:37.123Z"),
+        (7, "flat_costs", "2026-11-24T15:40:37.123Z"),
+        (8, "duplicate_acknowledged", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await SqliteStore.open(db_path, clock=clock)
     try:
         assert await reopened.migrate() == []
     finally:
         await reopened.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(5,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(8,)]
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):
@@ -119,10 +122,10 @@ async def test_new_database_uses_wal_and_large_pages(store: Store, peek: Peek):
 async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
     await (await SqliteStore.open(db_path)).close()
     with sqlite3.connect(db_path) as conn:
-        conn.execute("INSERT INTO schema_migrations VALUES (7, 'future', '2030-01-01T00:00:00Z')")
+        conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 7 is newer .* supports \(5\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(8\)"):
             await SqliteStore.open(db_path, migrate=migrate)
 
 
@@ -313,8 +316,11 @@ async def test_mark_created_records_the_api_batch_once(store: Store):
     local_id = await claim(store, "a")
     assert await store.mark_created(local_id, api_batch("msgbatch_1"))
     assert not await store.mark_created(local_id, api_batch("msgbatch_2"))
-    [batch] = await store.batches_in(BatchState.IN_PROGRESS)
+    # The second is read too, for this intent's tasks only: a candidate of it.
+    batch, candidate = await store.batches_in(BatchState.IN_PROGRESS)
+    assert (candidate.api_batch_id, candidate.candidate_for) == ("msgbatch_2", local_id)
     assert batch.api_batch_id == "msgbatch_1"
+    assert batch.candidate_for is None
     assert batch.submitted_at == datetime(2026, 11, 24, 15, 40, 37, 123000, tzinfo=UTC)
     assert batch.api_created_at == datetime(2026, 11, 24, 15, 40, 38, 500000, tzinfo=UTC)
     assert batch.request_counts == api_batch("msgbatch_1")["request_counts"]
@@ -637,9 +643,10 @@ async def test_duplicate_batches_are_recorded_with_the_adoption_once_and_known(s
     await add_tasks(store, "a")
     local_id = await claim(store, "a")
     adopted = api_batch("msgbatch_1")
-    assert await store.mark_created(local_id, adopted, ["msgbatch_dup"])
+    assert await store.mark_created(local_id, adopted, [api_batch("msgbatch_dup")])
     # Too late: the local batch is no longer `creating`, so this one is a duplicate too.
-    assert not await store.mark_created(local_id, api_batch("msgbatch_late"), ["msgbatch_dup"])
+    late = api_batch("msgbatch_late")
+    assert not await store.mark_created(local_id, late, [api_batch("msgbatch_dup")])
     window = f"same request count created in the window of local batch {local_id}"
     assert await store.duplicate_batches() == [
         ("msgbatch_dup", "2026-11-24T15:40:37.123Z", window),

@@ -167,7 +167,9 @@ _MDWE_PROBE = textwrap.dedent(
     import asyncio, sqlite3
     import aiohttp, aiosqlite, orjson, structlog
     from aiohttp import web
-    from batchd.service.metrics import MetricsServer, Registry, Health
+    from batchd.service.health import Health
+    from batchd.service.metrics import Registry
+    from batchd.service.web.server import MetricsServer
     from batchd.service.notify import Notifier
 
     async def healthy():

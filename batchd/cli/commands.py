@@ -5,29 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from batchd.api.wire import RESULTS_RETENTION_DAYS
 from batchd.cli.prune import PruneReport
-from batchd.config import Config
-from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
-from batchd.money.spending import budget_status, render_budget, render_usage, usage_status
+from batchd.domain import TaskRow, TaskStatus
+from batchd.money.spending import render_budget, render_usage
+
+# The status document moved below the command line, to be served by the daemon too; its
+# names stay importable from here (the `as` form is mypy's explicit re-export).
+from batchd.service.status import RETENTION_MARGIN as RETENTION_MARGIN  # noqa: PLC0414
+from batchd.service.status import retention_warnings as retention_warnings  # noqa: PLC0414
+from batchd.service.status import status_snapshot as status_snapshot  # noqa: PLC0414
 from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
 
-_ACTIVE_BATCH_STATES = (
-    BatchState.CREATING,
-    BatchState.IN_PROGRESS,
-    BatchState.CANCELING,
-    BatchState.ENDED,
-)
 _ENQUEUE_CHUNK = 5000
-# Results not yet stored this close to the API's retention limit are flagged (as the
-# collector's `results_near_archival` log line does).
-RETENTION_MARGIN = timedelta(days=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,83 +91,6 @@ def open_input(path: str) -> IO[bytes]:
     return sys.stdin.buffer if path == "-" else Path(path).open("rb")
 
 
-async def status_snapshot(
-    store: Store,
-    config: Config | None = None,
-    now: datetime | None = None,
-    *,
-    accounting: bool = True,
-) -> dict[str, Any]:
-    """Everything `batchd status` shows, as plain JSON-ready data.
-
-    `accounting=False` leaves out usage, cost, budget and result gaps: the run's progress
-    bar reads this several times a second.
-    """
-    config = config or Config()
-    now = now or datetime.now(UTC)
-    counts = await store.status_counts()
-    batches = await store.batches_in(*_ACTIVE_BATCH_STATES)
-    duplicates = await store.duplicate_batches()
-    snapshot: dict[str, Any] = {
-        "tasks": {str(status): counts[status] for status in TaskStatus},
-        "batches_in_flight": [_batch_json(batch) for batch in batches],
-        "duplicate_batches": [
-            {"batch_id": batch_id, "detected_at": detected_at, "note": note}
-            for batch_id, detected_at, note in duplicates
-        ],
-        "retention": retention_warnings(batches, now),
-    }
-    if accounting:
-        accounts = store.accounts
-        snapshot["usage"] = await usage_status(accounts, config)
-        snapshot["budget"] = await budget_status(accounts, config, batches, now)
-        gaps = await accounts.result_gaps()
-        snapshot["results"] = {
-            "unmatched": gaps.unmatched,
-            "missing_requeued": gaps.missing_requeued,
-            "archived_requeued": gaps.archived_requeued,
-        }
-    return snapshot
-
-
-def retention_warnings(batches: Sequence[BatchRecord], now: datetime) -> list[dict[str, Any]]:
-    """Batches whose results are not stored yet and will soon be (or are) archived."""
-    limit = timedelta(days=RESULTS_RETENTION_DAYS)
-    warnings = []
-    for batch in batches:
-        created = batch.api_created_at
-        if created is None or now - created < limit - RETENTION_MARGIN:
-            continue
-        warnings.append(
-            {
-                "batch_id": batch.api_batch_id,
-                "state": str(batch.state),
-                "created_at": created.isoformat(),
-                "age_days": round((now - created) / timedelta(days=1), 2),
-                "archived_in_days": round((created + limit - now) / timedelta(days=1), 2),
-            }
-        )
-    return warnings
-
-
-def _batch_json(batch: BatchRecord) -> dict[str, Any]:
-    return {
-        "batch_id": batch.api_batch_id,
-        "local_id": batch.local_id,
-        "state": str(batch.state),
-        "requests": batch.request_count,
-        "body_bytes": batch.body_bytes,
-        "request_counts": dict(batch.request_counts) if batch.request_counts else None,
-        "submitted_at": _iso(batch.submitted_at),
-        "ended_at": _iso(batch.ended_at),
-        "note": batch.note,
-    }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
-
-
 def render_status(snapshot: dict[str, Any]) -> str:
     tasks: dict[str, int] = snapshot["tasks"]
     lines = [f"tasks: {sum(tasks.values())}"]
@@ -183,9 +100,11 @@ def render_status(snapshot: dict[str, Any]) -> str:
     for batch in batches:
         counts = batch["request_counts"] or {}
         done = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        candidate = batch.get("candidate_for")
         lines.append(
             f"  {batch['batch_id'] or '(creating)':<36} {batch['state']:<11} "
             f"{batch['requests']:>7,} requests  {done}"
+            + (f"  (possible duplicate, read for local batch {candidate})" if candidate else "")
         )
     if "usage" in snapshot:
         lines += render_usage(snapshot["usage"])
@@ -221,8 +140,34 @@ def status_alerts(snapshot: dict[str, Any]) -> list[str]:
             "again; listed in the missing_results table (reason 'archived')"
         )
     for duplicate in snapshot["duplicate_batches"]:
-        alerts.append(f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}")
+        alerts.append(
+            f"POSSIBLE DUPLICATE BATCH {duplicate['batch_id']}: {duplicate['note']}; "
+            + _harvest_text(duplicate)
+        )
+    shared = snapshot.get("shared_key") or {}
+    if shared.get("batches_not_ours"):
+        alerts.append(
+            f"KEY APPEARS SHARED: {shared['batches_not_ours']} batch(es) on this API key were "
+            f"not created by batchd (first seen {shared['first_seen_at']}; "
+            f"{shared['proven_foreign']} proven by their results). Give batchd a dedicated "
+            "workspace key (the API lists batches per workspace): see docs/operations.md, "
+            '"One key, one batchd"'
+        )
     return alerts
+
+
+def _harvest_text(duplicate: dict[str, Any]) -> str:
+    state, origin = duplicate.get("harvest_state"), duplicate.get("origin")
+    if origin == "foreign":
+        return f"foreign: its {duplicate['foreign_lines']} line(s) named no task of ours"
+    if state == "completed":
+        return (
+            f"harvested: {duplicate['written']} result(s) written from it, "
+            f"{duplicate['duplicate_lines']} duplicate line(s) kept"
+        )
+    if state in ("lost", "unread"):
+        return f"never read ({state})"
+    return f"being read ({state}): its results will be harvested"
 
 
 def task_json(row: TaskRow) -> dict[str, Any]:

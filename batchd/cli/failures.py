@@ -16,7 +16,7 @@ import structlog
 from batchd.service.exits import ConfigurationError, StartupError, TemporaryError
 from batchd.service.instancelock import AlreadyRunningError
 from batchd.service.logs import configure_logging, syslog_prefix
-from batchd.store import SchemaTooNewError, StoreError
+from batchd.store import DatabaseMissingError, SchemaTooNewError, SchemaTooOldError, StoreError
 
 log = structlog.get_logger("batchd.cli")
 
@@ -43,6 +43,10 @@ def store_failure(exc: StoreError) -> StartupError:
         return TemporaryError(str(exc), event="already_running")
     if isinstance(exc, SchemaTooNewError):
         return ConfigurationError(str(exc), event="schema_too_new")
+    if isinstance(exc, SchemaTooOldError):
+        return ConfigurationError(str(exc), event="schema_too_old")
+    if isinstance(exc, DatabaseMissingError):
+        return ConfigurationError(str(exc), event="database_missing")
     if exc.retryable:  # a database server down or restarting: a restart later may do
         return TemporaryError(str(exc), event="database_unavailable")
     if any(word in str(exc) for word in _TEMPORARY_STORE_ERRORS):

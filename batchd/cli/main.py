@@ -13,9 +13,10 @@ from typing import TextIO, cast
 
 import orjson
 
-from batchd.cli import commands
+from batchd.cli import commands, operator_commands
 from batchd.cli.demo import run_demo
 from batchd.cli.failures import check_database_directory, report_failure, store_failure
+from batchd.cli.opening import open_for_command
 from batchd.cli.progress import (
     RATE_WINDOW_S,
     LogThroughBar,
@@ -28,7 +29,7 @@ from batchd.cli.progress import (
 from batchd.cli.prune import DurationError, open_export, parse_duration, prune
 from batchd.cli.runprogress import RunView, run_with_progress
 from batchd.config import Config, ConfigError, api_key_source, load_config, resolve_api_key
-from batchd.domain import FAILED_TASK_STATUSES, FINAL_TASK_STATUSES, TaskStatus
+from batchd.domain import FAILED_TASK_STATUSES, FINAL_TASK_STATUSES, BatchState, TaskStatus
 from batchd.fakeapi.server import add_arguments as add_fake_api_arguments
 from batchd.fakeapi.server import serve as serve_fake_api
 from batchd.money.spending import estimate_status, render_estimate
@@ -41,7 +42,7 @@ from batchd.service.exits import (
     StartupError,
 )
 from batchd.service.logs import configure_logging, syslog_prefix
-from batchd.store import Store, StoreError, open_store
+from batchd.store import Store, StoreError
 
 _MAX_PORT = 65535
 
@@ -84,13 +85,42 @@ def build_parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="export result lines in the API's JSONL shape")
     results.add_argument("-o", "--output", type=Path, help="file (default: standard output)")
     results.add_argument(
+        "--force", action="store_true", help="with -o: overwrite the file if it exists"
+    )
+    results.add_argument(
         "--status",
         action="append",
         choices=[s.value for s in TaskStatus],
         help="only these statuses (repeatable; default: all with a result)",
     )
     cancel = sub.add_parser("cancel", help="cancel tasks")
-    cancel.add_argument("custom_ids", nargs="+")
+    cancel.add_argument("custom_ids", nargs="*")
+    cancel.add_argument("--all", action="store_true", help="every pending and submitted task")
+    cancel.add_argument(
+        "--status",
+        action="append",
+        choices=[TaskStatus.PENDING.value, TaskStatus.SUBMITTED.value],
+        help="every task in this status (repeatable)",
+    )
+    batches = sub.add_parser("batches", help="local batches: state, counts, age, expiry")
+    batches.add_argument(
+        "--state",
+        action="append",
+        choices=[s.value for s in BatchState],
+        help="only batches in this state (repeatable; default: all)",
+    )
+    batches.add_argument("--limit", type=int, default=50, help="newest N (default: 50)")
+    batches.add_argument("--json", action="store_true")
+    tasks = sub.add_parser("tasks", help="tasks in one status, oldest first")
+    tasks.add_argument("--status", required=True, choices=[s.value for s in TaskStatus])
+    tasks.add_argument("--limit", type=int, default=50, help="at most N (default: 50)")
+    tasks.add_argument("--json", action="store_true")
+    acknowledge = sub.add_parser(
+        "acknowledge-duplicate",
+        help="a suspected duplicate batch was seen to: kept on record, no longer alarmed",
+    )
+    acknowledge.add_argument("batch_ids", nargs="+", metavar="API_BATCH_ID")
+    acknowledge.add_argument("--note", default="", help="why (kept with the record)")
     retry = sub.add_parser("retry", help="put failed tasks back in the queue")
     retry.add_argument("custom_ids", nargs="*")
     retry.add_argument(
@@ -118,6 +148,14 @@ def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("status --interval must be > 0")
         if args.count is not None and args.count < 1:
             parser.error("status --count must be >= 1")
+    if args.command in ("batches", "tasks") and args.limit < 1:
+        parser.error(f"{args.command} --limit must be >= 1")
+    if args.command == "cancel":
+        given = sum((bool(args.custom_ids), args.all, bool(args.status)))
+        if given != 1:
+            parser.error("cancel takes CUSTOM_IDs, --all or --status (one of them)")
+    if args.command == "results" and args.force and args.output is None:
+        parser.error("results --force needs -o FILE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,8 +229,11 @@ async def _dispatch(args: argparse.Namespace, config: Config) -> int:
         "results": _results,
         "cancel": _cancel,
         "retry": _retry,
+        "batches": operator_commands.batches,
+        "tasks": operator_commands.tasks,
+        "acknowledge-duplicate": operator_commands.acknowledge_duplicate,
     }
-    store = await open_store(config.database)
+    store = await open_for_command(args.command, config.database)
     try:
         return await handlers[args.command](store, args)
     finally:
@@ -227,7 +268,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _migrate(store: Store, args: argparse.Namespace) -> int:
-    print("database schema is up to date")  # open_store applied whatever was missing.
+    print("database schema is up to date")  # open_for_command applied whatever was missing.
     return 0
 
 
@@ -315,7 +356,14 @@ async def _results(store: Store, args: argparse.Namespace) -> int:
         count = await commands.export_results(store, sys.stdout.buffer, statuses)
     else:
         try:
-            out = args.output.open("wb")
+            # Never over an earlier export without being told (prune --export never does).
+            out = args.output.open("wb" if args.force else "xb")
+        except FileExistsError:
+            print(
+                f"batchd: {args.output} exists: --force overwrites it, or choose another file",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         except OSError as exc:
             print(f"batchd: cannot create {args.output}: {exc.strerror}", file=sys.stderr)
             return EXIT_USAGE
@@ -326,6 +374,8 @@ async def _results(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _cancel(store: Store, args: argparse.Namespace) -> int:
+    if not args.custom_ids:
+        return await operator_commands.cancel_waiting(store, args)
     report = await store.request_cancel(args.custom_ids)
     print(commands.render_cancel(report))
     return 1 if report.unknown else 0

@@ -2,10 +2,11 @@
 
 Only final tasks (succeeded, errored, expired, canceled, invalid) with a `completed_at`
 before the cutoff go; pending and submitted ones never do, and each delete re-checks
-that, so a task retried meanwhile stays. With an export file the tasks are all written
-and synced first, then deleted: a crash can leave exported tasks undeleted (pruned on the
-next run, exported again), never deleted tasks unexported. Spending survives in the
-usage ledger (migration 003), so costs and budgets do not change when tasks are pruned.
+that, so a task retried meanwhile stays. Tasks go a page at a time, by id; with an export
+file each page is written and synced before it is deleted: a crash can leave exported
+tasks undeleted (pruned on the next run, exported again), never deleted tasks unexported.
+Spending survives in the usage ledger (migration 003), so costs and budgets do not change
+when tasks are pruned.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.store import PrunableTask, Store, StoreAccounts
+from batchd.store import PrunableTask, Store
 
 _PAGE = 5000
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -60,40 +61,32 @@ async def prune(
     """Delete final tasks completed before `cutoff` (exporting them first), then vacuum."""
     accounts = store.accounts
     bytes_before = await accounts.storage_bytes()
-    task_ids = await _collect(accounts, cutoff, export)
-    deleted = 0
-    for start in range(0, len(task_ids), _PAGE):
-        deleted += await accounts.delete_tasks(task_ids[start : start + _PAGE], cutoff)
+    deleted = exported = 0
+    # A page at a time, by id: memory holds a page whatever the database holds. With an
+    # export, each page is written and synced before it is deleted.
+    if export is None:
+        async for task_ids in accounts.iter_prunable_ids(cutoff, page_size=_PAGE):
+            deleted += await accounts.delete_tasks(task_ids, cutoff)  # params never read
+    else:
+        async for rows in accounts.iter_prunable(cutoff, page_size=_PAGE):
+            export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
+            export.flush()
+            os.fsync(export.fileno())
+            exported += len(rows)
+            deleted += await accounts.delete_tasks([row[0] for row in rows], cutoff)
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
         await accounts.reclaim_space()
     return PruneReport(
         cutoff=cutoff,
         deleted=deleted,
-        exported=len(task_ids) if export is not None else 0,
+        exported=exported,
         batch_links_deleted=links,
         batches_deleted=batches,
         bytes_before=bytes_before,
         bytes_after=await accounts.storage_bytes(),
         vacuumed=vacuum,
     )
-
-
-async def _collect(
-    accounts: StoreAccounts, cutoff: datetime, export: IO[bytes] | None
-) -> list[int]:
-    """Ids of the tasks to delete, written to `export` (and synced) on the way."""
-    task_ids: list[int] = []
-    after = 0
-    while rows := await accounts.prunable_tasks(cutoff, after, _PAGE):
-        if export is not None:
-            export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
-        task_ids.extend(row[0] for row in rows)
-        after = rows[-1][0]
-    if export is not None:
-        export.flush()
-        os.fsync(export.fileno())
-    return task_ids
 
 
 def export_line(row: PrunableTask) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class _Follower:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._store = await open_store(self._config.database, migrate=False)
+        self._store = await open_store(self._config.database, read_only=True)  # reads only
         self._task = asyncio.create_task(self._follow(), name="progress")
 
     async def _follow(self) -> None:

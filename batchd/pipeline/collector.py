@@ -25,7 +25,7 @@ from batchd.api import (
 from batchd.api.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 from batchd.config import CollectorSettings
 from batchd.crashpoints import crash_point
-from batchd.domain import BatchRecord, BatchState, Outcome
+from batchd.domain import BatchOrigin, BatchRecord, BatchState, Outcome
 from batchd.pipeline.outcomes import MalformedResultLine, parse_result_line
 from batchd.service.metrics import RESULTS_WRITTEN, Registry
 from batchd.store import Store, StoreError, WriteBackLane
@@ -51,6 +51,8 @@ class _Tally:
     requeued: int = 0
     ignored: int = 0
     unmatched: int = 0
+    matched: int = 0  # lines that named a task of the batch's intent
+    duplicates: int = 0  # lines for tasks another batch had already answered
 
 
 class Collector:
@@ -214,6 +216,7 @@ class Collector:
         tally: _Tally,
     ) -> None:
         report = await lane.stage_results(batch.local_id, outcomes)
+        tally.matched += report.staged + report.repeated
         self._count(tally, ignored=report.repeated, unmatched=len(report.unmatched))
         if not report.unmatched:
             return
@@ -234,9 +237,15 @@ class Collector:
             batch.local_id, self._max_attempts, self._config.chunk_size, after
         ):
             crash_point("results_chunk_written")
+            if batch.candidate_for is not None:
+                crash_point("harvest_chunk_written")
             report, after = applied.report, applied.last_task_id
             self._count(
-                tally, written=report.written, requeued=report.requeued, ignored=report.ignored
+                tally,
+                written=report.written,
+                requeued=report.requeued,
+                ignored=report.ignored,
+                duplicates=report.duplicates,
             )
             if time.monotonic() - self._applying_since >= _WRITERS_WAIT_S:
                 # A sleep of this lane alone would leave the lock to the other lane.
@@ -246,8 +255,11 @@ class Collector:
 
     async def _finish(self, batch: BatchRecord, api_batch_id: str, tally: _Tally) -> None:
         reason = f"no result line for this request in batch {api_batch_id}"
-        report = await self._store.finish_batch(batch.local_id, reason)
+        report = await self._store.finish_batch(batch.local_id, reason, matched_lines=tally.matched)
         crash_point("batch_finished")
+        if batch.candidate_for is not None:
+            crash_point("harvest_finished")
+        _log_origin(batch, api_batch_id, report.origin, tally)
         if report.missing_requeued:
             log.error(
                 "results_missing",
@@ -263,6 +275,8 @@ class Collector:
             requeued=tally.requeued,
             ignored=tally.ignored,
             unmatched=tally.unmatched,
+            duplicates=tally.duplicates,
+            candidate_for=batch.candidate_for,
         )
 
     async def _results_not_found(self, batch: BatchRecord, exc: NotFoundError) -> bool:
@@ -317,11 +331,13 @@ class Collector:
         requeued: int = 0,
         ignored: int = 0,
         unmatched: int = 0,
+        duplicates: int = 0,
     ) -> None:
         tally.written += written
         tally.requeued += requeued
         tally.ignored += ignored
         tally.unmatched += unmatched
+        tally.duplicates += duplicates
         if self._registry is None:
             return
         for outcome, count in (
@@ -329,6 +345,7 @@ class Collector:
             ("requeued", requeued),
             ("ignored", ignored),
             ("unmatched", unmatched),
+            ("duplicate", duplicates),
         ):
             self._registry.inc(RESULTS_WRITTEN, count, outcome=outcome)
 
@@ -338,6 +355,33 @@ class Collector:
             log.error(
                 "results_near_archival", batch_id=batch.api_batch_id, created_at=created.isoformat()
             )
+
+
+def _log_origin(batch: BatchRecord, api_batch_id: str, origin: str | None, tally: _Tally) -> None:
+    """What a batch proved to be, when that is news: another client's, or a harvest."""
+    if origin == BatchOrigin.FOREIGN:
+        log.error(
+            "batch_foreign",
+            batch_id=api_batch_id,
+            local_id=batch.local_id,
+            candidate_for=batch.candidate_for,
+            lines=tally.unmatched,
+            advice="no line named a task of ours: another client uses this key (lines only"
+            " counted); see docs/operations.md#one-key-one-batchd",
+        )
+    elif origin == BatchOrigin.PARTLY_OURS:
+        log.error(
+            "batch_partly_ours", batch_id=api_batch_id, local_id=batch.local_id,
+            unmatched=tally.unmatched,
+        )  # fmt: skip
+    if batch.candidate_for is not None and origin != BatchOrigin.FOREIGN:
+        log.warning(
+            "duplicate_batch_harvested",
+            batch_id=api_batch_id,
+            candidate_for=batch.candidate_for,
+            written=tally.written,
+            duplicates=tally.duplicates,
+        )
 
 
 def _line_of(outcome: Outcome) -> str:

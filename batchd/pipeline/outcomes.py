@@ -4,12 +4,20 @@ Spec §4: `{"custom_id": ..., "result": {"type": succeeded|errored|canceled|expi
 Parsing is defensive (unknown keys allowed, null usage fields are zero) but a line we
 cannot attribute or classify raises `MalformedResultLine`: the daemon keeps such lines
 aside, it never drops them.
+
+Two paths, as in the chunker. The common one decodes a line once into typed structs
+(msgspec) and keeps the `result` object's text as the API sent it (never re-serialised);
+it answers only for a line whose every field has the expected type. Any other line (an
+error, a null where a number belongs, malformed JSON) goes through the general path
+(orjson and explicit checks), which defines the outcome and names what is wrong, so both
+paths give the same outcome for every line the typed one accepts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from batchd.domain import Outcome, Usage
@@ -39,8 +47,86 @@ class MalformedResultLine(ValueError):
     """A results line that is not a result we can attribute to a task and classify."""
 
 
+# Token counts within orjson's integer range (it reads larger ones as floats, counted as
+# zero by the general path) and msgspec's int64 bounds; anything else goes the general way.
+_Count = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _UsageFields(msgspec.Struct, gc=False):
+    input_tokens: _Count | None = None
+    output_tokens: _Count | None = None
+    cache_creation_input_tokens: _Count | None = None
+    cache_read_input_tokens: _Count | None = None
+
+
+class _Message(msgspec.Struct, gc=False):
+    model: str | None = None
+    usage: _UsageFields | None = None
+
+
+class _Result(msgspec.Struct, gc=False):
+    type: str
+    message: _Message | None = None
+
+
+class _Line(msgspec.Struct, gc=False):
+    custom_id: str
+    result: msgspec.Raw  # its text is what is stored
+
+
+_LINE = msgspec.json.Decoder(_Line)
+_RESULT = msgspec.json.Decoder(_Result)
+
+
 def parse_result_line(line: bytes) -> Outcome:
     """Parse one JSONL result line; raises `MalformedResultLine` with the reason."""
+    outcome = _typed(line)
+    return outcome if outcome is not None else _general(line)
+
+
+def _typed(line: bytes) -> Outcome | None:
+    """The common path: succeeded, expired or canceled lines of the expected shape only."""
+    try:
+        record = _LINE.decode(line)
+        result = _RESULT.decode(record.result)
+        # msgspec only scans the text it keeps raw: decoding it checks it is UTF-8.
+        result_json = str(record.result, "utf-8")
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None
+    custom_id = record.custom_id
+    if not custom_id:
+        return None
+    kind = result.type
+    if kind == "succeeded":
+        message = result.message
+        if message is None:
+            return None
+        usage = message.usage
+        return Outcome(
+            custom_id,
+            "succeeded",
+            result_json,
+            error=None,
+            retryable=False,
+            usage=Usage()
+            if usage is None
+            else Usage(
+                usage.input_tokens or 0,
+                usage.output_tokens or 0,
+                usage.cache_creation_input_tokens or 0,
+                usage.cache_read_input_tokens or 0,
+            ),
+            model=message.model,
+        )
+    if kind == "expired":
+        return Outcome(custom_id, "expired", result_json, _EXPIRED_REASON, retryable=True)
+    if kind == "canceled":
+        return Outcome(custom_id, "canceled", result_json, _CANCELED_REASON, retryable=True)
+    return None  # errored (its reason is read the general way) or unknown
+
+
+def _general(line: bytes) -> Outcome:
+    """The general path: defines the outcome of any line, or why it is malformed."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError as exc:

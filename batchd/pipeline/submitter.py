@@ -22,7 +22,7 @@ from batchd.api import (
 )
 from batchd.config import BatchingConfig
 from batchd.crashpoints import crash_point
-from batchd.domain import PendingTask
+from batchd.domain import PendingTask, TaskStatus
 from batchd.money.budget import BudgetGate
 from batchd.pipeline.chunker import Chunk, build_chunk, encode_request
 from batchd.pipeline.reconcile import Reconciler
@@ -134,8 +134,7 @@ class Submitter:
             chunk.body.close()
 
     async def _has_pending(self) -> bool:
-        counts = await self._store.status_counts()
-        return any(count for status, count in counts.items() if status == "pending")
+        return await self._store.has_tasks(TaskStatus.PENDING)  # one index entry, not a count
 
     async def _next_chunk(self, pick: Pick) -> Chunk:
         pending = self._store.iter_pending()

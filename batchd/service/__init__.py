@@ -1,2 +1,3 @@
 """The service around the pipeline: the daemon and its loops, systemd notification,
-metrics and health, the one-daemon lock, logging."""
+metrics (definitions, database gauges), health, the status document, the local listener
+with its web view (web/), the one-daemon lock, logging."""

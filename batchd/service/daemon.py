@@ -25,25 +25,21 @@ from batchd.pipeline.poller import Poller
 from batchd.pipeline.reconcile import Reconciler
 from batchd.pipeline.submitter import AuthenticationFailed, Submitter
 from batchd.service.exits import EXIT_CONFIG, TemporaryError
+from batchd.service.gauges import register_database_gauges
+from batchd.service.health import ApiReachability, Health, api_observer
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock
 from batchd.service.keycheck import ApiKeyCheck, KeyState
 from batchd.service.metrics import (
     BATCHES_CREATED,
-    BATCHES_IN_FLIGHT,
     REQUESTS_SUBMITTED,
     RETRIES,
-    TASKS,
-    TOKEN_KINDS,
-    TOKENS,
-    ApiReachability,
-    Health,
-    MetricsServer,
     Registry,
-    api_observer,
     batchd_registry,
 )
 from batchd.service.notify import Notifier
 from batchd.service.outage import Outage
+from batchd.service.status import status_snapshot
+from batchd.service.web.server import MetricsServer
 from batchd.store import Store, StoreError, open_store
 from batchd.store.interface import Leadership
 
@@ -103,6 +99,7 @@ class Daemon:
         self._shutdown_steps: list[Callable[[], Awaitable[None]]] = []
         self._store = store
         self._exit_when_idle = exit_when_idle
+        self._clock = clock
         self._on_status = on_status
         self._stop = asyncio.Event()
         self._wake_submitter = asyncio.Event()
@@ -125,7 +122,9 @@ class Daemon:
         budget = (
             None if budget_settings is None else BudgetGate(store, budget_settings, clock=clock)
         )
-        self.reconciler = Reconciler(store, client, config.batching, clock=clock)
+        self.reconciler = Reconciler(
+            store, client, config.batching, clock=clock, registry=self.registry
+        )
         self.canceler = Canceler(store, client)
         self.submitter = Submitter(
             store,
@@ -346,6 +345,8 @@ class Daemon:
         if await self.reconciler.creating_batches():
             # One unresolved create at a time, so reconciliation can never confuse two.
             return min(2.0, self._config.polling.interval_s)
+        if await self.reconciler.watch():
+            self._wake_poller.set()  # a late batch found: poll it, harvest it when it ends
         result = await self.submitter.submit_once()
         if result.created:
             self.registry.inc(BATCHES_CREATED, result.created)
@@ -378,8 +379,8 @@ class Daemon:
                 self.stop(EXIT_OK)
 
     async def _is_idle(self) -> bool:
-        counts = await self._store.status_counts()
-        if counts[TaskStatus.PENDING] or counts[TaskStatus.SUBMITTED]:
+        # Every 0.2 s: two index entries at most, never a count of every task.
+        if await self._store.has_tasks(TaskStatus.PENDING, TaskStatus.SUBMITTED):
             return False
         active = (
             BatchState.CREATING,
@@ -387,7 +388,11 @@ class Daemon:
             BatchState.CANCELING,
             BatchState.ENDED,
         )
-        return not await self._store.batches_in(*active)
+        if await self._store.batches_in(*active):
+            return False
+        # A create whose outcome was unknown may still land on the list: watched until then
+        # (docs/design.md, step 4), since a batch found late saves paying its requests again.
+        return not await self._store.watched_intents(self._clock())
 
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""
@@ -458,10 +463,21 @@ async def run_daemon(
             registry=registry,
             reachability=reachability,
         )
-        _register_database_gauges(registry, store)
+        budget = daemon.submitter.budget
+        register_database_gauges(
+            registry,
+            store,
+            config,
+            utc_now,
+            budget_paused=lambda: budget is not None and budget.paused_reason is not None,
+        )
         if config.metrics.enabled:
             server = MetricsServer(
-                registry, daemon.health, host=config.metrics.host, port=config.metrics.port
+                registry,
+                daemon.health,
+                status=lambda: status_snapshot(store, config),
+                host=config.metrics.host,
+                port=config.metrics.port,
             )
             try:
                 await stack.enter_async_context(server)
@@ -478,23 +494,3 @@ async def run_daemon(
             await on_started(daemon)
         return await daemon.run()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _register_database_gauges(registry: Registry, store: Store) -> None:
-    """Gauges read from the database at scrape time: /metrics shows what it says now."""
-
-    async def task_counts() -> dict[str, float]:
-        return {str(status): count for status, count in (await store.status_counts()).items()}
-
-    async def in_flight() -> float:
-        return len(await store.batches_in(*IN_FLIGHT_BATCH_STATES))
-
-    async def tokens() -> dict[str, float]:
-        totals = [0, 0, 0, 0]
-        for _, _, *by_kind in await store.accounts.usage_by_model():
-            totals = [total + (value or 0) for total, value in zip(totals, by_kind, strict=True)]
-        return dict(zip(TOKEN_KINDS, map(float, totals), strict=True))
-
-    registry.set_callback(TASKS, task_counts)
-    registry.set_callback(BATCHES_IN_FLIGHT, in_flight)
-    registry.set_callback(TOKENS, tokens)

@@ -1,34 +1,41 @@
-"""Prometheus metrics and a health endpoint on an optional local HTTP listener.
+"""batchd's Prometheus metrics: their definitions, and a registry of our own to count in.
 
-A registry small enough to read at once, written to the text exposition format 0.0.4
-(https://prometheus.io/docs/instrumenting/exposition_formats/), so batchd needs no
-client library. Gauges that describe the database (tasks by status, batches in
-flight) are filled by async callbacks at scrape time: /metrics shows what the
-database says now, not what the daemon last remembered.
+prometheus_client keeps the series and writes the text exposition format. Two kinds of
+metric live here: counters and gauges that the daemon updates as things happen (API
+responses, batches created, results written), and scrape-time metrics that describe the
+database. prometheus_client's collectors are synchronous, so the scrape-time ones are
+filled by async callbacks that the HTTP handler awaits (`Registry.refresh`) just before
+it renders: /metrics shows what the database says now, not what the daemon remembered.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 import re
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
+import prometheus_client
 import structlog
-from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 log = structlog.get_logger("batchd.service.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# generate_latest writes the classic text format; say so, so any Prometheus parses it.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+# Counters otherwise grow a `_created` twin series per label set: noise on every scrape
+# that no rule or panel of ours reads. Process-wide, and batchd is the process.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 MetricKind = Literal["counter", "gauge"]
-# A gauge with one label returns {label value: number}; a gauge without labels a number.
-GaugeCallback = Callable[[], Awaitable[Mapping[str, float] | float]]
-_LabelValues = tuple[str, ...]
+# A metric with one label is filled with {label value: number}; without labels, a number;
+# None leaves the metric without samples (nothing to report, e.g. no batch in flight).
+ScrapeValue = Mapping[str, float] | float | None
+GaugeCallback = Callable[[], Awaitable[ScrapeValue]]
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -36,7 +43,7 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
-    """A metric's name, type, help text and label names (in the order they are rendered)."""
+    """A metric's name, type, help text and label names."""
 
     name: str
     kind: MetricKind
@@ -46,6 +53,8 @@ class MetricSpec:
     def __post_init__(self) -> None:
         if not _METRIC_NAME.fullmatch(self.name):
             raise ValueError(f"invalid metric name {self.name!r}")
+        if self.kind == "counter" and not self.name.endswith("_total"):
+            raise ValueError(f"counter {self.name} must end in _total (Prometheus naming)")
         for label in self.labels:
             if not _LABEL_NAME.fullmatch(label) or label.startswith("__"):
                 raise ValueError(f"invalid label name {label!r} on {self.name}")
@@ -53,13 +62,8 @@ class MetricSpec:
             raise ValueError(f"duplicate label name on {self.name}")
 
 
-# The metrics batchd exports. Gauges about the database come from scrape-time callbacks.
-TASKS = MetricSpec("batchd_tasks", "gauge", "Tasks in the database by status.", ("status",))
-BATCHES_IN_FLIGHT = MetricSpec(
-    "batchd_batches_in_flight",
-    "gauge",
-    "Batches being created, processed or canceled by the API.",
-)
+# --- what the daemon counts as it goes ---------------------------------------------------
+
 REQUESTS_SUBMITTED = MetricSpec(
     "batchd_requests_submitted_total", "counter", "Requests sent to the API inside batches."
 )
@@ -84,21 +88,92 @@ API_ERRORS = MetricSpec(
 RETRIES = MetricSpec(
     "batchd_retries_total", "counter", "API calls retried after a failure.", ("endpoint",)
 )
-TOKENS = MetricSpec(
-    "batchd_tokens_total",
-    "counter",
-    "Tokens reported in result usage, by kind.",
-    ("kind",),
-)
 BATCHES_CREATED = MetricSpec("batchd_batches_created_total", "counter", "Batches created.")
 CALLBACK_ERRORS = MetricSpec(
     "batchd_metrics_callback_errors_total",
     "counter",
-    "Scrape-time callbacks that failed; their gauges are left out of that scrape.",
+    "Scrape-time callbacks that failed; their metrics are left out of that scrape.",
     ("metric",),
+)
+LAST_POLL = MetricSpec(
+    "batchd_last_successful_poll_timestamp_seconds",
+    "gauge",
+    "Unix time of the last poll the API answered (the daemon's start until the first).",
+)
+
+# --- what the database says, read at scrape time (batchd/service/gauges.py) ---------------
+
+TASKS = MetricSpec("batchd_tasks", "gauge", "Tasks in the database by status.", ("status",))
+BATCHES_IN_FLIGHT = MetricSpec(
+    "batchd_batches_in_flight",
+    "gauge",
+    "Batches being created, processed or canceled by the API.",
+)
+TOKENS = MetricSpec(
+    "batchd_tokens_total",
+    "counter",
+    "Tokens reported in result usage, by kind (the usage ledger's running totals).",
+    ("kind",),
+)
+OLDEST_PENDING_AGE = MetricSpec(
+    "batchd_oldest_pending_task_age_seconds",
+    "gauge",
+    "Age of the oldest pending task (0 when none is pending).",
+)
+OLDEST_BATCH_AGE = MetricSpec(
+    "batchd_oldest_in_flight_batch_age_seconds",
+    "gauge",
+    "Age of the oldest batch in flight, from its creation (0 when none is in flight).",
+)
+NEXT_EXPIRY = MetricSpec(
+    "batchd_next_batch_expiry_seconds",
+    "gauge",
+    "Seconds until the nearest in-flight batch reaches the API's 24 h expiry "
+    "(negative once past; no sample when no batch is in flight).",
+)
+BUDGET_SPENT = MetricSpec(
+    "batchd_budget_period_spent_usd",
+    "gauge",
+    "Cost of results written in the budget period ([budget] period, UTC), batch prices.",
+)
+BUDGET_LIMIT = MetricSpec(
+    "batchd_budget_max_spend_usd",
+    "gauge",
+    "[budget] max_spend_usd for the period (no sample when no budget is set).",
+)
+BUDGET_PAUSED = MetricSpec(
+    "batchd_budget_paused",
+    "gauge",
+    "1 while submission waits because the next batch would pass the budget, else 0.",
+)
+# Issue 15: batches on the key batchd did not create, and suspected duplicates harvested.
+FOREIGN_BATCHES_LISTED = MetricSpec(
+    "batchd_foreign_batches_listed_total",
+    "counter",
+    "Batches seen on the API's list in a reconcile window that batchd did not create.",
+)
+CANDIDATE_BATCHES = MetricSpec(
+    "batchd_candidate_batches",
+    "gauge",
+    "Suspected duplicate batches by harvest state (in_progress, ended: being read;"
+    " harvested; foreign: another client's; lost, unread: never read).",
+    ("state",),
+)
+FOREIGN_BATCHES = MetricSpec(
+    "batchd_foreign_batches",
+    "gauge",
+    "Batches whose results named no task of ours (another client on this key).",
 )
 
 TOKEN_KINDS = ("input", "output", "cache_creation_input", "cache_read_input")
+
+
+def harvest_state(state: str, origin: str | None) -> str:
+    """A candidate batch's state as the gauge and `status` name it."""
+    if origin == "foreign":
+        return "foreign"
+    return "harvested" if state == "completed" else state
+
 
 BATCHD_METRICS = (
     TASKS,
@@ -111,16 +186,46 @@ BATCHD_METRICS = (
     TOKENS,
     BATCHES_CREATED,
     CALLBACK_ERRORS,
+    LAST_POLL,
+    OLDEST_PENDING_AGE,
+    OLDEST_BATCH_AGE,
+    NEXT_EXPIRY,
+    BUDGET_SPENT,
+    BUDGET_LIMIT,
+    BUDGET_PAUSED,
+    FOREIGN_BATCHES_LISTED,
+    CANDIDATE_BATCHES,
+    FOREIGN_BATCHES,
 )
 
 
+class _ScrapeCollector(Collector):
+    """Yields the scrape-time metrics from what the last `Registry.refresh` read."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, MetricSpec] = {}
+        self.samples: dict[str, dict[tuple[str, ...], float]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        for name, spec in self.specs.items():
+            family_type = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+            family = family_type(name, spec.help, labels=spec.labels)
+            for values, value in sorted(self.samples.get(name, {}).items()):
+                family.add_metric(list(values), value)
+            yield family
+
+
 class Registry:
-    """Counters and gauges with labels, rendered in Prometheus text format 0.0.4."""
+    """batchd's metrics on a prometheus_client registry of its own (never the global one,
+    so that two daemons in one test process do not share series)."""
 
     def __init__(self, specs: Iterable[MetricSpec] = ()) -> None:
+        self._prometheus = CollectorRegistry(auto_describe=False)
         self._specs: dict[str, MetricSpec] = {}
-        self._samples: dict[str, dict[_LabelValues, float]] = {}
+        self._live: dict[str, Counter | Gauge] = {}
+        self._scraped = _ScrapeCollector()
         self._callbacks: dict[str, GaugeCallback] = {}
+        self._prometheus.register(self._scraped)
         for spec in specs:
             self.register(spec)
 
@@ -129,28 +234,35 @@ class Registry:
         if spec.name in self._specs:
             raise ValueError(f"metric {spec.name} is already registered")
         self._specs[spec.name] = spec
-        self._samples[spec.name] = {} if spec.labels or spec.kind == "gauge" else {(): 0.0}
+        metric_type = Counter if spec.kind == "counter" else Gauge
+        self._live[spec.name] = metric_type(
+            spec.name, spec.help, spec.labels, registry=self._prometheus
+        )
 
     def inc(self, name: str | MetricSpec, value: float = 1, **labels: str | int) -> None:
         """Add `value` (>= 0 for counters) to one labelled series."""
         spec = self._spec(name)
         if spec.kind == "counter" and value < 0:
             raise ValueError(f"counter {spec.name} cannot decrease (got {value})")
-        key = _label_values(spec, labels)
-        series = self._samples[spec.name]
-        series[key] = series.get(key, 0.0) + value
+        self._series(spec, labels).inc(value)
 
     def set(self, name: str | MetricSpec, value: float, **labels: str | int) -> None:
         """Set a gauge's labelled series to `value`."""
         spec = self._spec(name)
         if spec.kind != "gauge":
             raise ValueError(f"{spec.name} is a {spec.kind}; only gauges can be set")
-        self._samples[spec.name][_label_values(spec, labels)] = value
+        series = self._series(spec, labels)
+        assert isinstance(series, Gauge)
+        series.set(value)
 
     def value(self, name: str | MetricSpec, **labels: str | int) -> float:
-        """The current value of one series (0 if never touched)."""
+        """The current value of one series (0 if it has no sample)."""
         spec = self._spec(name)
-        return self._samples[spec.name].get(_label_values(spec, labels), 0.0)
+        _check_labels(spec, labels)
+        # prometheus_client calls its sample lookup a test helper (it collects everything):
+        # tests read counters this way; the daemon never does on a hot path.
+        found = self._prometheus.get_sample_value(spec.name, {k: str(v) for k, v in labels.items()})
+        return 0.0 if found is None else found
 
     def set_callback(self, name: str | MetricSpec, callback: GaugeCallback) -> None:
         """Fill a metric at scrape time; its series are replaced by what the callback returns.
@@ -161,32 +273,29 @@ class Registry:
         spec = self._spec(name)
         if len(spec.labels) > 1:
             raise ValueError(f"{spec.name}: callbacks fill metrics with at most one label")
+        if spec.name in self._live:
+            self._prometheus.unregister(self._live.pop(spec.name))
+            self._scraped.specs[spec.name] = spec
         self._callbacks[spec.name] = callback
 
     async def refresh(self) -> None:
-        """Run the scrape-time callbacks; one that fails leaves its gauge empty and is counted."""
+        """Run the scrape-time callbacks; one that fails leaves its metric empty and is counted."""
         for name, callback in self._callbacks.items():
             spec = self._specs[name]
             try:
                 samples = _callback_samples(spec, await callback())
-            except Exception as exc:  # noqa: BLE001 - any failure: one gauge missing, not a 500
+            except Exception as exc:  # noqa: BLE001 - any failure: one metric missing, not a 500
                 # A stale number would look true; an absent one shows up as a gap.
-                self._samples[name] = {}
-                if CALLBACK_ERRORS.name in self._specs:
+                self._scraped.samples[name] = {}
+                if CALLBACK_ERRORS.name in self._live:
                     self.inc(CALLBACK_ERRORS, metric=name)
                 log.warning("metrics_callback_failed", metric=name, error=str(exc))
                 continue
-            self._samples[name] = samples
+            self._scraped.samples[name] = samples
 
     def render(self) -> str:
-        """The text exposition format 0.0.4: HELP, TYPE, then sorted samples, per metric."""
-        lines: list[str] = []
-        for name, spec in self._specs.items():
-            lines.append(f"# HELP {name} {_escape_help(spec.help)}")
-            lines.append(f"# TYPE {name} {spec.kind}")
-            for key, value in sorted(self._samples[name].items()):
-                lines.append(f"{name}{_render_labels(spec.labels, key)} {_render_value(value)}")
-        return "\n".join(lines) + "\n"
+        """The text exposition format (0.0.4), as prometheus_client writes it."""
+        return generate_latest(self._prometheus).decode("utf-8")
 
     def _spec(self, name: str | MetricSpec) -> MetricSpec:
         key = name.name if isinstance(name, MetricSpec) else name
@@ -195,26 +304,31 @@ class Registry:
         except KeyError:
             raise KeyError(f"metric {key} is not registered") from None
 
+    def _series(self, spec: MetricSpec, labels: Mapping[str, str | int]) -> Counter | Gauge:
+        _check_labels(spec, labels)
+        try:
+            metric = self._live[spec.name]
+        except KeyError:
+            raise ValueError(f"{spec.name} is filled at scrape time; it cannot be set") from None
+        return metric.labels(**{k: str(v) for k, v in labels.items()}) if labels else metric
+
 
 def batchd_registry() -> Registry:
-    """A registry with batchd's metrics, token kinds at 0 so every series exists from start."""
+    """A registry with batchd's metrics, every token kind at 0 so its series exists at once."""
     registry = Registry(BATCHD_METRICS)
     for kind in TOKEN_KINDS:
         registry.inc(TOKENS, 0, kind=kind)
     return registry
 
 
-def _label_values(spec: MetricSpec, labels: Mapping[str, str | int]) -> _LabelValues:
+def _check_labels(spec: MetricSpec, labels: Mapping[str, str | int]) -> None:
     if set(labels) != set(spec.labels):
-        raise ValueError(
-            f"{spec.name} takes labels {list(spec.labels)}, got {sorted(labels)}",
-        )
-    return tuple(str(labels[label]) for label in spec.labels)
+        raise ValueError(f"{spec.name} takes labels {list(spec.labels)}, got {sorted(labels)}")
 
 
-def _callback_samples(
-    spec: MetricSpec, result: Mapping[str, float] | float
-) -> dict[_LabelValues, float]:
+def _callback_samples(spec: MetricSpec, result: ScrapeValue) -> dict[tuple[str, ...], float]:
+    if result is None:
+        return {}
     if isinstance(result, int | float):
         if spec.labels:
             raise ValueError(f"{spec.name} has a label: its callback must return a mapping")
@@ -222,194 +336,3 @@ def _callback_samples(
     if not spec.labels:
         raise ValueError(f"{spec.name} has no labels: its callback must return a number")
     return {(str(label),): float(value) for label, value in result.items()}
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label_value(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _render_labels(names: tuple[str, ...], values: _LabelValues) -> str:
-    if not names:
-        return ""
-    pairs = ",".join(
-        f'{name}="{_escape_label_value(value)}"' for name, value in zip(names, values, strict=True)
-    )
-    return "{" + pairs + "}"
-
-
-def _render_value(value: float) -> str:
-    value = float(value)  # an int slipped in by a caller has no is_integer() before 3.12
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 2**53:
-        # Counts read better (and diff exactly) without a trailing ".0".
-        return str(int(value))
-    return repr(value)
-
-
-# ---------------------------------------------------------------------------------------
-# Health
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """The daemon's health: healthy when there is no reason to think otherwise."""
-
-    reasons: tuple[str, ...] = ()
-
-    @property
-    def healthy(self) -> bool:
-        return not self.reasons
-
-
-HealthCheck = Callable[[], Awaitable[Health]]
-
-
-class ApiReachability:
-    """Whether the API answered recently enough, for /healthz.
-
-    An idle daemon makes no API calls, and that is not a fault: the API counts as
-    unreachable only once calls have been failing, with no success since, for
-    `max_silence_s` or longer.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._failing_since: float | None = None
-
-    def record_success(self) -> None:
-        """The API answered (any HTTP response that is not a 5xx)."""
-        self._failing_since = None
-
-    def record_failure(self) -> None:
-        """A call got no answer: connection error, timeout or 5xx."""
-        if self._failing_since is None:
-            self._failing_since = self._clock()
-
-    def problem(self, max_silence_s: float) -> str | None:
-        """A reason for Health, or None when the API is (as far as we know) reachable."""
-        if self._failing_since is None:
-            return None
-        failing_s = self._clock() - self._failing_since
-        if failing_s < max_silence_s:
-            return None
-        return f"API unreachable for {failing_s:.0f} s"
-
-
-def api_observer(
-    registry: Registry, reachability: ApiReachability
-) -> Callable[[str, int, float], None]:
-    """An `on_response(endpoint, status, elapsed_s)` for BatchesClient: counts and liveness.
-
-    The client reports status 0 when no complete response arrived (connection error or
-    timeout). Any 4xx is the API answering; 5xx and no answer count against reachability.
-    """
-
-    def on_response(endpoint: str, status: int, elapsed_s: float) -> None:
-        if status == 0:
-            registry.inc(API_ERRORS, endpoint=endpoint, kind="connection")
-            reachability.record_failure()
-            return
-        registry.inc(API_REQUESTS, endpoint=endpoint, status=status)
-        if status >= 400:
-            registry.inc(API_ERRORS, endpoint=endpoint, kind="http")
-        if status >= 500:
-            reachability.record_failure()
-        else:
-            reachability.record_success()
-
-    return on_response
-
-
-# ---------------------------------------------------------------------------------------
-# HTTP listener
-
-
-class MetricsServer:
-    """Serves /metrics and /healthz on a local port; start() and stop() explicitly."""
-
-    def __init__(
-        self,
-        registry: Registry,
-        health: HealthCheck,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        health_timeout_s: float = 5.0,
-    ) -> None:
-        self._registry = registry
-        self._health = health
-        self._host = host
-        self._requested_port = port
-        self._health_timeout_s = health_timeout_s
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-
-    @property
-    def port(self) -> int:
-        """The port actually bound (useful with port 0); only after start()."""
-        if self._port is None:
-            raise RuntimeError("MetricsServer is not started")
-        return self._port
-
-    async def start(self) -> None:
-        """Bind and serve; raises OSError if the address is taken."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        # No access log: a scrape every 15 s would drown the daemon's own events.
-        # A short shutdown timeout: a scrape in flight must not hold up the daemon's stop.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._requested_port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        log.info("metrics_listening", host=self._host, port=self._port)
-
-    async def stop(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        await self._registry.refresh()
-        return web.Response(
-            body=self._registry.render().encode("utf-8"),
-            headers={"Content-Type": CONTENT_TYPE},
-        )
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        try:
-            health = await asyncio.wait_for(self._health(), self._health_timeout_s)
-        except TimeoutError:
-            health = Health((f"health check did not answer within {self._health_timeout_s} s",))
-        except Exception as exc:  # noqa: BLE001 - a failing check is itself the answer: 503
-            log.warning("health_check_failed", error=str(exc), error_type=type(exc).__name__)
-            health = Health((f"health check failed: {type(exc).__name__}",))
-        if health.healthy:
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="".join(f"{r}\n" for r in health.reasons))

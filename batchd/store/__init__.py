@@ -4,12 +4,19 @@ Callers depend on the Protocols of `interface.py` and the values of `values.py`,
 store with `open_store`; every SQL statement lives below this package (`sqlite/`).
 """
 
-from batchd.store.errors import SchemaTooNewError, StoreError
+from batchd.store.errors import (
+    DatabaseMissingError,
+    SchemaTooNewError,
+    SchemaTooOldError,
+    StoreError,
+)
 from batchd.store.factory import open_store
 from batchd.store.interface import Store, StoreAccounts, WriteBackLane
 from batchd.store.values import (
+    AcknowledgeReport,
     AppliedRange,
     CancelReport,
+    CandidateBatch,
     DuplicateBatch,
     EnqueueReport,
     FinishReport,
@@ -18,14 +25,20 @@ from batchd.store.values import (
     PrunableTask,
     ResultGaps,
     ResultLine,
+    SchemaVersions,
+    SharedKeyEvidence,
     SizeTotals,
     StageReport,
     UsageTotals,
+    WaitingCancelReport,
 )
 
 __all__ = [
+    "AcknowledgeReport",
     "AppliedRange",
     "CancelReport",
+    "CandidateBatch",
+    "DatabaseMissingError",
     "DuplicateBatch",
     "EnqueueReport",
     "FinishReport",
@@ -35,12 +48,16 @@ __all__ = [
     "ResultGaps",
     "ResultLine",
     "SchemaTooNewError",
+    "SchemaTooOldError",
+    "SchemaVersions",
+    "SharedKeyEvidence",
     "SizeTotals",
     "StageReport",
     "Store",
     "StoreAccounts",
     "StoreError",
     "UsageTotals",
+    "WaitingCancelReport",
     "WriteBackLane",
     "open_store",
 ]

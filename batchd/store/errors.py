@@ -15,3 +15,12 @@ class StoreError(Exception):
 
 class SchemaTooNewError(StoreError):
     """The database was migrated by a newer batchd than this one."""
+
+
+class SchemaTooOldError(StoreError):
+    """A read-only open met a schema older than this batchd's, and a read needs what the
+    missing migrations add (`batchd migrate` upgrades it)."""
+
+
+class DatabaseMissingError(StoreError):
+    """No database where the configuration says, and this open may not create one."""

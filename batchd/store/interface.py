@@ -19,6 +19,13 @@ are the transactions of docs/design.md. The contract every implementation keeps:
   translated. Any call after `close()` raises `StoreError`.
 - **Users write too.** Users insert `tasks` rows and read results in the same database:
   keep write transactions short (results in ranges) and never hold one across network I/O.
+- **Read-only stores** (`open_store(..., read_only=True)`: `status`, `results`,
+  `estimate`, `batches`, `tasks`) never create the database or its schema, never migrate
+  and never write; every write method (and `migrate`) raises StoreError before touching
+  the database. A missing database raises DatabaseMissingError naming where it was
+  looked for. A schema of another version than this batchd's is read where it can be; a
+  read that needs a table or column that version lacks raises SchemaTooOldError or
+  SchemaTooNewError naming both versions, and the schema is left as it was.
 
 Per method (see each docstring):
 
@@ -40,8 +47,39 @@ Per method (see each docstring):
    status = 'submitted'`, so a line re-applied after a crash changes nothing. Staging may
    be lost at any time (a crash): the batch is still `ended` and is staged again.
    `yield_to_writers` pauses every write of ours so that users' writes get through.
-7. `finish_batch`: `ended -> completed`; in the same transaction, tasks still `submitted`
-   are requeued and listed in missing_results (so paying again is always on record).
+7. `finish_batch`: `ended -> completed`, with the batch's origin (ours, partly ours,
+   foreign: a foreign batch's kept lines dropped, counted); in the same transaction the
+   intent's tasks still `submitted` are requeued and listed in missing_results (so paying
+   again is always on record), but only once no candidate of the intent is still open.
+
+Candidates (docs/design.md, "Harvesting candidate batches"): an API batch found for an
+intent but not adopted (`mark_created`'s `duplicates`, `record_candidate`) is a batch of
+its own for the poller and the collector, whose members are the intent's tasks. Its
+apply is guarded by `task in the intent AND status IN ('submitted', 'pending') AND the
+line ends the task`: it writes a task that still waits, whichever batch it waits in,
+exactly once (the task then points at the candidate, so no second line passes the guard of
+any batch), and withdraws a pending one from the queue in the same UPDATE. Every apply
+keeps, in its range's transaction, the lines for tasks another batch already answered in
+duplicate_results: the first result written wins, none is ever overwritten.
+
+**Flat costs** (issue 16). A database may hold millions of finished tasks and a queue of
+a million pending ones; what a second store must keep flat:
+
+- `status_counts` costs the same at 2,000,000 rows as at 0: a `task_counts` table kept by
+  triggers in the writing transaction, users' writes included (migration 007: row
+  triggers in SQLite, statement-level ones over transition tables in PostgreSQL).
+  It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
+- `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
+  submitter at its in-flight limit ask it, never for counts.
+- Pages by key: `iter_result_lines`, `iter_prunable` and `iter_pending` read from an
+  index on (status, id) only rows of the statuses asked for, each once: one cursor per
+  status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a
+  status found exhausted is not read again (SQLite's own merge of the ranges read a
+  status with no further match to its end on every page). No sort, no list of every id.
+- A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
+  `mark_invalid`) finds them by id or custom_id, never through the status index: a
+  query that also says `status = ...` must not be planned as a scan of that status.
+- Tests hold the SQLite plans to this (`EXPLAIN QUERY PLAN`, tests/test_flat_costs.py).
 """
 
 from __future__ import annotations
@@ -53,10 +91,20 @@ from datetime import datetime
 from typing import Protocol
 
 from batchd.api.wire import MessageBatch
-from batchd.domain import BatchRecord, Outcome, PendingTask, TaskRow, TaskStatus, WriteReport
+from batchd.domain import (
+    BatchRecord,
+    BatchState,
+    Outcome,
+    PendingTask,
+    TaskRow,
+    TaskStatus,
+    WriteReport,
+)
 from batchd.store.values import (
+    AcknowledgeReport,
     AppliedRange,
     CancelReport,
+    CandidateBatch,
     DuplicateBatch,
     EnqueueReport,
     FinishReport,
@@ -65,9 +113,12 @@ from batchd.store.values import (
     PrunableTask,
     ResultGaps,
     ResultLine,
+    SchemaVersions,
+    SharedKeyEvidence,
     SizeTotals,
     StageReport,
     UsageTotals,
+    WaitingCancelReport,
 )
 
 
@@ -125,17 +176,24 @@ class StoreAccounts(Protocol):
     async def result_gaps(self) -> ResultGaps:
         """Result lines kept as unmatched, and requests requeued for want of a result."""
 
-    async def prunable_tasks(
-        self, cutoff: datetime, after_id: int, limit: int
-    ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
+    def iter_prunable(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[PrunableTask]]:
+        """Final tasks completed before `cutoff`, by id, in pages; each final row read once
+        and no other (see "Flat costs"). Deleting a page before the next is read is safe."""
+
+    def iter_prunable_ids(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[int]]:
+        """The ids of `iter_prunable` alone, without reading params or results."""
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks if still final and completed before `cutoff` (one transaction)."""
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop links of deleted tasks, then finished batches nothing refers to (one short
-        transaction per batch). A batch named in duplicate_batches stays."""
+        transaction per batch). A batch named in duplicate_batches stays. Looks only at
+        batches that lost a task since last looked at (flat in history: migration 007)."""
 
     async def storage_bytes(self) -> int:
         """Bytes the database takes (SQLite: its main file's pages)."""
@@ -158,6 +216,10 @@ class Store(Protocol):
     async def migrate(self) -> list[int]:
         """Apply every shipped migration not yet recorded; returns the versions applied."""
 
+    async def schema_versions(self) -> SchemaVersions:
+        """The schema version the database records (0: none) and the newest this batchd
+        ships: the command line refuses to migrate under a daemon of another version."""
+
     # -- intake --------------------------------------------------------------------------------
 
     async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
@@ -179,16 +241,51 @@ class Store(Protocol):
         """Claim the tasks for a new `creating` batch (1); None if any stopped being pending."""
 
     async def mark_created(
-        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+        self,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> bool:
-        """Record the API's id for a `creating` batch (3); False (and recorded as a duplicate)
-        if it is no longer `creating`; `duplicates` recorded in the same transaction."""
+        """Record the API's id for a `creating` batch (3); False (and `batch` recorded as a
+        candidate of the intent) if it is no longer `creating`; `duplicates` become
+        candidates of the intent in the same transaction. `watch_until`: adopted by
+        reconcile, the intent stays watched for a batch of it that lands late."""
 
     async def release_intent(
-        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+        self,
+        local_id: int,
+        reason: str,
+        invalid: Sequence[tuple[str, str]] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> None:
         """The create was refused: `rejected`, tasks back to pending without the attempt;
-        (custom_id, error) in `invalid` become `invalid`."""
+        (custom_id, error) in `invalid` become `invalid`. `watch_until`: its outcome was
+        unknown and nothing was found; the intent stays watched until then."""
+
+    # -- candidates (docs/design.md, "Harvesting candidate batches") ---------------------------
+
+    async def record_candidate(self, intent_id: int, batch: MessageBatch, note: str) -> bool:
+        """One transaction: `batch` (found late for intent `intent_id`) gets a row that is
+        polled and harvested for the intent's tasks, its members copied, and is reported in
+        duplicate_batches. Guard: its API id is not recorded yet (else False, no change)."""
+
+    async def watched_intents(self, now: datetime) -> list[BatchRecord]:
+        """Intents whose create's outcome was unknown (adopted from the list, or released),
+        still watched at `now`: a batch of theirs may land late."""
+
+    async def candidate_batches(self) -> list[CandidateBatch]:
+        """Every suspected duplicate not acknowledged by an operator, with how far its harvest
+        got, oldest first."""
+
+    async def note_foreign_batches(self, api_batch_ids: Sequence[str]) -> int:
+        """Batches listed in a reconcile window that batchd did not create (one
+        transaction, each recorded once); returns how many were new."""
+
+    async def shared_key_evidence(self) -> SharedKeyEvidence:
+        """How many batches on the key batchd did not create, and since when."""
 
     # -- batches (design 4-5) -------------------------------------------------------------------
 
@@ -217,7 +314,8 @@ class Store(Protocol):
         """Count a failed results download; returns the attempts so far."""
 
     async def duplicate_batches(self) -> list[DuplicateBatch]:
-        """Every suspected duplicate batch, oldest first."""
+        """Every suspected duplicate batch not acknowledged by an operator, oldest first
+        (acknowledged ones stay recorded, and known to `known_api_batch_ids`)."""
 
     # -- results (design 6-7) -------------------------------------------------------------------
 
@@ -237,14 +335,26 @@ class Store(Protocol):
         """Keep (custom_id, line) result lines that matched no task of their batch."""
 
     async def finish_batch(
-        self, local_id: int, reason: str, *, archived: bool = False
+        self,
+        local_id: int,
+        reason: str,
+        *,
+        archived: bool = False,
+        matched_lines: int | None = None,
     ) -> FinishReport:
-        """`ended -> completed` (7); tasks without a line requeued and listed, at once."""
+        """`ended -> completed` (7), guarded; its origin from `matched_lines` (lines that
+        named a task of its intent; None: not read); the intent's tasks without a line
+        requeued and listed, at once, once no candidate of the intent is still open."""
 
     # -- user commands and reads ----------------------------------------------------------------
 
     async def status_counts(self) -> dict[TaskStatus, int]:
-        """How many tasks are in each status, zeros included."""
+        """How many tasks are in each status, zeros included, in time independent of how
+        many tasks there are: read on timers (/metrics, /healthz, progress, status)."""
+
+    async def has_tasks(self, *statuses: TaskStatus) -> bool:
+        """Whether any task is in one of `statuses`, from the tasks themselves (exact even
+        if kept counts drifted): the daemon's idle and anything-pending decisions."""
 
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
         """The tasks asked for, in the order asked; unknown custom_ids are left out."""
@@ -252,10 +362,12 @@ class Store(Protocol):
     def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """Tasks in `statuses` that have a result, by id, in pages."""
+        """Tasks in `statuses` that have a result, by id, in pages; a page reads only rows
+        of `statuses` (never every pending row again)."""
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
-        """Cancel pending tasks now; flag submitted ones for when their result comes back."""
+        """Cancel pending tasks now; flag submitted ones for when their result comes back.
+        Reads the asked rows only (by custom_id), however many tasks are pending."""
 
     async def batches_to_cancel(self) -> list[BatchRecord]:
         """In-progress batches in which every task still waiting was canceled by the user."""
@@ -284,3 +396,38 @@ class Store(Protocol):
 
     async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
         """Tasks that reached a final status at or after `since`, and the first such time."""
+
+    async def recent_batches(
+        self, limit: int, states: Sequence[BatchState] = ()
+    ) -> list[BatchRecord]:
+        """The newest `limit` batches (of `states`, or any), newest first; reads about
+        `limit` rows however many batches are remembered (`batchd batches`)."""
+
+    async def tasks_in_status(self, status: TaskStatus, limit: int) -> list[TaskRow]:
+        """Up to `limit` tasks in `status`, oldest first; reads about `limit` rows however
+        many tasks there are (`batchd tasks`)."""
+
+    async def cancel_waiting(self, statuses: Sequence[TaskStatus]) -> WaitingCancelReport:
+        """`cancel --all / --status`: every task waiting in `statuses` (pending, submitted)
+        when the call began is canceled (pending) or flagged (submitted, as
+        `request_cancel` does). Several short transactions, not one (users' writes get
+        through): a crash midway leaves what was done, and running it again finishes."""
+
+    async def acknowledge_duplicates(
+        self, api_batch_ids: Sequence[str], note: str
+    ) -> AcknowledgeReport:
+        """An operator has seen these suspected duplicates (one transaction): they stay
+        recorded, with the time and `note`, and `duplicate_batches` no longer returns them."""
+
+    # -- operator views: /metrics and the web view read these every few seconds ------------------
+
+    async def oldest_pending_created_at(self) -> datetime | None:
+        """When the longest-waiting pending task was inserted; None when none is pending."""
+
+    async def batch_completions_since(self, since: datetime) -> list[tuple[datetime, int, int]]:
+        """(completed_at, succeeded, not succeeded) per batch whose results were all stored
+        at or after `since`, oldest first."""
+
+    async def latest_failed_tasks(self, limit: int) -> list[TaskRow]:
+        """Up to `limit` errored, expired or invalid tasks, most recently finished first
+        (among the newest failed tasks of each status; no result bodies)."""

@@ -29,6 +29,7 @@ class CancelReport:
 @dataclass(frozen=True, slots=True)
 class FinishReport:
     missing_requeued: tuple[str, ...]
+    origin: str | None = None  # what the batch's lines showed (BatchOrigin), if decided
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +113,48 @@ class PrunableTask(NamedTuple):
     cache_read_input_tokens: int | None
     created_at: str
     completed_at: str | None
+
+
+class CandidateBatch(NamedTuple):
+    """A suspected duplicate batch and how far its harvest got."""
+
+    api_batch_id: str
+    harvest_id: int | None  # its batches row (None: recorded before schema v6, never read)
+    intent_id: int  # the local batch whose tasks it may answer
+    state: str  # the harvest row's state ('unread' without one)
+    origin: str | None  # BatchOrigin, once its results were read
+    written: int  # tasks whose result came from it
+    duplicate_lines: int  # its lines for tasks another batch had already answered
+    foreign_lines: int  # its lines when it proved another client's (only counted)
+    detected_at: str
+    note: str
+
+
+class SharedKeyEvidence(NamedTuple):
+    """Batches on the API key that batchd did not create."""
+
+    batches: int  # seen on the list in a reconcile window, or proven by their results
+    first_seen_at: str | None
+    proven_foreign: int  # read to the end: none of their lines named a task of ours
+
+
+class SchemaVersions(NamedTuple):
+    """The schema version a database records (0: none) and the newest this batchd ships."""
+
+    recorded: int
+    supported: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingCancelReport:
+    """`cancel --all / --status`: how many waiting tasks the cancel reached."""
+
+    canceled: int  # pending tasks now canceled
+    flagged: int  # submitted tasks flagged: canceled when their result comes back canceled
+
+
+@dataclass(frozen=True, slots=True)
+class AcknowledgeReport:
+    acknowledged: tuple[str, ...]  # suspected duplicates now acknowledged
+    already: tuple[str, ...]  # acknowledged before (left as they were)
+    unknown: tuple[str, ...]  # not a suspected duplicate batch

@@ -2,7 +2,12 @@ import orjson
 import pytest
 
 from batchd.domain import Usage
-from batchd.pipeline.outcomes import MalformedResultLine, is_retryable, parse_result_line
+from batchd.pipeline.outcomes import (
+    MalformedResultLine,
+    _general,
+    is_retryable,
+    parse_result_line,
+)
 
 # Spec §4.2, a captured line.
 SUCCEEDED = (
@@ -157,3 +162,75 @@ def test_unknown_keys_are_tolerated() -> None:
 def test_malformed_lines_raise_with_the_reason(line: bytes, reason: str) -> None:
     with pytest.raises(MalformedResultLine, match=reason):
         parse_result_line(line)
+
+
+def _same_outcome(line: bytes) -> None:
+    """The typed path's answer equals the general path's (the result's text aside)."""
+    try:
+        expected = _general(line)
+    except MalformedResultLine as exc:
+        reason = str(exc)
+    else:
+        reason = None
+    if reason is not None:
+        with pytest.raises(MalformedResultLine) as raised:
+            parse_result_line(line)
+        assert str(raised.value) == reason
+        return
+    outcome = parse_result_line(line)
+    assert orjson.loads(outcome.result_json) == orjson.loads(expected.result_json)
+    assert (outcome.custom_id, outcome.result_type, outcome.error, outcome.retryable) == (
+        expected.custom_id,
+        expected.result_type,
+        expected.error,
+        expected.retryable,
+    )
+    assert (outcome.usage, outcome.model) == (expected.usage, expected.model)
+
+
+def _succeeded_with(usage: str, model: str = '"m"') -> bytes:
+    return b'{"custom_id":"a","result":{"type":"succeeded","message":{"model":%s,"usage":%s}}}' % (
+        model.encode(),
+        usage.encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        SUCCEEDED,
+        _succeeded_with('{"input_tokens":7,"output_tokens":null}'),
+        _succeeded_with('{"input_tokens":9223372036854775807,"output_tokens":1}'),
+        _succeeded_with('{"input_tokens":9223372036854775808,"output_tokens":1}'),
+        _succeeded_with('{"input_tokens":18446744073709551616,"output_tokens":1}'),
+        _succeeded_with('{"input_tokens":-1,"output_tokens":1e2}'),
+        _succeeded_with('{"input_tokens":false,"output_tokens":"2"}'),
+        _succeeded_with("null"),
+        _succeeded_with("[1]"),
+        _succeeded_with('{"input_tokens":1}', model="null"),
+        _succeeded_with('{"input_tokens":1}', model="5"),
+        b'{"custom_id":"a","result":{"type":"succeeded","message":null}}',
+        b'{"custom_id":"a","result":{"type":"succeeded","message":"text"}}',
+        b'{"custom_id":"a","result":{"type":"expired","message":"ignored"}}',
+        b'{"custom_id":"a","result":{"type":"canceled","type":"expired"}}',
+        b'{"custom_id":"a","custom_id":"b","result":{"type":"expired"}}',
+        b'{"custom_id":"a","result":{"type":"expired"},"result":{"type":"canceled"}}',
+        b'{"custom_id":null,"result":{"type":"expired"}}',
+        b'{"custom_id":5,"result":{"type":"expired"}}',
+        b'{"custom_id":"a","result":null}',
+        b'{"custom_id":"a","result":{"type":null}}',
+        b'{"custom_id":"a","result":{"type":"expired","n":[' + b"[" * 1100 + b"]" * 1100 + b"]}}",
+        b'{"custom_id":"a","result":{"type":"expired","t":"\xff"}}',
+        b'{"custom_id":"a","result":{"type":"expired","t":"\\ud800"}}',
+        b'{"custom_id":"a","result":{"type":"expired"}} trailing',
+        errored(nested("overloaded_error")),
+    ],
+)
+def test_every_line_shape_gets_the_general_answer(line: bytes) -> None:
+    _same_outcome(line)
+
+
+def test_the_result_is_kept_as_the_api_sent_it() -> None:
+    """Never re-serialised: the stored text is the line's own `result` text."""
+    line = b'{"custom_id": "x", "result": {"type": "expired", "note": "caf\\u00e9"}}'
+    assert parse_result_line(line).result_json == '{"type": "expired", "note": "caf\\u00e9"}'

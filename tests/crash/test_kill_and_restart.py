@@ -21,6 +21,7 @@ from tests.support.backends import Peek
 from tests.support.crash_harness import (
     RunLog,
     assert_nothing_lost_or_duplicated,
+    candidate_harvests,
     check_invariants,
     enqueue,
     run_daemon,
@@ -109,3 +110,55 @@ async def test_kills_at_random_moments_with_faults_lose_and_duplicate_nothing(
     assert_nothing_lost_or_duplicated(ledger, RANDOM_KILL_TASKS)
     assert log.kills >= 6  # most runs were still busy when killed
     print(f"\nrandom kills: {log.kills}; faults {dict(server.faults.injected)}; {ledger}")
+
+
+# Inside the harvest's transitions (docs/design.md, "Harvesting candidate batches"), in the
+# order a late batch meets them: found on the list, not yet recorded; its first range of
+# lines applied, not committed; that range committed; a batch's finish (its settle of the
+# intent) not committed.
+HARVEST_KILL_POINTS = (
+    "candidate_found:1",
+    "harvest_range_applied:1",
+    "harvest_chunk_written:1",
+    "batch_completed:1",
+)
+HARVEST_TASKS = 4
+
+
+async def test_kills_inside_the_harvest_of_a_late_batch_lose_nothing_and_account_for_every_payment(
+    tmp_path: Path,
+) -> None:
+    # The first create is committed and its answer dropped; the list shows batches only
+    # 8 s after their creation, past the 5 s grace, so the intent is released and sent
+    # again; the first batch is found late by the watch, and harvested.
+    faults = FaultConfig(
+        http_fault_rate=1.0,
+        http_fault_kinds=("commit_drop",),
+        http_fault_endpoints=("create",),
+        http_fault_limit=1,
+        list_lag_seconds=8.0,
+    )
+    config = FakeApiConfig(port=0, processing_seconds=8.0, seed=5, faults=faults)
+    async with FakeApiServer(config) as server:
+        setup = write_config(tmp_path, server.base_url, batching={"duplicate_watch_seconds": 30.0})
+        await enqueue(setup, HARVEST_TASKS)
+        log = RunLog()
+        for point in HARVEST_KILL_POINTS:
+            run = await run_daemon(setup, log, crash_at=point, timeout_s=40)
+            assert run.killed, (point, run.returncode, run.stderr[-2000:])
+            assert run.crash_point == point, run.stderr[-2000:]
+        final = await run_daemon(setup, log, timeout_s=60)
+        assert final.returncode == 0, final.stderr[-2000:]
+        ledger = check_invariants(setup.db_path, server)
+        harvests = candidate_harvests(setup.db_path)
+
+    assert ledger.tasks == HARVEST_TASKS
+    assert ledger.not_final == []
+    assert ledger.wrong_results == []
+    assert ledger.unaccounted_submissions == {}  # attempts plus the recorded duplicate
+    assert ledger.unsettled_batches == []
+    assert ledger.unmatched_results == 0
+    assert ledger.duplicate_batches == 1
+    assert harvests == [("completed", "ours")]
+    assert ledger.submissions == 2 * HARVEST_TASKS  # the late batch and the resubmission
+    print(f"\nharvest kill points: {log.kills} kills; {ledger}")

@@ -73,6 +73,7 @@ def write_config(
             "max_requests": 4,
             "linger_seconds": 0.05,
             "reconcile_grace_seconds": 5.0,  # the least config.py accepts
+            "duplicate_watch_seconds": 2.0,  # a short watch: --exit-when-idle waits for it
             "max_attempts": 3,
         },
         "polling": {"interval_seconds": 0.1, "not_found_grace_seconds": 1.0},
@@ -244,6 +245,17 @@ def check_invariants(database: Path | Peek, server: FakeApiServer) -> Ledger:
         duplicate_batches=len(duplicates),
         submissions=sum(sent.values()),
     )
+
+
+def candidate_harvests(db_path: Path) -> list[tuple[str, str | None]]:
+    """(state, origin) of every suspected duplicate's harvest row, by detection."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT b.state, b.origin FROM duplicate_batches AS d"
+            " JOIN batches AS b ON b.id = d.harvest_id ORDER BY d.detected_at"
+        ).fetchall()
+    db.close()
+    return [(state, origin) for state, origin in rows]
 
 
 def _answers(result: str | None, cid: str) -> bool:

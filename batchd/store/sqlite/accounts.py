@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
 from batchd.domain import FINAL_TASK_STATUSES
-from batchd.store.sqlite.database import Db, SqliteDatabase, format_time, json_list, run, run_in
+from batchd.store.sqlite.database import (
+    Db,
+    Row,
+    SqliteDatabase,
+    format_time,
+    json_list,
+    run,
+    run_in,
+)
+from batchd.store.sqlite.keyset import in_pages, merged_by_id, status_page
 from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
@@ -33,6 +42,7 @@ _PRUNE_COLUMNS = (
     " cache_creation_input_tokens, cache_read_input_tokens, created_at, completed_at"
 )
 _FINISHED_BATCH_STATES = ("completed", "rejected", "lost")
+_FINAL = sorted(FINAL_TASK_STATUSES)
 
 
 class SqliteAccounts:
@@ -104,35 +114,49 @@ class SqliteAccounts:
         unmatched, missing, archived = rows[0]
         return ResultGaps(int(unmatched), int(missing), int(archived))
 
-    async def prunable_tasks(
-        self, cutoff: datetime, after_id: int, limit: int
-    ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
-        rows = await self._db.read(
-            f"SELECT {_PRUNE_COLUMNS} FROM tasks WHERE id > ?"
-            " AND status IN (SELECT value FROM json_each(?)) AND completed_at < ?"
-            " ORDER BY id LIMIT ?",
-            (after_id, json_list(sorted(FINAL_TASK_STATUSES)), format_time(cutoff), limit),
-        )
-        return [PrunableTask(*row) for row in rows]
+    async def iter_prunable(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[PrunableTask]]:
+        """Final tasks completed before `cutoff`, by id, in pages, every column (an export):
+        each final row read once, no other row (`keyset`)."""
+        async for page in self._prunable(_PRUNE_COLUMNS, cutoff, page_size):
+            yield [PrunableTask(*row) for row in page]
+
+    async def iter_prunable_ids(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[int]]:
+        """The ids alone of `iter_prunable`: params and results are not read."""
+        async for page in self._prunable("id", cutoff, page_size):
+            yield [row[0] for row in page]
+
+    def _prunable(self, columns: str, cutoff: datetime, page_size: int) -> AsyncIterator[list[Row]]:
+        sql = status_page(columns, "completed_at < :cutoff")
+        rows = merged_by_id(self._db.read, sql, _FINAL, page_size, cutoff=format_time(cutoff))
+        return in_pages(rows, page_size)
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
-        """Delete these tasks, if they are still final and completed before `cutoff`."""
+        """Delete these tasks, if they are still final and completed before `cutoff`.
+
+        `+status`: found by id, never through tasks_by_status (all final rows)."""
         return await self._db.transact(
             run_in,
             "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
-            " AND status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
-            (json_list(task_ids), json_list(sorted(FINAL_TASK_STATUSES)), format_time(cutoff)),
+            " AND +status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
+            (json_list(task_ids), json_list(_FINAL), format_time(cutoff)),
         )
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to.
 
-        One short transaction per batch, so users' INSERTs never wait long. A batch named
-        in duplicate_batches stays: that report must survive.
+        Only batches that lost a task since they were last looked at (`batches_to_check`,
+        filled by a trigger on every DELETE of a task, migration 007): the cost follows
+        what was deleted, not the history. One short transaction per batch, so users'
+        INSERTs never wait long. A batch named in duplicate_batches stays: that report
+        must survive. A batch not finished yet stays to be looked at by a later prune.
         """
         finished = await self._db.read(
-            "SELECT id FROM batches WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
+            "SELECT c.batch_id FROM batches_to_check AS c JOIN batches AS b ON b.id = c.batch_id"
+            " WHERE b.state IN (SELECT value FROM json_each(?)) ORDER BY c.batch_id",
             (json_list(_FINISHED_BATCH_STATES),),
         )
         links = batches = 0
@@ -140,6 +164,11 @@ class SqliteAccounts:
             links_gone, batch_gone = await self._db.transact(_forget_batch, local_id)
             links += links_gone
             batches += batch_gone
+        await self._db.transact(
+            run_in,
+            "DELETE FROM batches_to_check WHERE batch_id NOT IN (SELECT id FROM batches)",
+            (),
+        )
         return ForgottenBatches(links, batches)
 
     async def storage_bytes(self) -> int:
@@ -180,7 +209,9 @@ async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:
         "DELETE FROM batches WHERE id = :id"
         " AND NOT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = :id)"
         " AND NOT EXISTS (SELECT 1 FROM tasks WHERE batch_id = :id)"
-        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = :id)",
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE local_id = :id)"
+        " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE harvest_id = :id)",
         {"id": local_id},
     )
+    await db.execute("DELETE FROM batches_to_check WHERE batch_id = ?", (local_id,))
     return links, batches

@@ -9,7 +9,7 @@ from typing import Any, cast
 import orjson
 
 from batchd.api.wire import MessageBatch, RequestCounts, parse_timestamp
-from batchd.domain import BatchRecord, BatchState
+from batchd.domain import BatchOrigin, BatchRecord, BatchState
 from batchd.store.errors import StoreError
 from batchd.store.sqlite.database import (
     Db,
@@ -22,9 +22,9 @@ from batchd.store.sqlite.database import (
     run,
     run_in,
 )
+from batchd.store.sqlite.settle import cancel_flagged, settle_intent
 from batchd.store.values import DuplicateBatch
 
-USER_CANCELED = "canceled at user request"
 STATE_OF_PROCESSING = {
     "in_progress": BatchState.IN_PROGRESS,
     "canceling": BatchState.CANCELING,
@@ -33,7 +33,7 @@ STATE_OF_PROCESSING = {
 BATCH_COLUMNS = (
     "id, api_batch_id, state, request_count, body_bytes, intent_at, submitted_at,"
     " processing_status, request_counts, api_created_at, ended_at, results_url,"
-    " not_found_since, download_attempts, note"
+    " not_found_since, download_attempts, note, candidate_for, origin"
 )
 
 
@@ -88,19 +88,27 @@ class BatchTracking:
         rows = list(
             await db.execute_fetchall(
                 "UPDATE batches SET state = 'lost', note = ? WHERE id = ?"
-                " AND state IN ('in_progress', 'canceling', 'ended') RETURNING api_batch_id",
+                " AND state IN ('in_progress', 'canceling', 'ended')"
+                " RETURNING api_batch_id, candidate_for",
                 (reason, local_id),
             )
         )
         if not rows:
             return 0
-        await cancel_flagged(db, local_id, self._db.now(), attempts_delta=0)
+        api_id, intent_id = rows[0]
+        now = self._db.now()
+        if intent_id is not None:
+            # A candidate answers no task of its own: its intent may now be settled (the
+            # last open candidate of a completed intent lets its unanswered tasks go).
+            why = f"no result line for this request, and candidate batch {api_id} lost"
+            return len(await settle_intent(db, intent_id, why, "no_line", now))
+        await cancel_flagged(db, local_id, now, attempts_delta=0)
         # Attempts stay counted: the API may have processed (and billed) them.
         return await run(
             db,
             "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?"
             " WHERE batch_id = ? AND status = 'submitted'",
-            (f"batch {rows[0][0]} lost: {reason}", local_id),
+            (f"batch {api_id} lost: {reason}", local_id),
         )
 
     async def note_short_stream(self, local_id: int, note: str) -> int:
@@ -130,10 +138,10 @@ class BatchTracking:
         return int(rows[0][0])
 
     async def duplicate_batches(self) -> list[DuplicateBatch]:
-        """Every suspected duplicate, oldest first."""
+        """Every suspected duplicate not acknowledged by an operator, oldest first."""
         rows = await self._db.read(
             "SELECT api_batch_id, detected_at, note FROM duplicate_batches"
-            " ORDER BY detected_at, api_batch_id"
+            " WHERE acknowledged_at IS NULL ORDER BY detected_at, api_batch_id"
         )
         return [DuplicateBatch(row[0], row[1], row[2]) for row in rows]
 
@@ -151,17 +159,6 @@ async def _update_batch(db: Db, local_id: int, batch: MessageBatch, now: Callabl
         " WHERE id = :local AND api_batch_id = :api_id"
         " AND state IN ('in_progress', 'canceling', 'ended')",
         {**batch_params(batch), "now": now(), "local": local_id},
-    )
-
-
-async def cancel_flagged(db: Db, local_id: int, now: str, *, attempts_delta: int) -> None:
-    """Tasks the user canceled must not go back to the queue with their batch."""
-    await run(
-        db,
-        "UPDATE tasks SET status = 'canceled', error = ?, completed_at = ?,"
-        " attempts = attempts + ?"
-        " WHERE batch_id = ? AND status = 'submitted' AND cancel_requested = 1",
-        (USER_CANCELED, now, attempts_delta, local_id),
     )
 
 
@@ -193,4 +190,6 @@ def batch_record(row: Row) -> BatchRecord:
         not_found_since=parse_optional_time(row[12]),
         download_attempts=row[13],
         note=row[14],
+        candidate_for=row[15],
+        origin=None if row[16] is None else BatchOrigin(row[16]),
     )

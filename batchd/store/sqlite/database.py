@@ -26,7 +26,9 @@ import aiosqlite
 import orjson
 
 from batchd.crashpoints import crash_point
-from batchd.store.errors import StoreError
+from batchd.store.errors import SchemaTooNewError, SchemaTooOldError, StoreError
+from batchd.store.sqlite.readonly import READ_ONLY_HINTS, check_readable, read_only_uri
+from batchd.store.values import SchemaVersions
 
 Clock = Callable[[], datetime]
 Db = aiosqlite.Connection
@@ -79,9 +81,13 @@ class SqliteDatabase:
 
     def __init__(
         self, path: Path, stack: AsyncExitStack, writer: Db, reader: Db, clock: Clock, *,
-        busy_timeout_ms: int,
+        busy_timeout_ms: int, read_only: bool = False,
     ) -> None:  # fmt: skip
         self.path = path
+        self.read_only = read_only
+        # Set by a read-only open whose schema is not this batchd's: a read that needs a
+        # table or column that version lacks is refused naming both versions.
+        self.schema_versions: SchemaVersions | None = None
         self._stack = stack
         self._reader = reader
         self._clock = clock
@@ -116,9 +122,40 @@ class SqliteDatabase:
             raise
         return cls(path, stack, writer, reader, clock, busy_timeout_ms=busy_timeout_ms)
 
+    @classmethod
+    async def open_read_only(
+        cls, path: Path, *, busy_timeout_ms: int, clock: Clock
+    ) -> SqliteDatabase:
+        """One `mode=ro` connection: never creates the file, never writes (readonly.py)."""
+        check_readable(path)
+        stack = AsyncExitStack()
+        try:
+            with sqlite_errors(path, "open", read_only=True):
+                reader = await aiosqlite.connect(
+                    read_only_uri(path), uri=True, isolation_level=None
+                )
+                stack.push_async_callback(close_connection, reader)
+                await reader.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                await reader.execute("PRAGMA query_only = ON")
+                await reader.execute(_READER_CACHE)
+                # The first read maps the -wal/-shm files: their errors are said here.
+                await reader.execute_fetchall("SELECT count(*) FROM sqlite_master")
+        except BaseException:
+            await stack.aclose()
+            raise
+        # No writer: `main` is the reader, and every write path refuses first.
+        return cls(
+            path, stack, reader, reader, clock, busy_timeout_ms=busy_timeout_ms, read_only=True
+        )
+
     @property
     def writer(self) -> Db:
         return self.main.db
+
+    @property
+    def reader(self) -> Db:
+        """The read-only connection (tests trace its statements and their plans)."""
+        return self._reader
 
     @property
     def write_lock(self) -> asyncio.Lock:
@@ -136,6 +173,12 @@ class SqliteDatabase:
         if self._closed:
             raise StoreError(f"{self.path}: the store is closed")
 
+    def check_writable(self) -> None:
+        """Refuse a write on a store opened read-only, before any connection is touched."""
+        self.check_open()
+        if self.read_only:
+            raise StoreError(f"{self.path}: the store was opened read-only; this would write")
+
     async def open_connections(
         self, count: int, prepare: Callable[[Db], Awaitable[None]]
     ) -> list[Db]:
@@ -145,6 +188,7 @@ class SqliteDatabase:
         directory that refuses a file) are closed at once, not kept until the store closes
         while every retry opens more.
         """
+        self.check_writable()
         opened: list[Db] = []
         async with AsyncExitStack() as opening:
             for _ in range(count):
@@ -212,7 +256,7 @@ class SqliteDatabase:
         **kwargs: P.kwargs,
     ) -> T:
         """`body(db, ...)` on `conn` in `mode`, shielded from the caller's cancellation."""
-        self.check_open()
+        self.check_writable()
 
         async def run() -> T:
             with sqlite_errors(self.path, "write to"):
@@ -227,7 +271,7 @@ class SqliteDatabase:
     @asynccontextmanager
     async def exclusive_writer(self, action: str) -> AsyncIterator[Db]:
         """The writer under the store's lock, outside any transaction (VACUUM)."""
-        self.check_open()
+        self.check_writable()
         async with self.write_lock:
             with sqlite_errors(self.path, action):
                 yield self.writer
@@ -235,12 +279,14 @@ class SqliteDatabase:
     async def hold_writes(self, seconds: float) -> None:
         """No write of ours, on any connection, for `seconds`: a user's write waiting in
         SQLite's busy handler gets the lock at its next try."""
+        if self.read_only:
+            return  # nothing of ours writes
         async with self.write_lock:
             await asyncio.sleep(seconds)
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Row]:
         """One statement on the reader, fully fetched: no read transaction outlives it."""
-        with sqlite_errors(self.path, "read"):
+        with sqlite_errors(self.path, "read", read_only=self.read_only), _schema_errors(self):
             return cast(list[Row], list(await self._reader.execute_fetchall(sql, params)))
 
     def now(self) -> str:
@@ -295,7 +341,7 @@ async def close_connection(db: Db) -> None:
 
 
 @contextmanager
-def sqlite_errors(path: Path, action: str) -> Iterator[None]:
+def sqlite_errors(path: Path, action: str, *, read_only: bool = False) -> Iterator[None]:
     """SQLite errors from the environment become StoreError naming the path and a remedy."""
     try:
         yield
@@ -303,8 +349,32 @@ def sqlite_errors(path: Path, action: str) -> Iterator[None]:
         raise  # our bugs, not the environment's
     except sqlite3.Error as exc:
         message = f"cannot {action} database {path}: {exc}"
-        hint = next((hint for key, hint in _HINTS if key in str(exc)), None)
+        hints = READ_ONLY_HINTS if read_only else _HINTS
+        hint = next((hint for key, hint in hints if key in str(exc)), None)
         raise StoreError(f"{message} ({hint})" if hint else message) from exc
+
+
+@contextmanager
+def _schema_errors(database: SqliteDatabase) -> Iterator[None]:
+    """A read of another version's schema that needs what that version lacks: refused,
+    naming both versions (a read-only open reads other versions where it can)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        versions = database.schema_versions
+        if versions is None or not str(exc).startswith("no such"):
+            raise
+        found = f"database {database.path} has schema version {versions.recorded}"
+        if versions.recorded > versions.supported:
+            raise SchemaTooNewError(
+                f"{found}, newer than this batchd supports ({versions.supported}), and this "
+                f"read needs what it changed ({exc}): use the batchd that migrated it"
+            ) from exc
+        raise SchemaTooOldError(
+            f"{found}, older than this batchd's ({versions.supported}), and this read needs "
+            f"what the missing migrations add ({exc}): run `batchd migrate` (stop an older "
+            "batchd daemon first)"
+        ) from exc
 
 
 # -- statements --------------------------------------------------------------------------------

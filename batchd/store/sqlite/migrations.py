@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-from batchd.store.errors import SchemaTooNewError, StoreError
+from batchd.store.errors import DatabaseMissingError, SchemaTooNewError, StoreError
 from batchd.store.sqlite.database import Db, SqliteDatabase
+from batchd.store.values import SchemaVersions
 
 _MIGRATION_FILE = re.compile(r"(\d+)_(\w+)\.sql")
 
@@ -42,6 +43,26 @@ async def check_version(database: SqliteDatabase, shipped: list[Migration]) -> N
             f"{database.path}: database schema version {recorded} is newer than this batchd "
             f"supports ({supported}); upgrade batchd"
         )
+
+
+async def schema_versions(database: SqliteDatabase) -> SchemaVersions:
+    """The version the database records (0: none yet) and the newest shipped."""
+    supported = max((m.version for m in shipped_migrations()), default=0)
+    return SchemaVersions(await _recorded_version(database), supported)
+
+
+async def check_readable_schema(database: SqliteDatabase) -> SchemaVersions:
+    """For a read-only open: a batchd schema of any version (other versions are read where
+    they can be, `SqliteDatabase.read`); a file without one is refused, never created."""
+    versions = await schema_versions(database)
+    if versions.recorded == 0:
+        raise DatabaseMissingError(
+            f"{database.path} holds no batchd database (no schema recorded): read-only "
+            "commands never create one; `batchd migrate` creates the schema"
+        )
+    if versions.recorded != versions.supported:
+        database.schema_versions = versions
+    return versions
 
 
 async def _recorded_version(database: SqliteDatabase) -> int:

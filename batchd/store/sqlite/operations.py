@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
-from batchd.store.sqlite.batches import BATCH_COLUMNS, USER_CANCELED, batch_record
+from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
+from batchd.store.sqlite.keyset import merged_by_id, status_page
+from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import CancelReport, ResultLine
 
 
@@ -17,11 +19,21 @@ class UserOperations:
     _db: SqliteDatabase
 
     async def status_counts(self) -> dict[TaskStatus, int]:
-        """How many tasks are in each status, zeros included."""
-        rows = await self._db.read("SELECT status, count(*) FROM tasks GROUP BY status")
+        """How many tasks are in each status, zeros included: 7 rows kept by triggers
+        (migration 007), whatever the number of tasks."""
+        rows = await self._db.read("SELECT status, tasks FROM task_counts")
         counts = dict.fromkeys(TaskStatus, 0)
         counts.update({TaskStatus(status): count for status, count in rows})
         return counts
+
+    async def has_tasks(self, *statuses: TaskStatus) -> bool:
+        """Whether any task is in one of `statuses`: at most one index entry per status,
+        read from the tasks themselves (exact, whatever the counts say)."""
+        if not statuses:
+            return False
+        found = " OR ".join("EXISTS (SELECT 1 FROM tasks WHERE status = ?)" for _ in statuses)
+        rows = await self._db.read(f"SELECT {found}", [str(status) for status in statuses])
+        return bool(rows[0][0])
 
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
         """The tasks asked for, in the order asked; unknown custom_ids are left out."""
@@ -39,43 +51,37 @@ class UserOperations:
     async def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
-        after = 0
-        wanted = json_list(statuses)
-        while True:
-            rows = await self._db.read(
-                "SELECT id, custom_id, result FROM tasks"
-                " WHERE status IN (SELECT value FROM json_each(?))"
-                " AND result IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
-                (wanted, after, page_size),
-            )
-            for _, custom_id, result in rows:
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id: each
+        row of those statuses read once (`keyset`), none of other statuses."""
+        sql = status_page("id, custom_id, result", "result IS NOT NULL")
+        async for run in merged_by_id(self._db.read, sql, sorted(set(statuses)), page_size):
+            for _, custom_id, result in run:
                 yield ResultLine(custom_id, result)
-            if len(rows) < page_size:
-                return
-            after = rows[-1][0]
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back."""
         return await self._db.transact(self._request_cancel, list(dict.fromkeys(custom_ids)))
 
     async def _request_cancel(self, db: Db, custom_ids: list[str]) -> CancelReport:
-        asked = json_list(custom_ids)
+        # The asked rows by custom_id, then changed by id: a `status = ?` beside the
+        # custom_ids let SQLite plan through tasks_by_status and read every pending task
+        # (183 ms at 1,000,000 pending) to cancel one. `+status` keeps it off that index.
         rows = await db.execute_fetchall(
-            "SELECT custom_id, status FROM tasks"
+            "SELECT custom_id, status, id FROM tasks"
             " WHERE custom_id IN (SELECT value FROM json_each(?))",
-            (asked,),
+            (json_list(custom_ids),),
         )
         status_of: dict[str, str] = {row[0]: row[1] for row in rows}
+        task_ids = json_list(row[2] for row in rows)
         await db.execute(
             "UPDATE tasks SET status = 'canceled', error = ?, completed_at = ?"
-            " WHERE custom_id IN (SELECT value FROM json_each(?)) AND status = 'pending'",
-            (USER_CANCELED, self._db.now(), asked),
+            " WHERE id IN (SELECT value FROM json_each(?)) AND +status = 'pending'",
+            (USER_CANCELED, self._db.now(), task_ids),
         )
         await db.execute(
             "UPDATE tasks SET cancel_requested = 1"
-            " WHERE custom_id IN (SELECT value FROM json_each(?)) AND status = 'submitted'",
-            (asked,),
+            " WHERE id IN (SELECT value FROM json_each(?)) AND +status = 'submitted'",
+            (task_ids,),
         )
 
         def having(*statuses: str | None) -> tuple[str, ...]:

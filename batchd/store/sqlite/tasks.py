@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
 from itertools import islice
 
 from batchd.api.wire import MessageBatch, parse_timestamp
 from batchd.domain import PendingTask
-from batchd.store.sqlite.batches import STATE_OF_PROCESSING, batch_params, cancel_flagged
+from batchd.store.sqlite.batches import STATE_OF_PROCESSING, batch_params
 from batchd.store.sqlite.database import (
     Db,
     Rollback,
@@ -18,6 +19,8 @@ from batchd.store.sqlite.database import (
     run,
     run_many,
 )
+from batchd.store.sqlite.harvest import record_candidate_in
+from batchd.store.sqlite.settle import cancel_flagged
 from batchd.store.values import EnqueueReport
 
 _ENQUEUE_CHUNK = 5000
@@ -135,32 +138,47 @@ class TaskIntake:
         return local_id
 
     async def mark_created(
-        self, local_id: int, batch: MessageBatch, duplicates: Sequence[str] = ()
+        self,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> bool:
         """Record the API's id for a `creating` batch (also adopts one found by reconcile).
 
         In the same transaction, so that a kill cannot leave a paid batch unrecorded:
-        `duplicates` (other API batches reconcile matched) go to duplicate_batches, and so
-        does `batch` itself if the local batch is no longer `creating` (returns False).
+        `duplicates` (other API batches reconcile matched) become candidates of this intent
+        (recorded in duplicate_batches, and harvested), and so does `batch` itself if the
+        local batch is no longer `creating` (returns False). `watch_until`: adopted by
+        reconcile, so a batch of it may still land late: watched until then.
         """
-        return await self._db.transact(self._mark_created, local_id, batch, duplicates)
+        watch = None if watch_until is None else format_time(watch_until)
+        return await self._db.transact(self._mark_created, local_id, batch, duplicates, watch)
 
     async def _mark_created(
-        self, db: Db, local_id: int, batch: MessageBatch, duplicates: Sequence[str]
+        self,
+        db: Db,
+        local_id: int,
+        batch: MessageBatch,
+        duplicates: Sequence[MessageBatch],
+        watch_until: str | None,
     ) -> bool:
         now = self._db.now()
         unrecorded = [
-            (api_id, f"same request count created in the window of local batch {local_id}")
-            for api_id in duplicates
+            (other, f"same request count created in the window of local batch {local_id}")
+            for other in duplicates
         ]
         changed = await run(
             db,
             "UPDATE batches SET api_batch_id = :api_id, state = :state, submitted_at = :now,"
             " api_created_at = :created, processing_status = :processing,"
-            " request_counts = :counts, results_url = :url, ended_at = :ended"
+            " request_counts = :counts, results_url = :url, ended_at = :ended,"
+            " watch_until = :watch"
             " WHERE id = :local AND state = 'creating'",
             {
                 **batch_params(batch),
+                "watch": watch_until,
                 "state": STATE_OF_PROCESSING[batch["processing_status"]].value,
                 "created": format_time(parse_timestamp(batch["created_at"])),
                 "now": now,
@@ -169,28 +187,38 @@ class TaskIntake:
         )
         if changed != 1:
             note = f"created for local batch {local_id} after its intent was released"
-            unrecorded.append((batch["id"], note))
-        await run_many(
-            db,
-            "INSERT OR IGNORE INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
-            " VALUES (?, ?, ?, ?)",
-            [(api_id, local_id, now, note) for api_id, note in unrecorded],
-        )
+            unrecorded.append((batch, note))
+        for other, note in unrecorded:
+            await record_candidate_in(db, local_id, other, note, now)
         return changed == 1
 
     async def release_intent(
-        self, local_id: int, reason: str, invalid: Sequence[tuple[str, str]] = ()
+        self,
+        local_id: int,
+        reason: str,
+        invalid: Sequence[tuple[str, str]] = (),
+        *,
+        watch_until: datetime | None = None,
     ) -> None:
-        """The create was refused: the batch is `rejected`, its tasks go back (no attempt)."""
-        await self._db.transact(self._release_intent, local_id, reason, invalid)
+        """The create was refused, or nothing was found for it: the batch is `rejected`, its
+        tasks go back (no attempt). `watch_until`: the create's outcome was unknown, so the
+        list is still searched until then for a batch that lands late (`watched_intents`)."""
+        watch = None if watch_until is None else format_time(watch_until)
+        await self._db.transact(self._release_intent, local_id, reason, invalid, watch)
 
     async def _release_intent(
-        self, db: Db, local_id: int, reason: str, invalid: Sequence[tuple[str, str]]
+        self,
+        db: Db,
+        local_id: int,
+        reason: str,
+        invalid: Sequence[tuple[str, str]],
+        watch_until: str | None,
     ) -> None:
         rejected = await run(
             db,
-            "UPDATE batches SET state = 'rejected', note = ? WHERE id = ? AND state = 'creating'",
-            (reason, local_id),
+            "UPDATE batches SET state = 'rejected', note = ?, watch_until = ?"
+            " WHERE id = ? AND state = 'creating'",
+            (reason, watch_until, local_id),
         )
         if not rejected:
             return

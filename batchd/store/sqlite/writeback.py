@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import cast
 
+from batchd.crashpoints import crash_point
 from batchd.domain import Outcome, TaskStatus, WriteReport
 from batchd.store.sqlite import staging
-from batchd.store.sqlite.batches import USER_CANCELED, cancel_flagged
 from batchd.store.sqlite.database import (
     Connection,
     Db,
@@ -25,6 +25,7 @@ from batchd.store.sqlite.database import (
     run_many,
     run_many_in,
 )
+from batchd.store.sqlite.settle import USER_CANCELED, decide_origin, settle_intent
 from batchd.store.sqlite.staging import StagingKeys
 from batchd.store.values import AppliedRange, FinishReport, StageReport
 
@@ -81,6 +82,40 @@ UPDATE tasks SET
 FROM staging.results AS s
 WHERE {_STAGED_TASKS}
 RETURNING tasks.status"""
+# A candidate batch (a suspected duplicate, `harvest.py`) answers a task of its intent only
+# while the task still waits for a result: `submitted` in whichever batch, or requeued and
+# `pending` (then it is withdrawn from the queue: no longer pending, never claimed). Only a
+# line that ends a task counts; a retryable error leaves the task to its own course. The
+# task then points at the candidate, so the candidate's own re-download is a no-op and
+# any other batch's line for it is a duplicate (below).
+_ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
+_APPLY_HARVESTED = f"""
+UPDATE tasks SET
+    status = s.result_type,
+    batch_id = :local,
+    result = s.result_json,
+    error = CASE WHEN s.result_type = 'succeeded' THEN NULL ELSE s.error END,
+    completed_at = :now,
+    model = s.model,
+    input_tokens = s.input_tokens,
+    output_tokens = s.output_tokens,
+    cache_creation_input_tokens = s.cache_creation_input_tokens,
+    cache_read_input_tokens = s.cache_read_input_tokens
+FROM staging.results AS s
+WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local
+    AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+    AND {_ENDS_TASK} AND tasks.status IN ('submitted', 'pending')
+RETURNING tasks.status"""
+# After the range's UPDATE, in its transaction: a line that would end a task another batch
+# already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
+# never written over the first result. A re-download of this batch's own line is not one.
+_KEEP_DUPLICATES = f"""
+INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
+    :now
+FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
+    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled') AND t.batch_id IS NOT :local"""
 
 
 class SqliteWriteBackLane:
@@ -168,6 +203,9 @@ class SqliteWriteBackLane:
         first, last, count = next(iter(rows))
         if not count:
             return None
+        [(api_id, intent_id)] = await db.execute_fetchall(
+            "SELECT api_batch_id, candidate_for FROM batches WHERE id = ?", (local_id,)
+        )
         names = {
             "local": local_id,
             "max_attempts": max_attempts,
@@ -175,9 +213,13 @@ class SqliteWriteBackLane:
             "first": first,
             "last": last,
         }
-        changed = list(await db.execute_fetchall(_APPLY_STAGED, names))
+        apply = _APPLY_STAGED if intent_id is None else _APPLY_HARVESTED
+        changed = list(await db.execute_fetchall(apply, names))
+        crash_point("harvest_range_applied" if intent_id is not None else "range_applied")
+        duplicates = await run(db, _KEEP_DUPLICATES, {**names, "api_id": api_id})
         requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
-        report = WriteReport(len(changed) - requeued, requeued, count - len(changed), ())
+        ignored = count - len(changed) - duplicates
+        report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
         return AppliedRange(last, report)
 
     async def write_results(
@@ -188,11 +230,12 @@ class SqliteWriteBackLane:
         staged = await self.stage(db, local_id, outcomes)
         applied = await self.apply_range(db, local_id, max_attempts, -1, 0)
         await db.execute("DELETE FROM staging.results")  # frees the chunk's text now
-        written, requeued = (applied.report.written, applied.report.requeued) if applied else (0, 0)
+        report = applied.report if applied else WriteReport(0, 0, 0, ())
+        written, requeued, duplicates = report.written, report.requeued, report.duplicates
         # A repeated unmatched line counts once, as a repeated matched one does.
         unmatched = tuple(dict.fromkeys(outcomes[at].custom_id for at in staged.unmatched))
-        ignored = len(outcomes) - written - requeued - len(unmatched)
-        return WriteReport(written, requeued, ignored, unmatched)
+        ignored = len(outcomes) - written - requeued - duplicates - len(unmatched)
+        return WriteReport(written, requeued, ignored, unmatched, duplicates)
 
 
 class LanePool:
@@ -286,41 +329,47 @@ class WriteBack:
         )
 
     async def finish_batch(
-        self, local_id: int, reason: str, *, archived: bool = False
+        self,
+        local_id: int,
+        reason: str,
+        *,
+        archived: bool = False,
+        matched_lines: int | None = None,
     ) -> FinishReport:
-        """All lines written (or, `archived`, none can be any more): requeue tasks that
-        got none and list them in missing_results, mark the batch `completed`; at once."""
-        return await self._db.transact(self._finish_batch, local_id, reason, archived)
+        """All lines written (or, `archived`, none can be any more): mark the batch
+        `completed` with what its lines showed (`matched_lines`: lines that named a task of
+        its intent), and requeue the intent's tasks that got none, listed in
+        missing_results, once no candidate of it is still open; at once."""
+        return await self._db.transact(
+            self._finish_batch, local_id, reason, archived, matched_lines
+        )
 
     async def _finish_batch(
-        self, db: Db, local_id: int, reason: str, archived: bool
+        self, db: Db, local_id: int, reason: str, archived: bool, matched_lines: int | None
     ) -> FinishReport:
         now = self._db.now()
-        completed = await run(
-            db,
-            "UPDATE batches SET state = 'completed', completed_at = ?"
-            " WHERE id = ? AND state = 'ended'",
-            (now, local_id),
+        rows = list(
+            await db.execute_fetchall(
+                "UPDATE batches SET state = 'completed', completed_at = ?"
+                " WHERE id = ? AND state = 'ended' RETURNING candidate_for",
+                (now, local_id),
+            )
         )
-        if not completed:
+        if not rows:
             return FinishReport(())
-        await cancel_flagged(db, local_id, now, attempts_delta=0)
-        rows = await db.execute_fetchall(
-            "UPDATE tasks SET status = 'pending', batch_id = NULL, error = ?"
-            " WHERE batch_id = ? AND status = 'submitted' RETURNING id, custom_id",
-            (reason, local_id),
-        )
-        missing = tuple(custom_id for _, custom_id in sorted(rows))
+        crash_point("batch_completed")
+        intent_id = rows[0][0]
+        origin = await decide_origin(db, local_id, matched_lines, now, own=intent_id is None)
+        kind = "archived" if archived else "no_line"
+        if intent_id is None:
+            missing = await settle_intent(db, local_id, reason, kind, now)
+        else:
+            # A candidate's end may be the last thing its intent waited for.
+            why = "no result line for this request in its batch or any candidate batch"
+            missing = await settle_intent(db, intent_id, why, "no_line", now)
         # In the same transaction: requests that will be sent (and paid for) again are
         # always on record (`batchd status`), even across a kill.
-        kind = "archived" if archived else "no_line"
-        await run_many(
-            db,
-            "INSERT OR IGNORE INTO missing_results (api_batch_id, custom_id, detected_at, reason)"
-            " SELECT api_batch_id, ?, ?, ? FROM batches WHERE id = ?",
-            [(custom_id, now, kind, local_id) for custom_id in missing],
-        )
-        return FinishReport(missing)
+        return FinishReport(missing, origin)
 
 
 def check_result_types(outcomes: Iterable[Outcome]) -> None:

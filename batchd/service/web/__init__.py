@@ -1,0 +1,1 @@
+"""The daemon's local HTTP listener: /metrics, /healthz, and the read-only web view at /."""
