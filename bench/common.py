@@ -22,11 +22,11 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.store.dsn import mask_dsn
 from batchd.fakeapi.faults import FaultConfig
 from batchd.fakeapi.results import result_lines
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
 from batchd.fakeapi.validation import parse_create_body
+from batchd.store.dsn import mask_dsn
 
 MODEL = "claude-haiku-4-5-20251001"
 _LISTENING = re.compile(r"listening on (http://\S+)")

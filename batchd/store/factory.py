@@ -37,9 +37,7 @@ async def open_store(
     """
     if database.url is not None:
         target = PostgresTarget(database.url, database.schema)
-        return await PostgresStore.open(
-            target, clock=clock, migrate=migrate, read_only=read_only
-        )
+        return await PostgresStore.open(target, clock=clock, migrate=migrate, read_only=read_only)
     return await SqliteStore.open(
         database.path,
         busy_timeout_ms=database.busy_timeout_ms,

@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from batchd.domain import TaskStatus
-from batchd.store.postgres.batches import USER_CANCELED
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of
+
+# The error both stores write on a task the user canceled (one wording, whichever store).
+from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import AcknowledgeReport, WaitingCancelReport
 
 # Tasks changed per transaction by a cancel of many: the rows locked (and the count rows

@@ -22,6 +22,7 @@ from batchd.store.postgres.connection import DEFAULT_POOL_SIZE, PostgresTarget, 
 from batchd.store.postgres.database import Clock, PostgresDatabase, utc_now
 from batchd.store.postgres.leader import PostgresLeadership, leadership
 from batchd.store.postgres.listen import listening
+from batchd.store.postgres.listings import OperatorListings
 from batchd.store.postgres.operations import UserOperations
 from batchd.store.postgres.tasks import TaskIntake
 from batchd.store.postgres.views import OperatorViews
@@ -34,7 +35,13 @@ logging.getLogger("asyncpg").setLevel(logging.CRITICAL)
 
 
 class PostgresStore(
-    TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews, OperatorActions
+    TaskIntake,
+    BatchTracking,
+    WriteBack,
+    UserOperations,
+    OperatorViews,
+    OperatorListings,
+    OperatorActions,
 ):
     """A pool of a few connections for every statement, and two write-back lanes."""
 
