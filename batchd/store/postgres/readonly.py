@@ -60,7 +60,11 @@ async def check_readable(conn: asyncpg.Connection, target: PostgresTarget) -> Sc
 
 
 async def schema_versions(database: PostgresDatabase) -> SchemaVersions:
-    """`Store.schema_versions` on the store's pool (a read, whatever the store's mode): an
-    open store's schema always has schema_migrations (migrated, or checked readable)."""
+    """`Store.schema_versions` on the store's pool (a read, whatever the store's mode); 0
+    when batchd's schema is not there (a store opened with `migrate=False` before it was
+    created)."""
+    exists = await database.read_one("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists[0]:
+        return SchemaVersions(0, supported_version())
     row = await database.read_one("SELECT coalesce(max(version), 0) FROM schema_migrations")
     return SchemaVersions(int(row[0]), supported_version())
