@@ -38,7 +38,8 @@ def database(postgres_dsn: str, postgres_schema: str) -> DatabaseConfig:
 
 @pytest.fixture
 def peek(database: DatabaseConfig) -> PostgresPeek:
-    assert database.url is not None and database.schema is not None
+    assert database.url is not None
+    assert database.schema is not None
     return PostgresPeek(database.url, database.schema)
 
 
