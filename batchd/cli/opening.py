@@ -18,6 +18,7 @@ from batchd.config import DatabaseConfig
 from batchd.service.exits import TemporaryError
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock
 from batchd.store import DatabaseMissingError, SchemaTooOldError, Store, open_store
+from batchd.store.dsn import mask_dsn
 
 READ_ONLY_COMMANDS = frozenset({"status", "results", "estimate", "batches", "tasks"})
 MIGRATING_COMMANDS = frozenset({"migrate", "enqueue"})
@@ -45,10 +46,17 @@ async def open_current(database: DatabaseConfig) -> Store:
     except BaseException:
         await store.close()
         raise
+    where = database.path if database.url is None else mask_dsn(database.url)
+    if recorded == 0 and database.url is not None:  # a server's schema not created yet
+        await store.close()
+        raise DatabaseMissingError(
+            f"no batchd schema in {where} (schema {database.schema or 'of the search_path'}): "
+            "only `batchd run`, `migrate` and `enqueue` create one"
+        )
     if recorded < supported:
         await store.close()
         raise SchemaTooOldError(
-            f"database {database.path} has schema version {recorded}, older than this "
+            f"database {where} has schema version {recorded}, older than this "
             f"batchd's ({supported}): run `batchd migrate` first"
         )
     return store

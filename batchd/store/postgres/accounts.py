@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of, ids, text_time
+from batchd.store.postgres.keyset import in_pages, merged_rows, status_page
 from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
@@ -106,36 +108,26 @@ class PostgresAccounts:
         )
         return ResultGaps(int(row[0]), int(row[1]), int(row[2]))
 
-    async def prunable_tasks(
-        self, cutoff: datetime, after_id: int, limit: int
-    ) -> list[PrunableTask]:
-        """Final tasks completed before `cutoff`, by id after `after_id` (keyset pages)."""
-        rows = await self._db.read(
-            f"SELECT {_PRUNE_COLUMNS} FROM tasks WHERE id > $1"
-            " AND status = ANY($2::text[]) AND completed_at < $3 ORDER BY id LIMIT $4",
-            after_id,
-            _FINAL,
-            cutoff,
-            limit,
-        )
-        return [
-            PrunableTask(
-                row[0],
-                row[1],
-                row[2],
-                row[3],
-                row[4],
-                row[5],
-                row[6],
-                row[7],
-                row[8],
-                row[9],
-                row[10],
-                text_time(row[11]) or "",
-                text_time(row[12]),
-            )
-            for row in rows
-        ]
+    async def iter_prunable(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[PrunableTask]]:
+        """Final tasks completed before `cutoff`, by id, in pages, every column (an export):
+        each final status paged by key on its own (`keyset`), no other row read."""
+        async for page in self._prunable(_PRUNE_COLUMNS, cutoff, page_size):
+            yield [_prunable_task(row) for row in page]
+
+    async def iter_prunable_ids(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[list[int]]:
+        """The ids alone of `iter_prunable`: params and results are not read."""
+        async for page in self._prunable("id", cutoff, page_size):
+            yield [int(row[0]) for row in page]
+
+    def _prunable(
+        self, columns: str, cutoff: datetime, page_size: int
+    ) -> AsyncIterator[list[tuple[Any, ...]]]:
+        sql = status_page(columns, "completed_at < $4")
+        return in_pages(merged_rows(self._db, sql, _FINAL, page_size, cutoff), page_size)
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks, if they are still final and completed before `cutoff`."""
@@ -143,9 +135,15 @@ class PostgresAccounts:
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to;
-        one short transaction per batch. A batch named in duplicate_batches stays."""
+        one short transaction per batch. A batch named in duplicate_batches stays.
+
+        Only batches that lost a task since they were last looked at (`batches_to_check`,
+        filled by a statement trigger on every DELETE of tasks, migration 007): the cost
+        follows what was deleted, not the history. A batch not finished yet stays to be
+        looked at by a later prune."""
         finished = await self._db.read(
-            "SELECT id FROM batches WHERE state = ANY($1::text[]) ORDER BY id",
+            "SELECT c.batch_id FROM batches_to_check AS c JOIN batches AS b ON b.id = c.batch_id"
+            " WHERE b.state = ANY($1::text[]) ORDER BY c.batch_id",
             _FINISHED_BATCH_STATES,
         )
         links = batches = 0
@@ -153,6 +151,7 @@ class PostgresAccounts:
             links_gone, batch_gone = await self._db.transact(_forget_batch, local_id)
             links += links_gone
             batches += batch_gone
+        await self._db.transact(_forget_vanished_checks)
         return ForgottenBatches(links, batches)
 
     async def storage_bytes(self) -> int:
@@ -167,7 +166,7 @@ class PostgresAccounts:
     async def reclaim_space(self) -> None:
         """Nothing: autovacuum makes the space of deleted rows reusable; giving it back to
         the filesystem (VACUUM FULL) locks `tasks` against users, an operator's decision."""
-        self._db.check_open()
+        self._db.check_writable()
 
 
 async def _delete_tasks(conn: Conn, task_ids: list[int], cutoff: datetime) -> int:
@@ -195,4 +194,31 @@ async def _forget_batch(conn: Conn, local_id: int) -> tuple[int, int]:
         " AND NOT EXISTS (SELECT 1 FROM duplicate_batches WHERE harvest_id = $1)",
         local_id,
     )
+    await conn.execute("DELETE FROM batches_to_check WHERE batch_id = $1", local_id)
     return count_of(links), count_of(batches)
+
+
+async def _forget_vanished_checks(conn: Conn) -> None:
+    await conn.execute(
+        "DELETE FROM batches_to_check AS c WHERE NOT EXISTS"
+        " (SELECT 1 FROM batches AS b WHERE b.id = c.batch_id)"
+    )
+
+
+def _prunable_task(row: tuple[Any, ...]) -> PrunableTask:
+    """A PrunableTask with times as the SQLite store shows them."""
+    return PrunableTask(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        text_time(row[11]) or "",
+        text_time(row[12]),
+    )

@@ -145,10 +145,10 @@ class BatchTracking:
         return int(value)
 
     async def duplicate_batches(self) -> list[DuplicateBatch]:
-        """Every suspected duplicate, oldest first."""
+        """Every suspected duplicate not acknowledged by an operator, oldest first."""
         rows = await self._db.read(
             "SELECT api_batch_id, detected_at, note FROM duplicate_batches"
-            " ORDER BY detected_at, api_batch_id"
+            " WHERE acknowledged_at IS NULL ORDER BY detected_at, api_batch_id"
         )
         return [DuplicateBatch(row[0], text_time(row[1]) or "", row[2]) for row in rows]
 

@@ -69,6 +69,9 @@ class PostgresTarget:
 
     dsn: str
     schema: str | None = None  # None: the role's search_path decides (normally public)
+    # Every session read-only (`default_transaction_read_only`): a read-only store's
+    # connections cannot write even if a write path forgot to refuse first.
+    read_only: bool = False
 
     @property
     def shown(self) -> str:
@@ -87,6 +90,8 @@ def session_settings(target: PostgresTarget) -> dict[str, str]:
     settings = dict(_SESSION_SETTINGS)
     if target.schema is not None:
         settings["search_path"] = quote_ident(target.schema)
+    if target.read_only:
+        settings["default_transaction_read_only"] = "on"
     return settings
 
 

@@ -83,9 +83,19 @@ class PostgresDatabase:
         if self._closed:
             raise StoreError(f"{self.shown}: the store is closed")
 
+    @property
+    def read_only(self) -> bool:
+        return self.target.read_only
+
+    def check_writable(self) -> None:
+        """Refuse a write on a store opened read-only, before any connection is touched."""
+        self.check_open()
+        if self.read_only:
+            raise StoreError(f"{self.shown}: the store was opened read-only")
+
     async def connect(self) -> asyncpg.Connection:
         """A connection of its own (a write-back lane, LISTEN); the caller closes it."""
-        self.check_open()
+        self.check_writable()
         return await connect(self.target)
 
     def now(self) -> datetime:
@@ -95,7 +105,7 @@ class PostgresDatabase:
         self, body: Callable[Concatenate[Conn, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """`body(conn, ...)` as one transaction on a pooled connection, shielded."""
-        self.check_open()
+        self.check_writable()
 
         async def run() -> T:
             async with acquired(self._pool, self.target, "write to") as conn:

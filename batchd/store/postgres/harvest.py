@@ -40,6 +40,7 @@ SELECT d.api_batch_id, d.harvest_id, d.local_id, coalesce(b.state, 'unread'), b.
     (SELECT count(*) FROM duplicate_results AS r WHERE r.api_batch_id = d.api_batch_id),
     coalesce(b.foreign_lines, 0), d.detected_at, d.note
 FROM duplicate_batches AS d LEFT JOIN batches AS b ON b.id = d.harvest_id
+WHERE d.acknowledged_at IS NULL
 ORDER BY d.detected_at, d.api_batch_id"""
 
 

@@ -10,6 +10,7 @@ from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
 from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
+from batchd.store.postgres.keyset import merged_rows, status_page
 from batchd.store.postgres.settle import USER_CANCELED
 from batchd.store.values import CancelReport, ResultLine
 
@@ -24,11 +25,23 @@ class UserOperations:
     _db: PostgresDatabase
 
     async def status_counts(self) -> dict[TaskStatus, int]:
-        """How many tasks are in each status, zeros included."""
-        rows = await self._db.read("SELECT status, count(*) FROM tasks GROUP BY status")
+        """How many tasks are in each status, zeros included: 7 rows kept by statement
+        triggers (migration 007), whatever the number of tasks."""
+        rows = await self._db.read("SELECT status, tasks FROM task_counts")
         counts = dict.fromkeys(TaskStatus, 0)
-        counts.update({TaskStatus(status): count for status, count in rows})
+        counts.update({TaskStatus(status): int(count) for status, count in rows})
         return counts
+
+    async def has_tasks(self, *statuses: TaskStatus) -> bool:
+        """Whether any task is in one of `statuses`: at most one index entry per status,
+        read from the tasks themselves (exact, whatever the counts say)."""
+        if not statuses:
+            return False
+        found = " OR ".join(
+            f"EXISTS (SELECT 1 FROM tasks WHERE status = ${n})" for n in range(1, len(statuses) + 1)
+        )
+        row = await self._db.read_one(f"SELECT {found}", *(str(status) for status in statuses))
+        return bool(row[0])
 
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
         """The tasks asked for, in the order asked; unknown custom_ids are left out."""
@@ -59,23 +72,13 @@ class UserOperations:
     async def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
-        after = 0
-        wanted = [str(status) for status in statuses]
-        while True:
-            rows = await self._db.read(
-                "SELECT id, custom_id, result::text FROM tasks"
-                " WHERE status = ANY($1::text[]) AND result IS NOT NULL AND id > $2"
-                " ORDER BY id LIMIT $3",
-                wanted,
-                after,
-                page_size,
-            )
-            for _, custom_id, result in rows:
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id: each
+        status paged by key on its own (`keyset`), no row of another status read."""
+        sql = status_page("id, custom_id, result::text", "result IS NOT NULL")
+        wanted = sorted({str(status) for status in statuses})
+        async for run in merged_rows(self._db, sql, wanted, page_size):
+            for _, custom_id, result in run:
                 yield ResultLine(custom_id, result)
-            if len(rows) < page_size:
-                return
-            after = rows[-1][0]
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back."""
@@ -84,22 +87,25 @@ class UserOperations:
     async def _request_cancel(self, conn: Conn, custom_ids: list[str]) -> CancelReport:
         # FOR UPDATE: the statuses read are the ones the two UPDATEs below act on (a
         # daemon's claim on another connection waits, rather than slipping in between).
+        # The named rows are found by custom_id, then changed by id (the primary key):
+        # never planned through tasks_by_status, which would read every pending task.
         rows = await conn.fetch(
-            "SELECT custom_id, status FROM tasks WHERE custom_id = ANY($1::text[]) FOR UPDATE",
+            "SELECT custom_id, status, id FROM tasks WHERE custom_id = ANY($1::text[]) FOR UPDATE",
             custom_ids,
         )
         status_of: dict[str, str] = {row[0]: row[1] for row in rows}
+        task_ids = [int(row[2]) for row in rows]
         await conn.execute(
             "UPDATE tasks SET status = 'canceled', error = $1, completed_at = $2"
-            " WHERE custom_id = ANY($3::text[]) AND status = 'pending'",
+            " WHERE id = ANY($3::bigint[]) AND status = 'pending'",
             USER_CANCELED,
             self._db.now(),
-            custom_ids,
+            task_ids,
         )
         await conn.execute(
             "UPDATE tasks SET cancel_requested = true"
-            " WHERE custom_id = ANY($1::text[]) AND status = 'submitted'",
-            custom_ids,
+            " WHERE id = ANY($1::bigint[]) AND status = 'submitted'",
+            task_ids,
         )
 
         def having(*statuses: str | None) -> tuple[str, ...]:

@@ -10,29 +10,42 @@ See `batchd/store/interface.py` for the contract and docs/design.md for the tran
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-from batchd.store.postgres import migrations
+from batchd.store.postgres import migrations, readonly
 from batchd.store.postgres.accounts import PostgresAccounts
+from batchd.store.postgres.actions import OperatorActions
 from batchd.store.postgres.batches import BatchTracking
 from batchd.store.postgres.connection import DEFAULT_POOL_SIZE, PostgresTarget, connect
 from batchd.store.postgres.database import Clock, PostgresDatabase, utc_now
 from batchd.store.postgres.harvest import Harvest
 from batchd.store.postgres.leader import PostgresLeadership, leadership
 from batchd.store.postgres.listen import listening
+from batchd.store.postgres.listings import OperatorListings
 from batchd.store.postgres.operations import UserOperations
 from batchd.store.postgres.tasks import TaskIntake
 from batchd.store.postgres.views import OperatorViews
 from batchd.store.postgres.writeback import LanePool, WriteBack
+from batchd.store.values import SchemaVersions
 
 # asyncpg's pool logs a traceback for every failed reconnect during an outage; the store
 # reports outages itself (PostgresUnavailableError, naming the masked DSN), once.
 logging.getLogger("asyncpg").setLevel(logging.CRITICAL)
 
 
-class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations, OperatorViews, Harvest):
+class PostgresStore(
+    TaskIntake,
+    BatchTracking,
+    WriteBack,
+    UserOperations,
+    OperatorViews,
+    OperatorListings,
+    OperatorActions,
+    Harvest,
+):
     """A pool of a few connections for every statement, and two write-back lanes."""
 
     def __init__(self, database: PostgresDatabase) -> None:
@@ -48,15 +61,20 @@ class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operat
         clock: Clock | None = None,
         migrate: bool = True,
         pool_size: int = DEFAULT_POOL_SIZE,
+        read_only: bool = False,
     ) -> PostgresStore:
         """Check (and unless `migrate` is False, migrate) the schema, then open the pool.
 
         The schema first, on a connection of its own: a foreign `tasks` table or a newer
         schema is refused before any pooled connection exists.
         """
+        if read_only:  # every session read-only; never migrated (readonly.py)
+            target = dataclasses.replace(target, read_only=True)
         conn = await connect(target)
         try:
-            if migrate:
+            if read_only:
+                await readonly.check_readable(conn, target)
+            elif migrate:
                 await migrations.migrate(conn, target)
             else:
                 await migrations.check_schema(conn, target)
@@ -84,7 +102,7 @@ class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operat
         self, stop: asyncio.Event, on_standby: Callable[[str], None]
     ) -> AbstractAsyncContextManager[PostgresLeadership]:
         """Lead the daemons on this database (leader.py); claims are fenced meanwhile."""
-        self._db.check_open()
+        self._db.check_writable()
         return leadership(self._db, stop, on_standby)
 
     def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
@@ -94,9 +112,13 @@ class PostgresStore(TaskIntake, BatchTracking, WriteBack, UserOperations, Operat
 
     async def migrate(self) -> list[int]:
         """Apply every shipped migration not yet recorded, each in its own transaction."""
-        self._db.check_open()
+        self._db.check_writable()
         conn = await connect(self._db.target)
         try:
             return await migrations.migrate(conn, self._db.target)
         finally:
             await conn.close()
+
+    async def schema_versions(self) -> SchemaVersions:
+        """The schema version the database records and the newest this batchd ships."""
+        return await readonly.schema_versions(self._db)

@@ -166,7 +166,7 @@ class PostgresWriteBackLane:
         self, body: Callable[Concatenate[Conn, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """`body(conn, ...)` as one transaction on this lane's connection, shielded."""
-        self._database.check_open()
+        self._database.check_writable()
 
         async def run() -> T:
             async with self._lock:

@@ -128,10 +128,6 @@ class SqliteStore(
         self._db.check_writable()
         return await migrations.migrate(self._db)
 
-    async def schema_versions(self) -> SchemaVersions:
-        """The schema version the database records and the newest this batchd ships."""
-        return await migrations.schema_versions(self._db)
-
     @asynccontextmanager
     async def leadership(
         self, stop: asyncio.Event, on_standby: Callable[[str], None]
@@ -143,6 +139,10 @@ class SqliteStore(
         """Nothing to listen to: SQLite has no notifications across processes; the
         daemon's poll tick finds new tasks."""
         return contextlib.nullcontext()
+
+    async def schema_versions(self) -> SchemaVersions:
+        """The schema version the database records and the newest this batchd ships."""
+        return await migrations.schema_versions(self._db)
 
     # --- issue 14 reads ---
     # Read-only methods for operator views go in a part of their own (`views.py`, the
