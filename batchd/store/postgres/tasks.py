@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
-from itertools import islice
 
 from batchd.api.wire import MessageBatch, parse_timestamp
 from batchd.domain import PendingTask
 from batchd.store.errors import StoreError
+from batchd.store.intake import enqueue_in_chunks
 from batchd.store.postgres.batches import STATE_OF_PROCESSING, batch_params
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, Rollback, count_of, ids, to_millis
@@ -21,7 +21,6 @@ from batchd.store.postgres.leader import check_fence
 from batchd.store.postgres.settle import cancel_flagged
 from batchd.store.values import EnqueueReport
 
-_ENQUEUE_CHUNK = 5000
 _INSERT_TASKS = """
 INSERT INTO tasks (custom_id, params)
 SELECT c, p::jsonb FROM unnest($1::text[], $2::text[]) AS new(c, p)
@@ -35,22 +34,7 @@ class TaskIntake:
 
     async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
         """Insert new tasks; custom_ids already stored or repeated in `items` are reported."""
-        inserted = 0
-        duplicates: list[str] = []
-        seen: set[str] = set()
-        source = iter(items)
-        while chunk := list(islice(source, _ENQUEUE_CHUNK)):
-            fresh: dict[str, str] = {}
-            for custom_id, params in chunk:
-                if custom_id not in seen and custom_id not in fresh:
-                    fresh[custom_id] = params
-            existing, count = await self._db.transact(_insert_tasks, fresh)
-            inserted += count
-            for custom_id, _ in chunk:
-                if custom_id in seen or custom_id in existing:
-                    duplicates.append(custom_id)
-                seen.add(custom_id)
-        return EnqueueReport(inserted, tuple(duplicates))
+        return await enqueue_in_chunks(items, lambda fresh: self._db.transact(_insert_tasks, fresh))
 
     async def iter_pending(
         self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024

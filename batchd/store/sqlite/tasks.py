@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
-from itertools import islice
 
 from batchd.api.wire import MessageBatch, parse_timestamp
 from batchd.domain import PendingTask
+from batchd.store.intake import enqueue_in_chunks
 from batchd.store.sqlite.batches import STATE_OF_PROCESSING, batch_params
 from batchd.store.sqlite.database import (
     Db,
@@ -23,8 +23,6 @@ from batchd.store.sqlite.harvest import record_candidate_in
 from batchd.store.sqlite.settle import cancel_flagged
 from batchd.store.values import EnqueueReport
 
-_ENQUEUE_CHUNK = 5000
-
 
 class TaskIntake:
     """Tasks in, pending tasks out, and the claim that makes a batch (part of SqliteStore)."""
@@ -33,22 +31,7 @@ class TaskIntake:
 
     async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
         """Insert new tasks; custom_ids already stored or repeated in `items` are reported."""
-        inserted = 0
-        duplicates: list[str] = []
-        seen: set[str] = set()
-        source = iter(items)
-        while chunk := list(islice(source, _ENQUEUE_CHUNK)):
-            fresh: dict[str, str] = {}
-            for custom_id, params in chunk:
-                if custom_id not in seen and custom_id not in fresh:
-                    fresh[custom_id] = params
-            existing, count = await self._db.transact(_insert_tasks, fresh)
-            inserted += count
-            for custom_id, _ in chunk:
-                if custom_id in seen or custom_id in existing:
-                    duplicates.append(custom_id)
-                seen.add(custom_id)
-        return EnqueueReport(inserted, tuple(duplicates))
+        return await enqueue_in_chunks(items, lambda fresh: self._db.transact(_insert_tasks, fresh))
 
     async def iter_pending(
         self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024
