@@ -82,6 +82,17 @@ class Api:
             return jsonl(await response.read())
 
 
+async def create_with_repeats(api: Api) -> None:
+    """Two creates: req-0 to req-2, then req-0 and req-1 again beside a fresh one."""
+    await api.create(requests_body(3))
+    await api.create(
+        {
+            "requests": requests_body(2)["requests"]
+            + [{"custom_id": "fresh", "params": {"model": "m"}}]
+        }
+    )
+
+
 def refuse_in_fake(
     monkeypatch: pytest.MonkeyPatch, refused: set[str], message: Callable[[int], str]
 ) -> None:
