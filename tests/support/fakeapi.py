@@ -101,12 +101,22 @@ def refuse_in_fake(
     Our chunker already refuses every custom_id the real API would, so this emulates a
     server-side rule the client cannot know about.
     """
+    refuse_in_fake_by(
+        monkeypatch, lambda index, custom_id: message(index) if custom_id in refused else None
+    )
+
+
+def refuse_in_fake_by(
+    monkeypatch: pytest.MonkeyPatch, refusal: Callable[[int, str], str | None]
+) -> None:
+    """Make the fake refuse any create holding a request for which `refusal(index,
+    custom_id)` gives a message (that message); None lets the request through."""
     check_envelope = validation._check_envelope
 
     def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
         custom_id, params = check_envelope(index, item)
-        if custom_id in refused:
-            raise validation.CreateRejected(message(index))
+        if (message := refusal(index, custom_id)) is not None:
+            raise validation.CreateRejected(message)
         return custom_id, params
 
     monkeypatch.setattr(validation, "_check_envelope", stricter)
