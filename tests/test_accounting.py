@@ -20,6 +20,7 @@ from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.pipeline.collector import Collector
+from batchd.serving import AppServer
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 from tests.support.store import START, FakeClock, api_batch, claim, query, submitted_batch
@@ -171,15 +172,12 @@ async def results(store: Store, db_path: Path, clock: FakeClock) -> AsyncIterato
 
     app = web.Application()
     app.router.add_get("/results/{name}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    served = AppServer(app, "127.0.0.1", 0, shutdown_timeout_s=1.0)
+    port = await served.start()
     try:
         yield ResultsRig(store, db_path, clock, f"http://127.0.0.1:{port}", bodies)
     finally:
-        await runner.cleanup()
+        await served.stop()
 
 
 def line(custom_id: str) -> bytes:
