@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -247,3 +247,10 @@ def command_line() -> str:
     """The command that reproduces a run; a database URL's password shown as ***."""
     shown = [mask_dsn(arg) if arg.startswith("postgres") else arg for arg in sys.argv]
     return shlex.join(["python3", *shown])
+
+
+def print_header() -> None:
+    """The two comment lines every benchmark's output starts with: when and on what it
+    ran, and the command that reproduces it."""
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
+    print(f"# reproduce: {command_line()}")

@@ -15,7 +15,6 @@ import asyncio
 import sqlite3
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 from batchd.api.wire import MAX_BATCH_BYTES
@@ -25,9 +24,8 @@ from batchd.store import open_store
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     FakeApiProcess,
-    command_line,
-    machine,
     peak_between,
+    print_header,
     run_daemon,
     tasks,
     write_config,
@@ -83,8 +81,7 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=["big", "small"])
     args = parser.parse_args()
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
-    print(f"# reproduce: {command_line()}")
+    print_header()
     with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
         if args.only in (None, "big"):
             scenario(Path(tmp), "big", args.tasks, args.prompt_bytes)

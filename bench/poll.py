@@ -27,7 +27,7 @@ from batchd.service.logs import configure_logging
 from batchd.store import Store, open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FakeApiProcess, command_line, machine, tasks
+from common import FakeApiProcess, print_header, tasks
 
 _TICK_S = 0.005
 
@@ -108,8 +108,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=PollingConfig().max_concurrency)
     parser.add_argument("--cycles", type=int, default=3)
     args = parser.parse_args()
-    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
-    print(f"# reproduce: {command_line()}")
+    print_header()
     with (
         open(os.devnull, "w", encoding="utf-8") as devnull,
         tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from batchd.cli.commands import render_status, status_snapshot
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus, Usage
 from batchd.pipeline.collector import Collector
+from batchd.serving import AppServer
 from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 from tests.support.store import START, FakeClock, api_batch, claim, query, submitted_batch
@@ -130,25 +132,52 @@ async def test_a_batch_near_archival_with_results_not_stored_is_flagged(
 # -- the missing-result check, through the collector and a results server -------------------
 
 
+@dataclass
+class ResultsRig:
+    """A batch ended on the API whose results a loopback server answers, and a collector."""
+
+    store: Store
+    db_path: Path
+    clock: FakeClock
+    base_url: str
+    bodies: dict[str, bytes]  # the JSONL each results URL answers
+
+    async def batch(self, jsonl: bytes, *custom_ids: str) -> None:
+        """Batch msgbatch_1 of `custom_ids`, ended, whose results stream is `jsonl`."""
+        local_id = await submitted_batch(self.store, "msgbatch_1", *custom_ids)
+        self.bodies["msgbatch_1"] = jsonl
+        url = f"{self.base_url}/results/msgbatch_1"
+        with sqlite3.connect(self.db_path) as conn:
+            conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (url, local_id))
+        conn.close()
+
+    async def collect(self) -> int:
+        """One collector pass; how many batches it finished."""
+        async with aiohttp.ClientSession() as session:
+            client = BatchesClient(
+                session, base_url=self.base_url, api_key="k", policy=RetryPolicy(0)
+            )
+            settings = CollectorSettings(ResultsConfig(), 3)
+            collector = Collector(self.store, client, settings, clock=self.clock)
+            return await collector.collect_all()
+
+
 @pytest.fixture
-async def results_server() -> AsyncIterator[tuple[str, dict[str, bytes]]]:
-    """A server that answers each results URL with the JSONL a test puts in `bodies`."""
+async def results(store: Store, db_path: Path, clock: FakeClock) -> AsyncIterator[ResultsRig]:
+    """A loopback server answering each results URL with the JSONL a test gives `batch`."""
     bodies: dict[str, bytes] = {}
 
-    async def results(request: web.Request) -> web.Response:
+    async def answer(request: web.Request) -> web.Response:
         return web.Response(body=bodies[request.match_info["name"]])
 
     app = web.Application()
-    app.router.add_get("/results/{name}", results)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    app.router.add_get("/results/{name}", answer)
+    served = AppServer(app, "127.0.0.1", 0, shutdown_timeout_s=1.0)
+    port = await served.start()
     try:
-        yield f"http://127.0.0.1:{port}", bodies
+        yield ResultsRig(store, db_path, clock, f"http://127.0.0.1:{port}", bodies)
     finally:
-        await runner.cleanup()
+        await served.stop()
 
 
 def line(custom_id: str) -> bytes:
@@ -157,30 +186,14 @@ def line(custom_id: str) -> bytes:
     return orjson.dumps({"custom_id": custom_id, "result": result}) + b"\n"
 
 
-async def collect(store: Store, base_url: str, clock: FakeClock) -> None:
-    async with aiohttp.ClientSession() as session:
-        client = BatchesClient(session, base_url=base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(store, client, CollectorSettings(ResultsConfig(), 3), clock=clock)
-        assert await collector.collect_all() == 1
-
-
 async def test_a_whole_stream_without_some_requests_requeues_and_reports_them(
-    store: Store,
-    db_path: Path,
-    clock: FakeClock,
-    results_server: tuple[str, dict[str, bytes]],
+    store: Store, db_path: Path, results: ResultsRig
 ) -> None:
-    base_url, bodies = results_server
-    local_id = await submitted_batch(store, "msgbatch_1", "a", "b", "c", "d")
-    url = f"{base_url}/results/one"
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE batches SET results_url = ? WHERE id = ?", (url, local_id))
-    conn.close()
     # As many lines as requests, but "a" twice and "zz" (no such task) instead of c and d.
-    bodies["one"] = line("a") + line("b") + line("a") + line("zz")
+    await results.batch(line("a") + line("b") + line("a") + line("zz"), "a", "b", "c", "d")
 
     with capture_logs() as logs:
-        await collect(store, base_url, clock)
+        assert await results.collect() == 1
 
     statuses = dict(query(db_path, "SELECT custom_id, status FROM tasks"))
     assert statuses == {"a": "succeeded", "b": "succeeded", "c": "pending", "d": "pending"}
@@ -200,24 +213,11 @@ async def test_a_whole_stream_without_some_requests_requeues_and_reports_them(
 
 
 async def test_a_short_stream_is_downloaded_again_never_requeued(
-    store: Store,
-    db_path: Path,
-    clock: FakeClock,
-    results_server: tuple[str, dict[str, bytes]],
+    store: Store, db_path: Path, results: ResultsRig
 ) -> None:
-    base_url, bodies = results_server
-    local_id = await submitted_batch(store, "msgbatch_1", "a", "b", "c")
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            "UPDATE batches SET results_url = ? WHERE id = ?", (f"{base_url}/results/s", local_id)
-        )
-    conn.close()
-    bodies["s"] = line("a") + line("b")  # one line short: a cut-off download
+    await results.batch(line("a") + line("b"), "a", "b", "c")  # one line short: a cut-off
 
-    async with aiohttp.ClientSession() as session:
-        client = BatchesClient(session, base_url=base_url, api_key="k", policy=RetryPolicy(0))
-        collector = Collector(store, client, CollectorSettings(ResultsConfig(), 3), clock=clock)
-        assert await collector.collect_all() == 0
+    assert await results.collect() == 0
 
     assert dict(query(db_path, "SELECT custom_id, status FROM tasks"))["c"] == "submitted"
     assert query(db_path, "SELECT state, download_attempts FROM batches") == [("ended", 1)]

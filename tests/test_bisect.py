@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 
@@ -24,22 +24,39 @@ def refuse_batches_holding(monkeypatch: pytest.MonkeyPatch, refused: set[str]) -
 pytestmark = pytest.mark.both_stores
 
 
+# Makes the fake refuse every batch holding one of `refused`, enqueues `tasks`, and gives
+# the config of a daemon sending batches of at most `max_requests`.
+Prepare = Callable[[set[str], Iterable[tuple[str, str]], int], Awaitable[Config]]
+
+
+@pytest.fixture
+def prepare(
+    store: Store,
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Prepare:
+    async def prepared(
+        refused: set[str], tasks: Iterable[tuple[str, str]], max_requests: int
+    ) -> Config:
+        refuse_batches_holding(monkeypatch, refused)
+        await store.enqueue(tasks)
+        return daemon_config(fake_api.base_url, max_requests=max_requests)
+
+    return prepared
+
+
 def rows(peek: Peek) -> dict[str, tuple[str, int, str | None]]:
     found = peek.query("SELECT custom_id, status, attempts, error FROM tasks")
     return {custom_id: (status, attempts, error) for custom_id, status, attempts, error in found}
 
 
 async def test_bisection_isolates_the_refused_requests_and_sends_all_the_others(
-    store: Store,
-    fake_api: FakeApiServer,
-    daemon_config: Callable[..., Config],
-    peek: Peek,
-    monkeypatch: pytest.MonkeyPatch,
+    prepare: Prepare, fake_api: FakeApiServer, peek: Peek
 ) -> None:
     refused = {"t-13", "t-29"}
-    refuse_batches_holding(monkeypatch, refused)
-    await store.enqueue((f"t-{n}", request_params(f"bisect {n}")) for n in range(40))
-    config = daemon_config(fake_api.base_url, max_requests=16)
+    tasks = ((f"t-{n}", request_params(f"bisect {n}")) for n in range(40))
+    config = await prepare(refused, tasks, 16)
     assert await asyncio.wait_for(run_daemon(config, "k", exit_when_idle=True), 30) == 0
 
     found = rows(peek)
@@ -53,16 +70,11 @@ async def test_bisection_isolates_the_refused_requests_and_sends_all_the_others(
 
 
 async def test_a_refusal_that_is_not_about_any_request_fails_no_task(
-    store: Store,
-    fake_api: FakeApiServer,
-    daemon_config: Callable[..., Config],
-    peek: Peek,
-    monkeypatch: pytest.MonkeyPatch,
+    prepare: Prepare, fake_api: FakeApiServer, peek: Peek
 ) -> None:
     everything = {f"t-{n}" for n in range(8)}
-    refuse_batches_holding(monkeypatch, everything)  # e.g. an account setting: every batch
-    await store.enqueue((custom_id, request_params(custom_id)) for custom_id in sorted(everything))
-    config = daemon_config(fake_api.base_url, max_requests=8)
+    tasks = ((custom_id, request_params(custom_id)) for custom_id in sorted(everything))
+    config = await prepare(everything, tasks, 8)  # e.g. an account setting: every batch
     running = asyncio.create_task(run_daemon(config, "k", exit_when_idle=True))
     await asyncio.sleep(1.5)
     found = rows(peek)

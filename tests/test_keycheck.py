@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from batchd.service.health import Health
 from batchd.service.keycheck import ApiKeyCheck, KeyState
 from batchd.service.metrics import batchd_registry
 from batchd.service.web.server import MetricsServer
-from tests.support.cli import BATCHD, batchd
+from tests.support.cli import batchd, fake_api_command
 
 RIGHT_KEY = "sk-the-right-key"
 WRONG_KEY = "sk-a-wrong-key"
@@ -33,23 +31,8 @@ WRONG_KEY = "sk-a-wrong-key"
 @pytest.fixture
 def fake_with_key() -> Iterator[str]:
     """`batchd fake-api --api-key ...`: only that key is accepted."""
-    process = subprocess.Popen(
-        [*BATCHD, "fake-api", "--port", "0", "--api-key", RIGHT_KEY],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()
-        match = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert match, line
-        yield match.group(0)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+    with fake_api_command("--api-key", RIGHT_KEY) as base_url:
+        yield base_url
 
 
 def run_env(tmp_path: Path, base_url: str, extra_toml: str = "") -> dict[str, str]:

@@ -19,6 +19,7 @@ from batchd.money.spending import render_budget, render_usage
 from batchd.service.status import RETENTION_MARGIN as RETENTION_MARGIN  # noqa: PLC0414
 from batchd.service.status import retention_warnings as retention_warnings  # noqa: PLC0414
 from batchd.service.status import status_snapshot as status_snapshot  # noqa: PLC0414
+from batchd.service.status import task_head
 from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
 
 _ENQUEUE_CHUNK = 5000
@@ -172,11 +173,7 @@ def _harvest_text(duplicate: dict[str, Any]) -> str:
 
 def task_json(row: TaskRow) -> dict[str, Any]:
     return {
-        "custom_id": row.custom_id,
-        "status": str(row.status),
-        "attempts": row.attempts,
-        "batch_id": row.api_batch_id,
-        "error": row.error,
+        **task_head(row),
         "result": orjson.loads(row.result_json) if row.result_json else None,
         "created_at": row.created_at,
         "submitted_at": row.submitted_at,

@@ -16,9 +16,6 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
-
-from aiohttp import web
 
 from batchd.api.wire import MAX_BATCH_BYTES, RESULTS_RETENTION_DAYS
 from batchd.fakeapi.admin import add_admin_routes
@@ -33,6 +30,7 @@ from batchd.fakeapi.faults import (
 )
 from batchd.fakeapi.persistence import StateFileError, load_state
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
+from batchd.serving import AppServer, StartStop
 
 DEFAULT_CLI_PORT = 8765
 
@@ -56,7 +54,7 @@ class FakeApiConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
 
-class FakeApiServer:
+class FakeApiServer(StartStop):
     """The fake on a loopback port for the duration of an `async with`."""
 
     def __init__(self, config: FakeApiConfig | None = None) -> None:
@@ -80,7 +78,7 @@ class FakeApiServer:
             max_body_bytes=self.config.max_body_bytes,
             state_path=self.config.state_path,
         )
-        self._runner: web.AppRunner | None = None
+        self._served: AppServer | None = None
         self.port = self.config.port
 
     @property
@@ -95,34 +93,13 @@ class FakeApiServer:
             self.clock.offset = timedelta(seconds=load_state(state_path, self.state))
         app = create_app(self.api)
         add_admin_routes(app)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        self._runner = runner
-        site = web.TCPSite(runner, self.config.host, self.config.port)
-        await site.start()
-        self.port = int(runner.addresses[0][1])
+        self._served = AppServer(app, self.config.host, self.config.port, shutdown_timeout_s=1.0)
+        self.port = await self._served.start()
 
     async def stop(self) -> None:
         await self.api.drop_pending_creates()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-
-    async def __aenter__(self) -> FakeApiServer:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        if self._served is not None:
+            await self._served.stop()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,8 +38,11 @@ _CLIENT_ERROR_TYPES = frozenset(
         "request_too_large",
     }
 )
-_EXPIRED_REASON = "expired: the batch reached its 24 hour expiry before this request was processed"
-_CANCELED_REASON = "canceled: the batch was canceled before this request was processed"
+# The result types of a request the batch ended before processing, and the reason shown.
+_NOT_PROCESSED = {
+    "expired": "expired: the batch reached its 24 hour expiry before this request was processed",
+    "canceled": "canceled: the batch was canceled before this request was processed",
+}
 _SNIPPET_BYTES = 80
 
 
@@ -102,13 +105,10 @@ def _typed(line: bytes) -> Outcome | None:
         if message is None:
             return None
         usage = message.usage
-        return Outcome(
+        return _succeeded_outcome(
             custom_id,
-            "succeeded",
             result_json,
-            error=None,
-            retryable=False,
-            usage=Usage()
+            Usage()
             if usage is None
             else Usage(
                 usage.input_tokens or 0,
@@ -116,12 +116,10 @@ def _typed(line: bytes) -> Outcome | None:
                 usage.cache_creation_input_tokens or 0,
                 usage.cache_read_input_tokens or 0,
             ),
-            model=message.model,
+            message.model,
         )
-    if kind == "expired":
-        return Outcome(custom_id, "expired", result_json, _EXPIRED_REASON, retryable=True)
-    if kind == "canceled":
-        return Outcome(custom_id, "canceled", result_json, _CANCELED_REASON, retryable=True)
+    if kind in _NOT_PROCESSED:
+        return _not_processed(custom_id, kind, result_json)
     return None  # errored (its reason is read the general way) or unknown
 
 
@@ -145,12 +143,9 @@ def _general(line: bytes) -> Outcome:
         return _succeeded(custom_id, result, result_json)
     if result_type == "errored":
         return _errored(custom_id, result, result_json)
-    if result_type == "expired":
-        return Outcome(custom_id, "expired", result_json, _EXPIRED_REASON, retryable=True)
-    if result_type == "canceled":
-        # Retryable here means "not the request's fault"; the store decides with the
-        # task's cancel flag and attempts whether it goes back to pending.
-        return Outcome(custom_id, "canceled", result_json, _CANCELED_REASON, retryable=True)
+    # isinstance first: a list or object as the type is unhashable, and malformed.
+    if isinstance(result_type, str) and result_type in _NOT_PROCESSED:
+        return _not_processed(custom_id, result_type, result_json)
     raise MalformedResultLine(f"custom_id {custom_id!r}: unknown result.type {result_type!r}")
 
 
@@ -159,15 +154,26 @@ def _succeeded(custom_id: str, result: dict[str, Any], result_json: str) -> Outc
     if not isinstance(message, dict):
         raise MalformedResultLine(f"custom_id {custom_id!r}: succeeded without a message object")
     model = message.get("model")
-    return Outcome(
+    return _succeeded_outcome(
         custom_id,
-        "succeeded",
         result_json,
-        error=None,
-        retryable=False,
-        usage=_usage(message.get("usage")),
-        model=model if isinstance(model, str) else None,
+        _usage(message.get("usage")),
+        model if isinstance(model, str) else None,
     )
+
+
+def _succeeded_outcome(
+    custom_id: str, result_json: str, usage: Usage, model: str | None
+) -> Outcome:
+    return Outcome(
+        custom_id, "succeeded", result_json, error=None, retryable=False, usage=usage, model=model
+    )
+
+
+def _not_processed(custom_id: str, kind: str, result_json: str) -> Outcome:
+    """Expired or canceled. Retryable here means "not the request's fault"; the store
+    decides with the task's cancel flag and attempts whether it goes back to pending."""
+    return Outcome(custom_id, kind, result_json, _NOT_PROCESSED[kind], retryable=True)
 
 
 def _tokens(value: object) -> int:

@@ -167,15 +167,20 @@ async def throughput(store: Store, now: datetime) -> dict[str, Any]:
     }
 
 
-def error_json(row: TaskRow) -> dict[str, Any]:
+def task_head(row: TaskRow) -> dict[str, Any]:
+    """The fields every task document begins with (`error_json`, `batchd status CUSTOM_ID
+    --json`): which task, how it stands, and why it failed if it did."""
     return {
         "custom_id": row.custom_id,
         "status": str(row.status),
         "attempts": row.attempts,
         "batch_id": row.api_batch_id,
         "error": row.error,
-        "completed_at": row.completed_at,
     }
+
+
+def error_json(row: TaskRow) -> dict[str, Any]:
+    return {**task_head(row), "completed_at": row.completed_at}
 
 
 def _iso(moment: datetime | None) -> str | None:

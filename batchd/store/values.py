@@ -11,6 +11,28 @@ from typing import NamedTuple
 
 from batchd.domain import WriteReport
 
+# What `batchd.store` re-exports (its `__init__` imports this list rather than repeating it).
+__all__ = [
+    "AcknowledgeReport",
+    "AppliedRange",
+    "CancelReport",
+    "CandidateBatch",
+    "DuplicateBatch",
+    "EnqueueReport",
+    "FinishReport",
+    "ForgottenBatches",
+    "PendingFingerprint",
+    "PrunableTask",
+    "ResultGaps",
+    "ResultLine",
+    "SchemaVersions",
+    "SharedKeyEvidence",
+    "SizeTotals",
+    "StageReport",
+    "UsageTotals",
+    "WaitingCancelReport",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class EnqueueReport:

@@ -53,6 +53,29 @@ def sent(mock: aioresponses, method: str, url: str) -> list[Any]:
     return mock.requests.get((method, URL(url)), [])
 
 
+def refuse_retrieve(
+    mocked: aioresponses,
+    status: int,
+    error_type: str,
+    *,
+    headers: dict[str, str] | None = None,
+    repeat: bool = False,
+) -> None:
+    """GET batch `b` answers `status` with the API's error envelope (once, or always)."""
+    mocked.get(
+        f"{BATCHES}/b",
+        status=status,
+        payload=error_json(error_type),
+        headers=headers,
+        repeat=repeat,
+    )
+
+
+def answer_retrieve(mocked: aioresponses) -> None:
+    """The next GET of batch `b` answers with the batch."""
+    mocked.get(f"{BATCHES}/b", payload=batch_json())
+
+
 # ─── headers and endpoints ───────────────────────────────────────────────────────────
 
 
@@ -105,20 +128,21 @@ async def test_list_limit_is_checked_locally(make_client: Any) -> None:
 # ─── error mapping ───────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize(
-    ("status", "error_cls", "error_type"),
-    [
-        (400, BadRequestError, "invalid_request_error"),
-        (401, AuthenticationError, "authentication_error"),
-        (403, AuthenticationError, "permission_error"),
-        (404, NotFoundError, "not_found_error"),
-        (409, ApiStatusError, "conflict_error"),
-        (422, BadRequestError, "invalid_request_error"),
-        (429, RateLimitError, "rate_limit_error"),
-        (500, ServerError, "api_error"),
-        (529, ServerError, "overloaded_error"),
-    ],
-)
+# (status, the class it raises, an error type the API sends with it)
+STATUS_ERRORS: list[tuple[int, type[ApiStatusError], str]] = [
+    (400, BadRequestError, "invalid_request_error"),
+    (401, AuthenticationError, "authentication_error"),
+    (403, AuthenticationError, "permission_error"),
+    (404, NotFoundError, "not_found_error"),
+    (409, ApiStatusError, "conflict_error"),
+    (422, BadRequestError, "invalid_request_error"),
+    (429, RateLimitError, "rate_limit_error"),
+    (500, ServerError, "api_error"),
+    (529, ServerError, "overloaded_error"),
+]
+
+
+@pytest.mark.parametrize(("status", "error_cls", "error_type"), STATUS_ERRORS)
 async def test_status_maps_to_typed_error(
     mocked: aioresponses,
     make_client: Any,
@@ -169,62 +193,54 @@ async def test_malformed_success_body_is_a_retried_connection_error(
 # ─── retries ─────────────────────────────────────────────────────────────────────────
 
 
-async def test_retry_after_seconds_is_honoured(
-    mocked: aioresponses, make_client: Any, sleeps: Sleeps
+@pytest.mark.parametrize(
+    ("refusals", "waits"),
+    [
+        pytest.param([(429, "rate_limit_error", {"retry-after": "7"})], [7.0], id="seconds"),
+        pytest.param(
+            [(529, "overloaded_error", {"retry-after-ms": "1500", "retry-after": "30"})],
+            [1.5],
+            id="retry-after-ms wins over retry-after",
+        ),
+        pytest.param(  # the SDK's 60 s cap would have ignored both
+            [
+                (429, "rate_limit_error", {"retry-after": "120"}),
+                (429, "rate_limit_error", {"retry-after": "3600"}),
+            ],
+            [120.0, 900.0],
+            id="long, up to the policy bound",
+        ),
+    ],
+)
+async def test_retry_after_is_honoured(
+    mocked: aioresponses,
+    make_client: Any,
+    sleeps: Sleeps,
+    refusals: list[tuple[int, str, dict[str, str]]],
+    waits: list[float],
 ) -> None:
-    mocked.get(
-        f"{BATCHES}/b",
-        status=429,
-        payload=error_json("rate_limit_error"),
-        headers={"retry-after": "7"},
-    )
-    mocked.get(f"{BATCHES}/b", payload=batch_json())
+    for status, error_type, headers in refusals:
+        refuse_retrieve(mocked, status, error_type, headers=headers)
+    answer_retrieve(mocked)
     await make_client().retrieve("b")
-    assert sleeps == [7.0]
-
-
-async def test_retry_after_ms_wins_over_retry_after(
-    mocked: aioresponses, make_client: Any, sleeps: Sleeps
-) -> None:
-    headers = {"retry-after-ms": "1500", "retry-after": "30"}
-    mocked.get(f"{BATCHES}/b", status=529, payload=error_json("overloaded_error"), headers=headers)
-    mocked.get(f"{BATCHES}/b", payload=batch_json())
-    await make_client().retrieve("b")
-    assert sleeps == [1.5]
+    assert sleeps == waits
 
 
 async def test_retry_after_http_date_is_honoured(
     mocked: aioresponses, make_client: Any, sleeps: Sleeps
 ) -> None:
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
-    mocked.get(
-        f"{BATCHES}/b", status=503, payload=error_json("api_error"), headers={"retry-after": when}
-    )
-    mocked.get(f"{BATCHES}/b", payload=batch_json())
+    refuse_retrieve(mocked, 503, "api_error", headers={"retry-after": when})
+    answer_retrieve(mocked)
     await make_client().retrieve("b")
     assert len(sleeps) == 1
     assert 115 <= sleeps[0] <= 121
 
 
-async def test_long_retry_after_is_honoured_up_to_the_policy_bound(
-    mocked: aioresponses, make_client: Any, sleeps: Sleeps
-) -> None:
-    for wait in ("120", "3600"):
-        mocked.get(
-            f"{BATCHES}/b",
-            status=429,
-            payload=error_json("rate_limit_error"),
-            headers={"retry-after": wait},
-        )
-    mocked.get(f"{BATCHES}/b", payload=batch_json())
-    await make_client().retrieve("b")
-    assert sleeps == [120.0, 900.0]  # the SDK's 60 s cap would have ignored both
-
-
 async def test_without_retry_after_backoff_is_exponential_with_jitter(
     mocked: aioresponses, make_client: Any, sleeps: Sleeps
 ) -> None:
-    mocked.get(f"{BATCHES}/b", status=500, payload=error_json("api_error"), repeat=True)
+    refuse_retrieve(mocked, 500, "api_error", repeat=True)
     with pytest.raises(ServerError):
         await make_client().retrieve("b")
     expected_rng = random.Random(0)
@@ -236,7 +252,7 @@ async def test_without_retry_after_backoff_is_exponential_with_jitter(
 async def test_retries_exhausted_raise_the_last_typed_error(
     mocked: aioresponses, make_client: Any, sleeps: Sleeps
 ) -> None:
-    mocked.get(f"{BATCHES}/b", status=429, payload=error_json("rate_limit_error"), repeat=True)
+    refuse_retrieve(mocked, 429, "rate_limit_error", repeat=True)
     with pytest.raises(RateLimitError):
         await make_client(policy=RetryPolicy(max_retries=2)).retrieve("b")
     assert len(sleeps) == 2
@@ -246,13 +262,7 @@ async def test_retries_exhausted_raise_the_last_typed_error(
 async def test_x_should_retry_false_stops_retries(
     mocked: aioresponses, make_client: Any, sleeps: Sleeps
 ) -> None:
-    mocked.get(
-        f"{BATCHES}/b",
-        status=500,
-        payload=error_json("api_error"),
-        headers={"x-should-retry": "false"},
-        repeat=True,
-    )
+    refuse_retrieve(mocked, 500, "api_error", headers={"x-should-retry": "false"}, repeat=True)
     with pytest.raises(ServerError) as caught:
         await make_client().retrieve("b")
     assert caught.value.should_retry is False
@@ -262,19 +272,14 @@ async def test_x_should_retry_false_stops_retries(
 async def test_x_should_retry_true_forces_a_retry(
     mocked: aioresponses, make_client: Any, sleeps: Sleeps
 ) -> None:
-    mocked.get(
-        f"{BATCHES}/b",
-        status=400,
-        payload=error_json("invalid_request_error"),
-        headers={"x-should-retry": "true"},
-    )
-    mocked.get(f"{BATCHES}/b", payload=batch_json())
+    refuse_retrieve(mocked, 400, "invalid_request_error", headers={"x-should-retry": "true"})
+    answer_retrieve(mocked)
     await make_client().retrieve("b")
     assert len(sleeps) == 1
 
 
 async def test_404_is_not_retried(mocked: aioresponses, make_client: Any, sleeps: Sleeps) -> None:
-    mocked.get(f"{BATCHES}/b", status=404, payload=error_json("not_found_error"), repeat=True)
+    refuse_retrieve(mocked, 404, "not_found_error", repeat=True)
     with pytest.raises(NotFoundError):
         await make_client().retrieve("b")
     assert sleeps == []
@@ -377,11 +382,7 @@ async def test_create_connection_error_is_outcome_unknown(
 
 @pytest.mark.parametrize(
     ("status", "error_cls", "error_type"),
-    [
-        (429, RateLimitError, "rate_limit_error"),
-        (400, BadRequestError, "invalid_request_error"),
-        (401, AuthenticationError, "authentication_error"),
-    ],
+    [case for case in STATUS_ERRORS if case[0] in (400, 401, 429)],
 )
 async def test_create_refusals_are_definite(
     mocked: aioresponses,
@@ -425,7 +426,7 @@ async def test_api_key_never_appears_in_errors_or_logs(
 ) -> None:
     echoed = error_json("authentication_error", f"invalid x-api-key {KEY}")
     mocked.get(f"{BATCHES}/a", status=401, payload=echoed, headers={"request-id": "req_a"})
-    mocked.get(f"{BATCHES}/b", status=500, payload=error_json("api_error"), repeat=True)
+    refuse_retrieve(mocked, 500, "api_error", repeat=True)
     mocked.post(BATCHES, exception=aiohttp.ClientConnectionError(f"failed with {KEY}"))
     client = make_client(policy=RetryPolicy(max_retries=1))
     errors: list[ApiError] = []
@@ -452,8 +453,8 @@ async def test_api_key_never_appears_in_errors_or_logs(
 
 
 async def test_on_response_sees_every_attempt(mocked: aioresponses, make_client: Any) -> None:
-    mocked.get(f"{BATCHES}/b", status=429, payload=error_json("rate_limit_error"))
-    mocked.get(f"{BATCHES}/b", payload=batch_json())
+    refuse_retrieve(mocked, 429, "rate_limit_error")
+    answer_retrieve(mocked)
     seen: list[tuple[str, int, float]] = []
     client = make_client(on_response=lambda *args: seen.append(args))
     await client.retrieve("b")

@@ -156,6 +156,7 @@ def test_unknown_keys_are_tolerated() -> None:
         (b'{"custom_id":"","result":{"type":"expired"}}', "no custom_id"),
         (b'{"custom_id":"x"}', "no result object"),
         (b'{"custom_id":"x","result":{"type":"mystery"}}', "unknown result.type 'mystery'"),
+        (b'{"custom_id":"x","result":{"type":["expired"]}}', r"unknown result.type \['expired'\]"),
         (b'{"custom_id":"x","result":{"type":"succeeded"}}', "succeeded without a message"),
     ],
 )

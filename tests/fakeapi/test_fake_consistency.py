@@ -19,6 +19,7 @@ from tests.support.fakeapi import (
     Api,
     StartFake,
     admin,
+    create_with_repeats,
     requests_body,
     spawn,
     start_process,
@@ -206,13 +207,7 @@ async def test_bad_new_settings_are_refused(
 async def test_stats_give_the_submission_count_of_every_custom_id(
     api: Api, fake: FakeApiServer, http: aiohttp.ClientSession
 ) -> None:
-    await api.create(requests_body(3))
-    await api.create(
-        {
-            "requests": requests_body(2)["requests"]
-            + [{"custom_id": "fresh", "params": {"model": "m"}}]
-        }
-    )
+    await create_with_repeats(api)
     _, stats = await admin(http, fake, "stats")
     assert stats["submission_counts"] == {"req-0": 2, "req-1": 2, "req-2": 1, "fresh": 1}
     assert stats["submissions_by_custom_id"] == {"req-0": 2, "req-1": 2}  # kept as it was

@@ -11,7 +11,7 @@ import pytest
 
 from batchd.fakeapi.faults import FaultConfig, FaultKind
 from batchd.fakeapi.server import FakeApiServer
-from tests.support.fakeapi import Api, StartFake, admin, requests_body
+from tests.support.fakeapi import Api, StartFake, admin, create_with_repeats, requests_body
 
 
 @pytest.mark.parametrize(
@@ -179,13 +179,7 @@ async def test_faults_endpoint_replaces_the_config(
 async def test_stats_report_duplicate_submissions_only(
     api: Api, fake: FakeApiServer, http: aiohttp.ClientSession
 ) -> None:
-    await api.create(requests_body(3))
-    await api.create(
-        {
-            "requests": requests_body(2)["requests"]
-            + [{"custom_id": "fresh", "params": {"model": "m"}}]
-        }
-    )
+    await create_with_repeats(api)
     status, stats = await admin(http, fake, "stats")
     assert status == 200
     assert stats["creates_attempted"] == 2

@@ -10,7 +10,7 @@ import orjson
 
 from batchd.api.wire import BATCHES_PATH, MAX_REQUESTS_PER_BATCH
 from batchd.fakeapi.server import FakeApiServer
-from tests.support.fakeapi import MODEL
+from tests.support.fakeapi import params
 
 
 async def test_100k_requests_are_accepted_and_stream_back_complete(
@@ -23,14 +23,7 @@ async def test_100k_requests_are_accepted_and_stream_back_complete(
     body = orjson.dumps(
         {
             "requests": [
-                {
-                    "custom_id": f"t{n}",
-                    "params": {
-                        "model": MODEL,
-                        "max_tokens": 8,
-                        "messages": [{"role": "user", "content": f"q{n}"}],
-                    },
-                }
+                {"custom_id": f"t{n}", "params": params(f"q{n}", max_tokens=8)}
                 for n in range(MAX_REQUESTS_PER_BATCH)
             ]
         }

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,16 @@ def batchd(
 @pytest.fixture
 def fake_api_process() -> Iterator[str]:
     """`batchd fake-api --port 0` as a user starts it; yields the base URL it prints."""
+    with fake_api_command("--processing-seconds", "0.2") as base_url:
+        yield base_url
+
+
+@contextmanager
+def fake_api_command(*args: str) -> Iterator[str]:
+    """`batchd fake-api --port 0 ARGS` in a process of its own; yields the base URL it
+    prints, and stops it with SIGTERM (a clean stop: exit 0) on the way out."""
     process = subprocess.Popen(
-        [*BATCHD, "fake-api", "--port", "0", "--processing-seconds", "0.2"],
+        [*BATCHD, "fake-api", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -41,10 +50,10 @@ def fake_api_process() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-        assert process.returncode == 0  # SIGTERM is a clean stop
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+        assert process.returncode == 0  # SIGTERM is a clean stop
 
 
 @pytest.fixture

@@ -82,6 +82,17 @@ class Api:
             return jsonl(await response.read())
 
 
+async def create_with_repeats(api: Api) -> None:
+    """Two creates: req-0 to req-2, then req-0 and req-1 again beside a fresh one."""
+    await api.create(requests_body(3))
+    await api.create(
+        {
+            "requests": requests_body(2)["requests"]
+            + [{"custom_id": "fresh", "params": {"model": "m"}}]
+        }
+    )
+
+
 def refuse_in_fake(
     monkeypatch: pytest.MonkeyPatch, refused: set[str], message: Callable[[int], str]
 ) -> None:
@@ -90,12 +101,22 @@ def refuse_in_fake(
     Our chunker already refuses every custom_id the real API would, so this emulates a
     server-side rule the client cannot know about.
     """
+    refuse_in_fake_by(
+        monkeypatch, lambda index, custom_id: message(index) if custom_id in refused else None
+    )
+
+
+def refuse_in_fake_by(
+    monkeypatch: pytest.MonkeyPatch, refusal: Callable[[int, str], str | None]
+) -> None:
+    """Make the fake refuse any create holding a request for which `refusal(index,
+    custom_id)` gives a message (that message); None lets the request through."""
     check_envelope = validation._check_envelope
 
     def stricter(index: int, item: object) -> tuple[str, dict[str, object]]:
         custom_id, params = check_envelope(index, item)
-        if custom_id in refused:
-            raise validation.CreateRejected(message(index))
+        if (message := refusal(index, custom_id)) is not None:
+            raise validation.CreateRejected(message)
         return custom_id, params
 
     monkeypatch.setattr(validation, "_check_envelope", stricter)

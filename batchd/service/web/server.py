@@ -11,8 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import orjson
 import structlog
@@ -20,6 +19,7 @@ from aiohttp import web
 
 from batchd.service.health import Health, HealthCheck
 from batchd.service.metrics import CONTENT_TYPE, Registry
+from batchd.serving import AppServer, StartStop
 
 log = structlog.get_logger("batchd.service.web")
 
@@ -45,7 +45,7 @@ _SECURITY_HEADERS = {
 }
 
 
-class MetricsServer:
+class MetricsServer(StartStop):
     """Serves the local listener on a port; start() and stop() explicitly.
 
     Without a `status` source there is no web view, only /metrics and /healthz.
@@ -67,7 +67,7 @@ class MetricsServer:
         self._host = host
         self._requested_port = port
         self._health_timeout_s = health_timeout_s
-        self._runner: web.AppRunner | None = None
+        self._served: AppServer | None = None
         self._port: int | None = None
         self._status_cache: tuple[float, bytes] | None = None
         self._status_lock = asyncio.Lock()
@@ -91,37 +91,19 @@ class MetricsServer:
                 body = files.joinpath(name).read_bytes()
                 path = "/" if name == "index.html" else f"/static/{name}"
                 app.router.add_get(path, _static_file(body, content_type))
-        # No access log: a scrape every 15 s would drown the daemon's own events.
+        # No access log (AppServer keeps none): a scrape every 15 s would drown the daemon's
+        # own events.
         # A short shutdown timeout: a scrape in flight must not hold up the daemon's stop.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._requested_port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
+        served = AppServer(app, self._host, self._requested_port, shutdown_timeout_s=2.0)
+        self._port = await served.start()
+        self._served = served
         log.info("metrics_listening", host=self._host, port=self._port)  # once, here only
 
     async def stop(self) -> None:
         """Stop serving and release the port; safe to call twice."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        served, self._served = self._served, None
+        if served is not None:
+            await served.stop()
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # prometheus_client's collectors are synchronous: the database is read here,

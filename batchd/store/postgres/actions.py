@@ -9,15 +9,11 @@ from collections.abc import Sequence
 from batchd.domain import TaskStatus
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of
+from batchd.store.rows import CANCEL_CHUNK, acknowledge_report, cancel_in_chunks, check_waiting
 
 # The error both stores write on a task the user canceled (one wording, whichever store).
 from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import AcknowledgeReport, WaitingCancelReport
-
-# Tasks changed per transaction by a cancel of many: the rows locked (and the count rows
-# the statement trigger updates) are held only that long, never for a whole queue.
-CANCEL_CHUNK = 5000
-_WAITING = (TaskStatus.PENDING, TaskStatus.SUBMITTED)
 
 
 class OperatorActions:
@@ -28,20 +24,17 @@ class OperatorActions:
     async def cancel_waiting(self, statuses: Sequence[TaskStatus]) -> WaitingCancelReport:
         """Cancel every task waiting in `statuses` (pending: canceled now; submitted:
         flagged, canceled when its result comes back) that existed when the call began, in
-        transactions of CANCEL_CHUNK tasks by id; tasks inserted later are left alone."""
-        unknown = set(statuses) - set(_WAITING)
-        if unknown:
-            raise ValueError(f"only waiting tasks can be canceled, not {sorted(unknown)}")
+        transactions of CANCEL_CHUNK tasks by id (the rows locked, and the count rows the
+        statement trigger updates, are held only that long); tasks inserted later are left
+        alone."""
+        check_waiting(statuses)
         self._db.check_writable()
         row = await self._db.read_one("SELECT coalesce(max(id), 0) FROM tasks")
-        last_id = int(row[0])
-        counts = {TaskStatus.PENDING: 0, TaskStatus.SUBMITTED: 0}
-        for status in dict.fromkeys(statuses):
-            after = 0
-            while after < last_id:
-                changed, after = await self._db.transact(self._cancel_chunk, status, after, last_id)
-                counts[status] += changed
-        return WaitingCancelReport(counts[TaskStatus.PENDING], counts[TaskStatus.SUBMITTED])
+
+        async def cancel_chunk(status: TaskStatus, after: int, last_id: int) -> tuple[int, int]:
+            return await self._db.transact(self._cancel_chunk, status, after, last_id)
+
+        return await cancel_in_chunks(statuses, int(row[0]), cancel_chunk)
 
     async def _cancel_chunk(
         self, conn: Conn, status: TaskStatus, after: int, last_id: int
@@ -97,8 +90,4 @@ class OperatorActions:
             note,
             asked,
         )
-        return AcknowledgeReport(
-            acknowledged=tuple(b for b in asked if already_done.get(b) is False),
-            already=tuple(b for b in asked if already_done.get(b) is True),
-            unknown=tuple(b for b in asked if b not in already_done),
-        )
+        return acknowledge_report(asked, already_done)

@@ -11,7 +11,8 @@ from batchd.domain import BatchRecord, BatchState, TaskRow, TaskStatus
 from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
 from batchd.store.postgres.database import PostgresDatabase, Row, text_time
 
-_TASK_ROW = (
+# The columns `task_row` reads, in its order (tasks AS t, batches AS b).
+TASK_COLUMNS = (
     "t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, t.result::text,"
     " t.created_at, t.submitted_at, t.completed_at"
 )
@@ -61,7 +62,7 @@ class OperatorListings:
     async def tasks_in_status(self, status: TaskStatus, limit: int) -> list[TaskRow]:
         """Up to `limit` tasks in `status`, oldest first (the (status, id) index)."""
         rows = await self._db.read(
-            f"SELECT {_TASK_ROW}"
+            f"SELECT {TASK_COLUMNS}"
             " FROM tasks AS t LEFT JOIN batches AS b ON b.id = t.batch_id"
             " WHERE t.status = $1 ORDER BY t.id LIMIT $2",
             str(status),

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
-from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
+from batchd.domain import BatchRecord, TaskRow, TaskStatus
 from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
 from batchd.store.postgres.connection import Conn
-from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
+from batchd.store.postgres.database import PostgresDatabase, count_of
 from batchd.store.postgres.keyset import merged_rows, status_page
+from batchd.store.postgres.listings import TASK_COLUMNS, task_row
 from batchd.store.postgres.settle import USER_CANCELED
+from batchd.store.rows import cancel_report, check_retryable, status_counts
 from batchd.store.values import CancelReport, ResultLine
 
 # Tasks go back to the queue by UPDATE, which fires no INSERT trigger: wake the leader.
@@ -27,10 +29,7 @@ class UserOperations:
     async def status_counts(self) -> dict[TaskStatus, int]:
         """How many tasks are in each status, zeros included: 7 rows kept by statement
         triggers (migration 007), whatever the number of tasks."""
-        rows = await self._db.read("SELECT status, tasks FROM task_counts")
-        counts = dict.fromkeys(TaskStatus, 0)
-        counts.update({TaskStatus(status): int(count) for status, count in rows})
-        return counts
+        return status_counts(await self._db.read("SELECT status, tasks FROM task_counts"))
 
     async def has_tasks(self, *statuses: TaskStatus) -> bool:
         """Whether any task is in one of `statuses`: at most one index entry per status,
@@ -46,28 +45,14 @@ class UserOperations:
     async def tasks_by_custom_id(self, custom_ids: Sequence[str]) -> list[TaskRow]:
         """The tasks asked for, in the order asked; unknown custom_ids are left out."""
         rows = await self._db.read(
-            "SELECT t.custom_id, t.status, t.attempts, b.api_batch_id, t.error, t.result::text,"
-            " t.created_at, t.submitted_at, t.completed_at"
+            f"SELECT {TASK_COLUMNS}"
             " FROM unnest($1::text[]) WITH ORDINALITY AS asked(cid, n)"
             " JOIN tasks AS t ON t.custom_id = asked.cid"
             " LEFT JOIN batches AS b ON b.id = t.batch_id"
             " ORDER BY asked.n",
             list(dict.fromkeys(custom_ids)),
         )
-        return [
-            TaskRow(
-                row[0],
-                TaskStatus(row[1]),
-                row[2],
-                row[3],
-                row[4],
-                row[5],
-                text_time(row[6]) or "",
-                text_time(row[7]),
-                text_time(row[8]),
-            )
-            for row in rows
-        ]
+        return [task_row(row) for row in rows]
 
     async def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
@@ -107,16 +92,7 @@ class UserOperations:
             " WHERE id = ANY($1::bigint[]) AND status = 'submitted'",
             task_ids,
         )
-
-        def having(*statuses: str | None) -> tuple[str, ...]:
-            return tuple(cid for cid in custom_ids if status_of.get(cid) in statuses)
-
-        return CancelReport(
-            canceled=having(TaskStatus.PENDING),
-            flagged=having(TaskStatus.SUBMITTED),
-            not_cancelable=having(*FINAL_TASK_STATUSES),
-            unknown=having(None),
-        )
+        return cancel_report(custom_ids, status_of)
 
     async def batches_to_cancel(self) -> list[BatchRecord]:
         """In-progress batches in which every task still waiting was canceled by the user."""
@@ -138,9 +114,7 @@ class UserOperations:
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
-        not_final = set(statuses) - FINAL_TASK_STATUSES
-        if not_final:
-            raise ValueError(f"only final tasks can be retried, not {sorted(not_final)}")
+        check_retryable(statuses)
         wanted = [str(status) for status in statuses]
         return await self._db.transact(_retry, wanted, list(custom_ids) if custom_ids else None)
 

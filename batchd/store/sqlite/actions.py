@@ -6,14 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from batchd.domain import TaskStatus
+from batchd.store.rows import (
+    CANCEL_CHUNK,
+    acknowledge_report,
+    cancel_in_chunks,
+    check_waiting,
+)
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run
 from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import AcknowledgeReport, WaitingCancelReport
-
-# Tasks changed per transaction by a cancel of many: users' INSERTs wait for the write
-# lock only that long (~5,000 rows of one index range), never for a whole queue.
-CANCEL_CHUNK = 5000
-_WAITING = (TaskStatus.PENDING, TaskStatus.SUBMITTED)
 
 
 class OperatorActions:
@@ -26,21 +27,16 @@ class OperatorActions:
         flagged, canceled when its result comes back) that existed when the call began.
 
         In transactions of CANCEL_CHUNK tasks by id (the (status, id) index), so a queue of
-        a million never holds the write lock for long; tasks inserted after the call began
-        are left alone. A crash midway leaves the chunks done canceled: run it again.
+        a million never holds the write lock for long (users' INSERTs wait only for ~5,000
+        rows of one index range); tasks inserted after the call began are left alone.
         """
-        unknown = set(statuses) - set(_WAITING)
-        if unknown:
-            raise ValueError(f"only waiting tasks can be canceled, not {sorted(unknown)}")
+        check_waiting(statuses)
         rows = await self._db.read("SELECT coalesce(max(id), 0) FROM tasks")
-        last_id = int(rows[0][0])
-        counts = {TaskStatus.PENDING: 0, TaskStatus.SUBMITTED: 0}
-        for status in dict.fromkeys(statuses):
-            after = 0
-            while after < last_id:
-                changed, after = await self._db.transact(self._cancel_chunk, status, after, last_id)
-                counts[status] += changed
-        return WaitingCancelReport(counts[TaskStatus.PENDING], counts[TaskStatus.SUBMITTED])
+
+        async def cancel_chunk(status: TaskStatus, after: int, last_id: int) -> tuple[int, int]:
+            return await self._db.transact(self._cancel_chunk, status, after, last_id)
+
+        return await cancel_in_chunks(statuses, int(rows[0][0]), cancel_chunk)
 
     async def _cancel_chunk(
         self, db: Db, status: TaskStatus, after: int, last_id: int
@@ -95,8 +91,4 @@ class OperatorActions:
             " AND acknowledged_at IS NULL",
             (self._db.now(), note, json_list(asked)),
         )
-        return AcknowledgeReport(
-            acknowledged=tuple(b for b in asked if already_done.get(b) is False),
-            already=tuple(b for b in asked if already_done.get(b) is True),
-            unknown=tuple(b for b in asked if b not in already_done),
-        )
+        return acknowledge_report(asked, already_done)

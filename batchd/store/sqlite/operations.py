@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from batchd.domain import FINAL_TASK_STATUSES, BatchRecord, TaskRow, TaskStatus
+from batchd.domain import BatchRecord, TaskRow, TaskStatus
+from batchd.store.rows import cancel_report, check_retryable, status_counts
 from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
 from batchd.store.sqlite.keyset import merged_by_id, status_page
@@ -21,10 +22,7 @@ class UserOperations:
     async def status_counts(self) -> dict[TaskStatus, int]:
         """How many tasks are in each status, zeros included: 7 rows kept by triggers
         (migration 007), whatever the number of tasks."""
-        rows = await self._db.read("SELECT status, tasks FROM task_counts")
-        counts = dict.fromkeys(TaskStatus, 0)
-        counts.update({TaskStatus(status): count for status, count in rows})
-        return counts
+        return status_counts(await self._db.read("SELECT status, tasks FROM task_counts"))
 
     async def has_tasks(self, *statuses: TaskStatus) -> bool:
         """Whether any task is in one of `statuses`: at most one index entry per status,
@@ -83,16 +81,7 @@ class UserOperations:
             " WHERE id IN (SELECT value FROM json_each(?)) AND +status = 'submitted'",
             (task_ids,),
         )
-
-        def having(*statuses: str | None) -> tuple[str, ...]:
-            return tuple(cid for cid in custom_ids if status_of.get(cid) in statuses)
-
-        return CancelReport(
-            canceled=having(TaskStatus.PENDING),
-            flagged=having(TaskStatus.SUBMITTED),
-            not_cancelable=having(*FINAL_TASK_STATUSES),
-            unknown=having(None),
-        )
+        return cancel_report(custom_ids, status_of)
 
     async def batches_to_cancel(self) -> list[BatchRecord]:
         """In-progress batches in which every task still waiting was canceled by the user."""
@@ -118,9 +107,7 @@ class UserOperations:
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
-        not_final = set(statuses) - FINAL_TASK_STATUSES
-        if not_final:
-            raise ValueError(f"only final tasks can be retried, not {sorted(not_final)}")
+        check_retryable(statuses)
         which = " AND custom_id IN (SELECT value FROM json_each(?))" if custom_ids else ""
         params = [json_list(statuses)] + ([json_list(custom_ids)] if custom_ids else [])
         # Usage and model go too: they would describe a result that is no longer there.

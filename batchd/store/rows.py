@@ -1,0 +1,80 @@
+"""What both stores compute in Python around their own SQL: the checks of the user
+commands' arguments, the reports built from the rows a command read, and the walk of a
+cancel of many through the queue a chunk at a time. Each store keeps its statements."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from batchd.domain import FINAL_TASK_STATUSES, TaskStatus
+from batchd.store.values import AcknowledgeReport, CancelReport, WaitingCancelReport
+
+# Tasks changed per transaction by a cancel of many: the write lock (SQLite) or the rows
+# and count rows locked (PostgreSQL) are held only that long, never for a whole queue.
+# Each store's `actions` imports it into its own namespace (a test lowers it there).
+CANCEL_CHUNK = 5000
+WAITING_STATUSES = (TaskStatus.PENDING, TaskStatus.SUBMITTED)
+# Cancels one chunk of tasks in a status above an id, up to the last id, in one
+# transaction: (tasks changed, id to go on from).
+CancelChunk = Callable[[TaskStatus, int, int], Awaitable[tuple[int, int]]]
+
+
+def status_counts(rows: Iterable[Iterable[Any]]) -> dict[TaskStatus, int]:
+    """{status: tasks} from (status, tasks) rows, every status present (zeros included)."""
+    counts = dict.fromkeys(TaskStatus, 0)
+    counts.update({TaskStatus(status): int(count) for status, count in rows})
+    return counts
+
+
+def cancel_report(custom_ids: Sequence[str], status_of: Mapping[str, str]) -> CancelReport:
+    """`request_cancel`'s answer: each custom_id asked for, by the status it had before."""
+
+    def having(*statuses: str | None) -> tuple[str, ...]:
+        return tuple(cid for cid in custom_ids if status_of.get(cid) in statuses)
+
+    return CancelReport(
+        canceled=having(TaskStatus.PENDING),
+        flagged=having(TaskStatus.SUBMITTED),
+        not_cancelable=having(*FINAL_TASK_STATUSES),
+        unknown=having(None),
+    )
+
+
+def acknowledge_report(asked: Sequence[str], already_done: Mapping[str, bool]) -> AcknowledgeReport:
+    """`acknowledge_duplicates`' answer from {api_batch_id: acknowledged before} of the
+    suspected duplicates found among `asked`."""
+    return AcknowledgeReport(
+        acknowledged=tuple(b for b in asked if already_done.get(b) is False),
+        already=tuple(b for b in asked if already_done.get(b) is True),
+        unknown=tuple(b for b in asked if b not in already_done),
+    )
+
+
+def check_retryable(statuses: Iterable[TaskStatus]) -> None:
+    """Only final tasks go back to the queue (`retry_tasks`)."""
+    not_final = set(statuses) - FINAL_TASK_STATUSES
+    if not_final:
+        raise ValueError(f"only final tasks can be retried, not {sorted(not_final)}")
+
+
+def check_waiting(statuses: Iterable[TaskStatus]) -> None:
+    """Only waiting tasks can be canceled (`cancel_waiting`)."""
+    unknown = set(statuses) - set(WAITING_STATUSES)
+    if unknown:
+        raise ValueError(f"only waiting tasks can be canceled, not {sorted(unknown)}")
+
+
+async def cancel_in_chunks(
+    statuses: Sequence[TaskStatus], last_id: int, cancel_chunk: CancelChunk
+) -> WaitingCancelReport:
+    """Cancel the tasks of `statuses` with ids up to `last_id` (those that existed when the
+    cancel began), one transaction of at most CANCEL_CHUNK tasks at a time; a crash midway
+    leaves the chunks done canceled, and running it again finishes the rest."""
+    counts = dict.fromkeys(WAITING_STATUSES, 0)
+    for status in dict.fromkeys(statuses):
+        after = 0
+        while after < last_id:
+            changed, after = await cancel_chunk(status, after, last_id)
+            counts[status] += changed
+    return WaitingCancelReport(counts[TaskStatus.PENDING], counts[TaskStatus.SUBMITTED])
