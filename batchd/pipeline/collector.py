@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -135,7 +136,7 @@ class Collector:
             await self._download_failed(batch, "ended without a results_url")
             return False
         try:
-            async with self._store.write_back_lane() as lane:
+            async with self._store.write_back_lane() as lane, _given_back_on_failure(lane, batch):
                 tally = await self._download(lane, batch, batch.results_url, staged)
         except NotFoundError as exc:
             return await self._results_not_found(batch, exc)
@@ -355,6 +356,23 @@ class Collector:
             log.error(
                 "results_near_archival", batch_id=batch.api_batch_id, created_at=created.isoformat()
             )
+
+
+@asynccontextmanager
+async def _given_back_on_failure(lane: WriteBackLane, batch: BatchRecord) -> AsyncIterator[None]:
+    """A download that fails (or is stopped) gives its staged lines back at once rather than
+    at this lane's next download: a batch's lines may be gigabytes of disk, and the failure
+    may be a full disk."""
+    try:
+        yield
+    except ResultsStreamError:
+        raise  # a cut stream: the lines before the cut were applied, and staging cleared
+    except BaseException:
+        try:
+            await lane.clear_staging()
+        except StoreError as exc:  # the error being raised says more; the next download clears
+            log.warning("staging_not_cleared", batch_id=batch.api_batch_id, error=str(exc))
+        raise
 
 
 def _log_origin(batch: BatchRecord, api_batch_id: str, origin: str | None, tally: _Tally) -> None:
