@@ -1,6 +1,6 @@
-"""A download that fails: its staged lines are given back at once. Against a results
-server on loopback and real SQLite files (a full disk is SQLite's page cap, as SQLite
-fills a disk)."""
+"""A download that fails: its staged lines are given back at once, and a fatal error in
+one batch stops the batch downloading beside it. Against a results server on loopback
+and real SQLite files (a full disk is SQLite's page cap, as SQLite fills a disk)."""
 
 from __future__ import annotations
 
@@ -137,3 +137,45 @@ async def test_a_download_that_fails_for_a_full_disk_gives_back_what_it_staged(
         await lane.connection.db.execute_fetchall(f"PRAGMA max_page_count = {NO_CAP}")
     assert await collect(store, api, clock, chunk_size=2) == 1
     assert {status for status, _ in answers(db_path).values()} == {"succeeded"}
+
+
+async def test_a_full_disk_in_one_batch_stops_the_next_before_it_is_read_and_applied(
+    store: Store, db_path: Path, api: SlowApi, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await ended_batch(store, db_path, api, "1", "a", "b")
+    second = await ended_batch(store, db_path, api, "2", "c", "d")
+    api.bodies["1"] = body("a", "b", text=BIG)
+    api.bodies["2"] = body("c", "d")
+    api.slow.add("2")  # still downloading (2 s) while the first one is applied
+    apply = SqliteWriteBackLane.apply_staged
+    capped: list[Any] = []
+
+    async def the_disk_fills_under_the_first(
+        lane: SqliteWriteBackLane, local_id: int, *args: Any
+    ) -> Any:
+        if local_id == first and not capped:  # the first batch's lane: no page to spare
+            db = lane.connection.db
+            [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
+            await db.execute_fetchall(f"PRAGMA max_page_count = {pages}")
+            capped.append(db)
+        return await apply(lane, local_id, *args)
+
+    monkeypatch.setattr(SqliteWriteBackLane, "apply_staged", the_disk_fills_under_the_first)
+    with pytest.raises(StoreError, match="disk is full"):
+        await collect(store, api, clock)
+    assert capped
+    # Raised at once: the second batch was stopped mid-download, not read to its end and
+    # applied first (it used to be, on the other lane, before the error came out).
+    assert {cid: status for cid, (status, _) in answers(db_path).items()} == dict.fromkeys(
+        "abcd", "submitted"
+    )
+    assert query(db_path, "SELECT DISTINCT state FROM batches") == [("ended",)]
+    await assert_nothing_staged(store, first)
+    await assert_nothing_staged(store, second)
+
+    # Nothing is lost either way: both batches are still `ended`, and once there is room
+    # again the next pass downloads both and writes every result, once.
+    await capped[0].execute_fetchall(f"PRAGMA max_page_count = {NO_CAP}")
+    assert await collect(store, api, clock) == 2
+    assert {status for status, _ in answers(db_path).values()} == {"succeeded"}
+    assert query(db_path, "SELECT DISTINCT state FROM batches") == [("completed",)]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 import structlog
@@ -96,19 +97,16 @@ class Collector:
             for batch in await self._store.batches_in(BatchState.ENDED):
                 staged = asyncio.Event()
                 running.append(asyncio.create_task(self._collect_one(batch, staged)))
-                await staged.wait()
-                if any(task.done() and task.exception() for task in running):
-                    break  # the key, or the database: every batch would fail alike
-            outcomes = await asyncio.gather(*running, return_exceptions=True)
+                await _staged_unless_failed(staged, running)
+            await _staged_unless_failed(None, running)
         except BaseException:
+            # A fatal error (the key, the database: every batch would fail alike) stops the
+            # batch still downloading too; it stays `ended` and is downloaded again.
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             raise
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return sum(1 for outcome in outcomes if outcome)
+        return sum(1 for task in running if task.result())
 
     async def _collect_one(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
         """One batch, `staged` set as soon as its lines are all staged (or it stopped)."""
@@ -356,6 +354,31 @@ class Collector:
             log.error(
                 "results_near_archival", batch_id=batch.api_batch_id, created_at=created.isoformat()
             )
+
+
+async def _staged_unless_failed(
+    staged: asyncio.Event | None, running: Sequence[asyncio.Task[bool]]
+) -> None:
+    """Until `staged` is set (None: until every batch is done); a batch that fails first
+    (a fatal error: `_collect_one` lets only those through) is raised at once, so that the
+    batch downloading beside it is not read and applied before the error is seen."""
+    waiting = asyncio.ensure_future(staged.wait()) if staged is not None else None
+    try:
+        while True:
+            for task in running:
+                if task.done() and not task.cancelled() and (error := task.exception()):
+                    raise error
+            busy: set[asyncio.Future[Any]] = {task for task in running if not task.done()}
+            if waiting is not None:
+                if waiting.done():
+                    return
+                busy.add(waiting)
+            elif not busy:
+                return
+            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if waiting is not None:
+            waiting.cancel()
 
 
 @asynccontextmanager
