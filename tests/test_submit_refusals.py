@@ -400,9 +400,45 @@ async def test_413s_for_every_body_blame_nobody_and_full_batches_resume(rig: Mak
         assert "invalid" not in run.statuses()  # nobody blamed, ever
         assert len(run.attempts) < 40
     assert run.fake_api.state.stats.creates_accepted == 0
+    # Only the pauses wait: the halvings before them were sent at once (a 413 is about
+    # size, nothing to wait out), and the third lone refusal in a row paused creates.
+    assert waits == [60.0, 120.0, 240.0]
 
     run.fake_api.api.max_body_bytes = MAX_BATCH_BYTES  # the proxy is fixed
     results = await run.steps(6)
     assert run.statuses() == ["submitted"] * 12
     # One request to probe, then full batches: the halvings were not about size.
     assert [r.requests for r in results if r.created] == [1, 8, 3]
+
+
+async def test_a_413_on_a_batch_of_several_is_retried_at_once_with_half_the_bytes(
+    store: Store,
+    fake_api: FakeApiServer,
+    rig: MakeRig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = "m" * 1200
+    await store.enqueue((f"t-{n}", request_params(text)) for n in range(8))
+    # A proxy in front of the API takes four of these requests at a time, not eight.
+    fake_api.api.max_body_bytes = body_bytes(*[text] * 4) + 100
+    run = rig(8)
+    sizes: list[int] = []
+    create = run.client.create
+
+    async def sized(body: RequestBody) -> MessageBatch:
+        sizes.append(body.size)
+        return await create(body)
+
+    monkeypatch.setattr(run.client, "create", sized)
+
+    refused = await run.step()
+    assert not refused.created
+    assert not refused.retry_after_s  # was 60 s, as if the API had asked for a pause
+    results = [refused, *await run.steps(4)]
+    assert spacings(run.attempts) == [0.0] * (len(run.attempts) - 1)  # nothing waited
+    # What was sent: all eight, refused; then batches within half that body, accepted.
+    assert sizes[0] > fake_api.api.max_body_bytes
+    assert all(size <= sizes[0] // 2 for size in sizes[1:])
+    assert sum(r.requests for r in results if r.created) == 8
+    assert run.statuses() == ["submitted"] * 8
+    assert all(fake_api.state.stats.submissions[f"t-{n}"] == 1 for n in range(8))  # once each

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import orjson
 import structlog
@@ -95,19 +97,16 @@ class Collector:
             for batch in await self._store.batches_in(BatchState.ENDED):
                 staged = asyncio.Event()
                 running.append(asyncio.create_task(self._collect_one(batch, staged)))
-                await staged.wait()
-                if any(task.done() and task.exception() for task in running):
-                    break  # the key, or the database: every batch would fail alike
-            outcomes = await asyncio.gather(*running, return_exceptions=True)
+                await _staged_unless_failed(staged, running)
+            await _staged_unless_failed(None, running)
         except BaseException:
+            # A fatal error (the key, the database: every batch would fail alike) stops the
+            # batch still downloading too; it stays `ended` and is downloaded again.
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             raise
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return sum(1 for outcome in outcomes if outcome)
+        return sum(1 for task in running if task.result())
 
     async def _collect_one(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
         """One batch, `staged` set as soon as its lines are all staged (or it stopped)."""
@@ -135,7 +134,7 @@ class Collector:
             await self._download_failed(batch, "ended without a results_url")
             return False
         try:
-            async with self._store.write_back_lane() as lane:
+            async with self._store.write_back_lane() as lane, _given_back_on_failure(lane, batch):
                 tally = await self._download(lane, batch, batch.results_url, staged)
         except NotFoundError as exc:
             return await self._results_not_found(batch, exc)
@@ -355,6 +354,48 @@ class Collector:
             log.error(
                 "results_near_archival", batch_id=batch.api_batch_id, created_at=created.isoformat()
             )
+
+
+async def _staged_unless_failed(
+    staged: asyncio.Event | None, running: Sequence[asyncio.Task[bool]]
+) -> None:
+    """Until `staged` is set (None: until every batch is done); a batch that fails first
+    (a fatal error: `_collect_one` lets only those through) is raised at once, so that the
+    batch downloading beside it is not read and applied before the error is seen."""
+    waiting = asyncio.ensure_future(staged.wait()) if staged is not None else None
+    try:
+        while True:
+            for task in running:
+                if task.done() and not task.cancelled() and (error := task.exception()):
+                    raise error
+            busy: set[asyncio.Future[Any]] = {task for task in running if not task.done()}
+            if waiting is not None:
+                if waiting.done():
+                    return
+                busy.add(waiting)
+            elif not busy:
+                return
+            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+
+
+@asynccontextmanager
+async def _given_back_on_failure(lane: WriteBackLane, batch: BatchRecord) -> AsyncIterator[None]:
+    """A download that fails (or is stopped) gives its staged lines back at once rather than
+    at this lane's next download: a batch's lines may be gigabytes of disk, and the failure
+    may be a full disk."""
+    try:
+        yield
+    except ResultsStreamError:
+        raise  # a cut stream: the lines before the cut were applied, and staging cleared
+    except BaseException:
+        try:
+            await lane.clear_staging()
+        except StoreError as exc:  # the error being raised says more; the next download clears
+            log.warning("staging_not_cleared", batch_id=batch.api_batch_id, error=str(exc))
+        raise
 
 
 def _log_origin(batch: BatchRecord, api_batch_id: str, origin: str | None, tally: _Tally) -> None:

@@ -270,6 +270,10 @@ class Refusals:
         elif diagnosis.names_nobody and isinstance(exc, BadRequestError):
             self._bisect(chunk, exc.message)
             return retry_after  # at once
+        elif isinstance(exc, RequestTooLargeError):
+            # A batch of several, too large: diagnose() halved the byte limit. The refusal
+            # is about size, nothing to wait out: the smaller batch goes at once.
+            return retry_after
         else:
             log.error("batch_create_refused", status=exc.status, error=exc.message)
             retry_after = retry_after or 60.0

@@ -39,12 +39,12 @@ def daemon_lock(database: Path) -> Iterator[None]:
     """Hold the one-daemon lock of `database`, or raise AlreadyRunningError at once."""
     path = lock_path(database)
     try:
-        # Group-writable like the database, for a service and its operators' group.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        fd = _open_lock(path, database)
     except OSError as exc:
         raise StoreError(
-            f"cannot create the lock file {path}: {exc.strerror} (this user must be able to "
-            "write the database's directory)"
+            f"cannot open the lock file {path}: {exc.strerror} (this user must be able to "
+            "write the database's directory, and the lock file if it exists: batchd creates "
+            "it with the database's group and mode)"
         ) from exc
     try:
         try:
@@ -60,3 +60,45 @@ def daemon_lock(database: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock(path: Path, database: Path) -> int:
+    """The lock file, opened for writing; shared like the database if this call creates it.
+
+    Whoever creates it (the service, or `migrate` / `enqueue` from a shell or as root), the
+    daemon, another user of the database's group, must open it next: a `0640` lock file
+    left by a shell's umask 022 stopped the service with exit 78.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC
+    for _ in range(3):  # removed between the two opens (by hand): create it again
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o660)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                return os.open(path, flags)
+            continue
+        # A file system without modes or owners (refusing them) keeps what it gives.
+        with contextlib.suppress(OSError):
+            _share_like_the_database(fd, database)
+        return fd
+    return os.open(path, flags | os.O_CREAT, 0o660)
+
+
+def _share_like_the_database(fd: int, database: Path) -> None:
+    """Give a new lock file the database's group and its group's access, never more than
+    0660: the umask of whoever created it must not decide who may run the daemon.
+
+    A database not created yet (this command is about to create it): 0660, the mode batchd
+    creates databases with (store/sqlite/database.py) when the umask lets it.
+    """
+    try:
+        info = os.stat(database)
+    except FileNotFoundError:
+        os.fchmod(fd, 0o660)
+        return
+    if os.fstat(fd).st_gid != info.st_gid:
+        # The directory is not setgid: the creator's group would lock the daemon out. Only
+        # a member of the database's group may give it (a shell of a user of the database).
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, -1, info.st_gid)
+    os.fchmod(fd, 0o600 | (info.st_mode & 0o060))
