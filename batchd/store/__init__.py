@@ -29,6 +29,7 @@ from batchd.store.values import (
     SharedKeyEvidence,
     SizeTotals,
     StageReport,
+    TakenBatch,
     UsageTotals,
     WaitingCancelReport,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "Store",
     "StoreAccounts",
     "StoreError",
+    "TakenBatch",
     "UsageTotals",
     "WaitingCancelReport",
     "WriteBackLane",

@@ -1,0 +1,43 @@
+"""This daemon's part among the daemons of its database, as logs, STATUS, /healthz and the
+metrics show it (docs/operations.md, "Several daemons").
+
+The leader submits, reconciles, cancels and LISTENs; every daemon, leader or standby,
+polls and collects (PostgreSQL). A SQLite file admits one daemon, which always leads.
+"""
+
+from __future__ import annotations
+
+from batchd.service.metrics import LEADER, Registry
+from batchd.store.interface import Leadership
+
+STANDBY_WORK = "polls and collects"
+
+
+class Role:
+    """Whether this daemon leads, read from its leadership (None until it is entered)."""
+
+    def __init__(self, registry: Registry, instance: str) -> None:
+        self.leadership: Leadership | None = None
+        self.instance = instance  # as the collection leases name it (`batches.collector`)
+        registry.set_callback(LEADER, self._leader_gauge)
+
+    @property
+    def leading(self) -> bool:
+        return self.leadership is not None and self.leadership.leading
+
+    @property
+    def name(self) -> str:
+        return "leader" if self.leading else "standby"
+
+    def status_prefix(self) -> str:
+        """Before the systemd STATUS line's counts: nothing for the leader."""
+        return "" if self.leading else f"standby ({STANDBY_WORK}): "
+
+    def health_note(self) -> str:
+        """A /healthz note: what this daemon does (a standby is healthy)."""
+        if self.leading:
+            return f"role: leader (submits, polls and collects) as {self.instance}"
+        return f"role: standby ({STANDBY_WORK}; another daemon leads) as {self.instance}"
+
+    async def _leader_gauge(self) -> float:
+        return 1.0 if self.leading else 0.0
