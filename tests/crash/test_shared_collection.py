@@ -69,7 +69,11 @@ async def test_the_standby_collects_ended_batches_and_no_task_is_done_twice(
         await _kill_all(processes)
     assert codes == [0, 0]  # --exit-when-idle ended both, the standby too
     leader, standby = instance_of(setup, 0), instance_of(setup, 1)
-    assert not log_events(setup, 1, "leadership_acquired")  # a standby all along
+    # It collected as a standby: batches written before it led, if it ever did (the
+    # leader may exit idle a moment before it, and then it wins the lock).
+    events = [e["event"] for e in log_events(setup, 1, None)]
+    while_standby = events[: events.index("leading")] if "leading" in events else events
+    assert while_standby.count("results_written") > 0, events
     by_collector = dict(
         peek.query(
             "SELECT collector, count(*) FROM batches WHERE state = 'completed' GROUP BY collector"

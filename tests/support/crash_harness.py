@@ -293,8 +293,8 @@ async def start_daemon(
         )
 
 
-def log_events(setup: DaemonSetup, n: int, event: str) -> list[dict[str, object]]:
-    """Daemon `n`'s JSON log lines of `event`."""
+def log_events(setup: DaemonSetup, n: int, event: str | None) -> list[dict[str, object]]:
+    """Daemon `n`'s JSON log lines of `event` (None: every line), in order."""
     found = []
     for line in (setup.directory / f"daemon-{n}.log").read_bytes().splitlines():
         if not line.startswith(b"{"):
@@ -303,7 +303,7 @@ def log_events(setup: DaemonSetup, n: int, event: str) -> list[dict[str, object]
             entry = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue  # the line being written as we read
-        if entry.get("event") == event:
+        if event is None or entry.get("event") == event:
             found.append(entry)
     return found
 
