@@ -127,7 +127,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(8\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(9\)"):
             await SqliteStore.open(db_path, migrate=migrate)
 
 

@@ -140,7 +140,9 @@ class Daemon:
         self.collector = Collector(
             store, client, CollectorSettings.of(config), clock=clock, registry=self.registry
         )
-        self.role = Role(self.registry, self.collector.holder)
+        self.role = Role(
+            self.registry, self.collector.holder, shared=config.database.url is not None
+        )
 
     def state(self) -> DaemonState:
         """The budget's pause (as last seen) and whether the daemon is stopping."""
@@ -274,7 +276,8 @@ class Daemon:
             reasons.append(problem)
         if problem := self.key_check.health_problem():
             reasons.append(problem)
-        return Health(tuple(reasons), notes=(self.key_check.health_note(), self.role.health_note()))
+        notes = (self.key_check.health_note(), self.role.health_note())
+        return Health(tuple(reasons), notes=tuple(note for note in notes if note is not None))
 
     async def _status_loop(self) -> None:
         while True:

@@ -16,9 +16,10 @@ STANDBY_WORK = "polls and collects"
 class Role:
     """Whether this daemon leads, read from its leadership (None until it is entered)."""
 
-    def __init__(self, registry: Registry, instance: str) -> None:
+    def __init__(self, registry: Registry, instance: str, *, shared: bool) -> None:
         self.leadership: Leadership | None = None
         self.instance = instance  # as the collection leases name it (`batches.collector`)
+        self._shared = shared  # a database several daemons may share (PostgreSQL)
         registry.set_callback(LEADER, self._leader_gauge)
 
     @property
@@ -33,8 +34,11 @@ class Role:
         """Before the systemd STATUS line's counts: nothing for the leader."""
         return "" if self.leading else f"standby ({STANDBY_WORK}): "
 
-    def health_note(self) -> str:
-        """A /healthz note: what this daemon does (a standby is healthy)."""
+    def health_note(self) -> str | None:
+        """A /healthz note: what this daemon does (a standby is healthy); None where only
+        one daemon can run (SQLite's file lock): it always does everything."""
+        if not self._shared:
+            return None
         if self.leading:
             return f"role: leader (submits, polls and collects) as {self.instance}"
         return f"role: standby ({STANDBY_WORK}; another daemon leads) as {self.instance}"

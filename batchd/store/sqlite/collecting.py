@@ -2,7 +2,9 @@
 
 The PostgreSQL store shares polls and collections among daemons (postgres/collecting.py);
 here the same verbs cost what the single daemon's did before: every in-flight batch is due
-at every poll, taking an ended batch is one read, renewing and giving back touch nothing.
+at every poll, taking an ended batch is one read, renewing is one read, giving back
+touches nothing. Migration 009's columns (`collector`, `collect_lease_until`,
+`next_poll_at`) exist here too, unused, so both dialects keep one schema.
 """
 
 from __future__ import annotations
