@@ -126,5 +126,5 @@ class CollectionLease:
             holder=self._holder,
             reason=why,
         )
-        if self._registry is not None:
+        if self._registry is not None and self._registry.declares(COLLECTIONS):
             self._registry.inc(COLLECTIONS, event="lease_lost")

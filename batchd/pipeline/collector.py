@@ -136,7 +136,7 @@ class Collector:
                 previous_holder=found.taken_over_from,
                 holder=self.holder,
             )
-        if self._registry is not None:
+        if self._registry is not None and self._registry.declares(COLLECTIONS):
             self._registry.inc(COLLECTIONS, event=event)
 
     async def _collect_one(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
@@ -155,6 +155,9 @@ class Collector:
                 return await self._collect_held(batch, staged)
         finally:
             del self._leases[batch.local_id]
+            # Last, the lease given back: a batch that failed is done (its exception
+            # seen by `collect_all`) by the time the next one would be started.
+            staged.set()
 
     async def _collect_held(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
         try:
@@ -172,8 +175,6 @@ class Collector:
             # batches after it until their results are archived: it stays `ended`, is
             # tried again next cycle, and is reported loudly meanwhile.
             log.exception("results_write_failed", batch_id=batch.api_batch_id)
-        finally:
-            staged.set()
         return False
 
     async def _collect(self, batch: BatchRecord, staged: asyncio.Event) -> bool:

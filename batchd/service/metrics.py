@@ -255,6 +255,10 @@ class Registry:
             spec.name, spec.help, spec.labels, registry=self._prometheus
         )
 
+    def declares(self, spec: MetricSpec) -> bool:
+        """Whether `spec` is registered here (a registry of a few metrics, in tests)."""
+        return spec.name in self._specs
+
     def inc(self, name: str | MetricSpec, value: float = 1, **labels: str | int) -> None:
         """Add `value` (>= 0 for counters) to one labelled series."""
         spec = self._spec(name)
