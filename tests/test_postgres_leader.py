@@ -25,8 +25,11 @@ async def test_a_standby_is_alive_submits_nothing_and_takes_over_when_the_leader
 ) -> None:
     config = daemon_config(fake_api.base_url)
     daemons: list[Daemon] = []
+    statuses: list[list[str]] = []
 
     async def keep(daemon: Daemon) -> None:
+        statuses.append([])
+        daemon._on_status = statuses[len(daemons)].append  # the STATUS lines it publishes
         daemons.append(daemon)
 
     first = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
@@ -45,6 +48,12 @@ async def test_a_standby_is_alive_submits_nothing_and_takes_over_when_the_leader
         assert standby._loops_started
         assert await standby.alive()  # the watchdog keeps a standby
         assert "role: standby" in " ".join((await standby.health()).notes)
+        assert statuses[1]
+        assert statuses[1][-1].startswith("standby")  # its lock try said so, or a tick
+        assert not statuses[0][-1].startswith("standby")
+        for daemon, leading in ((daemons[0], 1), (standby, 0)):
+            await daemon.registry.refresh()
+            assert f"batchd_leader {leading}.0\n" in daemon.registry.render()
         peek.execute(
             "INSERT INTO tasks (custom_id, params) VALUES (?, ?)", "t1", request_params("one")
         )

@@ -209,8 +209,9 @@ class Daemon:
         return self._exit_code
 
     def _standing_by(self, text: str) -> None:
+        self.role.standing_by = True
         self._start_watchdog()
-        self.notifier.status(f"{text}; this one {STANDBY_WORK}")
+        self._status_said(f"{text}; this one {STANDBY_WORK}")
 
     def _start_watchdog(self) -> None:
         if "watchdog" not in {t.get_name() for t in self._aux}:
@@ -297,6 +298,9 @@ class Daemon:
         budget = self.submitter.budget
         if budget is not None and budget.paused_reason:
             text += f"; paused: budget ({budget.paused_reason})"
+        self._status_said(text)
+
+    def _status_said(self, text: str) -> None:
         self.notifier.status(text)
         if self._on_status is not None:
             self._on_status(text)
@@ -330,12 +334,12 @@ class Daemon:
         wake.clear()
 
     async def _lead_and_submit(self) -> None:
-        """Submitting, reconciling and cancels are the leader's: wait to lead (at once on
-        SQLite), then submit; new tasks wake it at once (PostgreSQL: LISTEN), else the tick."""
+        """The leader's work (SQLite: at once); new tasks wake it (PostgreSQL: LISTEN)."""
         assert self._lead is not None
         if not await self._lead.acquired():
             return  # stopped while standing by
         log.info("leading", instance=self.role.instance)
+        await self._guarded("status", self._publish_status, None)  # no longer "standby"
         async with self._store.listen_for_tasks(self._wake_submitter.set):
             await self._submit_loop()
 
@@ -389,12 +393,10 @@ class Daemon:
             await asyncio.sleep(0.2)
             # Guarded like every step: an outage (a PostgreSQL restart) is waited out; a
             # fault here ended the daemon with 1 under `--exit-when-idle`.
-            if await self._guarded("idle_check", self._is_idle, False):
+            done = lambda: all_work_done(self._store, self._clock())  # noqa: E731
+            if await self._guarded("idle_check", done, False):
                 log.info("daemon_idle")
                 self.stop(EXIT_OK)
-
-    async def _is_idle(self) -> bool:
-        return await all_work_done(self._store, self._clock())
 
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""

@@ -20,6 +20,9 @@ class Role:
         self.leadership: Leadership | None = None
         self.instance = instance  # as the collection leases name it (`batches.collector`)
         self._shared = shared  # a database several daemons may share (PostgreSQL)
+        # Tried for the lock and another daemon held it; until then (the first try at
+        # start) this daemon is neither leader nor standby yet.
+        self.standing_by = False
         registry.set_callback(LEADER, self._leader_gauge)
 
     @property
@@ -28,20 +31,24 @@ class Role:
 
     @property
     def name(self) -> str:
-        return "leader" if self.leading else "standby"
+        if self.leading:
+            return "leader"
+        return "standby" if self.standing_by else "starting"
 
     def status_prefix(self) -> str:
         """Before the systemd STATUS line's counts: nothing for the leader."""
-        return "" if self.leading else f"standby ({STANDBY_WORK}): "
+        return f"standby ({STANDBY_WORK}): " if self.name == "standby" else ""
 
     def health_note(self) -> str | None:
         """A /healthz note: what this daemon does (a standby is healthy); None where only
         one daemon can run (SQLite's file lock): it always does everything."""
         if not self._shared:
             return None
-        if self.leading:
+        if self.name == "leader":
             return f"role: leader (submits, polls and collects) as {self.instance}"
-        return f"role: standby ({STANDBY_WORK}; another daemon leads) as {self.instance}"
+        if self.name == "standby":
+            return f"role: standby ({STANDBY_WORK}; another daemon leads) as {self.instance}"
+        return f"role: starting (trying for the leader lock) as {self.instance}"
 
     async def _leader_gauge(self) -> float:
         return 1.0 if self.leading else 0.0
