@@ -9,14 +9,24 @@ connection; two daemons also race through two stores (`test_a_batch_is_taken_by_
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
 
-from batchd.config import DatabaseConfig
+from batchd.api import BatchesClient, RetryPolicy
+from batchd.config import CollectorSettings, DatabaseConfig, ResultsConfig
 from batchd.domain import TaskStatus
-from batchd.store import Store, open_store
+from batchd.pipeline.collector import Collector
+from batchd.store import Store, TakenBatch, open_store
+from batchd.store.postgres.writeback import PostgresWriteBackLane
 from tests.support.backends import Peek
+from tests.support.collector import ApiStub, line, serving
 from tests.support.store import add_tasks, api_batch, claim, outcome, submitted_batch
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["postgresql"],
@@ -119,3 +129,45 @@ async def test_a_claimed_poll_is_skipped_by_every_daemon_until_its_interval_pass
     assert await store.batches_due_for_poll(SHORT_S) == []  # another daemon's next cycle
     await asyncio.sleep(SHORT_S + 0.1)
     assert [batch.local_id for batch in await store.batches_due_for_poll(SHORT_S)] == ids
+
+
+async def test_a_collector_frozen_past_its_lease_stops_and_requeues_nothing(
+    store: Store, peek: Peek, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = ("f1", "f2", "f3")
+    local_id = await submitted_batch(store, "msgbatch_f", *ids)
+    api = ApiStub()
+    stage = PostgresWriteBackLane.stage_results
+    took_over: list[TakenBatch | None] = []
+
+    async def frozen_then_taken_over(
+        lane: PostgresWriteBackLane, batch_id: int, outcomes: Any
+    ) -> Any:
+        if not took_over:
+            time.sleep(SHORT_S + 0.3)  # the whole process frozen (SIGSTOP, swap): no renewal
+            took_over.append(await store.take_ended_batch("daemon-2", 30.0))  # meanwhile
+        return await stage(lane, batch_id, outcomes)
+
+    async def results(request: web.Request) -> web.Response:
+        return web.Response(body=b"\n".join(line(cid) for cid in ids) + b"\n")
+
+    monkeypatch.setattr(PostgresWriteBackLane, "stage_results", frozen_then_taken_over)
+    async with serving(api, results), aiohttp.ClientSession() as session:
+        peek.execute(
+            "UPDATE batches SET results_url = ? WHERE id = ?", api.url("msgbatch_f"), local_id
+        )
+        client = BatchesClient(session, base_url=api.base_url, api_key="k", policy=RetryPolicy(0))
+        settings = CollectorSettings(ResultsConfig(chunk_size=1, lease_s=SHORT_S), 3)
+        collector = Collector(store, client, settings, clock=lambda: datetime.now(UTC))
+        with capture_logs() as logs:
+            assert await collector.collect_all() == 0  # not finished by the frozen one
+    [taken] = took_over
+    assert taken is not None
+    assert taken.taken_over_from == collector.holder
+    assert "collection_lease_lost" in [entry["event"] for entry in logs]
+    assert peek.query("SELECT state, collector FROM batches WHERE id = ?", local_id) == [
+        ("ended", "daemon-2")
+    ]
+    # What it wrote before it knew was guarded (harmless); nothing was requeued as missing.
+    assert peek.query("SELECT count(*) FROM missing_results") == [(0,)]
+    assert peek.query("SELECT count(*) FROM tasks WHERE status = 'pending'") == [(0,)]
