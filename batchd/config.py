@@ -87,6 +87,10 @@ class ResultsConfig:
     chunk_size: int = 5000
     max_line_bytes: int = 256 * 1024 * 1024
     max_download_attempts: int = 10
+    # PostgreSQL, several daemons: how long a daemon holds an ended batch it collects
+    # without renewing (it renews every third of it); a daemon that died is replaced
+    # after at most this long. SQLite admits one daemon: unused there.
+    lease_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +181,7 @@ _KEY_ALIASES = {
     "duplicate_watch_seconds": "duplicate_watch_s",
     "interval_seconds": "interval_s",
     "not_found_grace_seconds": "not_found_grace_s",
+    "lease_seconds": "lease_s",
 }
 _SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 
@@ -384,6 +389,7 @@ def _validate(config: Config) -> None:
     )
     _check(config.results.chunk_size >= 1, "[results] chunk_size: must be >= 1")
     _check(config.results.max_line_bytes >= 1024, "[results] max_line_bytes: must be >= 1024")
+    _check(config.results.lease_s >= 1, "[results] lease_seconds: must be >= 1")
     _check(config.api.request_timeout_s > 0, "[api] request_timeout_seconds: must be > 0")
     _check(config.api.max_retries >= 0, "[api] max_retries: must be >= 0")
     _check(

@@ -48,10 +48,12 @@ async def test_polls_write_only_when_a_batch_changed(
             await original(local, batch)  # type: ignore[arg-type]
 
         monkeypatch.setattr(store, "update_batch", counting)
+        # A poll interval shorter than the wait below: on PostgreSQL a batch polled is
+        # skipped (by every daemon) until its interval passed (batches_due_for_poll).
         poller = Poller(
             store,
             client,
-            PollingConfig(max_concurrency=4, not_found_grace_s=5),
+            PollingConfig(interval_s=0.5, max_concurrency=4, not_found_grace_s=5),
             clock=lambda: datetime.now(UTC),
         )
         first = await poller.poll_all()

@@ -1,5 +1,6 @@
 """Two daemons in one process on one PostgreSQL database: one leads, the other stands by
-(alive for the watchdog, nothing running), and takes over when the leader stops."""
+(alive for the watchdog; it polls and collects, never submits), and takes over when the
+leader stops."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["p
                                                              indirect=True)]  # fmt: skip
 
 
-async def test_a_standby_is_alive_runs_nothing_and_takes_over_when_the_leader_stops(
+async def test_a_standby_is_alive_submits_nothing_and_takes_over_when_the_leader_stops(
     fake_api: FakeApiServer, daemon_config: Callable[..., Config], peek: Peek
 ) -> None:
     config = daemon_config(fake_api.base_url)
     daemons: list[Daemon] = []
+    statuses: list[list[str]] = []
 
     async def keep(daemon: Daemon) -> None:
+        statuses.append([])
+        daemon._on_status = statuses[len(daemons)].append  # the STATUS lines it publishes
         daemons.append(daemon)
 
     first = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
@@ -39,8 +43,17 @@ async def test_a_standby_is_alive_runs_nothing_and_takes_over_when_the_leader_st
                 await asyncio.sleep(0.02)
         await asyncio.sleep(1.5)  # it tried for the lock, and stands by
         standby = daemons[1]
-        assert not standby._loops_started
+        assert daemons[0].role.leading
+        assert not standby.role.leading  # polls and collects only (test_shared_collection)
+        assert standby._loops_started
         assert await standby.alive()  # the watchdog keeps a standby
+        assert "role: standby" in " ".join((await standby.health()).notes)
+        assert statuses[1]
+        assert statuses[1][-1].startswith("standby")  # its lock try said so, or a tick
+        assert not statuses[0][-1].startswith("standby")
+        for daemon, leading in ((daemons[0], 1), (standby, 0)):
+            await daemon.registry.refresh()
+            assert f"batchd_leader {leading}.0\n" in daemon.registry.render()
         peek.execute(
             "INSERT INTO tasks (custom_id, params) VALUES (?, ?)", "t1", request_params("one")
         )
@@ -51,7 +64,7 @@ async def test_a_standby_is_alive_runs_nothing_and_takes_over_when_the_leader_st
         assert await first == 0
         stopped = time.monotonic()
         async with asyncio.timeout(10):
-            while not standby._loops_started:
+            while not standby.role.leading:
                 await asyncio.sleep(0.02)
         takeover_s = time.monotonic() - stopped
         peek.execute(

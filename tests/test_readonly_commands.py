@@ -69,9 +69,11 @@ async def make_database(path: Path, *custom_ids: str) -> None:
 
 
 def make_older(path: Path) -> int:
-    """The database as a batchd before the acknowledgement column left it; returns its
-    version."""
+    """The database as a batchd before the acknowledgement column left it (and every
+    later migration: 009's collection lease columns); returns its version."""
     with sqlite3.connect(path) as db:
+        for column in ("collector", "collect_lease_until", "next_poll_at"):
+            db.execute(f"ALTER TABLE batches DROP COLUMN {column}")
         db.execute("ALTER TABLE duplicate_batches DROP COLUMN acknowledged_at")
         db.execute("ALTER TABLE duplicate_batches DROP COLUMN acknowledged_note")
         db.execute("DELETE FROM schema_migrations WHERE version >= ?", (ACKNOWLEDGED,))

@@ -2,6 +2,8 @@
 
 Two batches at a time, on two write-back lanes of the store: while one batch is applied
 (SQLite's work, which lets go of the GIL), the next one is downloaded, parsed and staged.
+Each batch is taken under a lease (collectlease.py): on PostgreSQL every daemon collects,
+one daemon per batch, and a batch whose holder died is taken over once its lease lapsed.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ from batchd.api import (
 from batchd.api.wire import RESULTS_RETENTION_DAYS, parse_timestamp
 from batchd.config import CollectorSettings
 from batchd.crashpoints import crash_point
-from batchd.domain import BatchOrigin, BatchRecord, BatchState, Outcome
+from batchd.domain import BatchOrigin, BatchRecord, Outcome
+from batchd.pipeline.collectlease import (
+    CollectionLease,
+    CollectionLeaseLost,
+    instance_name,
+    note_taken,
+)
 from batchd.pipeline.outcomes import MalformedResultLine, parse_result_line
 from batchd.service.metrics import RESULTS_WRITTEN, Registry
-from batchd.store import Store, StoreError, WriteBackLane
+from batchd.store import FinishReport, Store, StoreError, WriteBackLane
 
 log = structlog.get_logger("batchd.pipeline.collector")
 
@@ -76,8 +84,12 @@ class Collector:
         *,
         clock: Callable[[], datetime],
         registry: Registry | None = None,
+        holder: str | None = None,
     ) -> None:
         self._registry = registry
+        # Who this daemon is in the collection leases (`batches.collector`).
+        self.holder = holder or instance_name()
+        self._leases: dict[int, CollectionLease] = {}
         self._store = store
         self._client = client
         self._config = settings.results
@@ -93,10 +105,17 @@ class Collector:
         """
         running: list[asyncio.Task[bool]] = []
         self._applying_since = time.monotonic()
+        taken: set[int] = set()  # this round's: a batch that failed waits for the next
         try:
-            for batch in await self._store.batches_in(BatchState.ENDED):
+            # One batch taken at a time, when a lane is about to be free: the others stay
+            # free for the other daemons (PostgreSQL) to take meanwhile.
+            while found := await self._store.take_ended_batch(
+                self.holder, self._config.lease_s, taken
+            ):
+                taken.add(found.batch.local_id)
+                note_taken(found, self.holder, self._registry)
                 staged = asyncio.Event()
-                running.append(asyncio.create_task(self._collect_one(batch, staged)))
+                running.append(asyncio.create_task(self._collect_one(found.batch, staged)))
                 await _staged_unless_failed(staged, running)
             await _staged_unless_failed(None, running)
         except BaseException:
@@ -110,8 +129,29 @@ class Collector:
 
     async def _collect_one(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
         """One batch, `staged` set as soon as its lines are all staged (or it stopped)."""
+        lease = CollectionLease(
+            self._store,
+            batch.local_id,
+            batch.api_batch_id,
+            holder=self.holder,
+            lease_s=self._config.lease_s,
+            registry=self._registry,
+        )
+        self._leases[batch.local_id] = lease
+        try:
+            async with lease:
+                return await self._collect_held(batch, staged)
+        finally:
+            del self._leases[batch.local_id]
+            # Last, the lease given back: a batch that failed is done (its exception
+            # seen by `collect_all`) by the time the next one would be started.
+            staged.set()
+
+    async def _collect_held(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
         try:
             return await self._collect(batch, staged)
+        except CollectionLeaseLost:
+            return False  # said when it was lost; the new holder writes the rest
         except (AuthenticationError, StoreError):
             # Not this batch's fault (the key; a full or read-only disk): every batch
             # would fail alike, and the daemon's step handling waits and retries.
@@ -123,8 +163,6 @@ class Collector:
             # batches after it until their results are archived: it stays `ended`, is
             # tried again next cycle, and is reported loudly meanwhile.
             log.exception("results_write_failed", batch_id=batch.api_batch_id)
-        finally:
-            staged.set()
         return False
 
     async def _collect(self, batch: BatchRecord, staged: asyncio.Event) -> bool:
@@ -214,6 +252,7 @@ class Collector:
         *,
         tally: _Tally,
     ) -> None:
+        self._leases[batch.local_id].check()
         report = await lane.stage_results(batch.local_id, outcomes)
         tally.matched += report.staged + report.repeated
         self._count(tally, ignored=report.repeated, unmatched=len(report.unmatched))
@@ -232,9 +271,14 @@ class Collector:
 
     async def _apply(self, lane: WriteBackLane, batch: BatchRecord, tally: _Tally) -> None:
         after = 0
-        while applied := await lane.apply_staged(
-            batch.local_id, self._max_attempts, self._config.chunk_size, after
-        ):
+        lease = self._leases[batch.local_id]
+        while True:
+            lease.check()  # taken over: the new holder applies the rest
+            applied = await lane.apply_staged(
+                batch.local_id, self._max_attempts, self._config.chunk_size, after
+            )
+            if applied is None:
+                break
             crash_point("results_chunk_written")
             if batch.candidate_for is not None:
                 crash_point("harvest_chunk_written")
@@ -252,9 +296,26 @@ class Collector:
                 self._applying_since = time.monotonic()
         await lane.clear_staging()
 
+    async def _finish_held(
+        self, batch: BatchRecord, reason: str, *, archived: bool = False, matched: int | None = None
+    ) -> FinishReport:
+        """`finish_batch` under this daemon's lease: refused once the lease lapsed (another
+        daemon may be writing the batch: its missing lines are not ours to requeue)."""
+        lease = self._leases[batch.local_id]
+        lease.check()
+        await lease.stop_renewing()
+        report = await self._store.finish_batch(
+            batch.local_id, reason, archived=archived, matched_lines=matched, holder=self.holder
+        )
+        if report.lease_lapsed:
+            lease.lapsed()
+            raise CollectionLeaseLost(f"finish of batch {batch.api_batch_id} refused")
+        lease.finished = True
+        return report
+
     async def _finish(self, batch: BatchRecord, api_batch_id: str, tally: _Tally) -> None:
         reason = f"no result line for this request in batch {api_batch_id}"
-        report = await self._store.finish_batch(batch.local_id, reason, matched_lines=tally.matched)
+        report = await self._finish_held(batch, reason, matched=tally.matched)
         crash_point("batch_finished")
         if batch.candidate_for is not None:
             crash_point("harvest_finished")
@@ -286,7 +347,7 @@ class Collector:
             await self._download_failed(batch, f"results not found: {exc}")
             return False
         reason = f"results of batch {batch.api_batch_id} archived at {archived_at}, never written"
-        report = await self._store.finish_batch(batch.local_id, reason, archived=True)
+        report = await self._finish_held(batch, reason, archived=True)
         # Loud on purpose: these requests will be sent, and paid for, a second time.
         log.error(
             "results_archived",

@@ -1,4 +1,9 @@
-"""Every in-flight batch polled at once, with a bounded number of requests in the air."""
+"""Every in-flight batch due polled at once, with a bounded number of requests in the air.
+
+Due: on PostgreSQL several daemons poll, and a batch one of them claimed is skipped by the
+others for a poll interval (`Store.batches_due_for_poll`); on SQLite every in-flight batch
+is due at every cycle.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from batchd.api import ApiError, AuthenticationError, BatchesClient, NotFoundErr
 from batchd.api.wire import MessageBatch
 from batchd.config import PollingConfig
 from batchd.crashpoints import crash_point
-from batchd.domain import BatchRecord, BatchState
+from batchd.domain import BatchRecord
 from batchd.store import Store
 
 log = structlog.get_logger("batchd.pipeline.poller")
@@ -41,11 +46,12 @@ class Poller:
         self._client = client
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self._grace = timedelta(seconds=config.not_found_grace_s)
+        self._interval_s = config.interval_s
         self._clock = clock
 
     async def poll_all(self) -> PollReport:
-        """One cycle: retrieve every batch still processing, record what changed."""
-        batches = await self._store.batches_in(BatchState.IN_PROGRESS, BatchState.CANCELING)
+        """One cycle: retrieve every batch still processing and due, record what changed."""
+        batches = await self._store.batches_due_for_poll(self._interval_s)
         # Every poll is awaited even when one fails (a database fault): a plain gather
         # would return at the first error and leave the others running unsupervised.
         results = await asyncio.gather(

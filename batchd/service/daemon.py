@@ -17,7 +17,7 @@ import structlog
 
 from batchd.api import ApiError, AuthenticationError, BatchesClient, RetryPolicy
 from batchd.config import BudgetSettings, CollectorSettings, Config, api_key_source
-from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, BatchState, TaskStatus
+from batchd.domain import FINAL_TASK_STATUSES, IN_FLIGHT_BATCH_STATES, TaskStatus
 from batchd.money.budget import BudgetGate
 from batchd.pipeline.cancels import Canceler
 from batchd.pipeline.collector import Collector
@@ -27,6 +27,7 @@ from batchd.pipeline.submitter import AuthenticationFailed, Submitter
 from batchd.service.exits import EXIT_CONFIG, TemporaryError
 from batchd.service.gauges import register_database_gauges
 from batchd.service.health import ApiReachability, Health, api_observer
+from batchd.service.idle import all_work_done
 from batchd.service.instancelock import AlreadyRunningError, daemon_lock
 from batchd.service.keycheck import ApiKeyCheck, KeyState
 from batchd.service.metrics import (
@@ -38,6 +39,7 @@ from batchd.service.metrics import (
 )
 from batchd.service.notify import Notifier
 from batchd.service.outage import Outage
+from batchd.service.roles import STANDBY_WORK, Role
 from batchd.service.status import status_snapshot
 from batchd.service.web.server import MetricsServer
 from batchd.store import Store, StoreError, open_store
@@ -138,6 +140,9 @@ class Daemon:
         self.collector = Collector(
             store, client, CollectorSettings.of(config), clock=clock, registry=self.registry
         )
+        self.role = Role(
+            self.registry, self.collector.holder, shared=config.database.url is not None
+        )
 
     def state(self) -> DaemonState:
         """The budget's pause (as last seen) and whether the daemon is stopping."""
@@ -170,21 +175,19 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_signal, signum)
         stack = contextlib.AsyncExitStack()
         try:
-            log.info("daemon_started", exit_when_idle=self._exit_when_idle)
-            # Lead first (PostgreSQL: another daemon may; this one stands by till it dies).
+            log.info(
+                "daemon_started", exit_when_idle=self._exit_when_idle, instance=self.role.instance
+            )
+            # Try to lead (PostgreSQL: another daemon may; this one stands by meanwhile and
+            # polls and collects, and submits once the leader dies: `_lead_and_submit`).
             self._lead = await stack.enter_async_context(
                 self._store.leadership(self._stop, self._standing_by)
             )
-            if not await self._lead.acquired():
-                pass  # stopped while standing by
+            self.role.leadership = self._lead
             # The key first: a refused one ends the start (exit 78) before any work.
-            elif await self.key_check.verify(self._client) is KeyState.REFUSED:
+            if await self.key_check.verify(self._client) is KeyState.REFUSED:
                 self.stop(EXIT_AUTH)
             else:
-                # New tasks wake the submitter at once (PostgreSQL: LISTEN), else the tick.
-                await stack.enter_async_context(
-                    self._store.listen_for_tasks(self._wake_submitter.set)
-                )
                 self._start_loops()
                 self.notifier.ready()  # the store was opened and migrated before run()
             await self._stop.wait()
@@ -206,9 +209,9 @@ class Daemon:
         return self._exit_code
 
     def _standing_by(self, text: str) -> None:
-        self.notifier.ready()  # running as it should: a standby (WatchdogSec= applies too)
+        self.role.standing_by = True
         self._start_watchdog()
-        self.notifier.status(text)
+        self._status_said(f"{text}; this one {STANDBY_WORK}")
 
     def _start_watchdog(self) -> None:
         if "watchdog" not in {t.get_name() for t in self._aux}:
@@ -217,7 +220,7 @@ class Daemon:
     def _start_loops(self) -> None:
         self._loops_started = True
         self._start_watchdog()
-        self._spawn("submitter", self._submit_loop)
+        self._spawn("submitter", self._lead_and_submit)
         self._spawn("poller", self._poll_loop)
         self._spawn("collector", self._collect_loop)
         if self._exit_when_idle:
@@ -274,7 +277,8 @@ class Daemon:
             reasons.append(problem)
         if problem := self.key_check.health_problem():
             reasons.append(problem)
-        return Health(tuple(reasons), notes=(self.key_check.health_note(),))
+        notes = (self.key_check.health_note(), self.role.health_note())
+        return Health(tuple(reasons), notes=tuple(note for note in notes if note is not None))
 
     async def _status_loop(self) -> None:
         while True:
@@ -288,12 +292,15 @@ class Daemon:
         in_flight = len(await self._store.batches_in(*IN_FLIGHT_BATCH_STATES))
         done = sum(counts[status] for status in FINAL_TASK_STATUSES)
         text = (
-            f"{counts[TaskStatus.PENDING]:,} pending, {in_flight:,} batches in flight, "
-            f"{done:,} done"
+            f"{self.role.status_prefix()}{counts[TaskStatus.PENDING]:,} pending, "
+            f"{in_flight:,} batches in flight, {done:,} done"
         )
         budget = self.submitter.budget
         if budget is not None and budget.paused_reason:
             text += f"; paused: budget ({budget.paused_reason})"
+        self._status_said(text)
+
+    def _status_said(self, text: str) -> None:
         self.notifier.status(text)
         if self._on_status is not None:
             self._on_status(text)
@@ -325,6 +332,16 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=seconds)
         wake.clear()
+
+    async def _lead_and_submit(self) -> None:
+        """The leader's work (SQLite: at once); new tasks wake it (PostgreSQL: LISTEN)."""
+        assert self._lead is not None
+        if not await self._lead.acquired():
+            return  # stopped while standing by
+        log.info("leading", instance=self.role.instance)
+        await self._guarded("status", self._publish_status, None)  # no longer "standby"
+        async with self._store.listen_for_tasks(self._wake_submitter.set):
+            await self._submit_loop()
 
     async def _submit_loop(self) -> None:
         delay = 0.0
@@ -376,25 +393,10 @@ class Daemon:
             await asyncio.sleep(0.2)
             # Guarded like every step: an outage (a PostgreSQL restart) is waited out; a
             # fault here ended the daemon with 1 under `--exit-when-idle`.
-            if await self._guarded("idle_check", self._is_idle, False):
+            done = lambda: all_work_done(self._store, self._clock())  # noqa: E731
+            if await self._guarded("idle_check", done, False):
                 log.info("daemon_idle")
                 self.stop(EXIT_OK)
-
-    async def _is_idle(self) -> bool:
-        # Every 0.2 s: two index entries at most, never a count of every task.
-        if await self._store.has_tasks(TaskStatus.PENDING, TaskStatus.SUBMITTED):
-            return False
-        active = (
-            BatchState.CREATING,
-            BatchState.IN_PROGRESS,
-            BatchState.CANCELING,
-            BatchState.ENDED,
-        )
-        if await self._store.batches_in(*active):
-            return False
-        # A create whose outcome was unknown may still land on the list: watched until then
-        # (docs/design.md, step 4), since a batch found late saves paying its requests again.
-        return not await self._store.watched_intents(self._clock())
 
     async def _guarded(self, step: str, fn: Callable[[], Awaitable[T]], fallback: T) -> T:
         """Run one step; API and database faults are logged and retried, never fatal."""

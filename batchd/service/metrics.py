@@ -100,6 +100,20 @@ LAST_POLL = MetricSpec(
     "gauge",
     "Unix time of the last poll the API answered (the daemon's start until the first).",
 )
+# Issue 13: several daemons on one PostgreSQL database.
+LEADER = MetricSpec(
+    "batchd_leader",
+    "gauge",
+    "1 while this daemon leads (submits, reconciles, cancels); 0 while it stands by and"
+    " only polls and collects (PostgreSQL: another daemon leads).",
+)
+COLLECTIONS = MetricSpec(
+    "batchd_collections_total",
+    "counter",
+    "Ended batches this daemon took to collect, by event (taken; taken_over: the lease of"
+    " a daemon that stopped renewing had lapsed; lease_lost: another daemon took ours).",
+    ("event",),
+)
 
 # --- what the database says, read at scrape time (batchd/service/gauges.py) ---------------
 
@@ -196,6 +210,8 @@ BATCHD_METRICS = (
     FOREIGN_BATCHES_LISTED,
     CANDIDATE_BATCHES,
     FOREIGN_BATCHES,
+    LEADER,
+    COLLECTIONS,
 )
 
 
@@ -238,6 +254,10 @@ class Registry:
         self._live[spec.name] = metric_type(
             spec.name, spec.help, spec.labels, registry=self._prometheus
         )
+
+    def declares(self, spec: MetricSpec) -> bool:
+        """Whether `spec` is registered here (a registry of a few metrics, in tests)."""
+        return spec.name in self._specs
 
     def inc(self, name: str | MetricSpec, value: float = 1, **labels: str | int) -> None:
         """Add `value` (>= 0 for counters) to one labelled series."""

@@ -52,6 +52,25 @@ Per method (see each docstring):
    intent's tasks still `submitted` are requeued and listed in missing_results (so paying
    again is always on record), but only once no candidate of the intent is still open.
 
+**Several daemons** (PostgreSQL; docs/postgresql-design.md). Submission, reconcile and
+cancels are the leader's (`leadership`); polling and write-back are shared by every daemon:
+
+- `batches_due_for_poll` claims the in-flight batches no daemon polled within the poll
+  interval (a due time in the row, taken with SKIP LOCKED), so two daemons do not both
+  poll every batch every cycle. A batch polled twice costs one GET: `update_batch` is
+  idempotent and never moves a state back.
+- `take_ended_batch` gives one `ended` batch to one holder under a lease (an expiry on the
+  server's clock), `renew_collection` extends it (every third of the lease while the
+  holder downloads and applies; False once another holder took it over), and
+  `give_back_collection` ends it early. A lapsed lease is taken over by the next holder.
+  `finish_batch(..., holder=...)` is guarded by the lease: a holder whose lease lapsed
+  cannot requeue as missing the lines the new holder is writing (`lease_lapsed`).
+  Correctness never rests on the lease: every apply keeps its guard (batch, status,
+  custom_id), so two holders writing one batch write each line once, never to another
+  task. SQLite admits one daemon: its lease is always its own (take reads the next ended
+  batch, renewing always holds, the finish is not guarded), and every in-flight batch is
+  due at every poll, as before.
+
 Candidates (docs/design.md, "Harvesting candidate batches"): an API batch found for an
 intent but not adopted (`mark_created`'s `duplicates`, `record_candidate`) is a batch of
 its own for the poller and the collector, whose members are the intent's tasks. Its
@@ -85,7 +104,7 @@ a million pending ones; what a second store must keep flat:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
@@ -117,6 +136,7 @@ from batchd.store.values import (
     SharedKeyEvidence,
     SizeTotals,
     StageReport,
+    TakenBatch,
     UsageTotals,
     WaitingCancelReport,
 )
@@ -313,6 +333,27 @@ class Store(Protocol):
     async def note_download_failed(self, local_id: int, note: str) -> int:
         """Count a failed results download; returns the attempts so far."""
 
+    async def batches_due_for_poll(self, interval_s: float) -> list[BatchRecord]:
+        """In-flight batches (`in_progress`, `canceling`) due for a poll, oldest first, now
+        claimed for `interval_s` so that other daemons skip them meanwhile (one short
+        transaction; SQLite: every in-flight batch, nothing written)."""
+
+    # -- collecting, shared by every daemon (see "Several daemons") -----------------------------
+
+    async def take_ended_batch(
+        self, holder: str, lease_s: float, skip: Collection[int] = ()
+    ) -> TakenBatch | None:
+        """The oldest `ended` batch no other holder's lease covers (and not in `skip`),
+        now leased to `holder` for `lease_s` (one transaction); None when none is left."""
+
+    async def renew_collection(self, local_id: int, holder: str, lease_s: float) -> bool:
+        """Extend `holder`'s lease on an ended batch by `lease_s` from now; False when it no
+        longer holds it (taken over, given back, or the batch is no longer `ended`)."""
+
+    async def give_back_collection(self, local_id: int, holder: str) -> None:
+        """End `holder`'s lease early (a collection that stopped without finishing), so that
+        any daemon may take the batch at once; a lease it no longer holds is left alone."""
+
     async def duplicate_batches(self) -> list[DuplicateBatch]:
         """Every suspected duplicate batch not acknowledged by an operator, oldest first
         (acknowledged ones stay recorded, and known to `known_api_batch_ids`)."""
@@ -341,10 +382,13 @@ class Store(Protocol):
         *,
         archived: bool = False,
         matched_lines: int | None = None,
+        holder: str | None = None,
     ) -> FinishReport:
         """`ended -> completed` (7), guarded; its origin from `matched_lines` (lines that
         named a task of its intent; None: not read); the intent's tasks without a line
-        requeued and listed, at once, once no candidate of the intent is still open."""
+        requeued and listed, at once, once no candidate of the intent is still open.
+        `holder`: guarded by its collection lease too; refused (`lease_lapsed`, nothing
+        changed) once the lease lapsed or another holder took the batch."""
 
     # -- user commands and reads ----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from batchd.domain import WriteReport
+from batchd.domain import BatchRecord, WriteReport
 
 # What `batchd.store` re-exports (its `__init__` imports this list rather than repeating it).
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "SharedKeyEvidence",
     "SizeTotals",
     "StageReport",
+    "TakenBatch",
     "UsageTotals",
     "WaitingCancelReport",
 ]
@@ -52,6 +53,20 @@ class CancelReport:
 class FinishReport:
     missing_requeued: tuple[str, ...]
     origin: str | None = None  # what the batch's lines showed (BatchOrigin), if decided
+    # Refused: the batch is still `ended` but the caller's collection lease had lapsed (or
+    # was given back): another daemon may be writing it, so its missing lines are not ours
+    # to requeue (interface.py, "Several daemons").
+    lease_lapsed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBatch:
+    """An ended batch taken to collect, under a lease (`Store.take_ended_batch`)."""
+
+    batch: BatchRecord
+    # The holder whose lease had lapsed when this one was taken (it died or was cut off
+    # mid-collection): a take-over. None when nobody held it.
+    taken_over_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

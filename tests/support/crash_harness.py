@@ -77,7 +77,9 @@ def write_config(
             "max_attempts": 3,
         },
         "polling": {"interval_seconds": 0.1, "not_found_grace_seconds": 1.0},
-        "results": {"chunk_size": 2},
+        # A short collection lease (PostgreSQL): a batch whose collector was killed is
+        # taken over (by a restart, or another daemon) this long after its last renewal.
+        "results": {"chunk_size": 2, "lease_seconds": 2.0},
         "logging": {"format": "json", "level": "info"},
     }
     for name, overrides in sections.items():
@@ -273,3 +275,50 @@ def assert_nothing_lost_or_duplicated(ledger: Ledger, expected_tasks: int) -> No
     assert ledger.unsettled_batches == []
     assert ledger.unmatched_results == 0
     assert ledger.duplicate_batches == 0
+
+
+async def start_daemon(
+    setup: DaemonSetup, n: int, *, crash_at: str | None = None, exit_when_idle: bool = True
+) -> asyncio.subprocess.Process:
+    """`batchd run` number `n` in the background, its log in `daemon-<n>.log`."""
+    env = dict(setup.env)
+    if crash_at is not None:
+        env["BATCHD_CRASH_AT"] = crash_at
+    args = [*BATCHD, "--config", str(setup.config_path), "run"]
+    if exit_when_idle:
+        args.append("--exit-when-idle")
+    with (setup.directory / f"daemon-{n}.log").open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
+
+
+def log_events(setup: DaemonSetup, n: int, event: str | None) -> list[dict[str, object]]:
+    """Daemon `n`'s JSON log lines of `event` (None: every line), in order."""
+    found = []
+    for line in (setup.directory / f"daemon-{n}.log").read_bytes().splitlines():
+        if not line.startswith(b"{"):
+            continue
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # the line being written as we read
+        if event is None or entry.get("event") == event:
+            found.append(entry)
+    return found
+
+
+async def logged(setup: DaemonSetup, n: int, event: str, within_s: float) -> float:
+    """Seconds until daemon `n` logs `event` (fails after `within_s`)."""
+    started = time.monotonic()
+    while not log_events(setup, n, event):
+        if time.monotonic() - started > within_s:
+            raise AssertionError(f"daemon {n} did not log {event} within {within_s} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+def instance_of(setup: DaemonSetup, n: int) -> str:
+    """Daemon `n`'s name in the collection leases (`batches.collector`)."""
+    [started] = log_events(setup, n, "daemon_started")
+    return str(started["instance"])

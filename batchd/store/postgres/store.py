@@ -19,6 +19,7 @@ from batchd.store.postgres import migrations, readonly
 from batchd.store.postgres.accounts import PostgresAccounts
 from batchd.store.postgres.actions import OperatorActions
 from batchd.store.postgres.batches import BatchTracking
+from batchd.store.postgres.collecting import SharedCollection
 from batchd.store.postgres.connection import DEFAULT_POOL_SIZE, PostgresTarget, connect
 from batchd.store.postgres.database import Clock, PostgresDatabase, utc_now
 from batchd.store.postgres.harvest import Harvest
@@ -45,6 +46,7 @@ class PostgresStore(
     OperatorListings,
     OperatorActions,
     Harvest,
+    SharedCollection,
 ):
     """A pool of a few connections for every statement, and two write-back lanes."""
 

@@ -351,27 +351,44 @@ class WriteBack:
         *,
         archived: bool = False,
         matched_lines: int | None = None,
+        holder: str | None = None,
     ) -> FinishReport:
         """All lines written (or, `archived`, none can be any more): mark the batch
         `completed` with what its lines showed (`matched_lines`: lines that named a task of
         its intent), and requeue the intent's tasks that got none, listed in
-        missing_results, once no candidate of it is still open; at once."""
+        missing_results, once no candidate of it is still open; at once. `holder`: only
+        while its collection lease holds (collecting.py), else refused."""
         return await self._db.transact(
-            self._finish_batch, local_id, reason, archived, matched_lines
+            self._finish_batch, local_id, reason, archived, matched_lines, holder=holder
         )
 
     async def _finish_batch(
-        self, conn: Conn, local_id: int, reason: str, archived: bool, matched_lines: int | None
+        self,
+        conn: Conn,
+        local_id: int,
+        reason: str,
+        archived: bool,
+        matched_lines: int | None,
+        *,
+        holder: str | None = None,
     ) -> FinishReport:
         now = self._db.now()
+        # The lease guard (a NULL holder: no lease asked for, as a single caller): a holder
+        # whose lease lapsed must not requeue as missing what a new holder is writing.
         found = await conn.fetchrow(
             "UPDATE batches SET state = 'completed', completed_at = $1"
-            " WHERE id = $2 AND state = 'ended' RETURNING candidate_for",
+            " WHERE id = $2 AND state = 'ended' AND ($3::text IS NULL"
+            "   OR (collector = $3 AND collect_lease_until > now()))"
+            " RETURNING candidate_for",
             now,
             local_id,
+            holder,
         )
         if found is None:
-            return FinishReport(())
+            still_ended = await conn.fetchval(
+                "SELECT state = 'ended' FROM batches WHERE id = $1", local_id
+            )
+            return FinishReport((), lease_lapsed=holder is not None and bool(still_ended))
         crash_point("batch_completed")
         intent_id = found[0]
         origin = await decide_origin(conn, local_id, matched_lines, now, own=intent_id is None)

@@ -20,6 +20,7 @@ from batchd.store.sqlite import migrations, staging
 from batchd.store.sqlite.accounts import SqliteAccounts
 from batchd.store.sqlite.actions import OperatorActions
 from batchd.store.sqlite.batches import BatchTracking
+from batchd.store.sqlite.collecting import SharedCollection
 from batchd.store.sqlite.database import Clock, Db, SqliteDatabase, utc_now
 from batchd.store.sqlite.harvest import Harvest
 from batchd.store.sqlite.operations import UserOperations
@@ -39,6 +40,7 @@ class SqliteStore(
     OperatorViews,
     OperatorActions,
     Harvest,
+    SharedCollection,
 ):
     """One writer connection behind an asyncio.Lock, one reader connection, and the
     write-back lanes (each a connection whose writes to the database take that lock too)."""

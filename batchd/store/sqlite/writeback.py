@@ -335,11 +335,13 @@ class WriteBack:
         *,
         archived: bool = False,
         matched_lines: int | None = None,
+        holder: str | None = None,
     ) -> FinishReport:
         """All lines written (or, `archived`, none can be any more): mark the batch
         `completed` with what its lines showed (`matched_lines`: lines that named a task of
         its intent), and requeue the intent's tasks that got none, listed in
-        missing_results, once no candidate of it is still open; at once."""
+        missing_results, once no candidate of it is still open; at once. `holder`: the one
+        daemon a file admits always holds its lease (collecting.py): not guarded further."""
         return await self._db.transact(
             self._finish_batch, local_id, reason, archived, matched_lines
         )

@@ -1,0 +1,94 @@
+"""Polling and collecting shared by every daemon on the database (migration 009).
+
+Submission is the leader's (leader.py); polls and write-back are anyone's:
+
+- a poll is claimed by a due time (`next_poll_at`): the daemon that takes an in-flight
+  batch sets it one poll interval ahead, and the others skip the row meanwhile (SKIP
+  LOCKED also skips a row another daemon is claiming or writing at that moment);
+- an ended batch is collected by one daemon at a time under a row lease (`collector`,
+  `collect_lease_until`): taken with `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP
+  LOCKED)`, renewed while the holder works, taken over once it lapsed. The finish is
+  guarded by it (writeback.py, `lease_guard`).
+
+Every time is the server's `now()`: daemons on several hosts never compare their clocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from batchd.domain import BatchRecord
+from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
+from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.database import PostgresDatabase, count_of
+from batchd.store.values import TakenBatch
+
+_DUE_FOR_POLL = f"""
+WITH due AS (
+    SELECT id FROM batches
+    WHERE state IN ('in_progress', 'canceling') AND (next_poll_at IS NULL OR next_poll_at <= now())
+    ORDER BY id FOR UPDATE SKIP LOCKED)
+UPDATE batches SET next_poll_at = now() + make_interval(secs => $1)
+WHERE id IN (SELECT id FROM due)
+RETURNING {BATCH_COLUMNS}"""
+# The previous holder read in the same statement (the CTE's row, locked): a lapsed lease
+# of another daemon is a take-over, logged and counted by the collector.
+_TAKE = f"""
+WITH free AS (
+    SELECT id, collector AS previous, collect_lease_until AS previous_until FROM batches
+    WHERE state = 'ended' AND (collect_lease_until IS NULL OR collect_lease_until <= now())
+        AND NOT (id = ANY($3::bigint[]))
+    ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+UPDATE batches SET collector = $1, collect_lease_until = now() + make_interval(secs => $2)
+FROM free WHERE batches.id = free.id
+RETURNING {", ".join(f"batches.{column.strip()}" for column in BATCH_COLUMNS.split(","))},
+    free.previous, free.previous_until"""
+_RENEW = """
+UPDATE batches SET collect_lease_until = now() + make_interval(secs => $3)
+WHERE id = $1 AND collector = $2 AND state = 'ended' AND collect_lease_until IS NOT NULL"""
+_GIVE_BACK = """
+UPDATE batches SET collect_lease_until = NULL
+WHERE id = $1 AND collector = $2 AND state = 'ended'"""
+
+
+class SharedCollection:
+    """Due-time poll claims and collection leases (part of PostgresStore)."""
+
+    _db: PostgresDatabase
+
+    async def batches_due_for_poll(self, interval_s: float) -> list[BatchRecord]:
+        """In-flight batches no daemon claimed within `interval_s`, claimed now, by id."""
+        return await self._db.transact(_claim_polls, interval_s)
+
+    async def take_ended_batch(
+        self, holder: str, lease_s: float, skip: Collection[int] = ()
+    ) -> TakenBatch | None:
+        """The oldest ended batch under no live lease, leased to `holder` for `lease_s`."""
+        return await self._db.transact(_take, holder, lease_s, [int(i) for i in skip])
+
+    async def renew_collection(self, local_id: int, holder: str, lease_s: float) -> bool:
+        """Extend `holder`'s lease; False once another took it, or it was given back."""
+        return bool(await self._db.transact(_count, _RENEW, local_id, holder, lease_s))
+
+    async def give_back_collection(self, local_id: int, holder: str) -> None:
+        """End `holder`'s lease now; `collector` stays as the last holder."""
+        await self._db.transact(_count, _GIVE_BACK, local_id, holder)
+
+
+async def _claim_polls(conn: Conn, interval_s: float) -> list[BatchRecord]:
+    rows = await conn.fetch(_DUE_FOR_POLL, float(interval_s))
+    return sorted((batch_record(row) for row in rows), key=lambda batch: batch.local_id)
+
+
+async def _take(conn: Conn, holder: str, lease_s: float, skip: list[int]) -> TakenBatch | None:
+    row = await conn.fetchrow(_TAKE, holder, float(lease_s), skip)
+    if row is None:
+        return None
+    previous, previous_until = row[-2], row[-1]
+    # A lease of another holder that lapsed without being given back: it stopped renewing.
+    taken_over = previous if previous_until is not None and previous != holder else None
+    return TakenBatch(batch_record(row), taken_over)
+
+
+async def _count(conn: Conn, sql: str, *params: object) -> int:
+    return count_of(await conn.execute(sql, *params))
