@@ -22,6 +22,7 @@ from tests.support.store import FakeClock  # noqa: E402
 pytest_plugins = [
     "tests.support.cli",
     "tests.support.postgres",  # a PostgreSQL server and a database per session
+    "tests.support.pgcluster",  # a throwaway cluster of the session's own, to restart
     "tests.support.backends",  # `store`, `peek`, `database_config` on either database
 ]
 
@@ -37,6 +38,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "sqlite_only: of a module run on both stores, run on SQLite alone (why: its docstring)",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow: takes several seconds (a real wait the test is about); run first, so that "
+        "pytest-xdist's workers share them out and finish together",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `slow` tests first, the rest in their usual order: with `--maxschedchunk 1` each
+    worker takes the next test as it frees up, so the longest are spread over the workers
+    at the start and the short ones fill in around them (README's test command)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture
