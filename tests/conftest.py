@@ -22,6 +22,7 @@ from tests.support.store import FakeClock  # noqa: E402
 pytest_plugins = [
     "tests.support.cli",
     "tests.support.postgres",  # a PostgreSQL server and a database per session
+    "tests.support.pgcluster",  # a throwaway cluster of the session's own, to restart
     "tests.support.backends",  # `store`, `peek`, `database_config` on either database
 ]
 
@@ -37,6 +38,101 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "sqlite_only: of a module run on both stores, run on SQLite alone (why: its docstring)",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow: takes several seconds (a real wait the test is about); run first, so that "
+        "pytest-xdist's workers share them out and finish together",
+    )
+
+
+# Tests over ~4 s (a serial run's --durations), longest first, by file and function (every
+# parameter): run first (pytest_collection_modifyitems). One missing only costs time at the end.
+SLOW_TESTS: tuple[tuple[str, str], ...] = (
+    (
+        "crash/test_kill_and_restart.py",
+        "test_kills_inside_the_harvest_of_a_late_batch_lose_nothing_and_account_for_every_payment",
+    ),  # 37 s
+    (
+        "crash/test_kill_and_restart.py",
+        "test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothing",
+    ),  # 20-29 s
+    (
+        "crash/test_kill_and_restart.py",
+        "test_kills_at_random_moments_with_faults_lose_and_duplicate_nothing",
+    ),  # 17-20 s
+    (
+        "crash/test_two_daemons.py",
+        "test_the_leader_killed_at_each_point_is_replaced_and_nothing_is_lost",
+    ),  # 20 s
+    ("test_cli.py", "test_enqueue_run_status_results_cancel_retry"),  # 14-20 s
+    (
+        "test_harvest_e2e.py",
+        "test_a_dropped_create_found_after_its_resubmission_is_harvested_not_paid_again",
+    ),  # 18 s
+    ("test_cli_accounting.py", "test_estimate_run_status_watch_and_prune"),  # 16-17 s
+    (
+        "test_harvest_e2e.py",
+        "test_another_client_on_the_key_is_recognised_and_our_own_batch_harvested",
+    ),  # 9 s
+    (
+        "test_harvest_e2e.py",
+        "test_half_the_creates_dropped_beside_another_client_pays_no_request_a_third_time",
+    ),  # 9 s
+    (
+        "test_cli_accounting.py",
+        "test_a_spent_budget_ends_an_exit_when_idle_run_and_status_says_so",
+    ),  # 7 s
+    (
+        "test_operator_cli.py",
+        "test_an_acknowledged_duplicate_stays_on_record_and_is_no_longer_alarmed",
+    ),  # 4-7 s
+    ("test_store.py", "test_write_results_of_100k_outcomes_completes"),  # 6 s
+    (
+        "test_postgres_listen.py",
+        "test_the_daemon_creates_a_batch_for_a_users_insert_at_once_not_at_the_tick",
+    ),  # 6 s
+    ("test_journald.py", "test_every_line_carries_its_level_as_a_syslog_priority"),  # 6 s
+    (
+        "fakeapi/test_fake_scale.py",
+        "test_100k_requests_are_accepted_and_stream_back_complete",
+    ),  # 6 s
+    (
+        "test_collector.py",
+        "test_kill_after_staging_before_applying_then_restart_pays_nothing_twice",
+    ),  # 5 s
+    ("test_faults.py", "test_api_down_for_a_while_the_daemon_backs_off_and_catches_up"),  # 5 s
+    (
+        "test_cli_accounting.py",
+        "test_on_a_terminal_run_draws_a_bar_and_watch_redraws_the_screen",
+    ),  # 5 s
+    ("test_operator_cli.py", "test_results_to_an_existing_file_is_refused_without_force"),  # 4-5 s
+    ("test_operator_cli.py", "test_cancel_by_status_leaves_the_other_status_alone"),  # 3-5 s
+    ("test_cli.py", "test_demo_runs_to_completion"),  # 4 s
+    (
+        "test_postgres_fixture.py",
+        "test_with_a_server_the_test_runs_on_a_database_dropped_afterwards",
+    ),  # 4 s
+)
+_SLOW_RANK = {f"{file}::{function}": rank for rank, (file, function) in enumerate(SLOW_TESTS)}
+_TESTS_DIR = Path(__file__).parent
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    """Where `item` runs among the slow ones (a `slow` marker: after the listed ones);
+    len(SLOW_TESTS) + 1 for the others."""
+    name = getattr(item, "originalname", item.name)
+    rank = _SLOW_RANK.get(f"{item.path.relative_to(_TESTS_DIR).as_posix()}::{name}")
+    if rank is not None:
+        return rank
+    return len(SLOW_TESTS) if item.get_closest_marker("slow") is not None else len(SLOW_TESTS) + 1
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, longest first (SLOW_TESTS, then the `slow` marker), the rest in
+    their usual order: with `--maxschedchunk 1` each pytest-xdist worker takes the next test
+    as it frees up, so the longest are spread over the workers at the start and the short
+    ones fill in around them (README's test command). Run alone, the order changes nothing."""
+    items.sort(key=_slow_rank)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ name the masked DSN, say what to do, and whether retrying can help."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +22,7 @@ from batchd.store.postgres.connection import (
 )
 from batchd.store.postgres.errors import PostgresRefusedError, PostgresUnavailableError
 from batchd.store.postgres.migrations import migrate
-from tests.support.postgres import ENV_DSN, _local_clusters
+from tests.support.pgcluster import PrivateCluster
 
 pytestmark = pytest.mark.postgres
 
@@ -160,23 +159,16 @@ async def test_a_terminated_session_is_retryable(postgres_dsn: str, noticed_afte
         await killer.close()
 
 
-@pytest.fixture
-def local_cluster() -> tuple[str, str]:
-    """(version, name) of the machine's cluster the tests use, which this test may restart."""
-    if os.environ.get(ENV_DSN) or os.geteuid() != 0:
-        pytest.skip(f"restarts the local cluster: needs root and no {ENV_DSN}")
-    version, name, *_ = _local_clusters()[0]
-    return version, name
-
-
 async def test_a_pool_rides_out_a_server_restart_with_retryable_errors_only(
-    postgres_dsn: str, local_cluster: tuple[str, str]
+    private_postgres: PrivateCluster, private_postgres_dsn: str
 ) -> None:
-    target = PostgresTarget(postgres_dsn)
+    # A cluster of this session's own: restarting the shared one broke every other test
+    # using it at that moment (tests/support/pgcluster.py).
+    target = PostgresTarget(private_postgres_dsn)
     pool = await create_pool(target, size=2)
     seen: list[PostgresUnavailableError] = []
     restart = await asyncio.create_subprocess_exec(
-        "pg_ctlcluster", *local_cluster, "restart", stdout=asyncio.subprocess.DEVNULL
+        *private_postgres.restart_command, stdout=asyncio.subprocess.DEVNULL
     )
     restarted = asyncio.ensure_future(restart.wait())
     try:

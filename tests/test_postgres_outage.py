@@ -18,10 +18,18 @@ from batchd.service.daemon import Daemon, run_daemon
 from batchd.service.logs import configure_logging
 from batchd.store import StoreError, open_store
 from tests.support.params import request_params
+from tests.support.pgcluster import PrivateCluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["postgresql"],
                                                              indirect=True)]  # fmt: skip
 TASKS = 200
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(private_postgres_dsn: str) -> str:
+    """This module's store on a cluster of the session's own, which the test restarts:
+    restarting the shared one broke every other test using it (tests/support/pgcluster.py)."""
+    return private_postgres_dsn
 
 
 async def _succeeded(database: DatabaseConfig) -> int:
@@ -41,7 +49,7 @@ async def test_a_server_restart_is_waited_out_and_no_task_fails(
     fake_api: FakeApiServer,
     daemon_config: Callable[..., Config],
     database_config: DatabaseConfig,
-    local_cluster: tuple[str, str],
+    private_postgres: PrivateCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
@@ -68,7 +76,7 @@ async def test_a_server_restart_is_waited_out_and_no_task_fails(
             while await _succeeded(database_config) < 20:
                 await asyncio.sleep(0.1)
             restart = await asyncio.create_subprocess_exec(
-                "pg_ctlcluster", *local_cluster, "restart", stdout=asyncio.subprocess.DEVNULL
+                *private_postgres.restart_command, stdout=asyncio.subprocess.DEVNULL
             )
             restarting = asyncio.ensure_future(restart.wait())
             try:

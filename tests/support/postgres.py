@@ -15,14 +15,17 @@ fixtures carry the `postgres` marker (`pytest -m postgres` runs only them).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -65,7 +68,7 @@ def run_sync(make: Callable[[], Awaitable[object]]) -> object:
         return pool.submit(asyncio.run, main()).result()
 
 
-async def _answers(dsn: str) -> str | None:
+async def answers(dsn: str) -> str | None:
     """None if `dsn` accepts a connection, else why not."""
     try:
         conn = await asyncpg.connect(dsn, timeout=5)
@@ -100,7 +103,18 @@ def _as_postgres(port: int, sql: str) -> None:
 
 
 def _start_local_cluster() -> str:
-    """The admin DSN of the machine's cluster, started and given a test role if need be."""
+    """The admin DSN of the machine's cluster, started and given a test role if need be.
+    One process at a time: pytest-xdist's workers (and other suites on this machine) set up
+    at once, and two concurrent ALTER ROLE of one role fail ("tuple concurrently updated")."""
+    if os.geteuid() != 0:  # only root starts the cluster and sets the role up
+        return _start_local_cluster_locked()
+    lock_path = Path(tempfile.gettempdir()) / "batchd-test-postgres-setup.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start_local_cluster_locked()
+
+
+def _start_local_cluster_locked() -> str:
     if shutil.which("pg_lsclusters") is None:
         raise ServerUnavailable(
             f"no PostgreSQL server: set {ENV_DSN}, or install Debian's postgresql package "
@@ -159,7 +173,7 @@ def find_server(env: dict[str, str] | None = None) -> PostgresServer:
                 f"setting up the local cluster failed: {exc.cmd[0]}: {exc.stderr.strip()}"
             ) from None
         where = f"the local cluster ({mask_dsn(dsn)})"
-    why = run_sync(lambda: _answers(dsn))
+    why = run_sync(lambda: answers(dsn))
     if why is not None:
         raise ServerUnavailable(f"{where} does not answer: {why}")
     return PostgresServer(dsn)
@@ -285,8 +299,10 @@ async def _on(dsn: str, sql: str) -> None:
 
 @pytest.fixture
 def local_cluster() -> tuple[str, str]:
-    """(version, name) of the machine's cluster the tests use, which a test may restart
-    (root only, and not with a server of BATCHD_TEST_POSTGRES_DSN's)."""
+    """(version, name) of the machine's cluster the tests use (root only, and not with a
+    server of BATCHD_TEST_POSTGRES_DSN's). A test that restarts a server should use
+    `private_postgres` (tests/support/pgcluster.py) instead: restarting this shared one
+    breaks every other test using it at that moment, other xdist workers' included."""
     if os.environ.get(ENV_DSN) or os.geteuid() != 0:
         reason = f"restarts the local cluster: needs root and no {ENV_DSN}"
         if os.environ.get("CI"):
