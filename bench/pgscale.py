@@ -219,7 +219,7 @@ def size_mb(target: PgTarget) -> float:
             " WHERE n.nspname = current_schema() AND c.relkind = 'r'"
         ),
     )
-    return found / 1e6
+    return int(found) / 1e6
 
 
 def explain(target: PgTarget, sql: str, *params: Any) -> list[str]:
