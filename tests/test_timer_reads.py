@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from batchd.config import Config
+from batchd.domain import TaskStatus
 from batchd.service.gauges import register_database_gauges
 from batchd.service.metrics import batchd_registry
 from batchd.service.status import status_snapshot
@@ -208,3 +209,62 @@ async def test_cancelling_one_task_reads_one_row_on_postgresql(store: Store, pee
         conds = [line for line in plan.splitlines() if "Index Cond" in line]
         assert conds, (sql, plan)
         assert all("= ANY" in cond and "id" in cond for cond in conds), (sql, plan)
+
+
+def literal(value: Any) -> str:
+    """An argument as SQL text, for EXECUTE (which takes no parameters)."""
+    if isinstance(value, bool | int):
+        return str(value)
+    if isinstance(value, datetime):
+        return f"'{value.isoformat()}'"
+    assert isinstance(value, str), value
+    assert "'" not in value, value
+    return f"'{value}'"
+
+
+async def generic_plans(peek: Any, seen: list[tuple[str, Any]]) -> list[tuple[str, str]]:
+    """The plan PostgreSQL caches for each statement after its fifth run (the generic one,
+    planned without its arguments' values), forced."""
+    conn = await asyncpg.connect(
+        peek.dsn, server_settings={"search_path": quote_ident(peek.schema)}
+    )
+    try:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        found = []
+        for n, (sql, args) in enumerate(seen):
+            if not sql.lstrip().upper().startswith("SELECT") or ";" in sql.strip().rstrip(";"):
+                continue
+            await conn.execute(f"PREPARE s{n} AS {sql}")
+            params = ", ".join(literal(arg) for arg in args or ())
+            execute = f"EXECUTE s{n}({params})" if params else f"EXECUTE s{n}"
+            rows = await conn.fetch(f"EXPLAIN {execute}")
+            found.append((sql, "\n".join(row[0] for row in rows)))
+        return found
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+@ON_POSTGRESQL
+async def test_cached_plans_walk_the_status_index_on_postgresql(store: Store, peek: Peek) -> None:
+    """The idle check and the pages of exports and prune, as planned once cached: on a
+    history of one status, `status = $1` was priced as that status, and the plans read
+    the whole table (a seq scan for the idle check; the primary key filtered by status for
+    a page of errored results)."""
+    assert isinstance(store, PostgresStore)
+    history(peek, 20_000, 1)
+    peek.execute("UPDATE tasks SET status = 'succeeded'")
+    peek.execute("ANALYZE tasks")
+    cutoff = datetime.now(UTC) - timedelta(days=365)
+    async with pool_statements(store) as seen:
+        await store.has_tasks(TaskStatus.PENDING, TaskStatus.SUBMITTED)
+        [line async for line in store.iter_result_lines([TaskStatus.ERRORED])]
+        [page async for page in store.accounts.iter_prunable_ids(cutoff)]
+    found = await generic_plans(peek, seen)
+    assert len(found) == 1 + 1 + 5
+    for sql, plan in found:
+        assert "Seq Scan" not in plan, (sql, plan)
+        # Bounded by the status, or (prune) by the cutoff: never the primary key alone.
+        conds = [line for line in plan.splitlines() if "Index Cond" in line]
+        assert conds, (sql, plan)
+        assert all("status =" in line or "completed_at <" in line for line in conds), (sql, plan)

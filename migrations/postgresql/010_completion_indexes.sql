@@ -6,17 +6,17 @@
 --
 -- `completed_since` (`batchd status --watch`'s throughput, every refresh) read every row
 -- of tasks. Partial: a task not finished has no entry, so claims and retries write none.
-CREATE INDEX tasks_by_completion ON tasks (completed_at) WHERE completed_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_by_completion ON tasks (completed_at) WHERE completed_at IS NOT NULL;
 
 -- The web view's throughput per batch (`batch_completions_since`, every refresh) read
 -- every completed batch to keep those of the last hour: the state and the time in one
 -- index give the window, in order.
-CREATE INDEX batches_by_completion ON batches (state, completed_at);
+CREATE INDEX IF NOT EXISTS batches_by_completion ON batches (state, completed_at);
 
 -- The status snapshot (`batchd status`, the web view, every refresh) counts the batches
 -- proven foreign (`shared_key_evidence`): it read every batch. Few batches are foreign,
 -- so the index is small and most writes of batches never touch it.
-CREATE INDEX batches_foreign ON batches (id) WHERE origin = 'foreign';
+CREATE INDEX IF NOT EXISTS batches_foreign ON batches (id) WHERE origin = 'foreign';
 
 -- completed_at joins the status index as a key column, so prune's `completed_at < cutoff`
 -- is checked in the index (an index condition, not a filter on the table): without it a
