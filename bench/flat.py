@@ -239,8 +239,8 @@ def reads(db: Target, pending: int, *, results: bool) -> None:
             plan = pgscale.explain(
                 db,
                 "UPDATE tasks SET status = 'canceled', error = 'bench', completed_at = now()"
-                " WHERE id = ANY($1::bigint[]) AND status = 'pending'",
-                [total + 1],
+                " WHERE id = ANY($1::bigint[]) AND status || '' = 'pending'",  # the store's
+                [total + 2],  # pending still (the store_reads above cancelled +1)
             )
             print("  EXPLAIN ANALYZE of a cancel's UPDATE:", *plan, sep="\n    ")
         out = work / "results.jsonl"
