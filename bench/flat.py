@@ -1,8 +1,10 @@
 """Flat costs (issue 16): reads that must not grow with history, and a deep queue.
 
     python3 bench/flat.py reads --db PATH [--pending 1000000]
+    python3 bench/flat.py reads --database postgresql://... [--history 2000000] [--pending N]
     python3 bench/flat.py deep [--tasks 100000 1000000] [--batch-size 10000]
     python3 bench/flat.py triggers [--tasks 100000] [--rounds 3]
+    python3 bench/flat.py prune (--db PATH | --database URL) [--rows 100000] [--rounds 3]
 
 `reads` works on a COPY of a database holding a long history (bench/scale.py builds one;
 this script adds rows to it and removes them again, and a newer batchd migrates it). It
@@ -10,12 +12,19 @@ times, median of several calls: `Store.status_counts`, `has_tasks` (where the st
 it), GET /metrics and /healthz of an idle `batchd run` with [metrics] on; then adds
 `--pending` pending tasks (plain SQL) and times `batchd results -o FILE` (rows/s, every
 status), cancelling one pending task, and `batchd prune` of 100,000 old finished tasks
-with and without --export (rows/s, peak RSS).
+with and without --export (rows/s, peak RSS). The timer reads of the status views are
+timed too: `completed_since` (the last minute) and `batch_completions_since` (the last
+hour). With `--database URL` the same on PostgreSQL, on the history schema bench/scale.py
+keeps (`batchd_scale_N`, built if missing); EXPLAIN ANALYZE of the cancel is printed.
 
 `deep` runs each `--tasks` count of pending tasks end to end (`batchd run --exit-when-idle`
 against `batchd fake-api --processing-seconds 0`, both child processes, a fresh database
 each) and prints wall, the daemon's CPU, the median gap between batch creates, and the
 ratios to the first count.
+
+`prune` times batchd's prune in this process (no CLI start-up), on a COPY as `reads`:
+`--rows` old finished tasks added, then reading their ids alone, and `prune` itself
+(`batchd.cli.prune.prune`, --no-vacuum) without and with an export, alternately: rows/s.
 
 `triggers` measures what the task_counts triggers (migration 007) cost: CPU seconds of
 inserting `--tasks` tasks, then claiming them (pending -> submitted) and finishing them
@@ -43,12 +52,14 @@ from pathlib import Path
 
 import orjson
 
+from batchd.cli.prune import prune
 from batchd.config import DatabaseConfig
 from batchd.domain import TaskStatus
 from batchd.store import open_store
 from batchd.store.sqlite.migrations import shipped_migrations
 
 sys.path.insert(0, str(Path(__file__).parent))
+import pgscale
 from common import (
     FakeApiProcess,
     batchd_command,
@@ -67,9 +78,36 @@ def median_ms(samples: list[float]) -> str:
     return f"{statistics.median(samples) * 1000:.2f} ms (min {min(samples) * 1000:.2f})"
 
 
-async def store_reads(db: Path, pending: int) -> None:
-    store = await open_store(DatabaseConfig(path=db))
+Target = Path | pgscale.PgTarget
+
+
+def database_config(db: Target) -> DatabaseConfig:
+    return db.database() if isinstance(db, pgscale.PgTarget) else DatabaseConfig(path=db)
+
+
+def config_file(path: Path, db: Target, base_url: str) -> Path:
+    if isinstance(db, pgscale.PgTarget):
+        return write_config(path, path.with_suffix(".db"), base_url, url=db.url, schema=db.schema)
+    return write_config(path, db, base_url)
+
+
+async def store_reads(db: Target, pending: int) -> None:
+    store = await open_store(database_config(db))
     try:
+        now = datetime.now(UTC)
+        for label, read in (
+            ("completed_since (1 min)", lambda: store.completed_since(now - timedelta(minutes=1))),
+            (
+                "batch_completions_since (1 h)",
+                lambda: store.batch_completions_since(now - timedelta(hours=1)),
+            ),
+        ):
+            times = []
+            for _ in range(7):
+                started = time.perf_counter()
+                await read()
+                times.append(time.perf_counter() - started)
+            print(f"  {label}: {median_ms(times)}")
         for name in ("status_counts", "has_tasks"):
             if not hasattr(store, name):
                 print(f"  {name}: not in this batchd")
@@ -95,9 +133,9 @@ async def store_reads(db: Path, pending: int) -> None:
         await store.close()
 
 
-def endpoint_times(db: Path, tmp: Path) -> None:
+def endpoint_times(db: Target, tmp: Path) -> None:
     """GET /metrics and /healthz of an idle daemon (no fake needed: nothing to submit)."""
-    config = write_config(tmp / "metrics.toml", db, "http://127.0.0.1:9")
+    config = config_file(tmp / "metrics.toml", db, "http://127.0.0.1:9")
     with config.open("a", encoding="utf-8") as extra:
         extra.write("[metrics]\nenabled = true\nport = 0\n")
     env = {**os.environ, "ANTHROPIC_API_KEY": "bench"}
@@ -133,8 +171,11 @@ def endpoint_times(db: Path, tmp: Path) -> None:
         proc.wait(30)
 
 
-def add_rows(db: Path, count: int, *, old: bool) -> None:
+def add_rows(db: Target, count: int, *, old: bool) -> None:
     """`count` pending tasks, or finished ones completed 400 days ago (prunable)."""
+    if isinstance(db, pgscale.PgTarget):
+        pgscale.add_tasks(db, count, f"{_PREFIX}old-" if old else _PREFIX, old=old)
+        return
     conn = sqlite3.connect(db, isolation_level=None)
     first = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM tasks").fetchone()[0]
     stamp = (datetime.now(UTC) - timedelta(days=400)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -157,7 +198,10 @@ def add_rows(db: Path, count: int, *, old: bool) -> None:
     conn.close()
 
 
-def remove_added(db: Path) -> None:
+def remove_added(db: Target) -> None:
+    if isinstance(db, pgscale.PgTarget):
+        pgscale.remove_added(db, _PREFIX)
+        return
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute(
         "DELETE FROM tasks WHERE custom_id >= ? AND custom_id < ?", (_PREFIX, _PREFIX[:-1] + ".")
@@ -175,18 +219,30 @@ def timed_command(*args: str) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
-def reads(db: Path, pending: int, *, results: bool) -> None:
+def reads(db: Target, pending: int, *, results: bool) -> None:
     remove_added(db)
     with tempfile.TemporaryDirectory(prefix="batchd-flat-") as tmp:
         work = Path(tmp)
-        config = write_config(work / "batchd.toml", db, "http://127.0.0.1:9")
-        total = sqlite3.connect(db).execute("SELECT max(id) FROM tasks").fetchone()[0]
-        print(f"database: {db} ({db.stat().st_size / 1e9:.1f} GB, ids up to {total:,})")
+        config = config_file(work / "batchd.toml", db, "http://127.0.0.1:9")
+        if isinstance(db, pgscale.PgTarget):
+            total = pgscale.max_id(db)
+            print(f"schema {db.schema} ({pgscale.size_mb(db) / 1e3:.1f} GB, ids up to {total:,})")
+        else:
+            total = sqlite3.connect(db).execute("SELECT max(id) FROM tasks").fetchone()[0]
+            print(f"database: {db} ({db.stat().st_size / 1e9:.1f} GB, ids up to {total:,})")
         asyncio.run(store_reads(db, 0))  # also migrates the copy: not timed below
         endpoint_times(db, work)
         add_rows(db, pending, old=False)
         print(f"with {pending:,} pending tasks added:")
         asyncio.run(store_reads(db, pending))
+        if isinstance(db, pgscale.PgTarget):
+            plan = pgscale.explain(
+                db,
+                "UPDATE tasks SET status = 'canceled', error = 'bench', completed_at = now()"
+                " WHERE id = ANY($1::bigint[]) AND status || '' = 'pending'",  # the store's
+                [total + 2],  # pending still (the store_reads above cancelled +1)
+            )
+            print("  EXPLAIN ANALYZE of a cancel's UPDATE:", *plan, sep="\n    ")
         out = work / "results.jsonl"
         if results:  # --skip-results: an older batchd takes minutes here (issue 16: 407 s)
             wall, rss = timed_command("--config", str(config), "results", "-o", str(out))
@@ -202,6 +258,42 @@ def reads(db: Path, pending: int, *, results: bool) -> None:
             label = "with --export" if export else "no export"
             print(f"  batchd prune ({label}) of 100,000 old tasks: {wall:.2f} s,"
                   f" {100_000 / wall:,.0f} rows/s, peak RSS {rss:.0f} MB")  # fmt: skip
+    remove_added(db)
+
+
+async def _timed_prune(db: Target, rows: int, export: Path | None) -> tuple[float, float]:
+    """Seconds to read the prunable ids alone, and to prune them (in this process)."""
+    cutoff = datetime.now(UTC) - timedelta(days=365)
+    store = await open_store(database_config(db))
+    try:
+        started = time.perf_counter()
+        found = [i async for page in store.accounts.iter_prunable_ids(cutoff) for i in page]
+        read_s = time.perf_counter() - started
+        assert len(found) == rows, (len(found), rows)
+        started = time.perf_counter()
+        if export is None:
+            report = await prune(store, cutoff, vacuum=False)
+        else:
+            with export.open("xb") as out:
+                report = await prune(store, cutoff, export=out, vacuum=False)
+        assert report.deleted == rows, report
+        return read_s, time.perf_counter() - started
+    finally:
+        await store.close()
+
+
+def prune_parts(db: Target, rows: int, rounds: int) -> None:
+    remove_added(db)
+    with tempfile.TemporaryDirectory(prefix="batchd-prune-") as tmp:
+        for _ in range(rounds):
+            for export in (None, Path(tmp) / "pruned.jsonl"):
+                add_rows(db, rows, old=True)
+                read_s, prune_s = asyncio.run(_timed_prune(db, rows, export))
+                if export is not None:
+                    export.unlink()
+                label = "with export" if export else "no export"
+                print(f"  prune {rows:,} ({label}): ids read in {read_s:.2f} s; prune"
+                      f" {prune_s:.2f} s, {rows / prune_s:,.0f} rows/s", flush=True)  # fmt: skip
     remove_added(db)
 
 
@@ -297,20 +389,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     on_db = sub.add_parser("reads")
-    on_db.add_argument("--db", type=Path, required=True, help="a copy: rows are added to it")
+    on_db.add_argument("--db", type=Path, help="a copy: rows are added to it")
+    on_db.add_argument("--database", help="PostgreSQL instead: a URL (the scale.py schema)")
+    on_db.add_argument("--history", type=int, default=2_000_000, help="with --database")
     on_db.add_argument("--pending", type=int, default=1_000_000)
     on_db.add_argument("--skip-results", action="store_true", help="no `batchd results -o`")
     queue = sub.add_parser("deep")
     queue.add_argument("--tasks", type=int, nargs="+", default=[100_000, 1_000_000])
     queue.add_argument("--batch-size", type=int, default=10_000)
+    parts = sub.add_parser("prune")
+    parts.add_argument("--db", type=Path, help="a copy: rows are added to it")
+    parts.add_argument("--database", help="PostgreSQL instead: a URL (the scale.py schema)")
+    parts.add_argument("--history", type=int, default=2_000_000, help="with --database")
+    parts.add_argument("--rows", type=int, default=100_000)
+    parts.add_argument("--rounds", type=int, default=3)
     costs = sub.add_parser("triggers")
     costs.add_argument("--tasks", type=int, default=100_000)
     costs.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"# reproduce: {command_line()}")
-    if args.what == "reads":
-        reads(args.db, args.pending, results=not args.skip_results)
+    if args.what in ("reads", "prune"):
+        db: Target
+        if args.database:
+            db = pgscale.PgTarget(args.database, f"batchd_scale_{args.history}")
+            if pgscale.built(db) != args.history:
+                print(f"building schema {db.schema} ({args.history:,} tasks) ...")
+                print(f"  built in {pgscale.build(db, args.history):.0f} s")
+        elif args.db is None:
+            parser.error(f"{args.what}: --db PATH or --database URL")
+        else:
+            db = args.db
+        if args.what == "reads":
+            reads(db, args.pending, results=not args.skip_results)
+        else:
+            prune_parts(db, args.rows, args.rounds)
     elif args.what == "deep":
         deep(args.tasks, args.batch_size)
     else:

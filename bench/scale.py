@@ -2,6 +2,7 @@
 
     python3 bench/scale.py [--history 2000000] [--new 20000] [--db PATH] [--rounds 2]
                            [--prune-rows 100000] [--skip-exports]
+                           [--database postgresql://user:pw@host/db]
 
 Builds once (plain SQL, no daemon) a database holding `--history` finished tasks (status
 `succeeded`, results of ~1.2 KB, completed two days ago) and keeps it at `--db` between
@@ -19,6 +20,10 @@ minutes to build). Each run then, on that database and on a fresh one, alternate
 
 Before each run the history database loses what earlier runs added (tasks, batches and
 links past the built history), so every run starts from the same rows.
+
+With `--database URL` the same runs are made on PostgreSQL: the history is the schema
+`batchd_scale_N` of that database (bench/pgscale.py builds it with generate_series, once,
+and keeps it), each fresh database a schema of its own, dropped after its round.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from batchd.config import DatabaseConfig
 from batchd.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
+import pgscale
 from common import (
     MODEL,
     FakeApiProcess,
@@ -162,8 +168,17 @@ def reset(path: Path, history: int) -> None:
     db.close()
 
 
-async def enqueue_new(path: Path, count: int) -> None:
-    store = await open_store(DatabaseConfig(path=path))
+Target = Path | pgscale.PgTarget  # a SQLite file, or a PostgreSQL schema
+
+
+def database_config(target: Target) -> DatabaseConfig:
+    if isinstance(target, pgscale.PgTarget):
+        return target.database()
+    return DatabaseConfig(path=target)
+
+
+async def enqueue_new(path: Target, count: int) -> None:
+    store = await open_store(database_config(path))
     try:
         report = await store.enqueue((f"new-{n:07d}", params_json(n)) for n in range(count))
     finally:
@@ -171,8 +186,11 @@ async def enqueue_new(path: Path, count: int) -> None:
     assert report.inserted == count, report
 
 
-def add_prunable(path: Path, count: int) -> None:
+def add_prunable(path: Target, count: int) -> None:
     """`count` finished tasks completed 400 days ago, past every other id."""
+    if isinstance(path, pgscale.PgTarget):
+        pgscale.add_tasks(path, count, "old-", old=True)
+        return
     db = sqlite3.connect(path, isolation_level=None)
     first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM tasks").fetchone()[0]
     old = datetime.now(UTC) - timedelta(days=400)
@@ -186,8 +204,8 @@ def add_prunable(path: Path, count: int) -> None:
     db.close()
 
 
-async def counts_ms(path: Path) -> float:
-    store = await open_store(DatabaseConfig(path=path))
+async def counts_ms(path: Target) -> float:
+    store = await open_store(database_config(path))
     try:
         times = []
         for _ in range(5):
@@ -214,7 +232,9 @@ def cli(config: Path, *args: str) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_utime + usage.ru_stime
 
 
-def result_rows(path: Path) -> int:
+def result_rows(path: Target) -> int:
+    if isinstance(path, pgscale.PgTarget):
+        return pgscale.result_rows(path)
     with sqlite3.connect(path) as db:
         count: int = db.execute("SELECT count(*) FROM tasks WHERE result IS NOT NULL").fetchone()[0]
     db.close()
@@ -222,9 +242,19 @@ def result_rows(path: Path) -> int:
 
 
 def measure(
-    label: str, path: Path, work: Path, base_url: str, args: argparse.Namespace
+    label: str, path: Target, work: Path, base_url: str, args: argparse.Namespace
 ) -> dict[str, float]:
-    config = write_config(work / f"{label}.toml", path, base_url, max_requests=10_000)
+    if isinstance(path, pgscale.PgTarget):
+        config = write_config(
+            work / f"{label}.toml",
+            work / "unused.db",
+            base_url,
+            url=path.url,
+            schema=path.schema,
+            max_requests=10_000,
+        )
+    else:
+        config = write_config(work / f"{label}.toml", path, base_url, max_requests=10_000)
     asyncio.run(enqueue_new(path, args.new))
     run = run_daemon(config)
     if run.exit_code != 0:
@@ -263,7 +293,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="fresh/history pairs, interleaved")
     parser.add_argument("--prune-rows", type=int, default=100_000)
     parser.add_argument("--skip-exports", action="store_true", help="no results -o, no prune")
+    parser.add_argument("--database", help="PostgreSQL instead: a URL (schemas of its own)")
     args = parser.parse_args()
+    if args.database:
+        postgres(args)
+        return
     history_db = args.db or Path(f"/tmp/batchd-scale/history-{args.history}.db")
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"# reproduce: {command_line()}")
@@ -286,6 +320,34 @@ def main() -> None:
                 reset(history_db, args.history)
                 results["history"].append(measure("history", history_db, work, fake.base_url, args))
                 reset(history_db, args.history)
+    report(results, args)
+
+
+def postgres(args: argparse.Namespace) -> None:
+    """The same runs on PostgreSQL: the kept history schema against fresh schemas."""
+    history = pgscale.PgTarget(args.database, f"batchd_scale_{args.history}")
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
+    print(f"# reproduce: {command_line()}")
+    if pgscale.built(history) != args.history:
+        print(f"building schema {history.schema} with {args.history:,} finished tasks ...")
+        print(f"  built in {pgscale.build(history, args.history):.0f} s", " " * 20)
+    print(f"history: schema {history.schema} ({pgscale.size_mb(history):,.0f} MB of tables)")
+    results: dict[str, list[dict[str, float]]] = {"fresh": [], "history": []}
+    with tempfile.TemporaryDirectory(prefix="batchd-scale-") as tmp:
+        work = Path(tmp)
+        with FakeApiProcess("--processing-seconds", "0") as fake:
+            for number in range(1, args.rounds + 1):
+                print(f"round {number}:")
+                fresh = history.fresh(f"fresh{number}")
+                pgscale.drop(fresh)
+                pgscale.migrate(fresh)
+                try:
+                    results["fresh"].append(measure("fresh", fresh, work, fake.base_url, args))
+                finally:
+                    pgscale.drop(fresh)
+                pgscale.reset(history, args.history)
+                results["history"].append(measure("history", history, work, fake.base_url, args))
+                pgscale.reset(history, args.history)
     report(results, args)
 
 

@@ -68,6 +68,7 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (7, "flat_costs", "2026-11-24T15:40:37.123Z"),
         (8, "duplicate_acknowledged", "2026-11-24T15:40:37.123Z"),
         (9, "collect_lease", "2026-11-24T15:40:37.123Z"),
+        (10, "completion_indexes", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await SqliteStore.open(db_path, clock=clock)
     try:
@@ -127,7 +128,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(9\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(10\)"):
             await SqliteStore.open(db_path, migrate=migrate)
 
 

@@ -20,9 +20,15 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.store import PrunableTask, Store
+from batchd.store import PrunableTask, Store, StoreAccounts
 
 _PAGE = 5000
+# Tasks deleted per transaction. Each commit is synced (with an export, the export file
+# before it), and every transaction rewrites the index pages its deletes share with the
+# next one: 20 transactions of 5,000 held prune to ~96,000 rows/s at 2,000,000 tasks.
+# Larger ones hold the write lock longer, which users' INSERTs wait out (busy_timeout);
+# 25,000 deletes take ~0.2 s.
+_DELETE_ROWS = 25_000
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -62,18 +68,26 @@ async def prune(
     accounts = store.accounts
     bytes_before = await accounts.storage_bytes()
     deleted = exported = 0
-    # A page at a time, by id: memory holds a page whatever the database holds. With an
-    # export, each page is written and synced before it is deleted.
+    # A page at a time, by id: memory holds a page (and the ids of one transaction)
+    # whatever the database holds. With an export, the pages of a transaction are written
+    # and synced before they are deleted.
+    doomed: list[int] = []
     if export is None:
         async for task_ids in accounts.iter_prunable_ids(cutoff, page_size=_PAGE):
-            deleted += await accounts.delete_tasks(task_ids, cutoff)  # params never read
+            doomed += task_ids  # params never read
+            if len(doomed) >= _DELETE_ROWS:
+                deleted += await accounts.delete_tasks(doomed, cutoff)
+                doomed = []
     else:
         async for rows in accounts.iter_prunable(cutoff, page_size=_PAGE):
             export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
-            export.flush()
-            os.fsync(export.fileno())
             exported += len(rows)
-            deleted += await accounts.delete_tasks([row[0] for row in rows], cutoff)
+            doomed += [row[0] for row in rows]
+            if len(doomed) >= _DELETE_ROWS:
+                deleted += await _synced_delete(accounts, export, doomed, cutoff)
+                doomed = []
+    if doomed:
+        deleted += await _synced_delete(accounts, export, doomed, cutoff)
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
         await accounts.reclaim_space()
@@ -87,6 +101,16 @@ async def prune(
         bytes_after=await accounts.storage_bytes(),
         vacuumed=vacuum,
     )
+
+
+async def _synced_delete(
+    accounts: StoreAccounts, export: IO[bytes] | None, task_ids: list[int], cutoff: datetime
+) -> int:
+    """Delete these tasks, once what the export holds of them is on disk."""
+    if export is not None:
+        export.flush()
+        os.fsync(export.fileno())
+    return await accounts.delete_tasks(task_ids, cutoff)
 
 
 def export_line(row: PrunableTask) -> dict[str, Any]:

@@ -139,10 +139,7 @@ class SqliteAccounts:
 
         `+status`: found by id, never through tasks_by_status (all final rows)."""
         return await self._db.transact(
-            run_in,
-            "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
-            " AND +status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
-            (json_list(task_ids), json_list(_FINAL), format_time(cutoff)),
+            _delete_tasks, json_list(task_ids), json_list(_FINAL), format_time(cutoff)
         )
 
     async def forget_empty_batches(self) -> ForgottenBatches:
@@ -195,6 +192,26 @@ class SqliteAccounts:
                 await writer.execute("VACUUM")
             finally:
                 await writer.execute(f"PRAGMA temp_store = {previous}")
+
+
+async def _delete_tasks(db: Db, task_ids: str, final: str, cutoff: str) -> int:
+    # secure_delete FAST for these deletes only: SQLite as Debian builds it zeroes every
+    # deleted cell and writes every page a delete frees to the WAL (secure_delete = 1),
+    # a third of the WAL a prune wrote (193 against 136 MB per 100,000 tasks, plain sqlite3)
+    # and ~12% of its CPU. FAST still zeroes what is written anyway; the
+    # freed pages keep their old bytes until reused, or until prune's VACUUM drops them.
+    rows = await db.execute_fetchall("PRAGMA secure_delete")
+    previous = int(next(iter(rows))[0])
+    await db.execute("PRAGMA secure_delete = FAST")
+    try:
+        return await run(
+            db,
+            "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
+            " AND +status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
+            (task_ids, final, cutoff),
+        )
+    finally:
+        await db.execute(f"PRAGMA secure_delete = {previous}")
 
 
 async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:

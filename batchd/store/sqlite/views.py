@@ -32,7 +32,8 @@ class OperatorViews:
         """Tasks that reached a final status at or after `since`, and the first such time.
 
         The throughput of `status --watch`: measured from the database, it is right from
-        the first screen, however recently the view was started.
+        the first screen, however recently the view was started. On tasks_by_completion
+        (migration 010): the entries since `since`, never the whole history.
         """
         rows = await self._db.read(
             "SELECT count(*), min(completed_at) FROM tasks WHERE completed_at >= ?",
@@ -90,8 +91,8 @@ class OperatorViews:
         """(completed_at, succeeded, not succeeded) of each batch whose results were all
         stored at or after `since`, in that order; counts as the API last reported them.
 
-        Per batch rather than per task: tasks have no index on completed_at, and a scan of
-        finished tasks on every refresh would grow with the history.
+        Per batch rather than per task (fewer rows), on batches_by_completion (migration
+        010): the batches of the window only, not every completed batch.
         """
         rows = await self._db.read(
             "SELECT completed_at, request_count, request_counts FROM batches"
