@@ -326,6 +326,13 @@ async def _pg_drop(url: str, schema: str) -> None:
         await conn.close()
 
 
+# The daemon's sessions: named after the run (this batchd), or `batchd` (an older batchd,
+# which ignores the URL's name: then the bench's database must be the bench's alone).
+_SESSIONS = """
+SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+    AND application_name IN ($1, 'batchd') AND pid <> pg_backend_pid()"""
+
+
 class ServerCpu:
     """CPU time of the PostgreSQL server processes serving the sessions named `name`
     (application_name), read from /proc while they run: the server must be on this
@@ -355,9 +362,7 @@ class ServerCpu:
         conn = await asyncpg.connect(self._url)
         try:
             while not self._stop.is_set():
-                rows = await conn.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1", self._name
-                )
+                rows = await conn.fetch(_SESSIONS, self._name)
                 for (pid,) in rows:
                     seconds = self._cpu_of(pid)
                     if seconds is not None:
