@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -226,6 +228,9 @@ def main() -> None:
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK script")
     parser.add_argument("--profile", type=Path, help="cProfile the daemon into this file")
     parser.add_argument("--database", help="also run on this PostgreSQL database (a URL)")
+    parser.add_argument(
+        "--profile-postgres", type=Path, help="cProfile the daemon on PostgreSQL into this file"
+    )
     args = parser.parse_args()
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"# reproduce: {command_line()}")
@@ -263,31 +268,35 @@ def main() -> None:
                 check_done(sdk_db, args.tasks)
             report(run, floor_s, sdk_s, locals_)
             if args.database:
-                ingest_pg, run_pg = on_postgres(args.database, work, fake.base_url, args)
+                ingest_pg, run_pg, server_s = on_postgres(args.database, work, fake.base_url, args)
                 print(
                     f"ingest on PostgreSQL (Store.enqueue) {args.tasks:,} tasks: {ingest_pg:.2f} s"
                 )
-                report_postgres(run_pg, run, floor_s)
+                report_postgres(run_pg, server_s, run, floor_s)
 
 
 def on_postgres(
     url: str, work: Path, base_url: str, args: argparse.Namespace
-) -> tuple[float, DaemonRun]:
+) -> tuple[float, DaemonRun, float]:
     """The same tasks, the same fake, on PostgreSQL: a schema of its own, dropped after
     (the URL's role needs CREATE on that database)."""
     schema = f"bench_{secrets.token_hex(4)}"
     database = DatabaseConfig(url=url, schema=schema)
     try:
         ingest_s = asyncio.run(ingest(work / "unused.db", args.tasks, database))
+        # The daemon's sessions carry the schema's name, so the server's CPU for them can
+        # be told from other sessions' (ServerCpu).
+        named = url + ("&" if "?" in url else "?") + f"application_name={schema}"
         config = write_config(
             work / "postgres.toml",
             work / "unused.db",
             base_url,
-            url=url,
+            url=named,
             schema=schema,
             max_requests=args.batch_size,
         )
-        run = run_daemon(config)
+        with ServerCpu(url, schema) as server:
+            run = run_daemon(config, profile=args.profile_postgres)
         if run.exit_code != 0:
             raise SystemExit(f"daemon on PostgreSQL exited with {run.exit_code}")
         done = asyncio.run(_pg_succeeded(url, schema))
@@ -295,7 +304,7 @@ def on_postgres(
             raise SystemExit(f"PostgreSQL: only {done} of {args.tasks} tasks have their result")
     finally:
         asyncio.run(_pg_drop(url, schema))
-    return ingest_s, run
+    return ingest_s, run, server.seconds
 
 
 async def _pg_succeeded(url: str, schema: str) -> int:
@@ -317,11 +326,72 @@ async def _pg_drop(url: str, schema: str) -> None:
         await conn.close()
 
 
-def report_postgres(run: DaemonRun, sqlite: DaemonRun, floor_s: float) -> None:
+# The daemon's sessions: named after the run (this batchd), or `batchd` (an older batchd,
+# which ignores the URL's name: then the bench's database must be the bench's alone).
+_SESSIONS = """
+SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+    AND application_name IN ($1, 'batchd') AND pid <> pg_backend_pid()"""
+
+
+class ServerCpu:
+    """CPU time of the PostgreSQL server processes serving the sessions named `name`
+    (application_name), read from /proc while they run: the server must be on this
+    machine. Sampled every 50 ms, so up to 50 ms of each session's last work is missed."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self._url = url
+        self._name = name
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._cpu.values())
+
+    def __enter__(self) -> ServerCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(self._url)
+        try:
+            while not self._stop.is_set():
+                rows = await conn.fetch(_SESSIONS, self._name)
+                for (pid,) in rows:
+                    seconds = self._cpu_of(pid)
+                    if seconds is not None:
+                        self._cpu[pid] = seconds
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    def _cpu_of(self, pid: int) -> float | None:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None  # ended meanwhile
+        # utime and stime, fields 14 and 15 of proc(5): 12th and 13th after the name.
+        return (int(fields[11]) + int(fields[12])) / self._tick
+
+
+def report_postgres(run: DaemonRun, server_s: float, sqlite: DaemonRun, floor_s: float) -> None:
     print(f"batchd on PostgreSQL: {run.wall_s:.2f} s wall from spawn to exit")
     for label, seconds in stages(run):
         print(f"  {label}: {seconds:.2f} s")
-    print(f"  peak RSS {run.peak_rss_mb:.0f} MB, CPU {run.cpu_s:.2f} s")
+    # ru_maxrss also counts this process's own pages at the fork (it holds more by now
+    # than when the SQLite daemon was forked): the samples of the daemon's VmRSS are its own.
+    sampled = max((mb for _, mb in run.rss_samples), default=0.0)
+    print(
+        f"  peak RSS {run.peak_rss_mb:.0f} MB (ru_maxrss), {sampled:.0f} MB (sampled VmRSS),"
+        f" CPU {run.cpu_s:.2f} s; the server's CPU for its sessions ~{server_s:.2f} s"
+    )
     print(
         f"PostgreSQL / SQLite = {run.wall_s / sqlite.wall_s:.2f}x;"
         f" PostgreSQL / floor = {run.wall_s / floor_s:.2f}x"

@@ -69,6 +69,7 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (8, "duplicate_acknowledged", "2026-11-24T15:40:37.123Z"),
         (9, "collect_lease", "2026-11-24T15:40:37.123Z"),
         (10, "completion_indexes", "2026-11-24T15:40:37.123Z"),
+        (11, "batch_checks", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await SqliteStore.open(db_path, clock=clock)
     try:
@@ -128,7 +129,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(10\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(11\)"):
             await SqliteStore.open(db_path, migrate=migrate)
 
 
@@ -256,16 +257,21 @@ async def test_iter_pending_keeps_pages_of_big_rows_small(
     big = PARAMS.replace("}", ', "metadata": {"pad": "%s"}}' % ("x" * 1_000_000), 1)
     await store.enqueue([(f"big-{n}", big) for n in range(30)])
     await add_tasks(store, *(f"small-{n}" for n in range(300)))
-    read = store.database.read
     pages: list[int] = []  # params bytes held by each page
 
-    async def spying(sql: str, *params: Any) -> list[Any]:
-        rows = await read(sql, *params)
-        if rows and len(rows[0]) > 2:  # a page of tasks, not of their sizes
-            pages.append(sum(len(row[2]) for row in rows))
-        return rows
+    def spy(read: Any) -> Any:
+        async def spying(sql: str, *params: Any) -> list[Any]:
+            rows = await read(sql, *params)
+            if rows and len(rows[0]) > 2:  # a page of tasks, not of their sizes
+                pages.append(sum(len(row[2]) for row in rows))
+            return rows
 
-    monkeypatch.setattr(store.database, "read", spying)
+        return spying
+
+    # PostgreSQL reads its pages through read_in_key_order (planned without a sort).
+    for name in ("read", "read_in_key_order"):
+        if hasattr(store.database, name):
+            monkeypatch.setattr(store.database, name, spy(getattr(store.database, name)))
     tasks = [t async for t in store.iter_pending(page_size=1000, page_bytes=4_000_000)]
     assert [t.custom_id for t in tasks] == [f"big-{n}" for n in range(30)] + [
         f"small-{n}" for n in range(300)

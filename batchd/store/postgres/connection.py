@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -88,6 +88,9 @@ def session_settings(target: PostgresTarget) -> dict[str, str]:
     """The settings every batchd session starts with (sent in the startup packet, so
     asyncpg's RESET ALL on a pooled connection's release keeps them)."""
     settings = dict(_SESSION_SETTINGS)
+    if "application_name" in parse_qs(urlsplit(target.dsn).query):
+        # The URL's own name wins (several daemons told apart in pg_stat_activity).
+        del settings["application_name"]
     if target.schema is not None:
         settings["search_path"] = quote_ident(target.schema)
     if target.read_only:

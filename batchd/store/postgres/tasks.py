@@ -21,6 +21,19 @@ from batchd.store.postgres.leader import check_fence
 from batchd.store.postgres.settle import cancel_flagged
 from batchd.store.values import EnqueueReport
 
+# A page of at most $2 pending tasks, cut before the row whose params would take the
+# running total past $3 bytes (the first row is always sent). `rows`: the page's rows
+# before the cut, so a page shorter than $2 and not cut was the last.
+_PENDING_PAGE = """
+SELECT id, custom_id, params, attempts, rows FROM (
+    SELECT id, custom_id, params, attempts, count(*) OVER () AS rows,
+        row_number() OVER w AS n, sum(octet_length(params)) OVER w AS running
+    FROM (SELECT id, custom_id, params::text AS params, attempts FROM tasks
+          WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT $2) AS page
+    WINDOW w AS (ORDER BY id)
+) AS sized
+WHERE n = 1 OR running <= $3
+ORDER BY id"""
 _INSERT_TASKS = """
 INSERT INTO tasks (custom_id, params)
 SELECT c, p::jsonb FROM unnest($1::text[], $2::text[]) AS new(c, p)
@@ -41,35 +54,20 @@ class TaskIntake:
     ) -> AsyncIterator[PendingTask]:
         """Pending tasks, oldest first, a page per query (keyset: no long read transaction).
 
-        Ids are not in commit order across producers: a task that commits after this walk
-        passed its id is simply found by the next walk (each starts from the lowest id).
+        One query a page: the server turns each row's params into text once, and sends the
+        rows up to `page_bytes` of it (the first row whatever its size). Ids are not in
+        commit order across producers: a task that commits after this walk passed its id
+        is simply found by the next walk (each starts from the lowest id).
         """
         after = 0
         while True:
-            sizes = await self._db.read(
-                "SELECT id, octet_length(params::text) FROM tasks"
-                " WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT $2",
-                after,
-                page_size,
-            )
-            if not sizes:
-                return
-            last, total = sizes[0][0], 0
-            for task_id, size in sizes:
-                if total and total + size > page_bytes:
-                    break
-                last, total = task_id, total + size
-            rows = await self._db.read(
-                "SELECT id, custom_id, params::text, attempts FROM tasks"
-                " WHERE status = 'pending' AND id > $1 AND id <= $2 ORDER BY id",
-                after,
-                last,
-            )
-            for task_id, custom_id, params, attempts in rows:
+            rows = await self._db.read_in_key_order(_PENDING_PAGE, after, page_size, page_bytes)
+            for task_id, custom_id, params, attempts, _ in rows:
                 yield PendingTask(task_id, custom_id, params, attempts)
-            if len(sizes) < page_size and last == sizes[-1][0]:
-                return
-            after = last
+            page = rows[-1][4] if rows else 0
+            if page < page_size and len(rows) == page:
+                return  # the page held every pending row left, and none was cut
+            after = rows[-1][0]
 
     async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
         """Pending tasks the chunker refused become `invalid` with the reason; returns count."""
@@ -98,6 +96,10 @@ class TaskIntake:
             return None
 
     async def _claim(self, conn: Conn, task_ids: list[int], body_bytes: int) -> int:
+        # The intent: a create follows its COMMIT, and a server crash that lost it would
+        # leave that create's batch with no row to record it in. Flushed whatever the
+        # role's default says.
+        await conn.execute("SET LOCAL synchronous_commit = on")
         lease = self._db.lease
         if lease is not None and not await check_fence(conn, lease):
             raise StoreError(
@@ -116,10 +118,17 @@ class TaskIntake:
             await conn.execute(
                 "UPDATE tasks SET status = 'submitted', batch_id = $1, attempts = attempts + 1,"
                 " submitted_at = $2, error = NULL"
-                " WHERE id = ANY($3::bigint[]) AND status = 'pending'",
+                # By id only, never a scan of the status index or of the table (the
+                # statistics of a queue go stale within a run): the id range makes the
+                # primary key the cheapest path whatever they say, and `IS TRUE` keeps the
+                # status test out of the index conditions.
+                " WHERE id BETWEEN $4 AND $5 AND id = ANY($3::bigint[])"
+                " AND (status = 'pending') IS TRUE",
                 local_id,
                 now,
                 task_ids,
+                min(task_ids),
+                max(task_ids),
             )
         )
         if claimed != len(task_ids):

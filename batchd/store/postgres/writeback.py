@@ -63,6 +63,12 @@ ORDER BY task_id, seq ON CONFLICT (task_id) DO NOTHING"""
 _NEXT_RANGE = """
 SELECT min(task_id), max(task_id), count(*)
 FROM (SELECT task_id FROM pg_temp.staging WHERE task_id > $1 ORDER BY task_id LIMIT $2) AS r"""
+# Every statement on `tasks` below finds its rows from the range's ids (staging's key,
+# then tasks' primary key), never through an index of status or batch: those columns'
+# statistics are stale while a run moves 10,000s of tasks at once, and a plan that scanned
+# every `submitted` (or finished) task for each range was measured at up to 10x the apply
+# (bench/README.md). A condition inside `(...) IS TRUE` means the same in a WHERE (NULL is
+# not true either) but is never an index condition.
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < $2 AND NOT tasks.cancel_requested)"""
 _APPLY_STAGED = f"""
@@ -86,8 +92,8 @@ UPDATE tasks SET
     cache_read_input_tokens = s.cache_read_input_tokens
 FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $4 AND $5 AND s.batch_id = $1
-    AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
-    AND tasks.batch_id = $1 AND tasks.status = 'submitted'
+    AND tasks.id BETWEEN $4 AND $5 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+    AND (tasks.batch_id = $1 AND tasks.status = 'submitted') IS TRUE
 RETURNING tasks.status"""
 # A candidate batch (a suspected duplicate, `harvest.py`) answers a task of its intent only
 # while the task still waits for a result: `submitted` in whichever batch, or requeued and
@@ -110,8 +116,8 @@ UPDATE tasks SET
     cache_read_input_tokens = s.cache_read_input_tokens
 FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $1
-    AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
-    AND {_ENDS_TASK} AND tasks.status IN ('submitted', 'pending')
+    AND tasks.id BETWEEN $3 AND $4 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
+    AND {_ENDS_TASK} AND (tasks.status IN ('submitted', 'pending')) IS TRUE
 RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
@@ -125,8 +131,8 @@ SELECT $1, s.custom_id,
     || '}}',
     $2::timestamptz
 FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
-WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK}
-    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled')
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
+    AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
     AND t.batch_id IS DISTINCT FROM $5
 ON CONFLICT DO NOTHING"""
 
@@ -198,11 +204,13 @@ class PostgresWriteBackLane:
         return conn
 
     async def _reset(self, conn: Conn) -> None:
+        await unflushed(conn)
         await conn.execute("TRUNCATE pg_temp.staging, pg_temp.incoming")
         self._seq = 0
         self._staging_lost = False
 
     async def _stage(self, conn: Conn, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
+        await unflushed(conn)
         rows, unmatched = await _staging_rows(conn, local_id, outcomes, self._seq)
         self._seq += len(outcomes)
         await conn.copy_records_to_table(
@@ -216,9 +224,23 @@ class PostgresWriteBackLane:
     async def _apply(
         self, conn: Conn, local_id: int, max_attempts: int, max_rows: int, after_task_id: int
     ) -> AppliedRange | None:
+        await unflushed(conn)
         return await apply_range(
             conn, self._database, local_id, max_attempts, (max_rows, after_task_id)
         )
+
+
+async def unflushed(conn: Conn) -> None:
+    """This transaction's COMMIT returns before its WAL reaches the disk (it is flushed
+    within ~3 x wal_writer_delay). Only for the lane's transactions, where a commit lost to
+    a server crash costs a download again and nothing else: staging is TEMP (gone with the
+    session anyway), and a range lost leaves its tasks `submitted` in a batch still `ended`
+    (finish_batch comes later in the WAL, so it cannot survive a crash that lost a range
+    before it), which is downloaded and applied again under the same guard. A flushed
+    commit flushes every earlier one: the claim that sends a requeued task again flushes
+    its requeue first, so nothing sent to the API rests on an unflushed write. Never for
+    the intent, the record of a create, or finish_batch."""
+    await conn.execute("SET LOCAL synchronous_commit = off")
 
 
 async def create_staging(conn: Conn) -> None:
@@ -286,7 +308,13 @@ async def apply_range(
     else:
         changed = await conn.fetch(_APPLY_HARVESTED, local_id, now, first, last)
     crash_point("harvest_range_applied" if intent_id is not None else "range_applied")
-    duplicates = count_of(await conn.execute(_KEEP_DUPLICATES, api_id, now, first, last, local_id))
+    duplicates = 0
+    if len(changed) < count:
+        # Only a line that changed no task can be a duplicate (a task it changed now
+        # points at this batch): the common range, every line written, skips the join.
+        duplicates = count_of(
+            await conn.execute(_KEEP_DUPLICATES, api_id, now, first, last, local_id)
+        )
     requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
     ignored = count - len(changed) - duplicates
     report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
