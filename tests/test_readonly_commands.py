@@ -19,6 +19,7 @@ from batchd.store import StoreError
 from batchd.store.sqlite import SqliteStore
 from batchd.store.sqlite.migrations import shipped_migrations
 from tests.support.cli import batchd
+from tests.support.schema import UNDO_FROM_ACKNOWLEDGED
 from tests.support.store import add_tasks, query
 
 READS = (
@@ -72,10 +73,8 @@ def make_older(path: Path) -> int:
     """The database as a batchd before the acknowledgement column left it (and every
     later migration: 009's collection lease columns); returns its version."""
     with sqlite3.connect(path) as db:
-        for column in ("collector", "collect_lease_until", "next_poll_at"):
-            db.execute(f"ALTER TABLE batches DROP COLUMN {column}")
-        db.execute("ALTER TABLE duplicate_batches DROP COLUMN acknowledged_at")
-        db.execute("ALTER TABLE duplicate_batches DROP COLUMN acknowledged_note")
+        for statement in UNDO_FROM_ACKNOWLEDGED:
+            db.execute(statement)
         db.execute("DELETE FROM schema_migrations WHERE version >= ?", (ACKNOWLEDGED,))
         version = int(db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0])
     db.close()

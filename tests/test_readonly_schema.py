@@ -19,6 +19,7 @@ from batchd.store.postgres.migrations import shipped_migrations as postgres_migr
 from batchd.store.sqlite.migrations import shipped_migrations as sqlite_migrations
 from tests.support.backends import Peek
 from tests.support.cli import batchd
+from tests.support.schema import UNDO_FROM_ACKNOWLEDGED
 from tests.support.store import add_tasks
 
 pytestmark = pytest.mark.both_stores
@@ -36,9 +37,10 @@ def newest(database: DatabaseConfig) -> int:
 
 
 def make_older(peek: Peek, version: int) -> int:
-    """The schema as a batchd before the acknowledgement columns left it; returns its version."""
-    peek.execute("ALTER TABLE duplicate_batches DROP COLUMN acknowledged_at")
-    peek.execute("ALTER TABLE duplicate_batches DROP COLUMN acknowledged_note")
+    """The schema as a batchd before the acknowledgement columns left it (and every later
+    migration that cannot be applied again); returns its version."""
+    for statement in UNDO_FROM_ACKNOWLEDGED:
+        peek.execute(statement)
     peek.execute("DELETE FROM schema_migrations WHERE version >= ?", version)
     return int(peek.query("SELECT max(version) FROM schema_migrations")[0][0])
 

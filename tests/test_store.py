@@ -76,7 +76,7 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         assert await reopened.migrate() == []
     finally:
         await reopened.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(9,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(11,)]
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):

@@ -1,0 +1,26 @@
+"""Databases as an older batchd left them, for tests that roll a schema back and migrate
+it again: the statements that undo a migration, on either dialect.
+
+Only migrations that cannot simply be applied again need undoing: 010 (indexes, IF NOT
+EXISTS) and 011 (a no-op on SQLite; PostgreSQL's replaces its own triggers) can; 009's
+ADD COLUMNs cannot.
+"""
+
+from __future__ import annotations
+
+# 009_collect_lease: the collection lease's columns.
+UNDO_COLLECT_LEASE: tuple[str, ...] = tuple(
+    f"ALTER TABLE batches DROP COLUMN {column}"
+    for column in ("collector", "collect_lease_until", "next_poll_at")
+)
+
+# 008_duplicate_acknowledged, and everything after it that must be undone.
+UNDO_FROM_ACKNOWLEDGED: tuple[str, ...] = (
+    *UNDO_COLLECT_LEASE,
+    "ALTER TABLE duplicate_batches DROP COLUMN acknowledged_at",
+    "ALTER TABLE duplicate_batches DROP COLUMN acknowledged_note",
+)
+
+# 010_completion_indexes' partial index on batches.origin: SQLite refuses to drop an
+# indexed column (PostgreSQL drops the index with it).
+DROP_ORIGIN_INDEX = "DROP INDEX IF EXISTS batches_foreign"
