@@ -139,17 +139,20 @@ async def test_a_tiny_budget_sends_what_fits_then_pauses(
 
     with capture_logs() as logs:
         runner = asyncio.create_task(run_daemon(config, "test-key", on_started=started))
-        for _ in range(400):
-            await asyncio.sleep(0.05)
-            idle = not sqlite_count(  # every batch settled: its bound no longer counted
-                db_path,
-                "SELECT count(*) FROM batches"
-                " WHERE state IN ('creating', 'in_progress', 'canceling', 'ended')",
-            )
-            gate = daemons[0].submitter.budget if daemons else None
-            # Paused with nothing in flight, by a fresh look (not one taken mid-batch).
-            if idle and gate is not None and await gate.pause_reason():
-                break
+        # Until paused with nothing in flight; a loaded machine only makes that later (the
+        # loop used to give up after 400 looks, ~20 s, and go on with a batch in flight).
+        async with asyncio.timeout(90):
+            while True:
+                await asyncio.sleep(0.05)
+                idle = not sqlite_count(  # every batch settled: its bound no longer counted
+                    db_path,
+                    "SELECT count(*) FROM batches"
+                    " WHERE state IN ('creating', 'in_progress', 'canceling', 'ended')",
+                )
+                gate = daemons[0].submitter.budget if daemons else None
+                # Paused with nothing in flight, by a fresh look (not one taken mid-batch).
+                if idle and gate is not None and await gate.pause_reason():
+                    break
         await asyncio.sleep(0.5)  # a few more submit steps: still nothing sent
         daemons[0].stop()
         assert await runner == 0

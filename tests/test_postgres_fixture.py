@@ -16,6 +16,8 @@ from tests.support.postgres import ENV_DSN, ServerUnavailable, find_server, run_
 
 ROOT = Path(__file__).parent.parent
 NEEDS_SERVER = """
+from pathlib import Path
+
 import pytest
 
 pytestmark = pytest.mark.postgres
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.postgres
 
 def test_needs_a_database(postgres_dsn):
     assert postgres_dsn
+    Path("database_used").write_text(postgres_dsn.rsplit("/", 1)[1])  # in the child's cwd
 """
 
 
@@ -73,11 +76,15 @@ def test_with_a_server_the_test_runs_on_a_database_dropped_afterwards(
 ) -> None:
     # The server this session found, given to the child explicitly.
     admin = postgres_dsn.rsplit("/", 1)[0] + "/postgres"
-    before = batchd_test_databases(admin)
     done = run_pytest(tmp_path, CI="true", **{ENV_DSN: admin})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
-    assert batchd_test_databases(admin) == before
+    # The child's own database, by name: other sessions on the server (the other xdist
+    # worker, another suite) create and drop theirs meanwhile, so the whole list may change.
+    used = (tmp_path / "database_used").read_text()
+    assert used.startswith("batchd_test_")
+    assert used != postgres_dsn.rsplit("/", 1)[1]  # a database of the child's session
+    assert used not in batchd_test_databases(admin)
 
 
 def batchd_test_databases(admin_dsn: str) -> set[str]:
