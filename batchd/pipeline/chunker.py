@@ -185,6 +185,19 @@ async def build_chunk(
     pending for the next chunk.
     """
     chunk = Chunk()
+    try:
+        await _fill(chunk, pending, max_requests=max_requests, max_bytes=max_bytes)
+    except BaseException:
+        # A store error or a stop while reading: the body (a temp file past a few MB) is
+        # nobody's to close but ours.
+        chunk.body.close()
+        raise
+    return chunk
+
+
+async def _fill(
+    chunk: Chunk, pending: AsyncIterator[PendingTask], *, max_requests: int, max_bytes: int
+) -> None:
     chunk.body.write(_BODY_HEAD)
     envelope = len(_BODY_HEAD) + len(_BODY_TAIL)
     size = len(_BODY_HEAD)  # the body so far: written, plus what waits in `unwritten`
@@ -222,4 +235,3 @@ async def build_chunk(
     chunk.body.write(b"".join(unwritten))
     chunk.body.write(_BODY_TAIL)
     assert chunk.body.size == size + len(_BODY_TAIL)
-    return chunk

@@ -161,12 +161,16 @@ class Submitter:
             for layer in reversed(layers):
                 await layer.aclose()
             await pending.aclose()  # type: ignore[attr-defined]
-        if too_big:
-            chunk = await self._too_big_alone(chunk, too_big[0])
-        crash_point("chunk_built")
-        if chunk.invalid:
-            marked = await self._store.mark_invalid(chunk.invalid)
-            log.warning("tasks_invalid", count=marked, first_reason=chunk.invalid[0][1])
+        try:
+            if too_big:
+                chunk = await self._too_big_alone(chunk, too_big[0])
+            crash_point("chunk_built")
+            if chunk.invalid:
+                marked = await self._store.mark_invalid(chunk.invalid)
+                log.warning("tasks_invalid", count=marked, first_reason=chunk.invalid[0][1])
+        except BaseException:
+            chunk.body.close()  # the caller never sees this chunk to close it
+            raise
         return chunk
 
     async def _too_big_alone(self, chunk: Chunk, task: PendingTask) -> Chunk:
