@@ -66,6 +66,14 @@ SLOW_TESTS: tuple[tuple[str, str], ...] = (
     ),  # 20 s
     ("test_cli.py", "test_enqueue_run_status_results_cancel_retry"),  # 14-20 s
     (
+        "crash/test_shared_collection.py",
+        "test_the_daemon_killed_mid_write_back_is_taken_over_after_its_lease",
+    ),  # 5 points, 5-7 s each
+    (
+        "crash/test_shared_collection.py",
+        "test_the_standby_collects_ended_batches_and_no_task_is_done_twice",
+    ),  # 8 s
+    (
         "test_harvest_e2e.py",
         "test_a_dropped_create_found_after_its_resubmission_is_harvested_not_paid_again",
     ),  # 18 s
