@@ -104,6 +104,25 @@ def fake_lines(count: int, first: int) -> list[bytes]:
     return [line.rstrip(b"\n") for line in result_lines(batch, state.timeline)]
 
 
+def ended_batch(batch_id: str) -> dict[str, Any]:
+    """An ended batch as the API shows it, for a store's `mark_created` in the store-only
+    benchmarks (no fake, no HTTP)."""
+    now = datetime.now(UTC).isoformat()
+    counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+    return {
+        "id": batch_id,
+        "type": "message_batch",
+        "processing_status": "ended",
+        "request_counts": counts,
+        "ended_at": now,
+        "created_at": now,
+        "expires_at": now,
+        "archived_at": None,
+        "cancel_initiated_at": None,
+        "results_url": f"http://127.0.0.1/{batch_id}/results",
+    }
+
+
 def machine() -> str:
     mem = subprocess.run(["free", "-h"], capture_output=True, text=True, check=False).stdout
     total = next((line.split()[1] for line in mem.splitlines() if line.startswith("Mem:")), "?")

@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -33,24 +32,7 @@ from batchd.pipeline.outcomes import parse_result_line
 from batchd.store import Store, open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import command_line, fake_lines, machine, tasks
-
-
-def ended_batch(batch_id: str) -> dict[str, Any]:
-    now = datetime.now(UTC).isoformat()
-    counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    return {
-        "id": batch_id,
-        "type": "message_batch",
-        "processing_status": "ended",
-        "request_counts": counts,
-        "ended_at": now,
-        "created_at": now,
-        "expires_at": now,
-        "archived_at": None,
-        "cancel_initiated_at": None,
-        "results_url": f"http://127.0.0.1/{batch_id}/results",
-    }
+from common import command_line, ended_batch, fake_lines, machine, tasks
 
 
 class Stages:

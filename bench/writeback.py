@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from batchd.config import CollectorSettings, ResultsConfig
 from batchd.domain import Outcome, TaskStatus
@@ -29,24 +28,7 @@ from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import command_line, fake_lines, machine, tasks
-
-
-def api_batch(batch_id: str) -> dict[str, Any]:
-    now = datetime.now(UTC).isoformat()
-    counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
-    return {
-        "id": batch_id,
-        "type": "message_batch",
-        "processing_status": "ended",
-        "request_counts": counts,
-        "ended_at": now,
-        "created_at": now,
-        "expires_at": now,
-        "archived_at": None,
-        "cancel_initiated_at": None,
-        "results_url": f"http://127.0.0.1/{batch_id}/results",
-    }
+from common import command_line, ended_batch, fake_lines, machine, tasks
 
 
 class UserInserts:
@@ -127,7 +109,7 @@ async def prepare(db: Path, count: int, batch_size: int) -> tuple[Store, dict[in
     for first in range(0, count, batch_size):
         local = await store.record_intent(ids[first : first + batch_size], 1)
         assert local is not None
-        await store.mark_created(local, api_batch(f"msgbatch_{first}"))  # type: ignore[arg-type]
+        await store.mark_created(local, ended_batch(f"msgbatch_{first}"))  # type: ignore[arg-type]
         batches[local] = fake_lines(min(batch_size, count - first), first)
     return store, batches
 

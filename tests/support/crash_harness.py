@@ -144,6 +144,19 @@ class RunLog:
         return {run.crash_point.split(":")[0] for run in self.runs if run.crash_point}
 
 
+def daemon_command(
+    setup: DaemonSetup, *, crash_at: str | None, exit_when_idle: bool
+) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment of one `batchd run` of this setup."""
+    env = dict(setup.env)
+    if crash_at is not None:
+        env["BATCHD_CRASH_AT"] = crash_at
+    args = [*BATCHD, "--config", str(setup.config_path), "run"]
+    if exit_when_idle:
+        args.append("--exit-when-idle")
+    return args, env
+
+
 async def run_daemon(
     setup: DaemonSetup,
     log: RunLog,
@@ -154,12 +167,7 @@ async def run_daemon(
     timeout_s: float = 30.0,
 ) -> DaemonRun:
     """One `batchd run` process until it exits, is killed at `crash_at`, or after a delay."""
-    env = dict(setup.env)
-    if crash_at is not None:
-        env["BATCHD_CRASH_AT"] = crash_at
-    args = [*BATCHD, "--config", str(setup.config_path), "run"]
-    if exit_when_idle:
-        args.append("--exit-when-idle")
+    args, env = daemon_command(setup, crash_at=crash_at, exit_when_idle=exit_when_idle)
     log_path = setup.directory / f"daemon-{len(log.runs)}.log"
     started = time.monotonic()
     with log_path.open("wb") as out:
@@ -281,12 +289,7 @@ async def start_daemon(
     setup: DaemonSetup, n: int, *, crash_at: str | None = None, exit_when_idle: bool = True
 ) -> asyncio.subprocess.Process:
     """`batchd run` number `n` in the background, its log in `daemon-<n>.log`."""
-    env = dict(setup.env)
-    if crash_at is not None:
-        env["BATCHD_CRASH_AT"] = crash_at
-    args = [*BATCHD, "--config", str(setup.config_path), "run"]
-    if exit_when_idle:
-        args.append("--exit-when-idle")
+    args, env = daemon_command(setup, crash_at=crash_at, exit_when_idle=exit_when_idle)
     with (setup.directory / f"daemon-{n}.log").open("wb") as out:
         return await asyncio.create_subprocess_exec(
             *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
