@@ -2,8 +2,8 @@
 it again: the statements that undo a migration, on either dialect.
 
 Only migrations that cannot simply be applied again need undoing: 010 (indexes, IF NOT
-EXISTS) and 011 (a no-op on SQLite; PostgreSQL's replaces its own triggers) can; 009's
-ADD COLUMNs cannot.
+EXISTS), 011 (a no-op on SQLite; PostgreSQL's replaces its own triggers) and 012 (a
+fillfactor set again) can; 009's ADD COLUMNs cannot.
 """
 
 from __future__ import annotations

@@ -1,0 +1,23 @@
+-- batchd schema v12 (PostgreSQL; migrations/012_tasks_fillfactor.sql, SQLite, changes
+-- nothing): tasks keeps 5% of each page (409 B) out of the free space map's offers
+-- (fillfactor 95), so new tasks and their claims stop landing one row per page across the
+-- finished history.
+--
+-- Why (bench/README.md, "PostgreSQL: where new rows land"): a page of finished tasks,
+-- packed full, keeps a hole smaller than one more finished row (four rows of ~1.85 KB
+-- leave ~760 B): room for exactly one pending row (~0.5 KB). The free space map offers
+-- such pages to any row that fits, so each new task's INSERT, and each claim's new row
+-- version (a claim changes the indexed `status`: never HOT, a new version wherever there
+-- is room), went to a page of its own in the history: 20,000 new tasks read, dirtied and
+-- wrote (a full page image each) ~40,000 old pages, 2.2x the time of a fresh database at
+-- 2,000,000 rows. With a fillfactor an INSERT, and an UPDATE whose new version leaves its
+-- page, ask for room for the row plus the reserve: a hole must hold row + 409 B.
+--
+-- What it does not promise: holes are what rows of the sizes stored leave. The value is
+-- the measured shape's (pages of ~1.85 KB rows keep four rows, 760 B, under both 100 and
+-- 95, and 760 B < 0.5 KB + 409 B); 90 would keep three such rows (2.6 KB holes taking three
+-- new rows each, and a third more pages). Pages already written keep their rows; nothing
+-- is rewritten. The lock lets reads and writes go on (SHARE UPDATE EXCLUSIVE); applying it
+-- again changes nothing.
+
+ALTER TABLE tasks SET (fillfactor = 95);
