@@ -13,6 +13,7 @@ import pytest
 from batchd.config import Config
 from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
+from batchd.store import Store
 from tests.support.backends import Peek
 from tests.support.params import request_params
 
@@ -79,3 +80,20 @@ async def test_a_standby_is_alive_submits_nothing_and_takes_over_when_the_leader
             daemon.stop()
         await asyncio.gather(first, second, return_exceptions=True)
     assert await second == 0
+
+
+async def test_the_leaders_watch_ends_when_the_daemon_stops_not_only_when_cancelled(
+    store: Store,
+) -> None:
+    """The daemon's stop ends the leadership task by itself: a shutdown that relied on one
+    cancel hung for ever when Python 3.11's wait_for swallowed it (the cancel arriving as a
+    ping's answer did; the daemon then never exited)."""
+    stop = asyncio.Event()
+    async with store.leadership(stop, lambda _text: None) as lead:
+        assert await lead.acquired()
+        [task] = [t for t in asyncio.all_tasks() if t.get_name() == "batchd-leadership"]
+        stop.set()
+        done, _ = await asyncio.wait({task}, timeout=5.0)
+        assert task in done  # ended by the stop, before the context's cancel
+        assert not task.cancelled()
+        assert not lead.leading

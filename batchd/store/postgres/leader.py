@@ -91,7 +91,7 @@ class PostgresLeadership:
             self._conn = conn
             self._leading.set()
             try:
-                await _watch(conn)
+                await _watch(conn, self._stop)
             finally:
                 # The lease stays as it was: its session is gone, so every claim's fence
                 # fails until the lock is won again (a new lease).
@@ -165,19 +165,38 @@ async def _win(
     return None
 
 
-async def _watch(conn: asyncpg.Connection) -> None:
-    """Return once the lock's session ends (the server restarted, or ended it)."""
+async def _watch(conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+    """Return once the lock's session ends (the server restarted, or ended it), or the
+    daemon stops.
+
+    The daemon's stop ends it, not only a cancellation: Python 3.11's `asyncio.wait_for`
+    swallows a cancellation that arrives as the awaited ping completes, and a watch that
+    outlived its cancel held the daemon's shutdown for ever. `asyncio.timeout` passes a
+    cancellation through.
+    """
     ended = asyncio.Event()
     conn.add_termination_listener(lambda _c: ended.set())
     try:
-        while not ended.is_set():
+        while not ended.is_set() and not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), PING_S)
+                async with asyncio.timeout(PING_S):
+                    await _first_of(ended, stop)
                 break
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), PING_S)
+            async with asyncio.timeout(PING_S):
+                await conn.fetchval("SELECT 1")
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
         pass
-    log.warning("leadership_lost", reason="the leader lock's session ended; trying again")
+    if not stop.is_set():
+        log.warning("leadership_lost", reason="the leader lock's session ended; trying again")
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

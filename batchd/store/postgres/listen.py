@@ -73,10 +73,14 @@ async def _listen_once(database: PostgresDatabase, wake: Callable[[], None]) -> 
         log.info("listening_for_tasks", database=database.shown, channel=CHANNEL)
         wake()  # whatever was inserted while we were not listening
         while not lost.is_set() and not conn.is_closed():
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # that arrives as the ping completes, and the listener would outlive its daemon.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), PING_S)
+                async with asyncio.timeout(PING_S):
+                    await lost.wait()
                 break
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), PING_S)
+            async with asyncio.timeout(PING_S):
+                await conn.fetchval("SELECT 1")
         log.warning("listen_connection_lost", database=database.shown)
     finally:
         conn.terminate()
