@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -32,26 +31,18 @@ PREVIOUS = shipped_migrations()[-2].version  # numbers may skip (reserved for ot
 READS = (("results",), ("batches",), ("batches", "--json"), ("tasks", "--status", "pending"))
 
 
-@pytest.fixture
-def database(postgres_dsn: str, postgres_schema: str) -> DatabaseConfig:
-    return replace(DatabaseConfig(), url=postgres_dsn, schema=postgres_schema)
-
-
-@pytest.fixture
-def peek(database: DatabaseConfig) -> PostgresPeek:
-    assert database.url is not None
-    assert database.schema is not None
-    return PostgresPeek(database.url, database.schema)
-
-
-def schema_exists(peek: PostgresPeek) -> bool:
-    found = peek.query("SELECT count(*) FROM pg_namespace WHERE nspname = ?", peek.schema)
+def schema_exists(postgres_peek: PostgresPeek) -> bool:
+    found = postgres_peek.query(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = ?", postgres_peek.schema
+    )
     return bool(found[0][0])
 
 
-def environment(tmp_path: Path, database: DatabaseConfig) -> dict[str, str]:
+def environment(tmp_path: Path, postgres_database: DatabaseConfig) -> dict[str, str]:
     config = tmp_path / "batchd.toml"
-    config.write_text(f'[database]\nurl = "{database.url}"\nschema = "{database.schema}"\n')
+    config.write_text(
+        f'[database]\nurl = "{postgres_database.url}"\nschema = "{postgres_database.schema}"\n'
+    )
     return {
         **os.environ,
         "BATCHD_CONFIG": str(config),
@@ -65,8 +56,8 @@ def ok(result: subprocess.CompletedProcess[bytes]) -> str:
     return result.stdout.decode()
 
 
-async def filled(database: DatabaseConfig) -> None:
-    store = await open_store(database)
+async def filled(postgres_database: DatabaseConfig) -> None:
+    store = await open_store(postgres_database)
     try:
         await add_tasks(store, "a", "b", "c")
         local_id = await claim(store, "b")
@@ -76,23 +67,23 @@ async def filled(database: DatabaseConfig) -> None:
 
 
 async def test_a_read_only_open_of_a_missing_schema_is_refused_and_creates_nothing(
-    database: DatabaseConfig, peek: PostgresPeek, tmp_path: Path
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek, tmp_path: Path
 ) -> None:
     with pytest.raises(DatabaseMissingError, match="read-only commands never create one"):
-        await open_store(database, read_only=True)
-    assert not schema_exists(peek)
-    env = environment(tmp_path, database)
+        await open_store(postgres_database, read_only=True)
+    assert not schema_exists(postgres_peek)
+    env = environment(tmp_path, postgres_database)
     for command in (*READS, ("cancel", "a"), ("retry",)):
         result = batchd(*command, env=env)
         assert result.returncode == EXIT_CONFIG, (command, result.stderr)
-    assert not schema_exists(peek)
+    assert not schema_exists(postgres_peek)
 
 
 async def test_a_read_only_store_reads_and_refuses_every_write_before_the_server(
-    database: DatabaseConfig, peek: PostgresPeek
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek
 ) -> None:
-    await filled(database)
-    store = await open_store(database, read_only=True)
+    await filled(postgres_database)
+    store = await open_store(postgres_database, read_only=True)
     try:
         assert (await store.schema_versions()) == (NEWEST, NEWEST)
         counts = await store.status_counts()
@@ -121,7 +112,7 @@ async def test_a_read_only_store_reads_and_refuses_every_write_before_the_server
             await store.database.read("UPDATE tasks SET error = 'x'")  # type: ignore[attr-defined]
     finally:
         await store.close()
-    assert peek.query("SELECT custom_id, status, error FROM tasks ORDER BY id") == [
+    assert postgres_peek.query("SELECT custom_id, status, error FROM tasks ORDER BY id") == [
         ("a", "pending", None),
         ("b", "submitted", None),
         ("c", "pending", None),
@@ -129,52 +120,54 @@ async def test_a_read_only_store_reads_and_refuses_every_write_before_the_server
 
 
 async def test_a_read_only_open_never_migrates_an_older_schema(
-    database: DatabaseConfig, peek: PostgresPeek, tmp_path: Path
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek, tmp_path: Path
 ) -> None:
-    await filled(database)
+    await filled(postgres_database)
     # As if the newest migration were not applied yet: only its record is taken away
     # (its columns stay, so the reads still find what they need).
-    peek.execute("DELETE FROM schema_migrations WHERE version = ?", NEWEST)
-    store = await open_store(database, read_only=True)
+    postgres_peek.execute("DELETE FROM schema_migrations WHERE version = ?", NEWEST)
+    store = await open_store(postgres_database, read_only=True)
     try:
         assert (await store.schema_versions()) == (PREVIOUS, NEWEST)
     finally:
         await store.close()
-    result = batchd("tasks", "--status", "pending", "--json", env=environment(tmp_path, database))
+    result = batchd(
+        "tasks", "--status", "pending", "--json", env=environment(tmp_path, postgres_database)
+    )
     assert [t["custom_id"] for t in orjson.loads(ok(result))["tasks"]] == ["a", "c"]
     assert b"schema_version_differs" in result.stderr
-    assert peek.query("SELECT max(version) FROM schema_migrations") == [(PREVIOUS,)]
+    assert postgres_peek.query("SELECT max(version) FROM schema_migrations") == [(PREVIOUS,)]
     # A writing command other than run/migrate/enqueue refuses the older schema.
-    refused = batchd("cancel", "a", env=environment(tmp_path, database))
+    refused = batchd("cancel", "a", env=environment(tmp_path, postgres_database))
     assert refused.returncode == EXIT_CONFIG
     assert b"run `batchd migrate` first" in refused.stderr
 
 
 async def test_reads_of_the_cli_on_postgresql_leave_every_row_as_it_was(
-    database: DatabaseConfig, peek: PostgresPeek, tmp_path: Path
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek, tmp_path: Path
 ) -> None:
-    await filled(database)
-    before = peek.query("SELECT * FROM tasks ORDER BY id") + peek.query(
+    await filled(postgres_database)
+    before = postgres_peek.query("SELECT * FROM tasks ORDER BY id") + postgres_peek.query(
         "SELECT * FROM batches ORDER BY id"
     )
-    env = environment(tmp_path, database)
+    env = environment(tmp_path, postgres_database)
     for command in READS:
         ok(batchd(*command, env=env))
-    after = peek.query("SELECT * FROM tasks ORDER BY id") + peek.query(
+    after = postgres_peek.query("SELECT * FROM tasks ORDER BY id") + postgres_peek.query(
         "SELECT * FROM batches ORDER BY id"
     )
     assert after == before
 
 
 async def test_acknowledging_on_postgresql_keeps_the_record_and_reports_each_id(
-    database: DatabaseConfig, peek: PostgresPeek
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek
 ) -> None:
-    store: Store = await open_store(database)
+    store: Store = await open_store(postgres_database)
     try:
         await add_tasks(store, "a")
         local_id = await claim(store, "a")
         assert await store.mark_created(local_id, api_batch("msgbatch_1"))
-        peek.execute(
+        postgres_peek.execute(
             "INSERT INTO duplicate_batches (api_batch_id, local_id, detected_at, note)"
             " VALUES ('msgbatch_dup', ?, now(), 'same request count')",
             local_id,
@@ -192,4 +185,4 @@ async def test_acknowledging_on_postgresql_keeps_the_record_and_reports_each_id(
         assert "msgbatch_dup" in await store.known_api_batch_ids()
     finally:
         await store.close()
-    assert peek.query("SELECT acknowledged_note FROM duplicate_batches") == [("ok",)]
+    assert postgres_peek.query("SELECT acknowledged_note FROM duplicate_batches") == [("ok",)]

@@ -11,7 +11,6 @@ hole must hold a row plus 5% of a page, so new rows fill new pages together.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -53,29 +52,18 @@ _PAGES = "SELECT pg_relation_size('tasks') / current_setting('block_size')::bigi
 _PAGE_OF = "(ctid::text::point)[0]::bigint"
 
 
-@pytest.fixture
-def database(postgres_dsn: str, postgres_schema: str) -> DatabaseConfig:
-    return replace(DatabaseConfig(), url=postgres_dsn, schema=postgres_schema)
+async def migrated(postgres_database: DatabaseConfig) -> None:
+    await (await open_store(postgres_database)).close()
 
 
-@pytest.fixture
-def peek(database: DatabaseConfig) -> PostgresPeek:
-    assert database.url is not None
-    assert database.schema is not None
-    return PostgresPeek(database.url, database.schema)
-
-
-async def migrated(database: DatabaseConfig) -> None:
-    await (await open_store(database)).close()
-
-
-async def apply_012_again(database: DatabaseConfig) -> None:
+async def apply_012_again(postgres_database: DatabaseConfig) -> None:
     """Migration 012's own script, run again on the migrated schema (as a rerun would)."""
     (script,) = [m.script for m in shipped_migrations() if m.name == "tasks_fillfactor"]
-    assert database.url is not None
-    assert database.schema is not None
+    assert postgres_database.url is not None
+    assert postgres_database.schema is not None
     conn = await asyncpg.connect(
-        database.url, server_settings={"search_path": quote_ident(database.schema)}
+        postgres_database.url,
+        server_settings={"search_path": quote_ident(postgres_database.schema)},
     )
     try:
         await conn.execute(script)
@@ -83,49 +71,53 @@ async def apply_012_again(database: DatabaseConfig) -> None:
         await conn.close()
 
 
-def fillfactor(peek: PostgresPeek) -> list[tuple[object, ...]]:
-    return peek.query("SELECT reloptions FROM pg_class WHERE oid = 'tasks'::regclass")
+def fillfactor(postgres_peek: PostgresPeek) -> list[tuple[object, ...]]:
+    return postgres_peek.query("SELECT reloptions FROM pg_class WHERE oid = 'tasks'::regclass")
 
 
 async def test_tasks_keeps_a_reserve_on_each_page_and_012_applies_again(
-    database: DatabaseConfig, peek: PostgresPeek
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek
 ) -> None:
-    await migrated(database)
-    assert fillfactor(peek) == [(["fillfactor=95"],)]
-    await apply_012_again(database)
-    assert fillfactor(peek) == [(["fillfactor=95"],)]
+    await migrated(postgres_database)
+    assert fillfactor(postgres_peek) == [(["fillfactor=95"],)]
+    await apply_012_again(postgres_database)
+    assert fillfactor(postgres_peek) == [(["fillfactor=95"],)]
 
 
 async def test_new_tasks_and_their_claims_fill_new_pages_not_the_historys_holes(
-    database: DatabaseConfig, peek: PostgresPeek
+    postgres_database: DatabaseConfig, postgres_peek: PostgresPeek
 ) -> None:
-    await migrated(database)
+    await migrated(postgres_database)
     # The history as a batchd before 012 wrote it: pages packed full, each hole recorded
     # in the free space map by VACUUM.
-    peek.execute("ALTER TABLE tasks RESET (fillfactor)")
-    peek.execute(_HISTORY_ROWS, NEW_PARAMS, HISTORY)
-    peek.execute("VACUUM tasks")
-    ((history_pages,),) = peek.query(_PAGES)
+    postgres_peek.execute("ALTER TABLE tasks RESET (fillfactor)")
+    postgres_peek.execute(_HISTORY_ROWS, NEW_PARAMS, HISTORY)
+    postgres_peek.execute("VACUUM tasks")
+    ((history_pages,),) = postgres_peek.query(_PAGES)
     assert history_pages == HISTORY // 4
     # The control: without the reserve, a new task's row goes into an old page's hole.
-    peek.execute("INSERT INTO tasks (custom_id, params) VALUES ('probe', ?::jsonb)", NEW_PARAMS)
-    ((probe_page,),) = peek.query(f"SELECT {_PAGE_OF} FROM tasks WHERE custom_id = 'probe'")
+    postgres_peek.execute(
+        "INSERT INTO tasks (custom_id, params) VALUES ('probe', ?::jsonb)", NEW_PARAMS
+    )
+    ((probe_page,),) = postgres_peek.query(
+        f"SELECT {_PAGE_OF} FROM tasks WHERE custom_id = 'probe'"
+    )
     assert probe_page < history_pages
-    peek.execute("DELETE FROM tasks WHERE custom_id = 'probe'")
-    peek.execute("VACUUM tasks")  # the hole is offered again
+    postgres_peek.execute("DELETE FROM tasks WHERE custom_id = 'probe'")
+    postgres_peek.execute("VACUUM tasks")  # the hole is offered again
 
-    await apply_012_again(database)
-    store = await open_store(database)
+    await apply_012_again(postgres_database)
+    store = await open_store(postgres_database)
     try:
         report = await store.enqueue((f"new-{n:04d}", NEW_PARAMS) for n in range(NEW))
         assert report.inserted == NEW
-        pending = peek.query(f"SELECT {_PAGE_OF} FROM tasks WHERE status = 'pending'")
+        pending = postgres_peek.query(f"SELECT {_PAGE_OF} FROM tasks WHERE status = 'pending'")
         ids = [task.id async for task in store.iter_pending()]
         assert len(ids) == NEW
         assert await store.record_intent(ids, 1000) is not None
     finally:
         await store.close()
-    claimed = peek.query(f"SELECT {_PAGE_OF} FROM tasks WHERE status = 'submitted'")
+    claimed = postgres_peek.query(f"SELECT {_PAGE_OF} FROM tasks WHERE status = 'submitted'")
     assert len(claimed) == NEW
     for name, pages in (("new tasks", pending), ("claims", claimed)):
         numbers = {page for (page,) in pages}

@@ -14,6 +14,8 @@ from batchd.store.values import AcknowledgeReport, CancelReport, WaitingCancelRe
 # and count rows locked (PostgreSQL) are held only that long, never for a whole queue.
 # Each store's `actions` imports it into its own namespace (a test lowers it there).
 CANCEL_CHUNK = 5000
+# The error a task canceled at a user's request carries, whichever store and path set it.
+USER_CANCELED = "canceled at user request"
 WAITING_STATUSES = (TaskStatus.PENDING, TaskStatus.SUBMITTED)
 # Cancels one chunk of tasks in a status above an id, up to the last id, in one
 # transaction: (tasks changed, id to go on from).

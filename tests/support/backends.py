@@ -185,6 +185,20 @@ def peek(database_config: DatabaseConfig) -> Peek:
     return PostgresPeek(database_config.url, database_config.schema)
 
 
+@pytest.fixture
+def postgres_database(postgres_dsn: str, postgres_schema: str) -> DatabaseConfig:
+    """`[database]` on the session's PostgreSQL server, in a schema of this test's own: for
+    modules that run on PostgreSQL alone."""
+    return replace(DatabaseConfig(), url=postgres_dsn, schema=postgres_schema)
+
+
+@pytest.fixture
+def postgres_peek(postgres_database: DatabaseConfig) -> PostgresPeek:
+    assert postgres_database.url is not None
+    assert postgres_database.schema is not None
+    return PostgresPeek(postgres_database.url, postgres_database.schema)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests of a `both_stores` module that use the store run on each backend, except the
     `sqlite_only` ones (SQLite's file, pragmas or busy handler: nothing to run elsewhere)."""

@@ -9,10 +9,13 @@ from collections.abc import Sequence
 from batchd.domain import TaskStatus
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of
-from batchd.store.rows import CANCEL_CHUNK, acknowledge_report, cancel_in_chunks, check_waiting
-
-# The error both stores write on a task the user canceled (one wording, whichever store).
-from batchd.store.sqlite.settle import USER_CANCELED
+from batchd.store.rows import (
+    CANCEL_CHUNK,
+    USER_CANCELED,
+    acknowledge_report,
+    cancel_in_chunks,
+    check_waiting,
+)
 from batchd.store.values import AcknowledgeReport, WaitingCancelReport
 
 

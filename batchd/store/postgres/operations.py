@@ -12,8 +12,7 @@ from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of
 from batchd.store.postgres.keyset import merged_rows, status_page
 from batchd.store.postgres.listings import TASK_COLUMNS, task_row
-from batchd.store.postgres.settle import USER_CANCELED
-from batchd.store.rows import cancel_report, check_retryable, status_counts
+from batchd.store.rows import USER_CANCELED, cancel_report, check_retryable, status_counts
 from batchd.store.values import CancelReport, ResultLine
 
 # Tasks go back to the queue by UPDATE, which fires no INSERT trigger: wake the leader.

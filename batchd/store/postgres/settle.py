@@ -12,8 +12,8 @@ from datetime import datetime
 
 from batchd.domain import BatchOrigin
 from batchd.store.postgres.connection import Conn
+from batchd.store.rows import USER_CANCELED
 
-USER_CANCELED = "canceled at user request"
 # A candidate still to be read: its results may yet answer the intent's tasks.
 OPEN_STATES = ("in_progress", "canceling", "ended")
 # A malformed line (kept as `malformed-line-N`) names nobody: it proves nothing foreign and

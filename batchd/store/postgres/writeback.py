@@ -23,7 +23,8 @@ from batchd.domain import Outcome, TaskStatus, WriteReport
 from batchd.store.postgres.connection import Conn, postgres_errors
 from batchd.store.postgres.database import PostgresDatabase, count_of, in_transaction
 from batchd.store.postgres.errors import PostgresUnavailableError
-from batchd.store.postgres.settle import USER_CANCELED, decide_origin, settle_intent
+from batchd.store.postgres.settle import decide_origin, settle_intent
+from batchd.store.rows import USER_CANCELED
 from batchd.store.values import AppliedRange, FinishReport, StageReport
 
 P = ParamSpec("P")

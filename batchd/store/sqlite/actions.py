@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from batchd.domain import TaskStatus
 from batchd.store.rows import (
     CANCEL_CHUNK,
+    USER_CANCELED,
     acknowledge_report,
     cancel_in_chunks,
     check_waiting,
 )
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run
-from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import AcknowledgeReport, WaitingCancelReport
 
 

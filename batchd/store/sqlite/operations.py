@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from batchd.domain import BatchRecord, TaskRow, TaskStatus
-from batchd.store.rows import cancel_report, check_retryable, status_counts
+from batchd.store.rows import USER_CANCELED, cancel_report, check_retryable, status_counts
 from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
 from batchd.store.sqlite.keyset import merged_by_id, status_page
-from batchd.store.sqlite.settle import USER_CANCELED
 from batchd.store.values import CancelReport, ResultLine
 
 

@@ -8,9 +8,9 @@ why it sits apart from both.
 from __future__ import annotations
 
 from batchd.domain import BatchOrigin
+from batchd.store.rows import USER_CANCELED
 from batchd.store.sqlite.database import Db, json_list, run, run_many
 
-USER_CANCELED = "canceled at user request"
 # A candidate still to be read: its results may yet answer the intent's tasks.
 OPEN_STATES = ("in_progress", "canceling", "ended")
 

@@ -14,6 +14,7 @@ from typing import cast
 
 from batchd.crashpoints import crash_point
 from batchd.domain import Outcome, TaskStatus, WriteReport
+from batchd.store.rows import USER_CANCELED
 from batchd.store.sqlite import staging
 from batchd.store.sqlite.database import (
     Connection,
@@ -25,7 +26,7 @@ from batchd.store.sqlite.database import (
     run_many,
     run_many_in,
 )
-from batchd.store.sqlite.settle import USER_CANCELED, decide_origin, settle_intent
+from batchd.store.sqlite.settle import decide_origin, settle_intent
 from batchd.store.sqlite.staging import StagingKeys
 from batchd.store.values import AppliedRange, FinishReport, StageReport
 
