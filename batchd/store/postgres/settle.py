@@ -12,7 +12,7 @@ from datetime import datetime
 
 from batchd.domain import BatchOrigin
 from batchd.store.postgres.connection import Conn
-from batchd.store.rows import USER_CANCELED
+from batchd.store.rows import USER_CANCELED, batch_origin
 
 # A candidate still to be read: its results may yet answer the intent's tasks.
 OPEN_STATES = ("in_progress", "canceling", "ended")
@@ -58,8 +58,8 @@ async def decide_origin(
     found = await conn.fetchrow(_LINES_OF, local_id)
     assert found is not None, local_id  # the caller just completed this batch
     api_id, unmatched, ours, malformed = found
-    if matched_lines == 0 and unmatched and not ours and not malformed:
-        origin = BatchOrigin.FOREIGN
+    origin = batch_origin(matched_lines, unmatched, ours, malformed)
+    if origin == BatchOrigin.FOREIGN:
         await conn.execute("DELETE FROM unmatched_results WHERE api_batch_id = $1", api_id)
         await conn.execute(
             "INSERT INTO foreign_batches (api_batch_id, seen_at, how)"
@@ -79,8 +79,6 @@ async def decide_origin(
                 "   (SELECT id FROM batches WHERE candidate_for = $1))",
                 local_id,
             )
-    else:
-        origin = BatchOrigin.PARTLY_OURS if unmatched else BatchOrigin.OURS
     await conn.execute(
         "UPDATE batches SET origin = $1, foreign_lines = $2 WHERE id = $3",
         origin.value,

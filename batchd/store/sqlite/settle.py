@@ -8,7 +8,7 @@ why it sits apart from both.
 from __future__ import annotations
 
 from batchd.domain import BatchOrigin
-from batchd.store.rows import USER_CANCELED
+from batchd.store.rows import USER_CANCELED, batch_origin
 from batchd.store.sqlite.database import Db, json_list, run, run_many
 
 # A candidate still to be read: its results may yet answer the intent's tasks.
@@ -46,8 +46,8 @@ async def decide_origin(
         " LEFT JOIN tasks AS t ON t.custom_id = u.custom_id WHERE b.id = ?",
         (local_id,),
     )
-    if matched_lines == 0 and unmatched and not ours and not malformed:
-        origin = BatchOrigin.FOREIGN
+    origin = batch_origin(matched_lines, unmatched, ours, malformed)
+    if origin == BatchOrigin.FOREIGN:
         await run(db, "DELETE FROM unmatched_results WHERE api_batch_id = ?", (api_id,))
         await run(
             db,
@@ -68,8 +68,6 @@ async def decide_origin(
                 "   (SELECT id FROM batches WHERE candidate_for = :local))",
                 {"local": local_id},
             )
-    else:
-        origin = BatchOrigin.PARTLY_OURS if unmatched else BatchOrigin.OURS
     await run(
         db,
         "UPDATE batches SET origin = ?, foreign_lines = ? WHERE id = ?",
