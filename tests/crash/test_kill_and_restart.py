@@ -53,6 +53,12 @@ KILL_POINTS = (
     "create_returned:2",
     "results_chunk_written:3",
 )
+# Points on the way to a create: a run reaches `create_returned:2` only if two chunks are
+# left to submit. How much the earlier kills left is timing (each run collects and submits
+# at once; a `store_commit:N` kill counts both), so before such a point the queue is
+# topped up, as users would insert, to a chunk more than the point needs.
+SUBMITTING = frozenset({"chunk_built", "intent_recorded", "create_returned", "batch_recorded"})
+CHUNK = 4  # write_config's max_requests
 
 
 @pytest.fixture
@@ -66,17 +72,25 @@ async def test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothi
 ) -> None:
     setup = write_config(tmp_path, fake.base_url, database_config)
     await enqueue(setup, TASKS)
+    enqueued = TASKS
     log = RunLog()
 
     for point in KILL_POINTS:
+        name, nth = point.split(":")
+        pending = peek.query("SELECT count(*) FROM tasks WHERE status = 'pending'")[0][0]
+        if name in SUBMITTING and pending < CHUNK * (int(nth) + 1):
+            print(f"before {point}: {pending} pending, {CHUNK * (int(nth) + 1)} enqueued")
+            await enqueue(setup, CHUNK * (int(nth) + 1), first=enqueued)
+            enqueued += CHUNK * (int(nth) + 1)
         run = await run_daemon(setup, log, crash_at=point)
-        assert run.killed, (point, run.returncode, run.stderr[-2000:])
+        statuses = peek.query("SELECT status, count(*) FROM tasks GROUP BY status")
+        assert run.killed, (point, run.returncode, statuses, run.stderr[-2000:])
         assert run.crash_point == point, run.stderr[-2000:]
     final = await run_daemon(setup, log)
     assert final.returncode == 0, final.stderr[-2000:]
 
     ledger = check_invariants(peek, fake)
-    assert_nothing_lost_or_duplicated(ledger, TASKS)
+    assert_nothing_lost_or_duplicated(ledger, enqueued)
     assert log.kills == len(KILL_POINTS)
     # The fake saw every task at least once and no task more often than recorded.
     assert ledger.submissions >= TASKS

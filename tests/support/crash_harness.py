@@ -108,10 +108,12 @@ def _toml(value: object) -> str:
     return repr(value)
 
 
-async def enqueue(setup: DaemonSetup, count: int) -> None:
+async def enqueue(setup: DaemonSetup, count: int, *, first: int = 0) -> None:
+    """Tasks `crash-<first>` to `crash-<first + count - 1>`."""
     store = await open_store(setup.database)
     try:
-        await store.enqueue((custom_id(n), request_params(prompt(n))) for n in range(count))
+        tasks = ((custom_id(n), request_params(prompt(n))) for n in range(first, first + count))
+        await store.enqueue(tasks)
     finally:
         await store.close()
 
