@@ -253,12 +253,16 @@ async def test_two_daemons_racing_for_a_dead_holders_batches_take_each_once(
 
     async def take_all(into: Store, holder: str) -> list[TakenBatch]:
         taken = []
-        async with into.collector_liveness(holder):
-            while found := await into.take_ended_batch(holder, LONG_S):
-                taken.append(found)
+        while found := await into.take_ended_batch(holder, LONG_S):
+            taken.append(found)
         return taken
 
-    first, second = await asyncio.gather(take_all(store, "daemon-1"), take_all(other, "daemon-2"))
+    # Both alive for the whole race (one that ended its liveness first would be dead, and
+    # its batches rightly taken over by the other).
+    async with store.collector_liveness("daemon-1"), other.collector_liveness("daemon-2"):
+        first, second = await asyncio.gather(
+            take_all(store, "daemon-1"), take_all(other, "daemon-2")
+        )
     taken_ids = [found.batch.local_id for found in first + second]
     assert sorted(taken_ids) == ids  # every batch, each by one daemon
     assert {(found.taken_over_from, found.holder_gone) for found in first + second} == {
