@@ -67,7 +67,7 @@ SLOW_TESTS: tuple[tuple[str, str], ...] = (
     ("test_cli.py", "test_enqueue_run_status_results_cancel_retry"),  # 14-20 s
     (
         "crash/test_shared_collection.py",
-        "test_the_daemon_killed_mid_write_back_is_taken_over_after_its_lease",
+        "test_the_daemon_killed_mid_write_back_is_taken_over_without_waiting_for_its_lease",
     ),  # 5 points, 5-7 s each
     (
         "crash/test_shared_collection.py",

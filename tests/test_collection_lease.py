@@ -87,3 +87,21 @@ async def test_every_in_flight_batch_is_due_for_its_first_poll(store: Store) -> 
     due = await store.batches_due_for_poll(30.0)
     assert [batch.local_id for batch in due] == polled
     assert ended not in [batch.local_id for batch in due]
+
+
+@pytest.mark.sqlite_only
+async def test_sqlite_holds_no_liveness_lock_and_writes_nothing_of_a_lease(
+    store: Store, peek: Peek
+) -> None:
+    """One daemon per file (its file lock): the liveness context holds nothing, and a take
+    and a renewal inside it write nothing, the liveness flag included (schema 15)."""
+    local_id = await submitted_batch(store, "msgbatch_l", "l1")
+    async with store.collector_liveness("daemon-1"):
+        taken = await store.take_ended_batch("daemon-1", LEASE_S)
+        assert taken is not None
+        assert (taken.taken_over_from, taken.holder_gone) == (None, False)
+        assert await store.renew_collection(local_id, "daemon-1", LEASE_S)
+    assert peek.query(
+        "SELECT collector, collect_lease_until, collector_lock_held FROM batches WHERE id = ?",
+        local_id,
+    ) == [(None, None, 0)]

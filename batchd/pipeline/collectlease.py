@@ -6,6 +6,12 @@ it downloads and applies; a renewal that finds the lease taken over marks it los
 the collector stops the batch at its next chunk (its writes so far were guarded, so
 harmless). The finish is guarded by the lease in the store too: a holder cut off for
 longer than the lease can never requeue as missing what the new holder writes.
+
+A lease is taken over at its expiry, or at once when its holder is known dead: the daemon
+holds a liveness lock for its whole life (`Store.collector_liveness`, entered by the
+daemon's collect loop), and a lease whose holder's lock is gone is free. A holder that is
+only cut off from that lock meets the same end as one frozen past its lease: its renewal
+finds the batch taken and it stops; its finish is refused.
 """
 
 from __future__ import annotations
@@ -135,14 +141,16 @@ def note_taken(found: TakenBatch, holder: str, registry: Registry | None) -> Non
     event = "taken" if found.taken_over_from is None else "taken_over"
     if found.taken_over_from is not None:
         # The holder stopped renewing (killed, or cut off from the database) and its
-        # lease ran out: its staging is gone, this daemon downloads and applies again
-        # (lines it already wrote are skipped by the apply's guard).
+        # lease ran out, or its liveness lock's session ended before that: its staging is
+        # gone, this daemon downloads and applies again (lines it already wrote are
+        # skipped by the apply's guard).
         log.warning(
             "collection_taken_over",
             batch_id=found.batch.api_batch_id,
             local_id=found.batch.local_id,
             previous_holder=found.taken_over_from,
             holder=holder,
+            reason="holder_gone" if found.holder_gone else "lease_lapsed",
         )
     if registry is not None and registry.declares(COLLECTIONS):
         registry.inc(COLLECTIONS, event=event)

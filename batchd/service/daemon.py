@@ -382,11 +382,11 @@ class Daemon:
             await self._pause(self._wake_poller, self._config.polling.interval_s)
 
     async def _collect_loop(self) -> None:
-        while not self._stop.is_set():
-            finished = await self._guarded("collect", self.collector.collect_all, 0)
-            if finished:
-                self._wake_submitter.set()
-            await self._pause(self._wake_collector, self._config.polling.interval_s)
+        async with self._store.collector_liveness(self.collector.holder):
+            while not self._stop.is_set():
+                if await self._guarded("collect", self.collector.collect_all, 0):
+                    self._wake_submitter.set()
+                await self._pause(self._wake_collector, self._config.polling.interval_s)
 
     async def _idle_loop(self) -> None:
         while not self._stop.is_set():

@@ -62,7 +62,9 @@ cancels are the leader's (`leadership`); polling and write-back are shared by ev
 - `take_ended_batch` gives one `ended` batch to one holder under a lease (an expiry on the
   server's clock), `renew_collection` extends it (every third of the lease while the
   holder downloads and applies; False once another holder took it over), and
-  `give_back_collection` ends it early. A lapsed lease is taken over by the next holder.
+  `give_back_collection` ends it early. A lapsed lease is taken over by the next holder,
+  and so is a running one whose holder is known dead (`collector_liveness`: it held its
+  liveness lock when it took or last renewed the lease, and the lock is free now).
   `finish_batch(..., holder=...)` is guarded by the lease: a holder whose lease lapsed
   cannot requeue as missing the lines the new holder is writing (`lease_lapsed`).
   Correctness never rests on the lease: every apply keeps its guard (batch, status,
@@ -430,6 +432,11 @@ class Store(Protocol):
         """Try to lead the daemons of this database for the duration (`on_standby` called
         once while another leads). SQLite: its file lock already admits one daemon, so it
         leads at once and for good."""
+
+    def collector_liveness(self, holder: str) -> AbstractAsyncContextManager[None]:
+        """While the context lasts, show that `holder` lives (PostgreSQL: a session lock on
+        a connection of its own), so that a collection lease it took meanwhile is taken
+        over as soon as it dies rather than at the lease's expiry. SQLite: nothing."""
 
     def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
         """While the context lasts, call `wake()` soon after users commit new tasks, and

@@ -67,6 +67,9 @@ class TakenBatch:
     # The holder whose lease had lapsed when this one was taken (it died or was cut off
     # mid-collection): a take-over. None when nobody held it.
     taken_over_from: str | None = None
+    # Taken over before its lease lapsed: its holder's liveness lock was free, the session
+    # that held it ended (the holder died or was cut off: docs/postgresql-design.md).
+    holder_gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Polling and write-back shared by two daemons on one PostgreSQL database (issue 13): the
 standby collects ended batches too, each batch by one daemon under a row lease; a daemon
-killed with -9 in the middle of a batch's write-back is taken over by the other once its
-lease lapsed; and in the end nothing is lost, written to the wrong task, done twice, or
-paid for unrecorded.
+killed with -9 in the middle of a batch's write-back is taken over by the other at once
+(its liveness lock went with it: test_collection_failover.py); and in the end nothing is
+lost, written to the wrong task, done twice, or paid for unrecorded.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ from tests.support.crash_harness import (
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["postgresql"],
                                                              indirect=True)]  # fmt: skip
 LEASE_S = 3.0
-# The renewal runs every third of the lease: a holder killed just after one leaves at
-# least two thirds of it to run (less a little for the log's and the test's own delays).
-LEAST_TAKEOVER_S = LEASE_S * 2 / 3 - 0.5
 
 
 async def _kill_all(processes: list[asyncio.subprocess.Process]) -> None:
@@ -108,7 +105,7 @@ async def test_the_standby_collects_ended_batches_and_no_task_is_done_twice(
         ("store_commit:6", False),  # inside some transaction of the leader's
     ],
 )
-async def test_the_daemon_killed_mid_write_back_is_taken_over_after_its_lease(
+async def test_the_daemon_killed_mid_write_back_is_taken_over_without_waiting_for_its_lease(
     fake_api: FakeApiServer,
     tmp_path: Path,
     database_config: DatabaseConfig,
@@ -152,7 +149,8 @@ async def test_the_daemon_killed_mid_write_back_is_taken_over_after_its_lease(
             assert peek.query("SELECT state, collector FROM batches WHERE id = ?", local_id) == [
                 ("completed", instance_of(setup, 1))
             ]
-        # Not before the lease lapsed (a live lease is nobody else's), nor long after it.
-        assert LEAST_TAKEOVER_S <= taken_over_s <= LEASE_S + 10, taken_over_s
+        # Not long after the kill: at once (its lock went with it; the reason is asserted
+        # under a 60 s lease in test_collection_failover.py), at worst at the expiry.
+        assert taken_over_s <= LEASE_S + 10, taken_over_s
     ledger = check_invariants(peek, fake_api)
     assert_nothing_lost_or_duplicated(ledger, tasks)

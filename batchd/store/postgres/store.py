@@ -26,6 +26,7 @@ from batchd.store.postgres.harvest import Harvest
 from batchd.store.postgres.leader import PostgresLeadership, leadership
 from batchd.store.postgres.listen import listening
 from batchd.store.postgres.listings import OperatorListings
+from batchd.store.postgres.liveness import holder_liveness
 from batchd.store.postgres.operations import UserOperations
 from batchd.store.postgres.tasks import TaskIntake
 from batchd.store.postgres.views import OperatorViews
@@ -106,6 +107,12 @@ class PostgresStore(
         """Lead the daemons on this database (leader.py); claims are fenced meanwhile."""
         self._db.check_writable()
         return leadership(self._db, stop, on_standby)
+
+    def collector_liveness(self, holder: str) -> AbstractAsyncContextManager[None]:
+        """Hold `holder`'s liveness lock on a connection of its own (liveness.py): its
+        collection leases are taken over at once after it dies, not at their expiry."""
+        self._db.check_writable()
+        return holder_liveness(self._db, holder)
 
     def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
         """LISTEN on a connection of its own for the insert trigger's NOTIFY (listen.py)."""

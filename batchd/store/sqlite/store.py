@@ -137,6 +137,10 @@ class SqliteStore(
         """The daemon's file lock already admits one: it leads, for good."""
         yield AlwaysLeading()
 
+    def collector_liveness(self, holder: str) -> AbstractAsyncContextManager[None]:
+        """Nothing to hold: the file lock admits one daemon, whose leases are its own."""
+        return contextlib.nullcontext()
+
     def listen_for_tasks(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
         """Nothing to listen to: SQLite has no notifications across processes; the
         daemon's poll tick finds new tasks."""
