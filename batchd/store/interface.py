@@ -130,6 +130,7 @@ from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
     PrunableTask,
+    PruneExportPage,
     ResultGaps,
     ResultLine,
     SchemaVersions,
@@ -199,13 +200,26 @@ class StoreAccounts(Protocol):
     def iter_prunable(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[PrunableTask]]:
-        """Final tasks completed before `cutoff`, by id, in pages; each final row read once
-        and no other (see "Flat costs"). Deleting a page before the next is read is safe."""
+        """Final tasks completed before `cutoff`, oldest first (completion time, then id),
+        in pages, paged by key on tasks_by_completion: only entries before the cutoff read
+        (see "Flat costs"). Deleting a page before the next is read is safe."""
 
     def iter_prunable_ids(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[int]]:
-        """The ids of `iter_prunable` alone, without reading params or results."""
+        """The ids of `iter_prunable` from the index alone, without reading params or
+        results (the status is not read: batchd clears the time of a task it retries)."""
+
+    def iter_prunable_export(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[PruneExportPage]:
+        """`iter_prunable` as export lines (`batchd/store/prunelines.py`), built by the
+        database with the stored texts spliced wherever the line stays valid JSON."""
+
+    def delete_prunable(self, cutoff: datetime, *, transaction_rows: int) -> AsyncIterator[int]:
+        """Delete the tasks `iter_prunable_ids` gives, each transaction finding and
+        deleting the next `transaction_rows` of them (each still final and before the
+        cutoff); yields each transaction's count."""
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks if still final and completed before `cutoff` (one transaction)."""
