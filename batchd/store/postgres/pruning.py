@@ -19,7 +19,6 @@ from batchd.crashpoints import crash_point
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
-from batchd.store.prunelines import MAX_SPLICED_DEPTH, SHORT_TEXT, export_line
 from batchd.store.values import PrunableTask, PruneExportPage
 
 Key = tuple[datetime, int]  # (completed_at, id) of the last row of a page
@@ -35,14 +34,6 @@ PRUNE_COLUMNS = (
 )
 
 
-def _plain(text: str) -> str:
-    """SQL: `text` (jsonb as text, valid JSON) may be spliced as it is (prunelines.py)."""
-    return (
-        f"(strpos({text}, '\\u') = 0 AND (length({text}) <= {SHORT_TEXT}"
-        f" OR length({text}) - length(translate({text}, '[{{', '')) <= {MAX_SPLICED_DEPTH}))"
-    )
-
-
 def _time(column: str) -> str:
     """SQL: a timestamptz as the SQLite store shows it (`text_time`), as a JSON string."""
     return f"""to_json(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))"""
@@ -52,10 +43,11 @@ def _number(column: str) -> str:
     return f"coalesce({column}::text, 'null')"
 
 
-# The export line of prunelines.py built by the server: jsonb's own text of params and
-# result spliced, the other values as JSON by to_json; NULL where a text is not plain.
-_LINE = f"""CASE WHEN {_plain("j.params")} AND (j.result IS NULL OR {_plain("j.result")})
-    THEN '{{"custom_id":' || to_json(custom_id) || ',"result":' || coalesce(j.result, 'null')
+# The export line of prunelines.py built by the server, by concatenation: jsonb's own
+# text of params and result spliced (always valid JSON: jsonb refuses what is not, lone
+# surrogates and \u0000 included, and writes its text on one line), the other values
+# as JSON by to_json.
+_LINE = f"""'{{"custom_id":' || to_json(custom_id) || ',"result":' || coalesce(j.result, 'null')
         || ',"status":' || to_json(status) || ',"error":' || coalesce(to_json(error)::text, 'null')
         || ',"model":' || coalesce(to_json(model)::text, 'null') || ',"usage":'
         || CASE WHEN input_tokens IS NULL THEN 'null'
@@ -65,8 +57,7 @@ _LINE = f"""CASE WHEN {_plain("j.params")} AND (j.result IS NULL OR {_plain("j.r
                || ',"cache_read_input_tokens":' || {_number("cache_read_input_tokens")} || '}}'
            END
         || ',"created_at":' || {_time("created_at")} || ',"completed_at":'
-        || coalesce({_time("completed_at")}::text, 'null') || ',"params":' || j.params || '}}'
-    END"""
+        || coalesce({_time("completed_at")}::text, 'null') || ',"params":' || j.params || '}}'"""
 
 
 def _pages(
@@ -126,23 +117,11 @@ async def prunable_rows(
 async def export_pages(
     db: PostgresDatabase, cutoff: datetime, page_size: int
 ) -> AsyncIterator[PruneExportPage]:
-    """`prunable_rows` as export lines, built by the server; a row whose texts cannot be
-    spliced is read again whole and built by `prunelines.export_line`."""
+    """`prunable_rows` as export lines, built by the server."""
     sql = _pages(f"completed_at, id, {_LINE}", cutoff, _FINAL_ROWS, _lines_source())
     async for rows in _keyed_pages(db, sql, page_size):
-        task_ids = [int(row[1]) for row in rows]
-        lines: list[str | None] = [row[2] for row in rows]
-        unplain = [task_id for task_id, line in zip(task_ids, lines, strict=True) if line is None]
-        if unplain:
-            whole = await db.read(
-                f"SELECT {PRUNE_COLUMNS} FROM tasks WHERE id = ANY($1::bigint[])", unplain
-            )
-            built = {int(row[0]): export_line(prunable_task(tuple(row))).decode() for row in whole}
-            # A row gone meanwhile (deleted by a user) is left out of the file and the page.
-            kept = [(i, line or built.get(i)) for i, line in zip(task_ids, lines, strict=True)]
-            task_ids = [i for i, line in kept if line is not None]
-            lines = [line for _, line in kept if line is not None]
-        yield PruneExportPage(task_ids, "".join(f"{line}\n" for line in lines).encode())
+        lines = "".join(f"{row[2]}\n" for row in rows)
+        yield PruneExportPage([int(row[1]) for row in rows], lines.encode())
 
 
 async def delete_page(

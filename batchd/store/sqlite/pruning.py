@@ -14,7 +14,7 @@ from typing import Any
 
 from batchd.crashpoints import crash_point
 from batchd.domain import FINAL_TASK_STATUSES
-from batchd.store.prunelines import MAX_SPLICED_DEPTH, SHORT_TEXT, export_line
+from batchd.store.prunelines import export_line
 from batchd.store.sqlite.database import Db, Row, json_list, run
 from batchd.store.values import PrunableTask, PruneExportPage
 
@@ -29,27 +29,46 @@ PRUNE_COLUMNS = (
 )
 
 
-def _plain(text: str) -> str:
-    """SQL: `text` may be spliced into a line as it is (prunelines.py says when)."""
-    return (
-        f"(typeof({text}) = 'text' AND json_valid({text}) AND instr({text}, '\\u') = 0"
-        f" AND (length({text}) <= {SHORT_TEXT} OR length({text})"
-        f" - length(replace(replace({text}, '[', ''), '{{', '')) <= {MAX_SPLICED_DEPTH}))"
-    )
+def _valid(text: str) -> str:
+    """SQL: `text` is JSON text by SQLite's check."""
+    return f"(typeof({text}) = 'text' AND json_valid({text}))"
 
 
-# The export line of prunelines.py built by SQLite's JSON functions, the stored texts
-# spliced (json() only marks them as JSON); NULL where a text is not plain.
-_LINE = f"""CASE WHEN {_plain("params")} AND (result IS NULL OR {_plain("result")})
-    THEN json_object(
-        'custom_id', custom_id, 'result', json(result), 'status', status, 'error', error,
-        'model', model,
-        'usage', json(CASE WHEN input_tokens IS NOT NULL THEN json_object(
-            'input_tokens', input_tokens, 'output_tokens', output_tokens,
-            'cache_creation_input_tokens', cache_creation_input_tokens,
-            'cache_read_input_tokens', cache_read_input_tokens) END),
-        'created_at', created_at, 'completed_at', completed_at, 'params', json(params))
+# The export line of prunelines.py built by printf (one pass, where each `||` copied the
+# line so far): the stored texts spliced as they are, every other value quoted by
+# json_quote (NULL as null). NULL where a text is not valid JSON; `export_pages` sends a
+# line holding a line break to `export_line` too (prunelines.py).
+_LINE = f"""CASE WHEN {_valid("params")} AND (result IS NULL OR {_valid("result")})
+    THEN printf('{{"custom_id":%s,"result":%s,"status":%s,"error":%s,"model":%s,"usage":%s,'
+                || '"created_at":%s,"completed_at":%s,"params":%s}}',
+        json_quote(custom_id), coalesce(result, 'null'), json_quote(status), json_quote(error),
+        json_quote(model),
+        CASE WHEN input_tokens IS NULL THEN 'null' ELSE printf(
+            '{{"input_tokens":%s,"output_tokens":%s,"cache_creation_input_tokens":%s,'
+            || '"cache_read_input_tokens":%s}}', json_quote(input_tokens),
+            json_quote(output_tokens), json_quote(cache_creation_input_tokens),
+            json_quote(cache_read_input_tokens)) END,
+        json_quote(created_at), json_quote(completed_at), params)
     END"""
+# A spliced text may hold a line break (JSON's whitespace may be one; json_quote escapes
+# those of the other values): looked for in Python, in a whole page at once, where it is
+# a memchr (SQLite's instr() on each text cost more than building the line).
+
+
+def _spliced(line: str | None) -> bool:
+    return line is not None and "\n" not in line and "\r" not in line
+
+
+def _page_text(lines: list[str | None]) -> str | None:
+    """The page's lines, each ending in a newline, if every one of them can be spliced;
+    None if one cannot (then each is looked at alone)."""
+    texts = [line for line in lines if line is not None]
+    if len(texts) != len(lines):
+        return None
+    text = "\n".join(texts) + "\n"
+    if text.count("\n") != len(lines) or "\r" in text:
+        return None
+    return text
 
 
 def _pages(columns: str, condition: str = "") -> tuple[str, str, str]:
@@ -117,20 +136,31 @@ async def export_pages(read: Read, cutoff: str, page_size: int) -> AsyncIterator
     spliced is read again whole and built by `prunelines.export_line`."""
     async for rows in _keyed_pages(read, _LINES, cutoff, page_size):
         task_ids = [row[1] for row in rows]
-        lines = [row[2] for row in rows]
-        unplain = [task_id for task_id, line in zip(task_ids, lines, strict=True) if line is None]
-        if unplain:
-            whole = await read(
-                f"SELECT {PRUNE_COLUMNS} FROM tasks"
-                " WHERE id IN (SELECT value FROM json_each(:ids))",
-                {"ids": json_list(unplain)},
-            )
-            built = {row[0]: export_line(PrunableTask(*row)).decode() for row in whole}
-            # A row gone meanwhile (deleted by a user) is left out of the file and the page.
-            kept = [(i, line or built.get(i)) for i, line in zip(task_ids, lines, strict=True)]
-            task_ids = [i for i, line in kept if line is not None]
-            lines = [line for _, line in kept if line is not None]
-        yield PruneExportPage(task_ids, "".join(line + "\n" for line in lines).encode())
+        lines: list[str | None] = [row[2] for row in rows]
+        text = _page_text(lines)
+        if text is None:
+            task_ids, text = await _built_here(read, task_ids, lines)
+        yield PruneExportPage(task_ids, text.encode())
+
+
+async def _built_here(
+    read: Read, task_ids: list[int], lines: list[str | None]
+) -> tuple[list[int], str]:
+    """The page with the lines SQLite could not splice built by `export_line`."""
+    unplain = [i for i, line in zip(task_ids, lines, strict=True) if not _spliced(line)]
+    whole = await read(
+        f"SELECT {PRUNE_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(:ids))",
+        {"ids": json_list(unplain)},
+    )
+    built = {row[0]: export_line(PrunableTask(*row)).decode() for row in whole}
+    # A row gone meanwhile (deleted by a user) is left out of the file and the page.
+    kept = [
+        (i, line if _spliced(line) else built.get(i))
+        for i, line in zip(task_ids, lines, strict=True)
+    ]
+    return [i for i, line in kept if line is not None], "".join(
+        f"{line}\n" for _, line in kept if line is not None
+    )
 
 
 async def delete_page(db: Db, cutoff: str, key: Key | None, limit: int) -> tuple[int, Key | None]:
