@@ -138,13 +138,22 @@ async def delete_page(
 
 
 async def delete_ids(conn: Conn, task_ids: list[int], cutoff: datetime) -> int:
-    """Delete these tasks, if they are still final and completed before `cutoff`."""
+    """Delete these tasks, if they are still final and completed before `cutoff`.
+
+    Found by id alone: the range bounds the primary key's scan, and the checks inside `IS
+    TRUE` are no index condition. Planned from statistics that had not seen the old tasks,
+    `completed_at < $3` walked tasks_by_completion with the ids as a filter, reading every
+    old task on each transaction (EXPLAIN ANALYZE: 75,000 rows for 25,000 deleted)."""
+    if not task_ids:
+        return 0
     status = await conn.execute(
-        "DELETE FROM tasks WHERE id = ANY($1::bigint[]) AND status = ANY($2::text[])"
-        " AND completed_at < $3",
+        "DELETE FROM tasks WHERE id BETWEEN $4 AND $5 AND id = ANY($1::bigint[])"
+        " AND (status = ANY($2::text[]) AND completed_at < $3) IS TRUE",
         task_ids,
         FINAL,
         cutoff,
+        min(task_ids),
+        max(task_ids),
     )
     crash_point("prune_deleted")  # tests: killed before the commit
     return count_of(status)
