@@ -25,7 +25,10 @@ from typing import IO
 from batchd.crashpoints import crash_point
 from batchd.store import Store, StoreAccounts
 
-_PAGE = 5000
+# Export lines read per page: a page is held as rows, then as one text and its bytes;
+# 5,000 lines of ~1.7 KB peaked at 152-164 MB, 2,000 at 110-113 MB (116-119 MB before the
+# lines were built in SQL), and cost no more CPU (bench/README.md, "Session 6: prune").
+_PAGE = 2000
 # Tasks deleted per transaction. Each commit is synced (with an export, the export file
 # before it), and every transaction rewrites the index pages its deletes share with the
 # next one: 20 transactions of 5,000 held prune to ~96,000 rows/s at 2,000,000 tasks.
