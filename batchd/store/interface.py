@@ -90,11 +90,13 @@ a million pending ones; what a second store must keep flat:
   It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
 - `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
   submitter at its in-flight limit ask it, never for counts.
-- Pages by key: `iter_result_lines`, `iter_prunable` and `iter_pending` read from an
-  index on (status, id) only rows of the statuses asked for, each once: one cursor per
-  status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a
-  status found exhausted is not read again (SQLite's own merge of the ranges read a
-  status with no further match to its end on every page). No sort, no list of every id.
+- Pages by key: `iter_result_lines` and `iter_pending` read from an index on (status,
+  id) only rows of the statuses asked for, each once: one cursor per status (`WHERE
+  status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a status found exhausted
+  is not read again (SQLite's own merge of the ranges read a status with no further match
+  to its end on every page). No sort, no list of every id. Prune's reads and deletes
+  (`iter_prunable*`, `delete_prunable`) page tasks_by_completion by (completed_at, id)
+  from the oldest: only the entries before the cutoff.
 - A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
   `mark_invalid`) finds them by id or custom_id, never through the status index: a
   query that also says `status = ...` must not be planned as a scan of that status.
