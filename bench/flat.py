@@ -4,7 +4,7 @@
     python3 bench/flat.py reads --database postgresql://... [--history 2000000] [--pending N]
     python3 bench/flat.py deep [--tasks 100000 1000000] [--batch-size 10000]
     python3 bench/flat.py triggers [--tasks 100000] [--rounds 3]
-    python3 bench/flat.py prune (--db PATH | --database URL) [--rows 100000] [--rounds 3]
+    python3 bench/flat.py prune (--db PATH | --database URL) [--rows 100000] [--rounds 3] [--cli]
 
 `reads` works on a COPY of a database holding a long history (bench/scale.py builds one;
 this script adds rows to it and removes them again, and a newer batchd migrates it). It
@@ -25,6 +25,9 @@ ratios to the first count.
 `prune` times batchd's prune in this process (no CLI start-up), on a COPY as `reads`:
 `--rows` old finished tasks added, then reading their ids alone, and `prune` itself
 (`batchd.cli.prune.prune`, --no-vacuum) without and with an export, alternately: rows/s.
+With `--cli`, `batchd prune --older-than 365d --no-vacuum [--export FILE]` itself as a
+child process instead (start-up included, as the issue's rate is judged): wall, rows/s,
+CPU and peak RSS. Every added row must be gone after each prune.
 
 `triggers` measures what the task_counts triggers (migration 007) cost: CPU seconds of
 inserting `--tasks` tasks, then claiming them (pending -> submitted) and finishing them
@@ -282,19 +285,61 @@ async def _timed_prune(db: Target, rows: int, export: Path | None) -> tuple[floa
         await store.close()
 
 
-def prune_parts(db: Target, rows: int, rounds: int) -> None:
+def cli_prune(config: Path, export: Path | None) -> tuple[float, float, float]:
+    """`batchd prune --older-than 365d --no-vacuum [--export FILE]` as a child process, as
+    users run it (process start, imports and the schema check included): wall seconds,
+    CPU seconds (user + system) and peak RSS (MB)."""
+    extra = ["--export", str(export)] if export is not None else []
+    args = ["--config", str(config), "prune", "--older-than", "365d", "--no-vacuum", *extra]
+    started = time.perf_counter()
+    proc = subprocess.Popen(batchd_command(*args), stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"batchd {' '.join(args)} failed")
+    wall = time.perf_counter() - started
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def prune_parts(db: Target, rows: int, rounds: int, *, cli: bool) -> None:
+    """In-process prune (ids read, then prune), or with `cli` the command itself, without
+    and with an export, alternately, `rounds` times."""
     remove_added(db)
     with tempfile.TemporaryDirectory(prefix="batchd-prune-") as tmp:
+        config = config_file(Path(tmp) / "batchd.toml", db, "http://127.0.0.1:9")
         for _ in range(rounds):
             for export in (None, Path(tmp) / "pruned.jsonl"):
                 add_rows(db, rows, old=True)
-                read_s, prune_s = asyncio.run(_timed_prune(db, rows, export))
+                label = "with export" if export else "no export"
+                if cli:
+                    wall, cpu, rss = cli_prune(config, export)
+                    lines = sum(1 for _ in export.open("rb")) if export else 0
+                    print(f"  batchd prune {rows:,} ({label}): {wall:.2f} s,"
+                          f" {rows / wall:,.0f} rows/s, CPU {cpu:.2f} s, peak RSS {rss:.0f} MB"
+                          + (f", {lines:,} lines" if export else ""), flush=True)  # fmt: skip
+                else:
+                    read_s, prune_s = asyncio.run(_timed_prune(db, rows, export))
+                    rate = rows / prune_s
+                    print(f"  prune {rows:,} ({label}): ids read in {read_s:.2f} s;"
+                          f" prune {prune_s:.2f} s, {rate:,.0f} rows/s", flush=True)  # fmt: skip
                 if export is not None:
                     export.unlink()
-                label = "with export" if export else "no export"
-                print(f"  prune {rows:,} ({label}): ids read in {read_s:.2f} s; prune"
-                      f" {prune_s:.2f} s, {rows / prune_s:,.0f} rows/s", flush=True)  # fmt: skip
+                remaining = _added_left(db)
+                assert remaining == 0, f"{remaining} added rows left after the prune"
     remove_added(db)
+
+
+def _added_left(db: Target) -> int:
+    if isinstance(db, pgscale.PgTarget):
+        return int(pgscale.run(db, lambda conn: conn.fetchval(
+            "SELECT count(*) FROM tasks WHERE custom_id LIKE $1", f"{_PREFIX}%")))  # fmt: skip
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(
+            "SELECT count(*) FROM tasks WHERE custom_id >= ? AND custom_id < ?",
+            (_PREFIX, _PREFIX[:-1] + "."),
+        ).fetchone()[0])  # fmt: skip
+    finally:
+        conn.close()
 
 
 def pending_db(path: Path, count: int) -> None:
@@ -403,6 +448,7 @@ def main() -> None:
     parts.add_argument("--history", type=int, default=2_000_000, help="with --database")
     parts.add_argument("--rows", type=int, default=100_000)
     parts.add_argument("--rounds", type=int, default=3)
+    parts.add_argument("--cli", action="store_true", help="time `batchd prune` itself")
     costs = sub.add_parser("triggers")
     costs.add_argument("--tasks", type=int, default=100_000)
     costs.add_argument("--rounds", type=int, default=3)
@@ -423,7 +469,7 @@ def main() -> None:
         if args.what == "reads":
             reads(db, args.pending, results=not args.skip_results)
         else:
-            prune_parts(db, args.rows, args.rounds)
+            prune_parts(db, args.rows, args.rounds, cli=args.cli)
     elif args.what == "deep":
         deep(args.tasks, args.batch_size)
     else:

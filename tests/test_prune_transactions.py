@@ -1,10 +1,11 @@
 """`batchd prune` deletes in transactions of several pages (issue 16: fewer synced commits),
 never a task whose export line is not yet written, and never more than a transaction's
-ids in memory; on both stores."""
+ids in memory; without an export each transaction finds and deletes its own tasks; on
+both stores."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,9 +22,8 @@ pytestmark = pytest.mark.both_stores
 OLD = "2026-01-01T00:00:00.000Z"
 
 
-@pytest.mark.parametrize("export", [True, False])
 async def test_prune_deletes_pages_in_larger_transactions_after_their_export(
-    store: Store, peek: Peek, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export: bool
+    store: Store, peek: Peek, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(prune_module, "_PAGE", 3)
     monkeypatch.setattr(prune_module, "_DELETE_ROWS", 7)
@@ -36,30 +36,64 @@ async def test_prune_deletes_pages_in_larger_transactions_after_their_export(
 
     async def delete_tasks(task_ids: Sequence[int], cutoff: datetime) -> int:
         transactions.append(len(task_ids))
-        if export:  # every task deleted now is in the file already (flushed, then synced)
-            on_disk = {
-                orjson.loads(line)["custom_id"] for line in export_path.read_bytes().splitlines()
-            }
-            doomed = {name for name, id_ in peek.query("SELECT custom_id, id FROM tasks")
-                      if id_ in set(task_ids)}  # fmt: skip
-            assert len(doomed) == len(task_ids)
-            assert doomed <= on_disk
-            assert len(on_disk) == sum(transactions)  # not more: a transaction's pages
+        # Every task deleted now is in the file already (flushed, then synced).
+        on_disk = {
+            orjson.loads(line)["custom_id"] for line in export_path.read_bytes().splitlines()
+        }
+        doomed = {name for name, id_ in peek.query("SELECT custom_id, id FROM tasks")
+                  if id_ in set(task_ids)}  # fmt: skip
+        assert len(doomed) == len(task_ids)
+        assert doomed <= on_disk
+        assert len(on_disk) == sum(transactions)  # not more: a transaction's pages
         return await real_delete(task_ids, cutoff)
 
     monkeypatch.setattr(accounts, "delete_tasks", delete_tasks)
-    cutoff = datetime(2026, 6, 1, tzinfo=UTC)
-    if export:
-        with prune_module.open_export(export_path) as out:
-            report = await prune_module.prune(store, cutoff, export=out, vacuum=False)
-    else:
-        report = await prune_module.prune(store, cutoff, vacuum=False)
+    with prune_module.open_export(export_path) as out:
+        report = await prune_module.prune(
+            store, datetime(2026, 6, 1, tzinfo=UTC), export=out, vacuum=False
+        )
     # Pages of 3 gathered until 7 ids or more: 9, 9, then the last 7.
     assert transactions == [9, 9, 7]
     assert report.deleted == 25
     assert peek.query("SELECT count(*) FROM tasks") == [(0,)]
-    if export:
-        lines = export_path.read_bytes().splitlines()
-        assert [orjson.loads(line)["custom_id"] for line in lines] == [
-            f"t{n:02d}" for n in range(25)
-        ]
+    lines = export_path.read_bytes().splitlines()
+    assert [orjson.loads(line)["custom_id"] for line in lines] == [f"t{n:02d}" for n in range(25)]
+
+
+async def test_prune_without_export_finds_and_deletes_each_transactions_tasks(
+    store: Store, peek: Peek, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Oldest first, `_DELETE_ROWS` a transaction, nothing read or deleted twice; a task
+    finished since the cutoff, pending or retried (no time) stays."""
+    monkeypatch.setattr(prune_module, "_DELETE_ROWS", 7)
+    await add_tasks(store, *[f"t{n:02d}" for n in range(30)])
+    # Completion times out of id order: the oldest go first, ties by id.
+    for n in range(25):
+        peek.execute(
+            f"UPDATE tasks SET status = 'succeeded', completed_at = '2026-0{1 + n % 3}-01"
+            f"T00:00:00.000Z' WHERE custom_id = 't{n:02d}'"
+        )
+    peek.execute("UPDATE tasks SET status = 'errored', completed_at = '2026-09-01T00:00:00.000Z'"
+                 " WHERE custom_id IN ('t25', 't26')")  # fmt: skip
+    accounts = store.accounts
+    real = accounts.delete_prunable
+    transactions: list[int] = []
+    gone: list[str] = []
+
+    async def delete_prunable(cutoff: datetime, *, transaction_rows: int) -> AsyncIterator[int]:
+        before = {row[0] for row in peek.query("SELECT custom_id FROM tasks")}
+        async for count in real(cutoff, transaction_rows=transaction_rows):
+            transactions.append(count)
+            after = {row[0] for row in peek.query("SELECT custom_id FROM tasks")}
+            gone.extend(sorted(before - after, key=lambda name: (int(name[1:]) % 3, name)))
+            before = after
+            yield count
+
+    monkeypatch.setattr(accounts, "delete_prunable", delete_prunable)
+    report = await prune_module.prune(store, datetime(2026, 6, 1, tzinfo=UTC), vacuum=False)
+    assert transactions == [7, 7, 7, 4]
+    assert report.deleted == 25
+    # By completion time (January: n % 3 == 0, then February, then March), then id.
+    assert gone == sorted((f"t{n:02d}" for n in range(25)), key=lambda c: (int(c[1:]) % 3, c))
+    left = sorted(row[0] for row in peek.query("SELECT custom_id FROM tasks"))
+    assert left == [f"t{n:02d}" for n in range(25, 30)]

@@ -166,11 +166,11 @@ async def test_timer_reads_walk_an_index_on_postgresql(store: Store, peek: Peek)
 
 @pytest.mark.postgres
 @ON_POSTGRESQL
-async def test_prune_checks_its_cutoff_in_the_status_index_on_postgresql(
+async def test_prune_checks_its_cutoff_in_the_completion_index_on_postgresql(
     store: Store, peek: Peek
 ) -> None:
     """`completed_at < cutoff` an index condition, not a filter on the table: prune reads
-    no recent finished task's row (SQLite: test_flat_costs)."""
+    no recent finished task's row (more in tests/test_prune_plans.py)."""
     assert isinstance(store, PostgresStore)
     history(peek, 20_000, 1)
     cutoff = datetime.now(UTC) - timedelta(days=365)
@@ -178,10 +178,9 @@ async def test_prune_checks_its_cutoff_in_the_status_index_on_postgresql(
         [page async for page in store.accounts.iter_prunable_ids(cutoff)]
         [page async for page in store.accounts.iter_prunable(cutoff)]
     found = await pg_plans(peek, seen)
-    assert len(found) == 10  # five final statuses, twice
+    assert len(found) == 2  # one page each, from tasks_by_completion (migration 013)
     for sql, plan in found:
-        # tasks_by_status (the cutoff checked in its entries), or tasks_by_completion where
-        # the statistics say a status has no rows (only entries before the cutoff read).
+        assert "tasks_by_completion" in plan, (sql, plan)
         assert "Seq Scan" not in plan, (sql, plan)
         conds = [line for line in plan.splitlines() if "Index Cond" in line]
         assert any("completed_at <" in cond for cond in conds), (sql, plan)
@@ -261,7 +260,7 @@ async def test_cached_plans_walk_the_status_index_on_postgresql(store: Store, pe
         [line async for line in store.iter_result_lines([TaskStatus.ERRORED])]
         [page async for page in store.accounts.iter_prunable_ids(cutoff)]
     found = await generic_plans(peek, seen)
-    assert len(found) == 1 + 1 + 5
+    assert len(found) == 1 + 1 + 1  # prune: one page of tasks_by_completion
     for sql, plan in found:
         assert "Seq Scan" not in plan, (sql, plan)
         # Bounded by the status, or (prune) by the cutoff: never the primary key alone.

@@ -2,11 +2,15 @@
 
 Only final tasks (succeeded, errored, expired, canceled, invalid) with a `completed_at`
 before the cutoff go; pending and submitted ones never do, and each delete re-checks
-that, so a task retried meanwhile stays. Tasks go a page at a time, by id; with an export
-file each page is written and synced before it is deleted: a crash can leave exported
-tasks undeleted (pruned on the next run, exported again), never deleted tasks unexported.
-Spending survives in the usage ledger (migration 003), so costs and budgets do not change
-when tasks are pruned.
+that, so a task retried meanwhile stays. Tasks go oldest first, paged by key on their
+completion time; with an export file each page is written and synced before it is
+deleted: a crash can leave exported tasks undeleted (pruned on the next run, exported
+again), never deleted tasks unexported. Spending survives in the usage ledger (migration
+003), so costs and budgets do not change when tasks are pruned.
+
+The store builds the export lines in SQL, splicing the stored JSON texts
+(`batchd/store/prunelines.py`); without an export each transaction finds and deletes its
+tasks in one go, and params and results are never read.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import orjson
+from batchd.crashpoints import crash_point
+from batchd.store import Store, StoreAccounts
 
-from batchd.store import PrunableTask, Store, StoreAccounts
-
-_PAGE = 5000
+# Export lines read per page: a page is held as rows, then as one text and its bytes;
+# 5,000 lines of ~1.7 KB peaked at 152-164 MB, 2,000 at 110-113 MB (116-119 MB before the
+# lines were built in SQL), and cost no more CPU (bench/README.md, "Session 6: prune").
+_PAGE = 2000
 # Tasks deleted per transaction. Each commit is synced (with an export, the export file
 # before it), and every transaction rewrites the index pages its deletes share with the
 # next one: 20 transactions of 5,000 held prune to ~96,000 rows/s at 2,000,000 tasks.
@@ -68,26 +74,22 @@ async def prune(
     accounts = store.accounts
     bytes_before = await accounts.storage_bytes()
     deleted = exported = 0
-    # A page at a time, by id: memory holds a page (and the ids of one transaction)
-    # whatever the database holds. With an export, the pages of a transaction are written
-    # and synced before they are deleted.
-    doomed: list[int] = []
     if export is None:
-        async for task_ids in accounts.iter_prunable_ids(cutoff, page_size=_PAGE):
-            doomed += task_ids  # params never read
-            if len(doomed) >= _DELETE_ROWS:
-                deleted += await accounts.delete_tasks(doomed, cutoff)
-                doomed = []
+        async for count in accounts.delete_prunable(cutoff, transaction_rows=_DELETE_ROWS):
+            deleted += count
     else:
-        async for rows in accounts.iter_prunable(cutoff, page_size=_PAGE):
-            export.write(b"".join(orjson.dumps(export_line(row)) + b"\n" for row in rows))
-            exported += len(rows)
-            doomed += [row[0] for row in rows]
+        # A page at a time: memory holds a page and the ids of one transaction, whatever
+        # the database holds. The pages of a transaction are written and synced first.
+        doomed: list[int] = []
+        async for page in accounts.iter_prunable_export(cutoff, page_size=_PAGE):
+            export.write(page.lines)
+            exported += len(page.task_ids)
+            doomed += page.task_ids
             if len(doomed) >= _DELETE_ROWS:
                 deleted += await _synced_delete(accounts, export, doomed, cutoff)
                 doomed = []
-    if doomed:
-        deleted += await _synced_delete(accounts, export, doomed, cutoff)
+        if doomed:
+            deleted += await _synced_delete(accounts, export, doomed, cutoff)
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
         await accounts.reclaim_space()
@@ -104,52 +106,13 @@ async def prune(
 
 
 async def _synced_delete(
-    accounts: StoreAccounts, export: IO[bytes] | None, task_ids: list[int], cutoff: datetime
+    accounts: StoreAccounts, export: IO[bytes], task_ids: list[int], cutoff: datetime
 ) -> int:
     """Delete these tasks, once what the export holds of them is on disk."""
-    if export is not None:
-        export.flush()
-        os.fsync(export.fileno())
+    export.flush()
+    os.fsync(export.fileno())
+    crash_point("prune_exported")
     return await accounts.delete_tasks(task_ids, cutoff)
-
-
-def export_line(row: PrunableTask) -> dict[str, Any]:
-    """A pruned task as a results line: `custom_id` and `result` first, as the API writes
-    them, then what else the row held, so the export loses nothing."""
-    (_, custom_id, status, result, error, params, model, *tokens, created, completed) = row
-    return {
-        "custom_id": custom_id,
-        "result": None if result is None else _json(result),
-        "status": status,
-        "error": error,
-        "model": model,
-        "usage": None
-        if tokens[0] is None
-        else dict(
-            zip(
-                (
-                    "input_tokens",
-                    "output_tokens",
-                    "cache_creation_input_tokens",
-                    "cache_read_input_tokens",
-                ),
-                tokens,
-                strict=True,
-            )
-        ),
-        "created_at": created,
-        "completed_at": completed,
-        "params": _json(params),
-    }
-
-
-def _json(text: str) -> Any:
-    # Parsed, not spliced: invalid tasks may hold params that are not JSON (kept as a
-    # string), and a line of the export must stay valid JSON whatever a user stored.
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
 
 
 def open_export(path: Path) -> IO[bytes]:

@@ -92,11 +92,13 @@ a million pending ones; what a second store must keep flat:
   It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
 - `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
   submitter at its in-flight limit ask it, never for counts.
-- Pages by key: `iter_result_lines`, `iter_prunable` and `iter_pending` read from an
-  index on (status, id) only rows of the statuses asked for, each once: one cursor per
-  status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a
-  status found exhausted is not read again (SQLite's own merge of the ranges read a
-  status with no further match to its end on every page). No sort, no list of every id.
+- Pages by key: `iter_result_lines` and `iter_pending` read from an index on (status,
+  id) only rows of the statuses asked for, each once: one cursor per status (`WHERE
+  status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a status found exhausted
+  is not read again (SQLite's own merge of the ranges read a status with no further match
+  to its end on every page). No sort, no list of every id. Prune's reads and deletes
+  (`iter_prunable*`, `delete_prunable`) page tasks_by_completion by (completed_at, id)
+  from the oldest: only the entries before the cutoff.
 - A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
   `mark_invalid`) finds them by id or custom_id, never through the status index: a
   query that also says `status = ...` must not be planned as a scan of that status.
@@ -132,6 +134,7 @@ from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
     PrunableTask,
+    PruneExportPage,
     ResultGaps,
     ResultLine,
     SchemaVersions,
@@ -201,13 +204,26 @@ class StoreAccounts(Protocol):
     def iter_prunable(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[PrunableTask]]:
-        """Final tasks completed before `cutoff`, by id, in pages; each final row read once
-        and no other (see "Flat costs"). Deleting a page before the next is read is safe."""
+        """Final tasks completed before `cutoff`, oldest first (completion time, then id),
+        in pages, paged by key on tasks_by_completion: only entries before the cutoff read
+        (see "Flat costs"). Deleting a page before the next is read is safe."""
 
     def iter_prunable_ids(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[int]]:
-        """The ids of `iter_prunable` alone, without reading params or results."""
+        """The ids of `iter_prunable` from the index alone, without reading params or
+        results (the status is not read: batchd clears the time of a task it retries)."""
+
+    def iter_prunable_export(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[PruneExportPage]:
+        """`iter_prunable` as export lines (`batchd/store/prunelines.py`), built by the
+        database with the stored texts spliced wherever the line stays valid JSON."""
+
+    def delete_prunable(self, cutoff: datetime, *, transaction_rows: int) -> AsyncIterator[int]:
+        """Delete the tasks `iter_prunable_ids` gives, each transaction finding and
+        deleting the next `transaction_rows` of them (each still final and before the
+        cutoff); yields each transaction's count."""
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks if still final and completed before `cutoff` (one transaction)."""

@@ -23,6 +23,7 @@ __all__ = [
     "ForgottenBatches",
     "PendingFingerprint",
     "PrunableTask",
+    "PruneExportPage",
     "ResultGaps",
     "ResultLine",
     "SchemaVersions",
@@ -153,6 +154,14 @@ class PrunableTask(NamedTuple):
     cache_read_input_tokens: int | None
     created_at: str
     completed_at: str | None
+
+
+class PruneExportPage(NamedTuple):
+    """A page of `batchd prune --export`: the tasks' ids, and their export lines (one per
+    task, in the same order, each ending in a newline; `batchd/store/prunelines.py`)."""
+
+    task_ids: list[int]
+    lines: bytes
 
 
 class CandidateBatch(NamedTuple):

@@ -3,7 +3,7 @@ it again: the statements that undo a migration, on either dialect.
 
 Only migrations that cannot simply be applied again need undoing: 010 (indexes, IF NOT
 EXISTS), 011 (a no-op on SQLite; PostgreSQL's replaces its own triggers) and 012 (a
-fillfactor set again) can; 009's and 015's ADD COLUMNs cannot.
+fillfactor set again) can; 009's and 014's ADD COLUMNs cannot.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ UNDO_COLLECT_LEASE: tuple[str, ...] = tuple(
     for column in ("collector", "collect_lease_until", "next_poll_at")
 )
 
-# 015_collector_liveness: whether a lease's holder held its liveness lock.
+# 014_collector_liveness: whether a lease's holder held its liveness lock.
 UNDO_COLLECTOR_LIVENESS: tuple[str, ...] = ("ALTER TABLE batches DROP COLUMN collector_lock_held",)
 
 # 008_duplicate_acknowledged, and everything after it that must be undone.

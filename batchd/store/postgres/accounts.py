@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
-from batchd.domain import FINAL_TASK_STATUSES
+from batchd.store.postgres import pruning
 from batchd.store.postgres.connection import Conn
-from batchd.store.postgres.database import PostgresDatabase, count_of, ids, text_time
-from batchd.store.postgres.keyset import in_pages, merged_rows, status_page
+from batchd.store.postgres.database import PostgresDatabase, count_of, ids
 from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
     PrunableTask,
+    PruneExportPage,
     ResultGaps,
     SizeTotals,
     UsageTotals,
@@ -31,13 +30,7 @@ _REQUEST_SIZE_COLUMNS = """
               AND params->>'max_tokens' ~ '^-?[0-9]{1,18}$'
          THEN (params->>'max_tokens')::bigint ELSE 0 END AS max_tokens"""
 _SIZE_TOTALS = "model, count(*), sum(request_bytes)::bigint, sum(max_tokens)::bigint"
-_PRUNE_COLUMNS = (
-    "id, custom_id, status, result::text, error, params::text, model, input_tokens,"
-    " output_tokens, cache_creation_input_tokens, cache_read_input_tokens, created_at,"
-    " completed_at"
-)
 _FINISHED_BATCH_STATES = ["completed", "rejected", "lost"]
-_FINAL = sorted(str(status) for status in FINAL_TASK_STATUSES)
 
 
 class PostgresAccounts:
@@ -111,31 +104,42 @@ class PostgresAccounts:
     async def iter_prunable(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[PrunableTask]]:
-        """Final tasks completed before `cutoff`, by id, in pages, every column (an export):
-        each final status paged by key on its own (`keyset`), no other row read."""
-        async for page in self._prunable(_PRUNE_COLUMNS, cutoff, page_size):
-            yield [_prunable_task(row) for row in page]
+        """Final tasks completed before `cutoff`, oldest first (by completion time, then
+        id), in pages, every column: paged by key on tasks_by_completion (`pruning`)."""
+        async for page in pruning.prunable_rows(self._db, cutoff, page_size):
+            yield page
 
     async def iter_prunable_ids(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[int]]:
-        """The ids alone of `iter_prunable`: params and results are not read."""
-        async for page in self._prunable("id", cutoff, page_size):
-            yield [int(row[0]) for row in page]
+        """The ids alone of `iter_prunable`, from the index: params and results not read."""
+        async for page in pruning.prunable_ids(self._db, cutoff, page_size):
+            yield page
 
-    def _prunable(
-        self, columns: str, cutoff: datetime, page_size: int
-    ) -> AsyncIterator[list[tuple[Any, ...]]]:
-        # The cutoff as a literal too (keyset.py says why): planned with `completed_at <
-        # $3`, the cached plan guessed a third of the tasks old enough and walked the
-        # primary key, reading the row of every recent finished task to check its time.
-        moment = f"'{cutoff.astimezone(UTC).isoformat()}'::timestamptz"
-        sql = status_page(columns, f"completed_at < {moment}")
-        return in_pages(merged_rows(self._db, sql, _FINAL, page_size), page_size)
+    async def iter_prunable_export(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[PruneExportPage]:
+        """`iter_prunable` as export lines, built by the server (`pruning.export_pages`)."""
+        async for page in pruning.export_pages(self._db, cutoff, page_size):
+            yield page
+
+    async def delete_prunable(
+        self, cutoff: datetime, *, transaction_rows: int
+    ) -> AsyncIterator[int]:
+        """Delete the tasks of `iter_prunable_ids`, oldest first, each transaction finding
+        and deleting the next `transaction_rows` of them; yields each one's count."""
+        key: pruning.Key | None = None
+        while True:
+            deleted, key = await self._db.transact(
+                pruning.delete_page, cutoff, key, transaction_rows
+            )
+            yield deleted
+            if key is None:
+                return
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
         """Delete these tasks, if they are still final and completed before `cutoff`."""
-        return await self._db.transact(_delete_tasks, ids(task_ids), cutoff)
+        return await self._db.transact(pruning.delete_ids, ids(task_ids), cutoff)
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to;
@@ -173,17 +177,6 @@ class PostgresAccounts:
         self._db.check_writable()
 
 
-async def _delete_tasks(conn: Conn, task_ids: list[int], cutoff: datetime) -> int:
-    status = await conn.execute(
-        "DELETE FROM tasks WHERE id = ANY($1::bigint[]) AND status = ANY($2::text[])"
-        " AND completed_at < $3",
-        task_ids,
-        _FINAL,
-        cutoff,
-    )
-    return count_of(status)
-
-
 async def _forget_batch(conn: Conn, local_id: int) -> tuple[int, int]:
     links = await conn.execute(
         "DELETE FROM batch_tasks WHERE batch_id = $1"
@@ -206,23 +199,4 @@ async def _forget_vanished_checks(conn: Conn) -> None:
     await conn.execute(
         "DELETE FROM batches_to_check AS c WHERE NOT EXISTS"
         " (SELECT 1 FROM batches AS b WHERE b.id = c.batch_id)"
-    )
-
-
-def _prunable_task(row: tuple[Any, ...]) -> PrunableTask:
-    """A PrunableTask with times as the SQLite store shows them."""
-    return PrunableTask(
-        row[0],
-        row[1],
-        row[2],
-        row[3],
-        row[4],
-        row[5],
-        row[6],
-        row[7],
-        row[8],
-        row[9],
-        row[10],
-        text_time(row[11]) or "",
-        text_time(row[12]),
     )

@@ -11,7 +11,7 @@ Submission is the leader's (leader.py); polls and write-back are anyone's:
   its holder is known dead (below). The finish is guarded by it (writeback.py).
 
 A holder is known dead when it held its liveness lock (liveness.py) as it took or last
-renewed the lease (`collector_lock_held`, migration 015) and that lock is free now: the
+renewed the lease (`collector_lock_held`, migration 014) and that lock is free now: the
 session that held it ended, so the process died, or it is cut off from the server, which
 the lease already makes harmless. A holder that never held the lock (its liveness
 connection failed at start, a caller of the store alone) keeps today's lease: expiry only.

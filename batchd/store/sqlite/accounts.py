@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from typing import Any
 
-from batchd.domain import FINAL_TASK_STATUSES
+from batchd.store.sqlite import pruning
 from batchd.store.sqlite.database import (
     Db,
     Row,
@@ -15,11 +16,11 @@ from batchd.store.sqlite.database import (
     run,
     run_in,
 )
-from batchd.store.sqlite.keyset import in_pages, merged_by_id, status_page
 from batchd.store.values import (
     ForgottenBatches,
     PendingFingerprint,
     PrunableTask,
+    PruneExportPage,
     ResultGaps,
     SizeTotals,
     UsageTotals,
@@ -37,12 +38,7 @@ _REQUEST_SIZE_COLUMNS = """
     CASE WHEN json_valid(params) AND json_type(params, '$.max_tokens') = 'integer'
          THEN json_extract(params, '$.max_tokens') ELSE 0 END AS max_tokens"""
 _SIZE_TOTALS = "model, count(*), sum(request_bytes), sum(max_tokens)"
-_PRUNE_COLUMNS = (
-    "id, custom_id, status, result, error, params, model, input_tokens, output_tokens,"
-    " cache_creation_input_tokens, cache_read_input_tokens, created_at, completed_at"
-)
 _FINISHED_BATCH_STATES = ("completed", "rejected", "lost")
-_FINAL = sorted(FINAL_TASK_STATUSES)
 
 
 class SqliteAccounts:
@@ -117,30 +113,44 @@ class SqliteAccounts:
     async def iter_prunable(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[PrunableTask]]:
-        """Final tasks completed before `cutoff`, by id, in pages, every column (an export):
-        each final row read once, no other row (`keyset`)."""
-        async for page in self._prunable(_PRUNE_COLUMNS, cutoff, page_size):
-            yield [PrunableTask(*row) for row in page]
+        """Final tasks completed before `cutoff`, oldest first (by completion time, then
+        id), in pages, every column: paged by key on tasks_by_completion (`pruning`)."""
+        async for page in pruning.prunable_rows(self._read, format_time(cutoff), page_size):
+            yield page
 
     async def iter_prunable_ids(
         self, cutoff: datetime, *, page_size: int = 5000
     ) -> AsyncIterator[list[int]]:
-        """The ids alone of `iter_prunable`: params and results are not read."""
-        async for page in self._prunable("id", cutoff, page_size):
-            yield [row[0] for row in page]
+        """The ids alone of `iter_prunable`, from the index: params and results not read."""
+        async for page in pruning.prunable_ids(self._read, format_time(cutoff), page_size):
+            yield page
 
-    def _prunable(self, columns: str, cutoff: datetime, page_size: int) -> AsyncIterator[list[Row]]:
-        sql = status_page(columns, "completed_at < :cutoff")
-        rows = merged_by_id(self._db.read, sql, _FINAL, page_size, cutoff=format_time(cutoff))
-        return in_pages(rows, page_size)
+    async def iter_prunable_export(
+        self, cutoff: datetime, *, page_size: int = 5000
+    ) -> AsyncIterator[PruneExportPage]:
+        """`iter_prunable` as export lines, built in SQL (`pruning.export_pages`)."""
+        async for page in pruning.export_pages(self._read, format_time(cutoff), page_size):
+            yield page
+
+    async def delete_prunable(
+        self, cutoff: datetime, *, transaction_rows: int
+    ) -> AsyncIterator[int]:
+        """Delete the tasks of `iter_prunable_ids`, oldest first, each transaction finding
+        and deleting the next `transaction_rows` of them; yields each one's count."""
+        text = format_time(cutoff)
+        key: pruning.Key | None = None
+        while True:
+            deleted, key = await self._db.transact(pruning.delete_page, text, key, transaction_rows)
+            yield deleted
+            if key is None:
+                return
 
     async def delete_tasks(self, task_ids: Sequence[int], cutoff: datetime) -> int:
-        """Delete these tasks, if they are still final and completed before `cutoff`.
+        """Delete these tasks, if they are still final and completed before `cutoff`."""
+        return await self._db.transact(pruning.delete_ids, json_list(task_ids), format_time(cutoff))
 
-        `+status`: found by id, never through tasks_by_status (all final rows)."""
-        return await self._db.transact(
-            _delete_tasks, json_list(task_ids), json_list(_FINAL), format_time(cutoff)
-        )
+    async def _read(self, sql: str, named: dict[str, Any]) -> list[Row]:
+        return await self._db.read(sql, named)
 
     async def forget_empty_batches(self) -> ForgottenBatches:
         """Drop batch_tasks rows of deleted tasks, then finished batches nothing refers to.
@@ -192,26 +202,6 @@ class SqliteAccounts:
                 await writer.execute("VACUUM")
             finally:
                 await writer.execute(f"PRAGMA temp_store = {previous}")
-
-
-async def _delete_tasks(db: Db, task_ids: str, final: str, cutoff: str) -> int:
-    # secure_delete FAST for these deletes only: SQLite as Debian builds it zeroes every
-    # deleted cell and writes every page a delete frees to the WAL (secure_delete = 1),
-    # a third of the WAL a prune wrote (193 against 136 MB per 100,000 tasks, plain sqlite3)
-    # and ~12% of its CPU. FAST still zeroes what is written anyway; the
-    # freed pages keep their old bytes until reused, or until prune's VACUUM drops them.
-    rows = await db.execute_fetchall("PRAGMA secure_delete")
-    previous = int(next(iter(rows))[0])
-    await db.execute("PRAGMA secure_delete = FAST")
-    try:
-        return await run(
-            db,
-            "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))"
-            " AND +status IN (SELECT value FROM json_each(?)) AND completed_at < ?",
-            (task_ids, final, cutoff),
-        )
-    finally:
-        await db.execute(f"PRAGMA secure_delete = {previous}")
 
 
 async def _forget_batch(db: Db, local_id: int) -> tuple[int, int]:
