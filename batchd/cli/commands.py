@@ -20,7 +20,7 @@ from batchd.service.status import RETENTION_MARGIN as RETENTION_MARGIN  # noqa: 
 from batchd.service.status import retention_warnings as retention_warnings  # noqa: PLC0414
 from batchd.service.status import status_snapshot as status_snapshot  # noqa: PLC0414
 from batchd.service.status import task_head
-from batchd.store import CancelReport, EnqueueReport, ResultLine, Store
+from batchd.store import CancelReport, EnqueueReport, ResultRow, Store
 
 _ENQUEUE_CHUNK = 5000
 
@@ -190,18 +190,21 @@ def render_task(row: TaskRow) -> str:
 
 
 async def export_results(store: Store, out: IO[bytes], statuses: Sequence[TaskStatus]) -> int:
-    """Write `{"custom_id", "result"}` lines, the API's own JSONL shape; returns the count."""
+    """Write `{"custom_id", "result"}` lines, the API's own JSONL shape; returns the count.
+    A page's lines are joined and written at once: the per-row work is the line's own."""
     count = 0
-    rows: AsyncIterator[ResultLine] = store.iter_result_lines(statuses)
-    async for custom_id, result_json in rows:
+    pages: AsyncIterator[list[ResultRow]] = store.iter_result_rows(statuses)
+    dumps = orjson.dumps
+    async for page in pages:
         out.write(
-            b'{"custom_id":'
-            + orjson.dumps(custom_id)
-            + b',"result":'
-            + result_json.encode()
-            + b"}\n"
+            b"".join(
+                [
+                    b'{"custom_id":' + dumps(cid) + b',"result":' + res + b"}\n"
+                    for _, cid, res in page
+                ]
+            )
         )
-        count += 1
+        count += len(page)
     return count
 
 
