@@ -95,7 +95,9 @@ a million pending ones; what a second store must keep flat:
   each once: one cursor per status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`),
   merged by id, and a status found exhausted is not read again (SQLite's own merge of
   the ranges read a status with no further match to its end on every page). No sort, no
-  list of every id.
+  list of every id. PostgreSQL's results export reads windows of the primary key
+  instead (`id > ? AND id <= ?`, the statuses a filter, several in flight): each row
+  between the first and last task of the statuses asked read once, whatever its status.
 - A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
   `mark_invalid`) finds them by id or custom_id, never through the status index: a
   query that also says `status = ...` must not be planned as a scan of that status.

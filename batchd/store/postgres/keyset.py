@@ -7,7 +7,10 @@ prepared statement is planned generically after five runs, and with `status = $1
 generic plan prices every status as the statistics' common one. On 2,000,000 succeeded
 tasks that plan walked the primary key filtering on status (rows of every status read),
 which for a status with no rows is the whole table. With the literal, each status has
-its own statement, planned with its own statistics."""
+its own statement, planned with its own statistics.
+
+The results export reads windows of the primary key instead (`rows_in_windows`): bounds
+known in advance, so several pages are in flight at once on connections of their own."""
 
 from __future__ import annotations
 
