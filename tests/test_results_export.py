@@ -208,3 +208,17 @@ async def test_export_jumps_over_ids_without_a_task_of_its_statuses_on_postgresq
         lines = [line async for line in store.iter_result_lines([TaskStatus.SUCCEEDED])]
     assert [line.custom_id for line in lines] == ["g1", "g100002"]
     assert len(window_statements(seen)) < 10  # 101 windows of 1,000 ids without the jump
+
+
+@pytest.mark.both_stores
+async def test_an_export_stopped_early_gives_its_connections_back(store: Store, peek: Peek) -> None:
+    """Stopped after its first page with windows still in flight (PostgreSQL): the store
+    exports again, whole, on the same pool."""
+    await add_tasks(store, *[f"e{n:04d}" for n in range(3000)])
+    peek.execute("UPDATE tasks SET status = 'succeeded', result = '{}'")
+    pages = store.iter_result_rows([TaskStatus.SUCCEEDED], page_size=100)
+    first = await anext(pages)
+    assert len(first) == 100
+    await pages.aclose()  # type: ignore[attr-defined]
+    for _ in range(3):
+        assert await export_results(store, io.BytesIO(), [TaskStatus.SUCCEEDED]) == 3000
