@@ -92,13 +92,16 @@ a million pending ones; what a second store must keep flat:
   It is read on timers: /metrics, /healthz, the watchdog, progress, the status line.
 - `has_tasks` reads at most one row per status: the idle check (every 0.2 s) and the
   submitter at its in-flight limit ask it, never for counts.
-- Pages by key: `iter_result_lines` and `iter_pending` read from an index on (status,
-  id) only rows of the statuses asked for, each once: one cursor per status (`WHERE
-  status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id, and a status found exhausted
-  is not read again (SQLite's own merge of the ranges read a status with no further match
-  to its end on every page). No sort, no list of every id. Prune's reads and deletes
-  (`iter_prunable*`, `delete_prunable`) page tasks_by_completion by (completed_at, id)
-  from the oldest: only the entries before the cutoff.
+- Pages by key: `iter_result_lines` (and `iter_result_rows`) and `iter_pending` read
+  from an index on (status, id) only rows of the statuses asked for, each once: one
+  cursor per status (`WHERE status = ? AND id > ? ORDER BY id LIMIT ?`), merged by id,
+  and a status found exhausted is not read again (SQLite's own merge of the ranges read
+  a status with no further match to its end on every page). No sort, no list of every
+  id. PostgreSQL's results export reads windows of the primary key instead (`id > ? AND
+  id <= ?`, the statuses a filter, several in flight): each row between the first and
+  last task of the statuses asked read once, whatever its status. Prune's reads and
+  deletes (`iter_prunable*`, `delete_prunable`) page tasks_by_completion by
+  (completed_at, id) from the oldest: only the entries before the cutoff.
 - A change to named tasks (`request_cancel`, `delete_tasks`, `record_intent`,
   `mark_invalid`) finds them by id or custom_id, never through the status index: a
   query that also says `status = ...` must not be planned as a scan of that status.
@@ -137,6 +140,7 @@ from batchd.store.values import (
     PruneExportPage,
     ResultGaps,
     ResultLine,
+    ResultRow,
     SchemaVersions,
     SharedKeyEvidence,
     SizeTotals,
@@ -426,6 +430,13 @@ class Store(Protocol):
     ) -> AsyncIterator[ResultLine]:
         """Tasks in `statuses` that have a result, by id, in pages; a page reads only rows
         of `statuses` (never every pending row again)."""
+
+    def iter_result_rows(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[list[ResultRow]]:
+        """`iter_result_lines` in lists (none empty, at most `page_size` rows each), each
+        result as its JSON's UTF-8 bytes: what `batchd results` writes, with no work per
+        row beyond the line's own (the export's rate is per-row costs, issue 16)."""
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back.

@@ -26,6 +26,7 @@ __all__ = [
     "PruneExportPage",
     "ResultGaps",
     "ResultLine",
+    "ResultRow",
     "SchemaVersions",
     "SharedKeyEvidence",
     "SizeTotals",
@@ -136,6 +137,11 @@ class DuplicateBatch(NamedTuple):
 class ResultLine(NamedTuple):
     custom_id: str
     result_json: str
+
+
+# A task's result as an export reads it: (id, custom_id, the result's JSON as UTF-8 bytes),
+# the bytes as the database gives them, never decoded into a str and encoded again.
+ResultRow = tuple[int, str, bytes]
 
 
 class PrunableTask(NamedTuple):

@@ -7,20 +7,27 @@ prepared statement is planned generically after five runs, and with `status = $1
 generic plan prices every status as the statistics' common one. On 2,000,000 succeeded
 tasks that plan walked the primary key filtering on status (rows of every status read),
 which for a status with no rows is the whole table. With the literal, each status has
-its own statement, planned with its own statistics."""
+its own statement, planned with its own statistics.
+
+The results export reads windows of the primary key instead (`rows_in_windows`): bounds
+known in advance, so several pages are in flight at once on connections of their own."""
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from contextlib import aclosing
+from typing import Any, cast
 
+from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase
 from batchd.store.sqlite.keyset import in_pages, merged_by_id
 
 Row = tuple[Any, ...]
 
-__all__ = ["in_pages", "merged_rows", "status_page"]
+__all__ = ["in_pages", "merged_rows", "rows_in_windows", "status_page", "window_page"]
 
 
 _STATUS = re.compile(r"[a-z_]+")
@@ -57,3 +64,124 @@ def merged_rows(
         return [tuple(row) for row in rows]
 
     return merged_by_id(read, sql, statuses, page_size)
+
+
+# Windows of the primary key an export keeps in flight, each on a connection of its own:
+# a page's server side (the heap rows, and jsonb's text: ~7 us a row on 1.2 KB results)
+# costs twice the client's, and one page at a time left a core idle (bench/README.md,
+# "Session 6: PostgreSQL exports").
+WINDOWS_IN_FLIGHT = 3
+
+
+def window_page(columns: str, statuses: Sequence[str], condition: str) -> str:
+    """SQL for one window of the primary key: `columns` of tasks with $1 < id <= $2, in one
+    of `statuses` (literals, as `status_page`'s) and `condition`, by id."""
+    listed = ", ".join(with_status("<status>", status) for status in statuses)
+    return (
+        f"SELECT {columns} FROM tasks WHERE id > $1 AND id <= $2 AND status IN ({listed})"
+        f" AND ({condition}) ORDER BY id"
+    )
+
+
+async def rows_in_windows(
+    db: PostgresDatabase, sql: str, statuses: Sequence[str], window: int
+) -> AsyncIterator[list[Row]]:
+    """Every row `sql` (from `window_page`) gives, by id, a window of `window` ids at a
+    time (so at most `window` rows a list; empty windows are not handed out).
+
+    A window walks the primary key over its ids, the statuses a filter: each row in it is
+    read once, whatever its status, and no statistics can turn it into a sort or a scan
+    of a whole status. The windows' bounds are known in advance, so several are in flight
+    at once, each on its own connection, while the caller writes the one before; only
+    ids between the first and the last task of `statuses` are read, and an empty window
+    jumps to the next such task."""
+    if not statuses:
+        return
+    async with db.key_order_sessions(WINDOWS_IN_FLIGHT) as conns:
+        lowest, highest = await _bounds(conns[0], statuses)
+        if lowest is None or highest is None:
+            return
+        windows = _Windows(sql, statuses, window, lowest - 1, highest)
+        async with aclosing(windows.rows(conns)) as received:
+            try:
+                async for rows in received:
+                    yield rows
+            finally:
+                await windows.abandon()
+
+
+async def _bounds(conn: Conn, statuses: Sequence[str]) -> tuple[int | None, int | None]:
+    """The first and last id of tasks in `statuses` (two index probes a status)."""
+    probes = ", ".join(
+        with_status(
+            "(SELECT min(id) FROM tasks WHERE status = <status>),"
+            " (SELECT max(id) FROM tasks WHERE status = <status>)",
+            status,
+        )
+        for status in statuses
+    )
+    row = await conn.fetchrow(f"SELECT {probes}")
+    assert row is not None
+    found = [value for value in row if value is not None]
+    return (min(found), max(found)) if found else (None, None)
+
+
+class _Windows:
+    """The windows of one export: issued in order, received in order."""
+
+    def __init__(
+        self, sql: str, statuses: Sequence[str], window: int, after: int, highest: int
+    ) -> None:
+        self._sql = sql
+        # The next task of these statuses past an id: an index probe a status.
+        nexts = (
+            with_status("(SELECT min(id) FROM tasks WHERE status = <status> AND id > $1)", s)
+            for s in statuses
+        )
+        self._next = f"SELECT least({', '.join(nexts)})"
+        self._window = window
+        self._after = after  # windows up to this id are issued
+        self._highest = highest
+        self._in_flight: deque[tuple[Conn, asyncio.Task[list[Row]]]] = deque()
+
+    async def rows(self, conns: list[Conn]) -> AsyncGenerator[list[Row], None]:
+        idle = list(conns)
+        jump = False
+        while True:
+            while idle and self._after < self._highest:
+                conn = idle.pop()
+                if not await self._issue(conn, jump):
+                    idle.append(conn)
+                jump = False
+            if not self._in_flight:
+                return
+            # The statements just issued go out before the caller works on these rows.
+            await asyncio.sleep(0)
+            conn, task = self._in_flight.popleft()
+            rows = await task
+            idle.append(conn)
+            if rows:
+                yield rows
+            else:
+                jump = True
+
+    async def _issue(self, conn: Conn, jump: bool) -> bool:
+        """The next window's statement sent on `conn`; False if none is left."""
+        if jump:  # past ids with no task of these statuses at once (a pruned stretch)
+            found = await conn.fetchval(self._next, self._after)
+            self._after = self._highest if found is None else found - 1
+            if self._after >= self._highest:
+                return False
+        start = self._after
+        self._after = start + self._window
+        fetch = cast(Awaitable[list[Row]], conn.fetch(self._sql, start, self._after))
+        self._in_flight.append((conn, asyncio.ensure_future(fetch)))
+        return True
+
+    async def abandon(self) -> None:
+        """Windows still in flight when the caller stopped early: their rows unread."""
+        tasks = [task for _, task in self._in_flight]
+        self._in_flight.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,10 +10,10 @@ from batchd.domain import BatchRecord, TaskRow, TaskStatus
 from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of
-from batchd.store.postgres.keyset import merged_rows, status_page
+from batchd.store.postgres.keyset import rows_in_windows, window_page
 from batchd.store.postgres.listings import TASK_COLUMNS, task_row
 from batchd.store.rows import USER_CANCELED, cancel_report, check_retryable, status_counts
-from batchd.store.values import CancelReport, ResultLine
+from batchd.store.values import CancelReport, ResultLine, ResultRow
 
 # Tasks go back to the queue by UPDATE, which fires no INSERT trigger: wake the leader.
 NOTIFY_TASKS = "SELECT pg_notify('batchd_tasks', current_schema())"
@@ -61,13 +61,23 @@ class UserOperations:
     async def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id: each
-        status paged by key on its own (`keyset`), no row of another status read."""
-        sql = status_page("id, custom_id, result::text", "result IS NOT NULL")
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
+        async for rows in self.iter_result_rows(statuses, page_size=page_size):
+            for _, custom_id, result in rows:
+                yield ResultLine(custom_id, result.decode())
+
+    async def iter_result_rows(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[list[ResultRow]]:
+        """(id, custom_id, result JSON as bytes) of tasks in `statuses` that have a result,
+        by id, in windows of `page_size` ids of the primary key (`keyset.rows_in_windows`:
+        each row read once, several windows in flight). `textsend` hands the result's
+        text over as bytea: the bytes, not a str decoded here to be encoded again."""
         wanted = sorted({str(status) for status in statuses})
-        async for run in merged_rows(self._db, sql, wanted, page_size):
-            for _, custom_id, result in run:
-                yield ResultLine(custom_id, result)
+        columns = "id, custom_id, textsend(result::text)"
+        sql = window_page(columns, wanted, "result IS NOT NULL")
+        async for rows in rows_in_windows(self._db, sql, wanted, page_size):
+            yield rows
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back."""

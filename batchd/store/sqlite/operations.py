@@ -8,8 +8,8 @@ from batchd.domain import BatchRecord, TaskRow, TaskStatus
 from batchd.store.rows import USER_CANCELED, cancel_report, check_retryable, status_counts
 from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
-from batchd.store.sqlite.keyset import merged_by_id, status_page
-from batchd.store.values import CancelReport, ResultLine
+from batchd.store.sqlite.keyset import in_pages, merged_by_id, status_page
+from batchd.store.values import CancelReport, ResultLine, ResultRow
 
 
 class UserOperations:
@@ -48,12 +48,21 @@ class UserOperations:
     async def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
-        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id: each
-        row of those statuses read once (`keyset`), none of other statuses."""
-        sql = status_page("id, custom_id, result", "result IS NOT NULL")
-        async for run in merged_by_id(self._db.read, sql, sorted(set(statuses)), page_size):
-            for _, custom_id, result in run:
-                yield ResultLine(custom_id, result)
+        """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
+        async for rows in self.iter_result_rows(statuses, page_size=page_size):
+            for _, custom_id, result in rows:
+                yield ResultLine(custom_id, result.decode())
+
+    async def iter_result_rows(
+        self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
+    ) -> AsyncIterator[list[ResultRow]]:
+        """(id, custom_id, result JSON as bytes) of tasks in `statuses` that have a result,
+        by id, in lists: each row of those statuses read once (`keyset`), none of other
+        statuses. The result CAST to a BLOB: its UTF-8 bytes as stored, not decoded."""
+        sql = status_page("id, custom_id, CAST(result AS BLOB)", "result IS NOT NULL")
+        runs = merged_by_id(self._db.read, sql, sorted(set(statuses)), page_size)
+        async for rows in in_pages(runs, page_size):
+            yield rows
 
     async def request_cancel(self, custom_ids: Sequence[str]) -> CancelReport:
         """Cancel pending tasks now; flag submitted ones for when their result comes back."""
