@@ -229,6 +229,8 @@ def dump(db_path: Path) -> list[str]:
 _AS_NOBODY = """
 import asyncio, os, sys
 import batchd.cli.main
+# The commands import the daemon on first use; this interpreter's packages are root's.
+import batchd.cli.runprogress, batchd.service.daemon
 asyncio.new_event_loop().close()
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(batchd.cli.main.main(sys.argv[1:]))

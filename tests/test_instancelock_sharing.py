@@ -32,6 +32,8 @@ REQUEST = f'{{"custom_id": "c-1", "params": {request_params("hello")}}}\n'
 _AS_USER = """
 import asyncio, os, sys
 import batchd.cli.main
+# The commands import the daemon on first use; this interpreter's packages are root's.
+import batchd.cli.runprogress, batchd.service.daemon
 asyncio.new_event_loop().close()
 uid, groups, umask = int(sys.argv[1]), [int(g) for g in sys.argv[2].split(",")], sys.argv[3]
 os.umask(int(umask, 8))

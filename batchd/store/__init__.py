@@ -6,6 +6,7 @@ store with `open_store`; every SQL statement lives below this package (`sqlite/`
 """
 
 from batchd.store import values
+from batchd.store.accounts import StoreAccounts
 from batchd.store.errors import (
     DatabaseMissingError,
     SchemaTooNewError,
@@ -13,7 +14,7 @@ from batchd.store.errors import (
     StoreError,
 )
 from batchd.store.factory import open_store
-from batchd.store.interface import Store, StoreAccounts, WriteBackLane
+from batchd.store.interface import Store, WriteBackLane
 
 # Every value of values.py, by the list kept there (named once, not again here).
 from batchd.store.values import *  # noqa: F403
