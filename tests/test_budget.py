@@ -131,7 +131,9 @@ async def test_a_tiny_budget_sends_what_fits_then_pauses(
     assert 0.00105 < first_batch_max < 0.0011
     budget = first_batch_max * 1.02
     base = daemon_config(fake_api.base_url, max_requests=4)
-    config = replace(base, budget=BudgetConfig(budget, "day"))
+    # All time, not a UTC day: the daemon and the snapshot below read the real clock, and
+    # a run across midnight would find the day's spending gone (periods: NEXT_PERIOD).
+    config = replace(base, budget=BudgetConfig(budget, "total"))
     daemons: list[Daemon] = []
 
     async def started(daemon: Daemon) -> None:
