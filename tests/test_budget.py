@@ -131,7 +131,9 @@ async def test_a_tiny_budget_sends_what_fits_then_pauses(
     assert 0.00105 < first_batch_max < 0.0011
     budget = first_batch_max * 1.02
     base = daemon_config(fake_api.base_url, max_requests=4)
-    config = replace(base, budget=BudgetConfig(budget, "day"))
+    # All time, not a UTC day: the daemon and the snapshot below read the real clock, and
+    # a run across midnight would find the day's spending gone (periods: NEXT_PERIOD).
+    config = replace(base, budget=BudgetConfig(budget, "total"))
     daemons: list[Daemon] = []
 
     async def started(daemon: Daemon) -> None:
@@ -144,14 +146,23 @@ async def test_a_tiny_budget_sends_what_fits_then_pauses(
         async with asyncio.timeout(90):
             while True:
                 await asyncio.sleep(0.05)
+                created = sqlite_count(db_path, "SELECT count(*) FROM batches")
                 idle = not sqlite_count(  # every batch settled: its bound no longer counted
                     db_path,
                     "SELECT count(*) FROM batches"
                     " WHERE state IN ('creating', 'in_progress', 'canceling', 'ended')",
                 )
                 gate = daemons[0].submitter.budget if daemons else None
-                # Paused with nothing in flight, by a fresh look (not one taken mid-batch).
-                if idle and gate is not None and await gate.pause_reason():
+                # Paused with nothing in flight, by a fresh look (not one taken mid-batch),
+                # and no batch created between the looks: the gate would count one created
+                # after the idle look in flight, pause for it, and the test stop it mid-way
+                # (seen: 39 of 40 tasks pending or succeeded, one in flight).
+                if (
+                    idle
+                    and gate is not None
+                    and await gate.pause_reason()
+                    and sqlite_count(db_path, "SELECT count(*) FROM batches") == created
+                ):
                     break
         await asyncio.sleep(0.5)  # a few more submit steps: still nothing sent
         daemons[0].stop()

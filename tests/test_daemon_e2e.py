@@ -17,6 +17,7 @@ from batchd.store import Store, StoreError, open_store
 from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek
 from tests.support.params import request_params
+from tests.support.waiting import eventually
 
 
 def prompt(n: int) -> str:
@@ -136,11 +137,9 @@ async def test_a_user_inserting_rows_while_the_daemon_runs_loses_nothing(
     await asyncio.to_thread(insert_slowly)
     opened = await open_store(config.database)
     try:
-        for _ in range(300):
-            counts = await opened.status_counts()
-            if counts["succeeded"] == 400:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(
+            opened.status_counts, "400 tasks succeeded", 60, until=lambda c: c["succeeded"] == 400
+        )
     finally:
         await opened.close()
     started[0].stop()

@@ -16,6 +16,7 @@ from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.support.params import request_params
+from tests.support.waiting import eventually
 
 RETRYABLE_TYPES = ("api_error", "overloaded_error")
 
@@ -82,11 +83,10 @@ async def test_canceling_every_task_of_a_batch_cancels_the_batch_on_the_api(
     async with FakeApiServer(fake_config) as fake:
         config = daemon_config(fake.base_url)
         running = asyncio.create_task(run_daemon(config, "k", exit_when_idle=True))
-        for _ in range(100):
-            counts = await store.status_counts()
-            if counts["submitted"] == 5 and fake.state.batches:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            store.status_counts, "5 tasks submitted", 30, until=lambda c: c["submitted"] == 5
+        )
+        await eventually(lambda: list(fake.state.batches), "the batch on the API", 10)
         report = await store.request_cancel([f"c-{n}" for n in range(5)])
         assert len(report.flagged) == 5
         assert await asyncio.wait_for(running, 30) == 0
@@ -137,10 +137,7 @@ async def test_linger_sends_a_partly_full_batch_after_the_wait_not_before(
         running = asyncio.create_task(run_daemon(config, "k", on_started=keep))
         await asyncio.sleep(0.5)
         assert not fake.state.batches  # still lingering for more tasks
-        for _ in range(60):
-            if fake.state.batches:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: list(fake.state.batches), "the batch after the linger", 10)
         assert len(fake.state.batches) == 1
         started[0].stop()
         assert await running == 0

@@ -23,6 +23,7 @@ from batchd.service.instancelock import AlreadyRunningError, daemon_lock, lock_p
 from batchd.store import Store
 from tests.support.params import request_params
 from tests.support.store import query
+from tests.support.waiting import eventually
 
 
 async def test_a_second_daemon_on_the_same_database_is_refused_while_the_first_runs(
@@ -97,10 +98,12 @@ async def test_a_batch_created_after_its_intent_was_released_is_recorded_as_a_du
     config = daemon_config(fake_api.base_url)
     daemon = asyncio.create_task(run_daemon(config, "k"))
     try:
-        for _ in range(200):
-            if query(db_path, "SELECT count(*) FROM duplicate_batches") != [(0,)]:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: query(db_path, "SELECT count(*) FROM duplicate_batches"),
+            "the duplicate batch recorded",
+            30,
+            until=lambda rows: rows != [(0,)],
+        )
     finally:
         daemon.cancel()
         with pytest.raises(asyncio.CancelledError):

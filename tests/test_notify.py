@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from batchd.service.notify import MAX_STATUS_CHARS, Notifier
+from tests.support.waiting import eventually
 
 # sun_path holds 108 bytes; pytest's tmp_path can be longer than that for long test names.
 _MAX_SOCKET_PATH = 100
@@ -232,7 +233,8 @@ async def test_watchdog_loop_withholds_pings_when_the_probe_raises(receiver: Rec
 
     with capture_logs() as logs:
         task = asyncio.create_task(notifier.watchdog_loop(probe), name="watchdog")
-        await asyncio.sleep(0.35)
+        # Three probes (0.35 s of a loaded machine's time once held only two).
+        await eventually(lambda: calls, "three probes", 10, until=lambda n: n >= 3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -19,6 +19,9 @@ from tests.support.params import request_params
 pytestmark = pytest.mark.both_stores
 
 
+PROCESSING_S = 3600.0  # ended only by advancing the fake's clock
+
+
 async def test_polls_write_only_when_a_batch_changed(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -33,7 +36,7 @@ async def test_polls_write_only_when_a_batch_changed(
         + b"]}"
     )
     async with (
-        FakeApiServer(FakeApiConfig(processing_seconds=0.6, seed=4)) as fake,
+        FakeApiServer(FakeApiConfig(processing_seconds=PROCESSING_S, seed=4)) as fake,
         aiohttp.ClientSession() as session,
     ):
         client = BatchesClient(session, base_url=fake.base_url, api_key="k")
@@ -58,7 +61,10 @@ async def test_polls_write_only_when_a_batch_changed(
         )
         first = await poller.poll_all()
         assert (first.polled, writes) == (1, [])  # still in progress: nothing to write
-        await asyncio.sleep(0.8)
+        # The batch ends when the fake's clock says so, not after however long the machine
+        # took to get here (0.6 s of processing once ended it before the first poll).
+        fake.clock.advance(PROCESSING_S)
+        await asyncio.sleep(0.8)  # the poller's own interval (PostgreSQL), in real time
         second = await poller.poll_all()
         assert (second.ended, writes) == (1, ["ended"])
         [ended] = await store.batches_in(BatchState.ENDED)

@@ -16,6 +16,7 @@ from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.support.backends import Peek
 from tests.support.params import request_params
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["postgresql"],
                                                              indirect=True)]  # fmt: skip
@@ -42,8 +43,14 @@ async def test_a_standby_is_alive_submits_nothing_and_takes_over_when_the_leader
         async with asyncio.timeout(30):
             while len(daemons) < 2:
                 await asyncio.sleep(0.02)
-        await asyncio.sleep(1.5)  # it tried for the lock, and stands by
         standby = daemons[1]
+        # It tried for the lock and stands by (said in its STATUS), its loops running; the
+        # leader said its own STATUS (a fixed 1.5 s was once too short on a loaded machine).
+        await eventually(
+            lambda: standby.role.standing_by and standby._loops_started and all(statuses),
+            "the second daemon standing by, both with a STATUS",
+            30,
+        )
         assert daemons[0].role.leading
         assert not standby.role.leading  # polls and collects only (test_shared_collection)
         assert standby._loops_started

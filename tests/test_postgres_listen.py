@@ -18,6 +18,7 @@ from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.support.backends import Peek
 from tests.support.params import request_params
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store_backend", ["postgresql"],
                                                              indirect=True)]  # fmt: skip
@@ -75,7 +76,10 @@ async def test_an_insert_by_a_user_wakes_the_listener_and_a_killed_connection_re
 
 
 async def test_the_daemon_creates_a_batch_for_a_users_insert_at_once_not_at_the_tick(
-    fake_api: FakeApiServer, daemon_config: Callable[..., Config], peek: Peek
+    fake_api: FakeApiServer,
+    daemon_config: Callable[..., Config],
+    peek: Peek,
+    database_config: DatabaseConfig,
 ) -> None:
     config = daemon_config(fake_api.base_url)  # linger 0.05 s; the idle tick is 1 s
     started: list[Daemon] = []
@@ -83,9 +87,15 @@ async def test_the_daemon_creates_a_batch_for_a_users_insert_at_once_not_at_the_
     async def keep(daemon: Daemon) -> None:
         started.append(daemon)
 
+    assert database_config.url is not None
+    url = database_config.url
+    before = await _listeners(url)
     running = asyncio.create_task(run_daemon(config, "test-key", on_started=keep))
     try:
-        await asyncio.sleep(1.5)  # started, listening, idle
+        # Started, listening (a slow start would count in the first latencies), idle.
+        await eventually(
+            lambda: _listeners(url), "the daemon listening", 30, until=lambda now: now - before
+        )
         for n in range(5):
             await asyncio.to_thread(
                 peek.execute,
@@ -94,6 +104,16 @@ async def test_the_daemon_creates_a_batch_for_a_users_insert_at_once_not_at_the_
                 request_params(f"question {n}"),
             )
             await asyncio.sleep(0.6 + 0.13 * n)  # at different phases of the tick
+        # Every insert submitted before the stop (a stop ends the submitting).
+        await eventually(
+            lambda: peek.query(
+                "SELECT count(*) FROM tasks AS t JOIN batches AS b ON b.id = t.batch_id"
+                " WHERE b.submitted_at IS NOT NULL"
+            ),
+            "every task in a created batch",
+            30,
+            until=lambda rows: rows == [(5,)],
+        )
     finally:
         started[0].stop()
     assert await running == 0

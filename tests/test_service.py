@@ -20,6 +20,7 @@ from batchd.fakeapi.server import FakeApiServer
 from batchd.service.daemon import Daemon, run_daemon
 from batchd.store import Store
 from tests.support.params import request_params
+from tests.support.waiting import eventually
 
 
 async def receive_until(
@@ -101,10 +102,9 @@ async def test_metrics_and_health_report_what_the_database_says(
 
     running = asyncio.create_task(run_daemon(config, "k", on_started=keep))
     try:
-        for _ in range(200):
-            if (await store.status_counts())["succeeded"] == 20:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            store.status_counts, "20 tasks succeeded", 30, until=lambda c: c["succeeded"] == 20
+        )
         port = started[0].metrics_port
         assert port
         async with aiohttp.ClientSession() as http:

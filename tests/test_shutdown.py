@@ -23,6 +23,7 @@ from tests.support.crash_harness import (
     run_daemon,
     write_config,
 )
+from tests.support.waiting import eventually
 
 TASKS = 12
 SYSTEMD_STOP_TIMEOUT_S = 45.0  # TimeoutStopSec in systemd/batchd.service
@@ -98,7 +99,9 @@ async def test_a_second_signal_during_a_slow_shutdown_exits_at_once(tmp_path: Pa
         process = await start(setup)
         await until_in_flight(setup, 1)
         fake.faults.config = slow_polls
-        await asyncio.sleep(0.5)  # the poller is now waiting on a 30 s retrieve
+        # The poller is waiting on a 30 s retrieve (a loaded machine may take a while to
+        # send one; a SIGTERM before it would find nothing to drain).
+        await eventually(lambda: fake.faults.injected["slow"], "a slow retrieve under way", 20)
         process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         assert process.returncode is None  # still draining the step in hand

@@ -4,6 +4,7 @@ connection alive with a byte now and then cannot hold the write-back forever."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -75,8 +76,15 @@ async def read_into(
 
 async def test_a_steady_stream_is_not_stalled(serve: Serve, session: aiohttp.ClientSession) -> None:
     async def steady(response: web.StreamResponse) -> None:
-        for _ in range(40):  # 40 lines of ~50 bytes every 20 ms: over 1,000 bytes per 0.3 s
-            await response.write(LINE)
+        # 40 lines of ~50 bytes, one due every 20 ms by the clock: over 600 bytes per 0.3 s.
+        # A late wake-up (a loaded machine) sends the lines that fell due meanwhile at
+        # once, so the rate is the server's, not the scheduler's: one line per wake-up fell
+        # under 500 bytes per 0.3 s once the event loop ran 8 ms late on each.
+        started, sent = time.monotonic(), 0
+        while sent < 40:
+            due = min(40, int((time.monotonic() - started) / 0.02) + 1)
+            await response.write(LINE * (due - sent))
+            sent = due
             await asyncio.sleep(0.02)
 
     base_url = await serve_results(serve, steady)

@@ -53,12 +53,38 @@ KILL_POINTS = (
     "create_returned:2",
     "results_chunk_written:3",
 )
-# Points on the way to a create: a run reaches `create_returned:2` only if two chunks are
-# left to submit. How much the earlier kills left is timing (each run collects and submits
-# at once; a `store_commit:N` kill counts both), so before such a point the queue is
-# topped up, as users would insert, to a chunk more than the point needs.
-SUBMITTING = frozenset({"chunk_built", "intent_recorded", "create_returned", "batch_recorded"})
-CHUNK = 4  # write_config's max_requests
+# What a point needs of the run that meets it. How far each killed run got before its
+# point is timing: each run submits, polls and collects at once (and a `store_commit:N`
+# kill counts every write transaction, collection's included), so the earlier kills may
+# have left nothing to submit or collect (CI met `create_returned:2` with nothing
+# pending on PostgreSQL). So before each point the queue is topped up, as users would
+# insert, to a chunk more than the work on the way to the point: every point is then
+# reached from the pending tasks alone, whatever the earlier runs did.
+CHUNK = 4  # write_config's max_requests: a batch of CHUNK tasks has CHUNK result lines
+CHUNKS_PER_BATCH = 2  # write_config's results chunk_size of 2 lines
+# Write transactions a batch costs at least: its intent, then its recorded create.
+COMMITS_PER_BATCH = 2
+
+
+def batches_before(point: str) -> int:
+    """Batches whose work meets `point` (`name:n`) at least n times."""
+    name, nth = point.split(":")
+    n = int(nth)
+    per_batch = {
+        "chunk_built": 1,
+        "intent_recorded": 1,
+        "create_returned": 1,
+        "batch_recorded": 1,
+        "poll_retrieved": 1,  # each created batch is retrieved at least once to see it end
+        "result_line_read": CHUNK,
+        "results_chunk_written": CHUNKS_PER_BATCH,
+        "results_streamed": 1,
+        "batch_finished": 1,
+        "store_commit": COMMITS_PER_BATCH,
+    }
+    if name == "reconcile_matched":
+        return 0  # needs the batch `create_returned` left unrecorded, not a pending task
+    return -(-n // per_batch[name])
 
 
 @pytest.fixture
@@ -76,12 +102,11 @@ async def test_kill_at_every_named_point_then_restart_loses_and_duplicates_nothi
     log = RunLog()
 
     for point in KILL_POINTS:
-        name, nth = point.split(":")
         pending = peek.query("SELECT count(*) FROM tasks WHERE status = 'pending'")[0][0]
-        if name in SUBMITTING and pending < CHUNK * (int(nth) + 1):
-            print(f"before {point}: {pending} pending, {CHUNK * (int(nth) + 1)} enqueued")
-            await enqueue(setup, CHUNK * (int(nth) + 1), first=enqueued)
-            enqueued += CHUNK * (int(nth) + 1)
+        if (batches := batches_before(point)) and pending < (needed := CHUNK * (batches + 1)):
+            print(f"before {point}: {pending} pending, {needed} enqueued")
+            await enqueue(setup, needed, first=enqueued)
+            enqueued += needed
         run = await run_daemon(setup, log, crash_at=point)
         statuses = peek.query("SELECT status, count(*) FROM tasks GROUP BY status")
         assert run.killed, (point, run.returncode, statuses, run.stderr[-2000:])
