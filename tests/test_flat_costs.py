@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from batchd.store import Store
 from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek, SqlitePeek
 from tests.support.params import request_params
+from tests.support.plans import sqlite_plans, sqlite_statements
 from tests.support.store import (
     add_tasks,
     api_batch,
@@ -330,45 +330,15 @@ async def test_prune_without_export_deletes_the_same_pages(
 # (postgres/keyset.py), held there by the behaviour tests above.
 
 
-@asynccontextmanager
-async def statements(store: SqliteStore) -> AsyncIterator[list[str]]:
-    """Every statement the store runs on its reader and writer, bound values expanded."""
-    seen: list[str] = []
-
-    def keep(sql: str) -> None:
-        if not sql.lstrip().startswith("--"):  # trigger bodies are reported as comments
-            seen.append(sql)
-
-    for conn in (store.database.reader, store.database.writer):
-        await conn.set_trace_callback(keep)
-    try:
-        yield seen
-    finally:
-        for conn in (store.database.reader, store.database.writer):
-            await conn.set_trace_callback(None)
-
-
-def plans(db_path: Path, seen: list[str]) -> list[tuple[str, list[str]]]:
-    found = []
-    with sqlite3.connect(db_path) as conn:
-        for sql in seen:
-            if sql.split()[0].upper() in {"BEGIN", "COMMIT", "ROLLBACK"}:
-                continue
-            rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()
-            found.append((sql, [row[3] for row in rows]))
-    conn.close()
-    return found
-
-
 @pytest.mark.sqlite_only
 async def test_timer_reads_use_the_kept_counts_or_one_index_entry(
     store: SqliteStore, db_path: Path
 ) -> None:
     await add_tasks(store, "a")
-    async with statements(store) as seen:
+    async with sqlite_statements(store) as seen:
         await store.status_counts()
         await store.has_tasks(TaskStatus.PENDING, TaskStatus.SUBMITTED)
-    for sql, plan in plans(db_path, seen):
+    for sql, plan in sqlite_plans(db_path, seen):
         if "FROM tasks" in sql:
             assert all(
                 "COVERING INDEX tasks_by_status (status=?)" in step
@@ -385,11 +355,11 @@ async def test_paging_queries_read_only_rows_of_their_statuses_in_id_order(
     store: SqliteStore, db_path: Path
 ) -> None:
     await add_tasks(store, "a", "b")
-    async with statements(store) as seen:
+    async with sqlite_statements(store) as seen:
         [line async for line in store.iter_result_lines(list(FINAL_TASK_STATUSES))]
         [task async for task in store.iter_pending()]
     checked = 0
-    for sql, plan in plans(db_path, seen):
+    for sql, plan in sqlite_plans(db_path, seen):
         assert not any("TEMP B-TREE" in step for step in plan), (sql, plan)
         reads = [step for step in plan if "tasks" in step]
         assert reads, (sql, plan)
@@ -410,7 +380,7 @@ async def test_a_status_without_a_further_match_is_not_read_again_on_each_page(
     page of the export (SQLite's merge of the ranges scanned them per page)."""
     await add_tasks(store, *[f"d{n:02d}" for n in range(30)])
     user_sql(db_path, "UPDATE tasks SET status = 'succeeded', result = '{}' WHERE id <= 10")
-    async with statements(store) as seen:
+    async with sqlite_statements(store) as seen:
         lines = [
             line
             async for line in store.iter_result_lines(
@@ -430,12 +400,12 @@ async def test_changes_to_named_tasks_are_planned_by_key_not_by_status(
     local_id = await claim(store, "b")
     await store.mark_created(local_id, api_batch("msgbatch_1"))
     [a_id] = await pending_ids(store, ["a"])
-    async with statements(store) as seen:
+    async with sqlite_statements(store) as seen:
         await store.request_cancel(["a", "b", "nobody"])
         await store.accounts.delete_tasks([a_id], datetime.now(UTC) + timedelta(days=1))
         await store.mark_invalid([(a_id, "x")])
     checked = 0
-    for sql, plan in plans(db_path, seen):
+    for sql, plan in sqlite_plans(db_path, seen):
         if "tasks" not in sql:
             continue
         assert not any("tasks_by_status" in step for step in plan), (sql, plan)

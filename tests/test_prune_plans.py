@@ -5,8 +5,6 @@ the statements each store runs, EXPLAINed (PostgreSQL's cached generic plans too
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from batchd.store.postgres.connection import quote_ident
 from batchd.store.postgres.store import PostgresStore
 from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek
+from tests.support.plans import pool_statements, sqlite_statements
 
 CUTOFF = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -47,23 +46,6 @@ async def every_prune_read(store: Store, tmp_path: Path) -> None:
     pages = [p async for p in accounts.iter_prunable_export(CUTOFF, page_size=3)]
     assert sum(len(p.task_ids) for p in pages) == 8
     assert sum([n async for n in accounts.delete_prunable(CUTOFF, transaction_rows=3)]) == 8
-
-
-@asynccontextmanager
-async def sqlite_statements(store: SqliteStore) -> AsyncIterator[list[str]]:
-    seen: list[str] = []
-
-    def keep(sql: str) -> None:
-        if not sql.lstrip().startswith("--"):  # trigger bodies come as comments
-            seen.append(sql)
-
-    for conn in (store.database.reader, store.database.writer):
-        await conn.set_trace_callback(keep)
-    try:
-        yield seen
-    finally:
-        for conn in (store.database.reader, store.database.writer):
-            await conn.set_trace_callback(None)
 
 
 async def test_prune_reads_the_completion_index_from_its_key_on_sqlite(
@@ -94,29 +76,6 @@ async def test_prune_reads_the_completion_index_from_its_key_on_sqlite(
     assert any("(completed_at<?)" in step for step in checked)
     assert any("(completed_at=? AND rowid>?)" in step for step in checked)
     assert any("(completed_at>? AND completed_at<?)" in step for step in checked)
-
-
-@asynccontextmanager
-async def pool_statements(store: PostgresStore) -> AsyncIterator[list[tuple[str, Any]]]:
-    seen: list[tuple[str, Any]] = []
-
-    def keep(record: Any) -> None:
-        seen.append((record.query, record.args))
-
-    pool = store.database._pool
-    held = [await pool.acquire() for _ in range(pool.get_size())]
-    for conn in held:
-        conn.add_query_logger(keep)
-    for conn in held:
-        await pool.release(conn)
-    try:
-        yield seen
-    finally:
-        held = [await pool.acquire() for _ in range(pool.get_size())]
-        for conn in held:
-            conn.remove_query_logger(keep)
-        for conn in held:
-            await pool.release(conn)
 
 
 def literal(value: Any) -> str:

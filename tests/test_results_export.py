@@ -7,8 +7,6 @@ exports at 100,000 rows/s or more, never re-reading rows of other statuses).
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +18,7 @@ from batchd.domain import TaskStatus
 from batchd.store import Store
 from batchd.store.postgres.store import PostgresStore
 from tests.support.backends import Peek
+from tests.support.plans import pool_statements
 from tests.support.store import add_tasks, outcome, submitted_batch
 
 ON_POSTGRESQL = pytest.mark.parametrize("store_backend", ["postgresql"], indirect=True)
@@ -108,31 +107,6 @@ async def test_export_crosses_stretches_of_deleted_and_other_tasks(
 
 
 # -- PostgreSQL: each page's plan ------------------------------------------------------------
-
-
-@asynccontextmanager
-async def pool_statements(store: PostgresStore) -> AsyncIterator[list[tuple[str, Any]]]:
-    """Every statement the store's pool runs, with its arguments (asyncpg's query logger on
-    each of the pool's connections: the pool opens all of them at start)."""
-    seen: list[tuple[str, Any]] = []
-
-    def keep(record: Any) -> None:
-        seen.append((record.query, record.args))
-
-    pool = store.database._pool
-    held = [await pool.acquire() for _ in range(pool.get_size())]
-    for conn in held:
-        conn.add_query_logger(keep)
-    for conn in held:
-        await pool.release(conn)
-    try:
-        yield seen
-    finally:
-        held = [await pool.acquire() for _ in range(pool.get_size())]
-        for conn in held:
-            conn.remove_query_logger(keep)
-        for conn in held:
-            await pool.release(conn)
 
 
 async def plans(

@@ -12,8 +12,6 @@ read the tasks or batches tables, or their status or state indexes, from end to 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from batchd.store.postgres.connection import quote_ident
 from batchd.store.postgres.store import PostgresStore
 from batchd.store.sqlite import SqliteStore
 from tests.support.backends import Peek
-from tests.test_flat_costs import plans, statements
+from tests.support.plans import pool_statements, sqlite_plans, sqlite_statements
 
 ON_POSTGRESQL = pytest.mark.parametrize("store_backend", ["postgresql"], indirect=True)
 
@@ -58,9 +56,9 @@ async def timer_reads(store: Store) -> None:
 
 
 async def test_timer_reads_walk_an_index_on_sqlite(store: SqliteStore, db_path: Path) -> None:
-    async with statements(store) as seen:
+    async with sqlite_statements(store) as seen:
         await timer_reads(store)
-    found = plans(db_path, seen)
+    found = sqlite_plans(db_path, seen)
     assert len(found) >= 10
     for sql, plan in found:
         names = set(BIG_TABLES) | {alias for _, alias in _ALIAS.findall(sql)}
@@ -78,31 +76,6 @@ async def test_timer_reads_walk_an_index_on_sqlite(store: SqliteStore, db_path: 
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def pool_statements(store: PostgresStore) -> AsyncIterator[list[tuple[str, Any]]]:
-    """Every statement the store's pool runs, with its arguments (asyncpg's query logger on
-    each of the pool's connections: the pool opens all of them at start)."""
-    seen: list[tuple[str, Any]] = []
-
-    def keep(record: Any) -> None:
-        seen.append((record.query, record.args))
-
-    pool = store.database._pool
-    held = [await pool.acquire() for _ in range(pool.get_size())]
-    for conn in held:
-        conn.add_query_logger(keep)
-    for conn in held:
-        await pool.release(conn)
-    try:
-        yield seen
-    finally:
-        held = [await pool.acquire() for _ in range(pool.get_size())]
-        for conn in held:
-            conn.remove_query_logger(keep)
-        for conn in held:
-            await pool.release(conn)
 
 
 async def pg_plans(peek: Any, seen: list[tuple[str, Any]]) -> list[tuple[str, str]]:

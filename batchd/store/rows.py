@@ -4,11 +4,17 @@ cancel of many through the queue a chunk at a time. Each store keeps its stateme
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from batchd.domain import FINAL_TASK_STATUSES, BatchOrigin, TaskStatus
-from batchd.store.values import AcknowledgeReport, CancelReport, WaitingCancelReport
+from batchd.store.values import (
+    AcknowledgeReport,
+    CancelReport,
+    ResultLine,
+    ResultRow,
+    WaitingCancelReport,
+)
 
 # Tasks changed per transaction by a cancel of many: the write lock (SQLite) or the rows
 # and count rows locked (PostgreSQL) are held only that long, never for a whole queue.
@@ -90,3 +96,10 @@ def batch_origin(matched_lines: int, unmatched: int, ours: int, malformed: int) 
     if matched_lines == 0 and unmatched and not ours and not malformed:
         return BatchOrigin.FOREIGN
     return BatchOrigin.PARTLY_OURS if unmatched else BatchOrigin.OURS
+
+
+async def result_lines(pages: AsyncIterator[list[ResultRow]]) -> AsyncIterator[ResultLine]:
+    """`iter_result_lines` from `iter_result_rows`' pages: each row as (custom_id, text)."""
+    async for rows in pages:
+        for _, custom_id, result in rows:
+            yield ResultLine(custom_id, result.decode())

@@ -12,7 +12,13 @@ from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of
 from batchd.store.postgres.keyset import rows_in_windows, window_page
 from batchd.store.postgres.listings import TASK_COLUMNS, task_row
-from batchd.store.rows import USER_CANCELED, cancel_report, check_retryable, status_counts
+from batchd.store.rows import (
+    USER_CANCELED,
+    cancel_report,
+    check_retryable,
+    result_lines,
+    status_counts,
+)
 from batchd.store.values import CancelReport, ResultLine, ResultRow
 
 # Tasks go back to the queue by UPDATE, which fires no INSERT trigger: wake the leader.
@@ -58,13 +64,11 @@ class UserOperations:
         )
         return [task_row(row) for row in rows]
 
-    async def iter_result_lines(
+    def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
         """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
-        async for rows in self.iter_result_rows(statuses, page_size=page_size):
-            for _, custom_id, result in rows:
-                yield ResultLine(custom_id, result.decode())
+        return result_lines(self.iter_result_rows(statuses, page_size=page_size))
 
     async def iter_result_rows(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000

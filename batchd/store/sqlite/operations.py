@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from batchd.domain import BatchRecord, TaskRow, TaskStatus
-from batchd.store.rows import USER_CANCELED, cancel_report, check_retryable, status_counts
+from batchd.store.rows import (
+    USER_CANCELED,
+    cancel_report,
+    check_retryable,
+    result_lines,
+    status_counts,
+)
 from batchd.store.sqlite.batches import BATCH_COLUMNS, batch_record
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run_in
 from batchd.store.sqlite.keyset import in_pages, merged_by_id, status_page
@@ -45,13 +51,11 @@ class UserOperations:
         )
         return [TaskRow(row[0], TaskStatus(row[1]), *row[2:]) for row in rows]
 
-    async def iter_result_lines(
+    def iter_result_lines(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
     ) -> AsyncIterator[ResultLine]:
         """(custom_id, result JSON) of tasks in `statuses` that have a result, by id."""
-        async for rows in self.iter_result_rows(statuses, page_size=page_size):
-            for _, custom_id, result in rows:
-                yield ResultLine(custom_id, result.decode())
+        return result_lines(self.iter_result_rows(statuses, page_size=page_size))
 
     async def iter_result_rows(
         self, statuses: Sequence[TaskStatus], *, page_size: int = 1000
