@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import orjson
 import structlog
@@ -37,6 +36,7 @@ from batchd.pipeline.collectlease import (
     note_taken,
 )
 from batchd.pipeline.outcomes import MalformedResultLine, parse_result_line
+from batchd.pipeline.overlap import until_done_or_ended, until_staged
 from batchd.service.metrics import RESULTS_WRITTEN, Registry
 from batchd.store import FinishReport, Store, StoreError, WriteBackLane
 
@@ -97,27 +97,33 @@ class Collector:
         self._clock = clock
         self._applying_since = time.monotonic()  # since the last pause for users' writes
 
-    async def collect_all(self) -> int:
+    async def collect_all(self, ended: asyncio.Event | None = None) -> int:
         """Write back the results of every ended batch; returns how many were finished.
 
         Each batch is started once the one before it is staged, so that its download and
         staging overlap the previous batch's apply; at most one batch per lane at a time.
+        `ended` (news of ended batches), while the last applies run: a batch that ends
+        meanwhile is started at once, not after them (overlap.py).
         """
         running: list[asyncio.Task[bool]] = []
         self._applying_since = time.monotonic()
         taken: set[int] = set()  # this round's: a batch that failed waits for the next
         try:
-            # One batch taken at a time, when a lane is about to be free: the others stay
-            # free for the other daemons (PostgreSQL) to take meanwhile.
-            while found := await self._store.take_ended_batch(
-                self.holder, self._config.lease_s, taken
-            ):
-                taken.add(found.batch.local_id)
-                note_taken(found, self.holder, self._registry)
-                staged = asyncio.Event()
-                running.append(asyncio.create_task(self._collect_one(found.batch, staged)))
-                await _staged_unless_failed(staged, running)
-            await _staged_unless_failed(None, running)
+            more = True
+            while more:
+                if ended is not None:
+                    ended.clear()  # news from now on: the takes below see what came before
+                # One batch taken at a time, when a lane is about to be free: the others
+                # stay free for the other daemons (PostgreSQL) to take meanwhile.
+                while found := await self._store.take_ended_batch(
+                    self.holder, self._config.lease_s, taken
+                ):
+                    taken.add(found.batch.local_id)
+                    note_taken(found, self.holder, self._registry)
+                    staged = asyncio.Event()
+                    running.append(asyncio.create_task(self._collect_one(found.batch, staged)))
+                    await until_staged(staged, running)
+                more = await until_done_or_ended(running, ended)
         except BaseException:
             # A fatal error (the key, the database: every batch would fail alike) stops the
             # batch still downloading too; it stays `ended` and is downloaded again.
@@ -415,31 +421,6 @@ class Collector:
             log.error(
                 "results_near_archival", batch_id=batch.api_batch_id, created_at=created.isoformat()
             )
-
-
-async def _staged_unless_failed(
-    staged: asyncio.Event | None, running: Sequence[asyncio.Task[bool]]
-) -> None:
-    """Until `staged` is set (None: until every batch is done); a batch that fails first
-    (a fatal error: `_collect_one` lets only those through) is raised at once, so that the
-    batch downloading beside it is not read and applied before the error is seen."""
-    waiting = asyncio.ensure_future(staged.wait()) if staged is not None else None
-    try:
-        while True:
-            for task in running:
-                if task.done() and not task.cancelled() and (error := task.exception()):
-                    raise error
-            busy: set[asyncio.Future[Any]] = {task for task in running if not task.done()}
-            if waiting is not None:
-                if waiting.done():
-                    return
-                busy.add(waiting)
-            elif not busy:
-                return
-            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if waiting is not None:
-            waiting.cancel()
 
 
 @asynccontextmanager

@@ -7,7 +7,6 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -369,6 +368,7 @@ class Daemon:
             self.registry.inc(BATCHES_CREATED, result.created)
             self.registry.inc(REQUESTS_SUBMITTED, result.requests)
             self._wake_poller.set()
+            self._wake_collector.set()  # a create may answer `ended` (the fake, processing 0)
             return 0.0
         if result.retry_after_s is not None:
             return result.retry_after_s
@@ -382,17 +382,17 @@ class Daemon:
             await self._pause(self._wake_poller, self._config.polling.interval_s)
 
     async def _collect_loop(self) -> None:
+        collect = lambda: self.collector.collect_all(self._wake_collector)  # noqa: E731
         async with self._store.collector_liveness(self.collector.holder):
             while not self._stop.is_set():
-                if await self._guarded("collect", self.collector.collect_all, 0):
+                if await self._guarded("collect", collect, 0):
                     self._wake_submitter.set()
                 await self._pause(self._wake_collector, self._config.polling.interval_s)
 
     async def _idle_loop(self) -> None:
         while not self._stop.is_set():
             await asyncio.sleep(0.2)
-            # Guarded like every step: an outage (a PostgreSQL restart) is waited out; a
-            # fault here ended the daemon with 1 under `--exit-when-idle`.
+            # Guarded: an outage is waited out (a fault here once ended the daemon with 1).
             done = lambda: all_work_done(self._store, self._clock())  # noqa: E731
             if await self._guarded("idle_check", done, False):
                 log.info("daemon_idle")
@@ -428,7 +428,7 @@ async def run_daemon(
     on_started: Callable[[Daemon], Awaitable[None]] | None = None,
 ) -> int:
     """Open the database and the HTTP session, run the daemon, close both in reverse."""
-    async with AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         notifier = Notifier.from_environment()
         stack.callback(notifier.close)
         # The lock before the open (a second daemon must not migrate the schema under a
