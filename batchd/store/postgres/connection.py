@@ -8,6 +8,8 @@ DSN and what to do, `retryable` or not (errors.py).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -258,3 +260,34 @@ def _scrub(text: str, target: PostgresTarget, password: str | None) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+async def until_session_ends(
+    conn: asyncpg.Connection, ping_s: float, stop: asyncio.Event | None = None
+) -> None:
+    """Return once `conn`'s session ended (the server restarted or ended it), or `stop` is
+    set. A ping every `ping_s` notices a server gone without closing the socket: a ping
+    that fails raises asyncpg's error or OSError, one slower than `ping_s` TimeoutError.
+
+    asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+    arrives as the awaited ping completes, and a watch that outlived its cancel held the
+    daemon's shutdown for ever."""
+    ended = asyncio.Event()
+    conn.add_termination_listener(lambda _c: ended.set())
+    events = [ended] if stop is None else [ended, stop]
+    while not any(event.is_set() for event in events) and not conn.is_closed():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ping_s):
+                await _first_of(events)
+            return
+        async with asyncio.timeout(ping_s):
+            await conn.fetchval("SELECT 1")
+
+
+async def _first_of(events: list[asyncio.Event]) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -25,7 +25,7 @@ import asyncpg
 import structlog
 
 from batchd.store.errors import StoreError
-from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.connection import Conn, until_session_ends
 from batchd.store.postgres.database import Lease, PostgresDatabase
 from batchd.store.postgres.migrations import LOCK_NAMESPACE
 
@@ -167,36 +167,12 @@ async def _win(
 
 async def _watch(conn: asyncpg.Connection, stop: asyncio.Event) -> None:
     """Return once the lock's session ends (the server restarted, or ended it), or the
-    daemon stops.
-
-    The daemon's stop ends it, not only a cancellation: Python 3.11's `asyncio.wait_for`
-    swallows a cancellation that arrives as the awaited ping completes, and a watch that
-    outlived its cancel held the daemon's shutdown for ever. `asyncio.timeout` passes a
-    cancellation through.
-    """
-    ended = asyncio.Event()
-    conn.add_termination_listener(lambda _c: ended.set())
-    try:
-        while not ended.is_set() and not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PING_S):
-                    await _first_of(ended, stop)
-                break
-            async with asyncio.timeout(PING_S):
-                await conn.fetchval("SELECT 1")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-        pass
+    daemon stops (not only a cancellation ends it: connection.py)."""
+    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                             TimeoutError):  # fmt: skip
+        await until_session_ends(conn, PING_S, stop)
     if not stop.is_set():
         log.warning("leadership_lost", reason="the leader lock's session ended; trying again")
-
-
-async def _first_of(*events: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

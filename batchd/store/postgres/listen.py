@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 
 from batchd.store.errors import StoreError
-from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.connection import Conn, until_session_ends
 from batchd.store.postgres.database import PostgresDatabase
 
 log = structlog.get_logger("batchd.store.postgres.listen")
@@ -60,7 +60,6 @@ async def _listen_forever(database: PostgresDatabase, wake: Callable[[], None]) 
 async def _listen_once(database: PostgresDatabase, wake: Callable[[], None]) -> None:
     """LISTEN until the connection is lost (returns) or cannot be made (raises)."""
     conn = await database.connect()
-    lost = asyncio.Event()
     try:
         schema = await conn.fetchval("SELECT current_schema()")
 
@@ -68,19 +67,11 @@ async def _listen_once(database: PostgresDatabase, wake: Callable[[], None]) -> 
             if payload == schema:  # another installation's tables: not ours to submit
                 wake()
 
-        conn.add_termination_listener(lambda _c: lost.set())
         await conn.add_listener(CHANNEL, on_notify)
         log.info("listening_for_tasks", database=database.shown, channel=CHANNEL)
         wake()  # whatever was inserted while we were not listening
-        while not lost.is_set() and not conn.is_closed():
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
-            # that arrives as the ping completes, and the listener would outlive its daemon.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PING_S):
-                    await lost.wait()
-                break
-            async with asyncio.timeout(PING_S):
-                await conn.fetchval("SELECT 1")
+        # A failed ping raises: `_listen_forever` says why and connects again.
+        await until_session_ends(conn, PING_S)
         log.warning("listen_connection_lost", database=database.shown)
     finally:
         conn.terminate()

@@ -32,6 +32,7 @@ import asyncpg
 import structlog
 
 from batchd.store.errors import StoreError
+from batchd.store.postgres.connection import until_session_ends
 from batchd.store.postgres.database import PostgresDatabase
 from batchd.store.postgres.migrations import LOCK_NAMESPACE
 
@@ -118,7 +119,8 @@ class HolderLiveness:
             if self._conn is None:
                 await asyncio.sleep(RETRY_S)
                 continue
-            await _watch(self._conn)
+            with contextlib.suppress(*_UNAVAILABLE):  # a failed ping: the session is gone
+                await until_session_ends(self._conn, PING_S)
             log.warning("liveness_lock_lost", holder=self._holder, database=self._database.shown)
             self.release()
 
@@ -143,21 +145,3 @@ async def holder_liveness(database: PostgresDatabase, holder: str) -> AsyncItera
         with contextlib.suppress(asyncio.CancelledError):
             await task
         liveness.release()
-
-
-async def _watch(conn: asyncpg.Connection) -> None:
-    """Return once the session ended (or a ping failed): the lock is gone with it.
-
-    asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that arrives
-    as the ping completes (leader.py), and the watch would outlive the daemon."""
-    ended = asyncio.Event()
-    conn.add_termination_listener(lambda _c: ended.set())
-    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                             TimeoutError):  # fmt: skip
-        while not ended.is_set() and not conn.is_closed():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PING_S):
-                    await ended.wait()
-                return
-            async with asyncio.timeout(PING_S):
-                await conn.fetchval("SELECT 1")
