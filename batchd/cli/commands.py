@@ -23,6 +23,7 @@ from batchd.service.status import task_head
 from batchd.store import CancelReport, EnqueueReport, ResultRow, Store
 
 _ENQUEUE_CHUNK = 5000
+_RESULT_LINE = b'{"custom_id":%b,"result":%b}\n'
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +198,7 @@ async def export_results(store: Store, out: IO[bytes], statuses: Sequence[TaskSt
     pages: AsyncIterator[list[ResultRow]] = store.iter_result_rows(statuses)
     dumps = orjson.dumps
     async for page in pages:
-        line = b'{"custom_id":%b,"result":%b}\n'
-        out.write(b"".join([line % (dumps(cid), result) for _, cid, result in page]))
+        out.write(b"".join([_RESULT_LINE % (dumps(cid), result) for _, cid, result in page]))
         count += len(page)
     return count
 

@@ -103,3 +103,18 @@ async def result_lines(pages: AsyncIterator[list[ResultRow]]) -> AsyncIterator[R
     async for rows in pages:
         for _, custom_id, result in rows:
             yield ResultLine(custom_id, result.decode())
+
+
+async def keyed_pages(
+    page: Callable[[tuple[Any, int] | None], Awaitable[list[tuple[Any, ...]]]], page_size: int
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Prune's pages, oldest first: `page(key)` reads the `page_size` rows after `key`
+    (None: from the start), each row starting (completed_at, id); a short page is the last."""
+    key: tuple[Any, int] | None = None
+    while True:
+        rows = await page(key)
+        if rows:
+            yield rows
+        if len(rows) < page_size:
+            return
+        key = (rows[-1][0], rows[-1][1])

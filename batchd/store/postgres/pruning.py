@@ -19,6 +19,7 @@ from batchd.crashpoints import crash_point
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
+from batchd.store.rows import keyed_pages
 from batchd.store.values import PrunableTask, PruneExportPage
 
 Key = tuple[datetime, int]  # (completed_at, id) of the last row of a page
@@ -82,17 +83,10 @@ async def _page(read: Any, sql: tuple[str, str], key: Key | None, limit: int) ->
     return [tuple(row) for row in rows]
 
 
-async def _keyed_pages(
+def _keyed_pages(
     db: PostgresDatabase, sql: tuple[str, str], page_size: int
 ) -> AsyncIterator[list[Row]]:
-    key: Key | None = None
-    while True:
-        rows = await _page(db.read_in_key_order, sql, key, page_size)
-        if rows:
-            yield rows
-        if len(rows) < page_size:
-            return
-        key = (rows[-1][0], rows[-1][1])
+    return keyed_pages(lambda key: _page(db.read_in_key_order, sql, key, page_size), page_size)
 
 
 async def prunable_ids(

@@ -15,6 +15,7 @@ from typing import Any
 from batchd.crashpoints import crash_point
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.store.prunelines import export_line
+from batchd.store.rows import keyed_pages
 from batchd.store.sqlite.database import Db, Row, json_list, run
 from batchd.store.values import PrunableTask, PruneExportPage
 
@@ -97,17 +98,10 @@ async def _page(read: Read, sql: tuple[str, str, str], cutoff: str, key: Key | N
     return rows
 
 
-async def _keyed_pages(
+def _keyed_pages(
     read: Read, sql: tuple[str, str, str], cutoff: str, page_size: int
 ) -> AsyncIterator[list[Row]]:
-    key: Key | None = None
-    while True:
-        rows = await _page(read, sql, cutoff, key, page_size)
-        if rows:
-            yield rows
-        if len(rows) < page_size:
-            return
-        key = (rows[-1][0], rows[-1][1])
+    return keyed_pages(lambda key: _page(read, sql, cutoff, key, page_size), page_size)
 
 
 _KEYS = _pages("completed_at, id")
