@@ -118,6 +118,20 @@ async def test_prune_reads_the_completion_index_from_its_key_on_postgresql(
                 assert any("completed_at <" in cond for cond in conds), (sql, mode, plan)
                 if "(completed_at, id) >" in sql:
                     assert any("ROW(completed_at, id) >" in cond for cond in conds), plan
+        # A prune without export deletes a range of the index, sent unprepared with its
+        # bounds written in: planned for them, an index range, never the whole table.
+        deletes = [sql for sql, _ in seen if sql.startswith("DELETE FROM tasks WHERE completed_at")]
+        assert len(deletes) == 3, deletes  # 3 + 3 + the last 2 (no upper bound)
+        for sql in deletes:
+            plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {sql}"))
+            assert "Seq Scan" not in plan, (sql, plan)
+            assert "tasks_by_status" not in plan, (sql, plan)
+            assert "tasks_by_completion" in plan, (sql, plan)
+            conds = [line for line in plan.splitlines() if "Index Cond" in line]
+            assert conds, (sql, plan)
+            for bound in ("ROW(completed_at, id) >", "ROW(completed_at, id) <="):
+                if bound.removeprefix("ROW") in sql:
+                    assert any(bound in cond for cond in conds), (sql, plan)
     finally:
         await conn.close()
 

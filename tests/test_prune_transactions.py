@@ -1,13 +1,15 @@
 """`batchd prune` deletes in transactions of several pages (issue 16: fewer synced commits),
-never a task whose export line is not yet written, and never more than a transaction's
-ids in memory; without an export each transaction finds and deletes its own tasks; on
-both stores."""
+never a task whose export line is not yet written; an export reads the next transaction's
+pages while a delete runs, never more than that transaction ahead (its ids in memory);
+without an export each transaction finds and deletes its own tasks; on both stores."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,6 +18,7 @@ from batchd.cli import prune as prune_module
 from batchd.store import Store
 from tests.support.backends import Peek
 from tests.support.store import add_tasks
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.both_stores
 
@@ -58,6 +61,47 @@ async def test_prune_deletes_pages_in_larger_transactions_after_their_export(
     assert peek.query("SELECT count(*) FROM tasks") == [(0,)]
     lines = export_path.read_bytes().splitlines()
     assert [orjson.loads(line)["custom_id"] for line in lines] == [f"t{n:02d}" for n in range(25)]
+
+
+async def test_an_export_reads_on_while_a_delete_runs_never_a_transaction_further(
+    store: Store, peek: Peek, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each delete waits until the export has read a page of the next transaction (a
+    prune reading and deleting in turn would never get there: the wait fails), then
+    lets the reads run on: they stop at the end of that transaction, its ids waiting
+    for this delete to finish."""
+    monkeypatch.setattr(prune_module, "_PAGE", 3)
+    monkeypatch.setattr(prune_module, "_DELETE_ROWS", 7)
+    await add_tasks(store, *[f"t{n:02d}" for n in range(25)])
+    peek.execute(f"UPDATE tasks SET status = 'succeeded', result = '{{}}', completed_at = '{OLD}'")
+    accounts = store.accounts
+    real_pages, real_delete = accounts.iter_prunable_export, accounts.delete_tasks
+    pages_read: list[int] = []
+    pages_during: list[int] = []
+
+    async def iter_prunable_export(cutoff: datetime, *, page_size: int) -> AsyncIterator[Any]:
+        async for page in real_pages(cutoff, page_size=page_size):
+            pages_read.append(len(page.task_ids))
+            yield page
+
+    async def delete_tasks(task_ids: Sequence[int], cutoff: datetime) -> int:
+        before = len(pages_read)
+        if sum(pages_read) < 25:  # a transaction follows: its reads go on meanwhile
+            await eventually(lambda: len(pages_read) > before, "a page read during a delete", 5)
+        await asyncio.sleep(0.2)  # room for reads past the next transaction, if any were made
+        pages_during.append(len(pages_read) - before)
+        return await real_delete(task_ids, cutoff)
+
+    monkeypatch.setattr(accounts, "iter_prunable_export", iter_prunable_export)
+    monkeypatch.setattr(accounts, "delete_tasks", delete_tasks)
+    with prune_module.open_export(tmp_path / "pruned.jsonl") as out:
+        report = await prune_module.prune(
+            store, datetime(2026, 6, 1, tzinfo=UTC), export=out, vacuum=False
+        )
+    assert report.deleted == report.exported == 25
+    # Transactions of 3 pages (9, 9, then 7 ids): the next one's 3 read during each delete.
+    assert pages_during == [3, 3, 0]
+    assert peek.query("SELECT count(*) FROM tasks") == [(0,)]
 
 
 async def test_prune_without_export_finds_and_deletes_each_transactions_tasks(

@@ -9,12 +9,14 @@ again), never deleted tasks unexported. Spending survives in the usage ledger (m
 003), so costs and budgets do not change when tasks are pruned.
 
 The store builds the export lines in SQL, splicing the stored JSON texts
-(`batchd/store/prunelines.py`); without an export each transaction finds and deletes its
-tasks in one go, and params and results are never read.
+(`batchd/store/prunelines.py`), and each transaction's delete runs while the next one's
+lines are read and written (two connections); without an export each transaction finds
+and deletes its tasks in one go, and params and results are never read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from dataclasses import dataclass
@@ -73,23 +75,13 @@ async def prune(
     """Delete final tasks completed before `cutoff` (exporting them first), then vacuum."""
     accounts = store.accounts
     bytes_before = await accounts.storage_bytes()
-    deleted = exported = 0
+    exported = 0
     if export is None:
+        deleted = 0
         async for count in accounts.delete_prunable(cutoff, transaction_rows=_DELETE_ROWS):
             deleted += count
     else:
-        # A page at a time: memory holds a page and the ids of one transaction, whatever
-        # the database holds. The pages of a transaction are written and synced first.
-        doomed: list[int] = []
-        async for page in accounts.iter_prunable_export(cutoff, page_size=_PAGE):
-            export.write(page.lines)
-            exported += len(page.task_ids)
-            doomed += page.task_ids
-            if len(doomed) >= _DELETE_ROWS:
-                deleted += await _synced_delete(accounts, export, doomed, cutoff)
-                doomed = []
-        if doomed:
-            deleted += await _synced_delete(accounts, export, doomed, cutoff)
+        exported, deleted = await _export_then_delete(accounts, cutoff, export)
     links, batches = await accounts.forget_empty_batches()
     if vacuum:
         await accounts.reclaim_space()
@@ -105,14 +97,63 @@ async def prune(
     )
 
 
-async def _synced_delete(
-    accounts: StoreAccounts, export: IO[bytes], task_ids: list[int], cutoff: datetime
-) -> int:
-    """Delete these tasks, once what the export holds of them is on disk."""
-    export.flush()
-    os.fsync(export.fileno())
-    crash_point("prune_exported")
-    return await accounts.delete_tasks(task_ids, cutoff)
+async def _export_then_delete(
+    accounts: StoreAccounts, cutoff: datetime, export: IO[bytes]
+) -> tuple[int, int]:
+    """Write each page's lines, and delete their tasks a transaction at a time once the
+    file holds them on disk: (exported, deleted). Memory holds a page and the ids of two
+    transactions (one being deleted), whatever the database holds."""
+    exported = 0
+    deletes = _DeletesBehind(accounts, cutoff, export)
+    try:
+        doomed: list[int] = []
+        async for page in accounts.iter_prunable_export(cutoff, page_size=_PAGE):
+            export.write(page.lines)
+            exported += len(page.task_ids)
+            doomed += page.task_ids
+            if len(doomed) >= _DELETE_ROWS:
+                await deletes.start(doomed)
+                doomed = []
+        if doomed:
+            await deletes.start(doomed)
+    finally:
+        deleted = await deletes.finish()
+    return exported, deleted
+
+
+class _DeletesBehind:
+    """An export's delete transactions, each running while the next one's lines are read
+    and written: the reads and the deletes go on two connections (SQLite's reader and
+    writer threads, two PostgreSQL sessions), so neither waits for the other. One delete
+    at a time: SQLite has one writer, and on PostgreSQL two would queue on the same count
+    rows in their triggers."""
+
+    def __init__(self, accounts: StoreAccounts, cutoff: datetime, export: IO[bytes]) -> None:
+        self._accounts = accounts
+        self._cutoff = cutoff
+        self._export = export
+        self._running: asyncio.Task[int] | None = None
+        self._deleted = 0
+
+    async def start(self, task_ids: list[int]) -> None:
+        """Delete these tasks once what the file holds of them is on disk (synced while
+        the previous delete runs) and the previous delete is done."""
+        self._export.flush()
+        await asyncio.to_thread(os.fsync, self._export.fileno())
+        await self._wait()
+        crash_point("prune_exported")
+        self._running = asyncio.create_task(self._accounts.delete_tasks(task_ids, self._cutoff))
+
+    async def finish(self) -> int:
+        """The tasks deleted, once the last delete is done (even if a read failed: its
+        tasks were exported and synced before it began)."""
+        await self._wait()
+        return self._deleted
+
+    async def _wait(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            self._deleted += await running
 
 
 def open_export(path: Path) -> IO[bytes]:
