@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.config import Config, ConfigError, documented_keys, load_config
+from batchd.config import Config, ConfigError, documented_keys, load_config, resolve_api_key
 from batchd.money.pricing import ModelPrice
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +146,26 @@ def test_every_key_the_docs_name_is_one_batchd_reads() -> None:
     assert len(named) > 10, "the docs' `[section] key` mentions are found"
     keys = every_key()
     assert {entry for entry in named if entry[1:] not in keys} == set()
+
+
+def test_the_api_key_is_read_in_the_order_readme_and_the_example_give(tmp_path: Path) -> None:
+    # README and config.example.toml: api_key_file, then the environment, then systemd's
+    # credential; the first found wins.
+    (tmp_path / "anthropic-api-key").write_text("from-credential\n")
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    config_path = tmp_path / "batchd.toml"
+    config_path.write_text(f"[api]\napi_key_file = '{key_file}'\n")
+    env = {"ANTHROPIC_API_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert resolve_api_key(load_config(config_path, env={}), env=env) == "from-file"
+    assert resolve_api_key(Config(), env=env) == "from-env"
+    assert resolve_api_key(Config(), env={"CREDENTIALS_DIRECTORY": str(tmp_path)}) == (
+        "from-credential"
+    )
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r"The API key is read, first found wins, from (.*?);", readme)
+    assert said is not None
+    order = [
+        said.group(1).index(where) for where in ("api_key_file", "ANTHROPIC_API_KEY", "systemd")
+    ]
+    assert order == sorted(order)
