@@ -146,9 +146,9 @@ def test_verify_of_the_real_file_only_misses_the_installed_binary(systemd_analyz
 
 
 # --- MemoryDenyWriteExecute=yes --------------------------------------------------------
-# systemd enforces it in one of two ways: before version 253 (Debian 12 ships 252) a
+# systemd enforces it in one of two ways: before version 254 (Debian 12 ships 252) a
 # seccomp filter refusing, with EPERM, mmap with PROT_WRITE and PROT_EXEC both set,
-# mprotect and pkey_mprotect adding PROT_EXEC, shmat with SHM_EXEC; from 253 on, where the
+# mprotect and pkey_mprotect adding PROT_EXEC, shmat with SHM_EXEC; from 254 on, where the
 # kernel has it (Linux >= 6.3), prctl(PR_SET_MDWE). The probe switches either on, in a
 # process of its own, then runs our stack under it.
 
