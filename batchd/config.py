@@ -173,7 +173,9 @@ class BudgetSettings:
         return cls(config.budget, config.pricing, config.batching.max_requests)
 
 
-# TOML key -> dataclass field, where the file uses a friendlier name than the field.
+# TOML key -> dataclass field, where the documented key (config.example.toml) says the unit
+# in words and the field abbreviates it. Only the documented key is read: the field's name
+# in a file is an error naming the key, so one setting cannot be given twice.
 _KEY_ALIASES = {
     "request_timeout_seconds": "request_timeout_s",
     "linger_seconds": "linger_s",
@@ -183,7 +185,19 @@ _KEY_ALIASES = {
     "not_found_grace_seconds": "not_found_grace_s",
     "lease_seconds": "lease_s",
 }
+_FIELD_KEYS = {field_name: key for key, field_name in _KEY_ALIASES.items()}
 _SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def documented_keys() -> dict[str, dict[str, str]]:
+    """Section -> each key it takes -> the field that key sets. For [pricing], the keys of
+    each `[pricing.MODEL]` table (fields of ModelPrice)."""
+    keys = {
+        name: {_FIELD_KEYS.get(f.name, f.name): f.name for f in fields(cls)}
+        for name, cls in _SECTIONS.items()
+    }
+    keys["pricing"] = {key: key for key in _PRICE_KEYS}
+    return keys
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
@@ -232,18 +246,32 @@ def _build_section(name: str, values: Any) -> Any:
         raise ConfigError(
             "[database] path and [database] url: give one, path for SQLite or url for PostgreSQL"
         )
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        field_name = _KEY_ALIASES.get(key, key)
-        if field_name not in known:
-            raise ConfigError(f"[{name}] {key}: unknown key")
+        field_name = _field_of(name, key, values, known)
         if (name, field_name) in _OPTIONAL_TEXT:
             kwargs[field_name] = _text(f"[{name}] {key}", value)
             continue
         default = getattr(cls(), field_name)
         kwargs[field_name] = _coerce(f"[{name}] {key}", value, default)
     return cls(**kwargs)
+
+
+def _field_of(section: str, key: str, values: dict[str, Any], known: set[str]) -> str:
+    """The field a documented key sets; any other key is an error naming it."""
+    field_name = _KEY_ALIASES.get(key, key)
+    if field_name in known and key not in _FIELD_KEYS:
+        return field_name
+    if key in known:  # the field's own name, where the documented key says the unit
+        documented = _FIELD_KEYS[key]
+        if documented in values:
+            raise ConfigError(
+                f"[{section}] {documented} and [{section}] {key}: the same setting twice; "
+                f"give {documented} only"
+            )
+        raise ConfigError(f"[{section}] {key}: unknown key (the key is {documented})")
+    raise ConfigError(f"[{section}] {key}: unknown key")
 
 
 # Keys whose default is None but whose value is text, not a path.

@@ -80,23 +80,85 @@ def test_a_database_that_does_not_exist_says_create_it(tmp_path: Path, postgres_
     )
 
 
+# What another application's schema is made of, read from the catalogs: its relations
+# (relfilenode changes on TRUNCATE or a rewrite), their columns, constraints, indexes and
+# triggers, grants, and the schema's own functions and types. Any change batchd made there,
+# even one put back in the same run, shows as a difference.
+_SCHEMA_CATALOG = (
+    (
+        "SELECT c.relname, c.relkind::text, c.relfilenode::bigint, c.relowner::regrole::text,"
+        " c.relacl::text FROM pg_class c WHERE c.relnamespace = $1::regnamespace"
+    ),
+    (
+        "SELECT a.attrelid::regclass::text, a.attnum, a.attname,"
+        " format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)"
+        " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+        " WHERE c.relnamespace = $1::regnamespace AND a.attnum > 0 AND NOT a.attisdropped"
+    ),
+    (
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE connamespace = $1::regnamespace"
+    ),
+    ("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = $1"),
+    (
+        "SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t"
+        " JOIN pg_class c ON c.oid = t.tgrelid WHERE c.relnamespace = $1::regnamespace"
+    ),
+    (
+        "SELECT proname, pg_get_function_identity_arguments(oid) FROM pg_proc"
+        " WHERE pronamespace = $1::regnamespace"
+    ),
+    ("SELECT typname, typtype::text FROM pg_type WHERE typnamespace = $1::regnamespace"),
+    ("SELECT nspowner::regrole::text, nspacl::text FROM pg_namespace WHERE nspname = $1"),
+)
+
+
+async def _snapshot(dsn: str, schema: str) -> list[list[tuple[object, ...]]]:
+    """The schema's catalog rows, then every row of its tasks table with its xmin and ctid
+    (an UPDATE that writes the same values back still changes both)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        found = [sorted(map(tuple, await conn.fetch(sql, schema))) for sql in _SCHEMA_CATALOG]
+        rows = await conn.fetch(
+            f"SELECT xmin::text, ctid::text, * FROM {quote_ident(schema)}.tasks ORDER BY id"
+        )
+        return [*found, [tuple(row) for row in rows]]
+    finally:
+        await conn.close()
+
+
 def test_a_tasks_table_of_another_application_is_never_touched(
     tmp_path: Path, postgres_dsn: str, postgres_schema: str
 ) -> None:
+    schema = quote_ident(postgres_schema)
+
     async def create_foreign() -> None:
         conn = await asyncpg.connect(postgres_dsn)
         try:
             await conn.execute(
-                f"CREATE SCHEMA {quote_ident(postgres_schema)};"
-                f" CREATE TABLE {quote_ident(postgres_schema)}.tasks (id int, title text)"
+                f"CREATE SCHEMA {schema};"
+                f" CREATE TABLE {schema}.tasks (id int PRIMARY KEY, title text NOT NULL,"
+                "  status text DEFAULT 'todo');"
+                f" CREATE INDEX tasks_title ON {schema}.tasks (title);"
+                f" INSERT INTO {schema}.tasks (id, title, status)"
+                "  VALUES (1, 'write the report', 'todo'), (2, 'pending', 'pending'),"
+                "         (3, 'a task of theirs', NULL)"
             )
         finally:
             await conn.close()
 
     asyncio.run(create_foreign())
+    before = asyncio.run(_snapshot(postgres_dsn, postgres_schema))
+    # The snapshot sees what it guards: the table, its index, its three rows.
+    assert {name for name, *_ in before[0]} == {"tasks", "tasks_pkey", "tasks_title"}
+    assert len(before[-1]) == 3
     _fails(
         _env(tmp_path, postgres_dsn, postgres_schema),
         EXIT_CONFIG,
         "already has table(s) tasks that batchd did not create",
         "give batchd a schema of its own",
     )
+    # After `status` and `run` both refused it: no relation added or dropped, no column,
+    # constraint, index, trigger, grant, function or type changed, no row written.
+    assert asyncio.run(_snapshot(postgres_dsn, postgres_schema)) == before

@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run large LLM workloads through the Message Batches API, durably.",
     )
     parser.add_argument("--config", type=Path, help="TOML config file (default: $BATCHD_CONFIG)")
-    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        help="log lines as JSON, as console text, or auto: console on a terminal, JSON "
+        "otherwise (default: [logging] format; console for demo)",
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of a failure, not only its message"
     )
@@ -65,15 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue = sub.add_parser("enqueue", help="add tasks from a JSONL file of API request items")
     enqueue.add_argument("file", help='path, or "-" for standard input')
     status = sub.add_parser("status", help="counts per status, batches in flight, or tasks")
-    status.add_argument("custom_ids", nargs="*")
-    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "custom_ids",
+        nargs="*",
+        metavar="CUSTOM_ID",
+        help="show these tasks instead of the counts (exit 1 if one does not exist)",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON document, not text")
     status.add_argument(
         "--watch", action="store_true", help="redraw every --interval seconds (Ctrl-C to stop)"
     )
     status.add_argument("--interval", type=float, help="with --watch: seconds (default: 2)")
     status.add_argument("--count", type=int, help="with --watch: stop after this many")
     estimate = sub.add_parser("estimate", help="what the pending tasks would cost")
-    estimate.add_argument("--json", action="store_true")
+    estimate.add_argument("--json", action="store_true", help="one JSON document, not text")
     prune_cmd = sub.add_parser("prune", help="remove old finished tasks, then vacuum")
     prune_cmd.add_argument(
         "--older-than", required=True, help="completed before this long ago: 30d, 12h, 2w"
@@ -92,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only these statuses (repeatable; default: all with a result)",
     )
     cancel = sub.add_parser("cancel", help="cancel tasks")
-    cancel.add_argument("custom_ids", nargs="*")
+    cancel.add_argument(
+        "custom_ids",
+        nargs="*",
+        metavar="CUSTOM_ID",
+        help="these tasks: pending ones end canceled, submitted ones are flagged (exit 1 if "
+        "one does not exist)",
+    )
     cancel.add_argument("--all", action="store_true", help="every pending and submitted task")
     cancel.add_argument(
         "--status",
@@ -108,19 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="only batches in this state (repeatable; default: all)",
     )
     batches.add_argument("--limit", type=int, default=50, help="newest N (default: 50)")
-    batches.add_argument("--json", action="store_true")
+    batches.add_argument("--json", action="store_true", help="one JSON document, not text")
     tasks = sub.add_parser("tasks", help="tasks in one status, oldest first")
-    tasks.add_argument("--status", required=True, choices=[s.value for s in TaskStatus])
+    tasks.add_argument(
+        "--status", required=True, choices=[s.value for s in TaskStatus], help="the status to list"
+    )
     tasks.add_argument("--limit", type=int, default=50, help="at most N (default: 50)")
-    tasks.add_argument("--json", action="store_true")
+    tasks.add_argument("--json", action="store_true", help="one JSON document, not text")
     acknowledge = sub.add_parser(
         "acknowledge-duplicate",
         help="a suspected duplicate batch was seen to: kept on record, no longer alarmed",
     )
-    acknowledge.add_argument("batch_ids", nargs="+", metavar="API_BATCH_ID")
+    acknowledge.add_argument(
+        "batch_ids",
+        nargs="+",
+        metavar="API_BATCH_ID",
+        help="the API's id of a suspected duplicate batch",
+    )
     acknowledge.add_argument("--note", default="", help="why (kept with the record)")
     retry = sub.add_parser("retry", help="put failed tasks back in the queue")
-    retry.add_argument("custom_ids", nargs="*")
+    retry.add_argument(
+        "custom_ids",
+        nargs="*",
+        metavar="CUSTOM_ID",
+        help="only these tasks, among those in the --status statuses (default: all of them)",
+    )
     retry.add_argument(
         "--status",
         action="append",
@@ -129,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="statuses to retry (default: errored, expired, canceled)",
     )
     demo = sub.add_parser("demo", help="run everything against the bundled fake API")
-    demo.add_argument("--tasks", type=int, default=36)
+    demo.add_argument(
+        "--tasks", type=int, default=36, help="how many tasks to enqueue (default: %(default)s)"
+    )
     fake = sub.add_parser("fake-api", help="serve the Message Batches API emulator")
     add_fake_api_arguments(fake)
     return parser

@@ -4,7 +4,10 @@ create, release it after the grace and send its requests again (paid twice, unre
 `batchd run` holds an exclusive `flock` on `<database>.lock` for its whole life (the
 database's real path: a symlink to it or a relative spelling finds the same lock). The
 kernel releases it when the process dies, however it dies, so a `kill -9` never leaves a
-stale lock behind. Other commands (status, enqueue, ...) do not take it.
+stale lock behind. `migrate` and `enqueue` take it only while they create or migrate the
+database (cli/opening.py): refused while a daemon runs, so no daemon finds its schema
+changed under it. The other commands (status, cancel, retry, ...) never take it. SQLite
+only: a PostgreSQL store keeps its own locks on the server (store/postgres/leader.py).
 """
 
 from __future__ import annotations

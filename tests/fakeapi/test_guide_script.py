@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from batchd.fakeapi.server import FakeApiConfig, FakeApiServer
+from tests.support.tools import require_executable
 
 GUIDE = Path(__file__).resolve().parents[3] / "shared" / "docs" / "batch-processing-guide.md"
 
@@ -23,11 +23,10 @@ def guide_script() -> str:
     return match.group(1)
 
 
-@pytest.mark.skipif(
-    shutil.which("curl") is None or shutil.which("jq") is None, reason="needs curl and jq"
-)
 @pytest.mark.skipif(not GUIDE.exists(), reason="needs ../shared/docs beside the repository")
 async def test_the_guides_complete_script_runs_against_the_fake() -> None:
+    require_executable("curl", "curl")
+    require_executable("jq", "jq")
     async with FakeApiServer(FakeApiConfig(processing_seconds=0, seed=1)) as fake:
         script = guide_script().replace("https://api.anthropic.com", fake.base_url)
         assert fake.base_url in script  # the host is the only change
