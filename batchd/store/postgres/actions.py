@@ -14,9 +14,19 @@ from batchd.store.rows import (
     USER_CANCELED,
     acknowledge_report,
     cancel_in_chunks,
+    cancel_range,
     check_waiting,
 )
 from batchd.store.values import AcknowledgeReport, WaitingCancelReport
+
+# Up to $4 tasks of each status in $1 above id $2 and up to $3, read at one moment (one
+# statement): each branch an index range of (status, id), never a sort of the whole queue.
+_WAITING_RANGE = """
+SELECT w.id, w.status FROM unnest($1::text[]) AS s(status)
+CROSS JOIN LATERAL (
+    SELECT id, status FROM tasks
+    WHERE tasks.status = s.status AND id > $2 AND id <= $3 ORDER BY id LIMIT $4
+) AS w"""
 
 
 class OperatorActions:
@@ -27,49 +37,63 @@ class OperatorActions:
     async def cancel_waiting(self, statuses: Sequence[TaskStatus]) -> WaitingCancelReport:
         """Cancel every task waiting in `statuses` (pending: canceled now; submitted:
         flagged, canceled when its result comes back) that existed when the call began, in
-        transactions of CANCEL_CHUNK tasks by id (the rows locked, and the count rows the
-        statement trigger updates, are held only that long); tasks inserted later are left
-        alone."""
+        transactions of a range of ids holding at most CANCEL_CHUNK tasks of each status
+        (the rows locked, and the count rows the statement trigger updates, are held only
+        that long); tasks inserted later are left alone."""
         check_waiting(statuses)
         self._db.check_writable()
         row = await self._db.read_one("SELECT coalesce(max(id), 0) FROM tasks")
 
-        async def cancel_chunk(status: TaskStatus, after: int, last_id: int) -> tuple[int, int]:
-            return await self._db.transact(self._cancel_chunk, status, after, last_id)
+        async def cancel_chunk(
+            wanted: Sequence[TaskStatus], after: int, last_id: int
+        ) -> tuple[int, int, int]:
+            return await self._db.transact(self._cancel_chunk, wanted, after, last_id)
 
         return await cancel_in_chunks(statuses, int(row[0]), cancel_chunk)
 
     async def _cancel_chunk(
-        self, conn: Conn, status: TaskStatus, after: int, last_id: int
-    ) -> tuple[int, int]:
-        """One chunk of `status` tasks above id `after`; (tasks changed, id to go on from)."""
-        chunk = await conn.fetch(
-            "SELECT id FROM tasks WHERE status = $1 AND id > $2 AND id <= $3"
-            " ORDER BY id LIMIT $4 FOR UPDATE",
-            str(status),
-            after,
-            last_id,
-            CANCEL_CHUNK,
+        self, conn: Conn, statuses: Sequence[TaskStatus], after: int, last_id: int
+    ) -> tuple[int, int, int]:
+        """One range of ids above `after`, every status of `statuses` in it at once; (pending
+        tasks canceled, submitted tasks flagged, id to go on from).
+
+        READ COMMITTED gives each statement its own snapshot: the statuses are read in one
+        statement (an index range each), and the range's waiting rows locked before either
+        UPDATE, so a task the daemon requeues (submitted -> pending) meanwhile is met by the
+        first UPDATE or the second, never passed between them."""
+        wanted = [str(status) for status in statuses]
+        rows = await conn.fetch(_WAITING_RANGE, wanted, after, last_id, CANCEL_CHUNK)
+        ids, end = cancel_range(((r[0], r[1]) for r in rows), CANCEL_CHUNK, last_id)
+        if not ids:
+            return 0, 0, end
+        # The lock re-reads each row's latest version: a row still waiting in any of the
+        # statuses is held until commit, whichever of them it has now.
+        await conn.execute(
+            "SELECT id FROM tasks WHERE id = ANY($1::bigint[]) AND status = ANY($2::text[])"
+            " ORDER BY id FOR UPDATE",
+            ids,
+            wanted,
         )
-        if not chunk:
-            return 0, last_id
-        ids = [int(row[0]) for row in chunk]
-        if status is TaskStatus.PENDING:
-            tag = await conn.execute(
-                "UPDATE tasks SET status = 'canceled', error = $1, completed_at = $2"
-                " WHERE id = ANY($3::bigint[]) AND status = 'pending'",
-                USER_CANCELED,
-                self._db.now(),
-                ids,
+        canceled = flagged = 0
+        if TaskStatus.PENDING in statuses:
+            canceled = count_of(
+                await conn.execute(
+                    "UPDATE tasks SET status = 'canceled', error = $1, completed_at = $2"
+                    " WHERE id = ANY($3::bigint[]) AND status = 'pending'",
+                    USER_CANCELED,
+                    self._db.now(),
+                    ids,
+                )
             )
-        else:
-            tag = await conn.execute(
-                "UPDATE tasks SET cancel_requested = true WHERE id = ANY($1::bigint[])"
-                " AND status = 'submitted' AND NOT cancel_requested",
-                ids,
+        if TaskStatus.SUBMITTED in statuses:
+            flagged = count_of(
+                await conn.execute(
+                    "UPDATE tasks SET cancel_requested = true WHERE id = ANY($1::bigint[])"
+                    " AND status = 'submitted' AND NOT cancel_requested",
+                    ids,
+                )
             )
-        next_after = last_id if len(chunk) < CANCEL_CHUNK else ids[-1]
-        return count_of(tag), next_after
+        return canceled, flagged, end
 
     async def acknowledge_duplicates(
         self, api_batch_ids: Sequence[str], note: str
