@@ -71,6 +71,10 @@ async def test_cancel_all_meets_a_task_requeued_and_one_claimed_while_it_runs(
     assert peek.task("t-0")["status"] == "canceled"
     assert peek.task("t-0")["error"] == USER_CANCELED
     assert (report.canceled, report.flagged) == (8, 2)
+    # The kept counts moved with it (PostgreSQL: one UPDATE both cancels and flags).
+    counted = {status: n for status, n in (await store.status_counts()).items() if n}
+    actual = dict(peek.query("SELECT status, count(*) FROM tasks GROUP BY status"))
+    assert counted == actual == {"canceled": 9, "submitted": 1}
 
 
 async def test_cancel_of_submitted_only_flags_a_task_requeued_behind_the_walk_too(

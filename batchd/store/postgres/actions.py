@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from batchd.domain import TaskStatus
 from batchd.store.postgres.connection import Conn
-from batchd.store.postgres.database import PostgresDatabase, count_of
+from batchd.store.postgres.database import PostgresDatabase
 from batchd.store.rows import (
     CANCEL_CHUNK,
     USER_CANCELED,
@@ -27,6 +27,17 @@ CROSS JOIN LATERAL (
     SELECT id, status FROM tasks
     WHERE tasks.status = s.status AND id > $2 AND id <= $3 ORDER BY id LIMIT $4
 ) AS w"""
+# Pending tasks canceled now, submitted ones flagged, of the statuses in $4 (SET reads
+# the old row): RETURNING the new status tells which.
+_CANCEL_RANGE = """
+UPDATE tasks SET
+    status = CASE WHEN status = 'pending' THEN 'canceled' ELSE status END,
+    error = CASE WHEN status = 'pending' THEN $1 ELSE error END,
+    completed_at = CASE WHEN status = 'pending' THEN $2 ELSE completed_at END,
+    cancel_requested = cancel_requested OR status = 'submitted'
+WHERE id = ANY($3::bigint[]) AND status = ANY($4::text[])
+    AND (status = 'pending' OR (status = 'submitted' AND NOT cancel_requested))
+RETURNING status"""
 
 
 class OperatorActions:
@@ -57,43 +68,18 @@ class OperatorActions:
         """One range of ids above `after`, every status of `statuses` in it at once; (pending
         tasks canceled, submitted tasks flagged, id to go on from).
 
-        READ COMMITTED gives each statement its own snapshot: the statuses are read in one
-        statement (an index range each), and the range's waiting rows locked before either
-        UPDATE, so a task the daemon requeues (submitted -> pending) meanwhile is met by the
-        first UPDATE or the second, never passed between them."""
+        READ COMMITTED gives each statement its own snapshot: the range is read in one
+        statement (an index range per status) and changed in one UPDATE, which decides
+        each row on its latest version, so a task the daemon requeues (submitted ->
+        pending) meanwhile is canceled, not passed between two statements."""
         wanted = [str(status) for status in statuses]
         rows = await conn.fetch(_WAITING_RANGE, wanted, after, last_id, CANCEL_CHUNK)
         ids, end = cancel_range(((r[0], r[1]) for r in rows), CANCEL_CHUNK, last_id)
         if not ids:
             return 0, 0, end
-        # The lock re-reads each row's latest version: a row still waiting in any of the
-        # statuses is held until commit, whichever of them it has now.
-        await conn.execute(
-            "SELECT id FROM tasks WHERE id = ANY($1::bigint[]) AND status = ANY($2::text[])"
-            " ORDER BY id FOR UPDATE",
-            ids,
-            wanted,
-        )
-        canceled = flagged = 0
-        if TaskStatus.PENDING in statuses:
-            canceled = count_of(
-                await conn.execute(
-                    "UPDATE tasks SET status = 'canceled', error = $1, completed_at = $2"
-                    " WHERE id = ANY($3::bigint[]) AND status = 'pending'",
-                    USER_CANCELED,
-                    self._db.now(),
-                    ids,
-                )
-            )
-        if TaskStatus.SUBMITTED in statuses:
-            flagged = count_of(
-                await conn.execute(
-                    "UPDATE tasks SET cancel_requested = true WHERE id = ANY($1::bigint[])"
-                    " AND status = 'submitted' AND NOT cancel_requested",
-                    ids,
-                )
-            )
-        return canceled, flagged, end
+        changed = await conn.fetch(_CANCEL_RANGE, USER_CANCELED, self._db.now(), ids, wanted)
+        canceled = sum(1 for row in changed if row[0] == TaskStatus.CANCELED)
+        return canceled, len(changed) - canceled, end
 
     async def acknowledge_duplicates(
         self, api_batch_ids: Sequence[str], note: str
