@@ -32,15 +32,15 @@ pytestmark = pytest.mark.both_stores
 
 
 @asynccontextmanager
-async def uncommitted_insert(database: DatabaseConfig, custom_id: str) -> AsyncIterator[None]:
+async def uncommitted_insert(database: DatabaseConfig, custom_id: str) -> AsyncIterator[int | None]:
     """Another producer's INSERT of `custom_id`, in a transaction still open for the body
-    of the block and committed at its end."""
+    of the block and committed at its end; yields its server process id (PostgreSQL)."""
     if database.url is None:
         conn = sqlite3.connect(database.path, timeout=5, isolation_level=None)
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO tasks (custom_id, params) VALUES (?, ?)", (custom_id, PARAMS))
-            yield
+            yield None
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -54,14 +54,15 @@ async def uncommitted_insert(database: DatabaseConfig, custom_id: str) -> AsyncI
             await pg.execute(
                 "INSERT INTO tasks (custom_id, params) VALUES ($1, $2::jsonb)", custom_id, PARAMS
             )
-            yield
+            yield pg.get_server_pid()
     finally:
         await pg.close()
 
 
-async def blocked_on_a_lock(database: DatabaseConfig) -> None:
-    """Until a session of the store waits for the other producer's row (PostgreSQL); on
-    SQLite the store's BEGIN IMMEDIATE waits in its busy handler: give it time to get there."""
+async def blocked_on_a_lock(database: DatabaseConfig, holder: int | None) -> None:
+    """Until a session of the store waits for the other producer's session `holder`
+    (PostgreSQL); on SQLite the store's BEGIN IMMEDIATE waits in its busy handler: give
+    it time to get there."""
     if database.url is None:
         await asyncio.sleep(0.5)
         return
@@ -69,8 +70,9 @@ async def blocked_on_a_lock(database: DatabaseConfig) -> None:
     try:
         for _ in range(200):
             waiting = await pg.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database() AND query LIKE '%INSERT INTO tasks%'"
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+                " AND query LIKE '%INSERT INTO tasks%'",
+                holder,
             )
             if waiting:
                 return
@@ -86,9 +88,9 @@ async def test_a_line_another_producer_commits_during_the_insert_is_reported_dup
     # The store's chunk must already be under way (PostgreSQL: past any read of what is
     # stored, inside its INSERT) when the other producer's row commits.
     given = [("mine-1", PARAMS), ("raced", PARAMS), ("mine-2", PARAMS)]
-    async with uncommitted_insert(database_config, "raced"):
+    async with uncommitted_insert(database_config, "raced") as holder:
         enqueue = asyncio.create_task(store.enqueue(given))
-        await blocked_on_a_lock(database_config)
+        await blocked_on_a_lock(database_config, holder)
         assert not enqueue.done()
     report = await asyncio.wait_for(enqueue, 30)
     assert report == EnqueueReport(inserted=2, duplicates=("raced",))
