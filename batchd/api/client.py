@@ -27,6 +27,7 @@ from batchd.api.download import StallLimit, result_lines
 from batchd.api.errors import (
     ApiConnectionError,
     ApiStatusError,
+    CreateNotSent,
     CreateOutcomeUnknown,
     ServerError,
     error_fields,
@@ -46,7 +47,7 @@ from batchd.api.wire import (
 log = structlog.get_logger("batchd.api.client")
 
 _T = TypeVar("_T")
-_RESULTS_CONNECT_TIMEOUT_S = 30.0
+_CONNECT_TIMEOUT_S = 30.0
 # A create body of up to 256 MB must not hit the control-plane total timeout while it
 # uploads: allow this much extra time per byte (a slow 1 MB/s uplink).
 _MIN_UPLOAD_BYTES_PER_S = 1_000_000
@@ -78,7 +79,7 @@ class BatchesClient:
         self._control_timeout_s = control_timeout_s
         self._results_timeout = aiohttp.ClientTimeout(
             total=None,  # a results file can take longer than any fixed total (pitfalls.md)
-            sock_connect=_RESULTS_CONNECT_TIMEOUT_S,
+            sock_connect=_CONNECT_TIMEOUT_S,
             sock_read=results_sock_read_timeout_s,
         )
         # (seconds, bytes): see `StallLimit`, which is why sock_read alone is not enough.
@@ -94,10 +95,14 @@ class BatchesClient:
         """POST a batch. Never retried: creates are not idempotent (spec §6.3, §8.3).
 
         Raises the `ApiStatusError` subclass when the API refused (4xx, 429: nothing was
-        created) and `CreateOutcomeUnknown` when it may have created a batch.
+        created), `CreateNotSent` when the connection was never opened (nothing can have
+        been created), and `CreateOutcomeUnknown` when it may have created a batch.
         """
         timeout = aiohttp.ClientTimeout(
-            total=self._control_timeout_s + body.size / _MIN_UPLOAD_BYTES_PER_S
+            total=self._control_timeout_s + body.size / _MIN_UPLOAD_BYTES_PER_S,
+            # A connect that hangs then fails as a connect timeout, which proves nothing
+            # was sent; under the total timeout alone it would read as "maybe created".
+            sock_connect=min(_CONNECT_TIMEOUT_S, self._control_timeout_s),
         )
         try:
             return await self._send(
@@ -108,7 +113,11 @@ class BatchesClient:
                 body=body,
                 client_timeout=timeout,
             )
-        except (ApiConnectionError, ServerError) as exc:
+        except ApiConnectionError as exc:
+            if not exc.connected:
+                raise CreateNotSent(exc) from exc
+            raise CreateOutcomeUnknown(exc) from exc
+        except ServerError as exc:
             raise CreateOutcomeUnknown(exc) from exc
 
     async def retrieve(self, batch_id: str) -> MessageBatch:
@@ -249,7 +258,9 @@ class BatchesClient:
             self._observe(endpoint, method, path, started, None)
             if isinstance(exc.__cause__, RequestBodySizeError):  # aiohttp wraps it
                 raise exc.__cause__ from None
-            raise ApiConnectionError(method, path, self._describe(exc, timeout)) from exc
+            raise ApiConnectionError(
+                method, path, self._describe(exc, timeout), connected=not _never_opened(exc)
+            ) from exc
         self._observe(endpoint, method, path, started, response)
         if not 200 <= response.status < 300:
             raise self._status_error(method, path, response.status, response.headers, payload)
@@ -333,3 +344,16 @@ class BatchesClient:
         log.debug("api_response", method=method, path=path, status=status, request_id=request_id)
         if self._on_response is not None:
             self._on_response(endpoint, status, elapsed)
+
+
+def _never_opened(exc: BaseException) -> bool:
+    """The request's connection was never opened, so no byte of it was sent.
+
+    aiohttp raises these from its connector alone, before the request is written: a
+    refused or unroutable connect, a name that does not resolve, a failed TLS handshake
+    (its SSL and certificate errors are `ClientConnectorError`s), a proxy unreachable, or
+    the connect timeout. It never retries a POST on a fresh connection, so one of these
+    cannot follow a first attempt that did send. Anything else (a reset, a disconnect, a
+    read or total timeout) may come after the server received the request.
+    """
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)

@@ -73,11 +73,28 @@ class ServerError(ApiStatusError):
 
 
 class ApiConnectionError(ApiError):
-    """No usable response: connection failure, timeout, broken or malformed body."""
+    """No usable response: connection failure, timeout, broken or malformed body.
 
-    def __init__(self, method: str, path: str, reason: str) -> None:
+    `connected`: False only when the connection was never opened (refused, no route, a
+    name that does not resolve, a TLS handshake that failed, no connection within the
+    connect timeout): then not a byte of the request reached the server. True, the safe
+    default, whenever some of it may have: a reset, a timeout or a cut after connecting.
+    """
+
+    def __init__(self, method: str, path: str, reason: str, *, connected: bool = True) -> None:
         super().__init__(f"{method} {path}: {reason}")
         self.reason = reason
+        self.connected = connected
+
+
+class CreateNotSent(ApiError):
+    """The create request never reached the API: its connection was never opened, so no
+    batch can exist for it, and its requests may go out again at once (unlike
+    `CreateOutcomeUnknown`, nothing is left to reconcile)."""
+
+    def __init__(self, cause: ApiConnectionError) -> None:
+        super().__init__(f"batch create not sent ({cause}); no batch was created")
+        self.cause = cause
 
 
 class CreateOutcomeUnknown(ApiError):

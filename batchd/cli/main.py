@@ -419,9 +419,26 @@ async def _cancel(store: Store, args: argparse.Namespace) -> int:
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:
     statuses = [TaskStatus(s) for s in args.status] if args.status else sorted(FAILED_TASK_STATUSES)
-    count = await store.retry_tasks(statuses, args.custom_ids)
+    asked = list(dict.fromkeys(args.custom_ids))
+    # Read before: once requeued, a task no longer shows the status it was retried from.
+    rows = await store.tasks_by_custom_id(asked) if asked else []
+    status_of = {row.custom_id: row.status for row in rows}
+    count = await store.retry_tasks(statuses, asked)
     print(f"requeued {count} task(s)")
-    return 0
+    # As `status` and `cancel` do: an id asked for and not acted on is said, and exit 1.
+    skipped = [cid for cid in asked if cid in status_of and status_of[cid] not in statuses]
+    for custom_id in skipped:
+        status = status_of[custom_id]
+        why = (
+            f"--status {status} retries it"
+            if status in FINAL_TASK_STATUSES
+            else "only finished tasks are retried"
+        )
+        print(f"{custom_id}: {status}, not retried ({why})", file=sys.stderr)
+    unknown = [cid for cid in asked if cid not in status_of]
+    for custom_id in unknown:
+        print(f"{custom_id}: no such task", file=sys.stderr)
+    return 1 if skipped or unknown else 0
 
 
 if __name__ == "__main__":

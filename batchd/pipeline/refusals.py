@@ -12,6 +12,7 @@ whether to wait). It never touches the store or the API; what it decides about t
     plan(limit)                   which pending tasks the next chunk may take
     no_control()                  no task to send as the control: pause, the wait
     create_sent()                 an intent is recorded and its create goes out
+    create_not_sent()             -> its connection never opened: the wait before the next
     create_accepted(batch_id, chunk)  -> the culprit the accepted control proves, or None
     diagnose(chunk, exc)          -> Diagnosis: the tasks a refusal proves invalid
     put_back(diagnosis)           after the intent is released: the wait before the next create
@@ -49,6 +50,10 @@ _RATE_LIMIT_FIRST_S = 5.0
 _RATE_LIMIT_MAX_S = 300.0
 _RETRY_AFTER_FLOOR_S = 1.0
 _MAX_DOUBLINGS = 16  # keeps 2**n small; every wait is capped long before
+# A create whose connection never opened (the API unreachable): creates wait this long,
+# doubling each time, until one is answered; each try costs an intent and its release.
+_NOT_SENT_FIRST_S = 1.0
+_NOT_SENT_MAX_S = 60.0
 # Suspects kept for a later verdict: a bound on memory only (each is dropped once it is
 # accepted or blamed).
 _SUSPECTS_KEPT = 64
@@ -128,6 +133,8 @@ class Refusals:
         self._probe_due = False  # the next create is the probe after such a pause
         self._probe_after = 0  # the task id the last lone refusal was about
         self._rate_limited = 0  # creates refused with 429 in a row
+        self._not_sent = 0  # creates whose connection never opened, in a row
+        self._probe_sending = False  # the create in flight is the probe after a pause
         # No create before this monotonic time (a pause, a 429 backoff): the daemon's
         # wait may be cut short when a batch ends, this may not.
         self._hold_until: float | None = None
@@ -192,7 +199,17 @@ class Refusals:
 
     def create_sent(self) -> None:
         """An intent is recorded and its create goes out: that is the probe, if one was due."""
-        self._probe_due = False
+        self._probe_sending, self._probe_due = self._probe_due, False
+
+    def create_not_sent(self) -> float:
+        """That create's connection never opened: it proved nothing (a probe is still due)
+        and the API is unreachable: how long creates wait before the next try."""
+        self._probe_due = self._probe_sending
+        doublings = min(self._not_sent, _MAX_DOUBLINGS)
+        self._not_sent += 1
+        wait = min(_NOT_SENT_FIRST_S * 2.0**doublings, _NOT_SENT_MAX_S)
+        self._hold(wait)
+        return wait
 
     def create_accepted(self, batch_id: str, chunk: Chunk) -> Suspect | None:
         """Backoffs end; limits learned from refusals relax; suspects are judged.
@@ -201,6 +218,7 @@ class Refusals:
         the caller marks its task invalid.
         """
         self._rate_limited = 0
+        self._not_sent = 0
         paused, self._refusal_pauses = self._refusal_pauses, 0
         if paused:
             log.warning("creates_resumed", pauses=paused)
@@ -254,6 +272,7 @@ class Refusals:
         """The refused tasks are pending again (the invalid ones marked): how long before
         the next create (None, or 0: at once)."""
         self._forget(diagnosis.judged)
+        self._not_sent = 0  # the API answered: it is reachable again
         exc, verdict = diagnosis.error, diagnosis.verdict
         retry_after = exc.retry_after_s
         if isinstance(exc, RateLimitError):

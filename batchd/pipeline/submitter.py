@@ -18,6 +18,7 @@ from batchd.api import (
     ApiStatusError,
     AuthenticationError,
     BatchesClient,
+    CreateNotSent,
     CreateOutcomeUnknown,
 )
 from batchd.config import BatchingConfig
@@ -199,6 +200,13 @@ class Submitter:
         self._refusals.create_sent()
         try:
             batch = await self._client.create(chunk.body)
+        except CreateNotSent as exc:
+            # The connection never opened: no batch can exist, so nothing to reconcile or
+            # watch for; the tasks go back now, and creates wait for the API a while.
+            await self._store.release_intent(local_id, f"create not sent: {exc.cause}")
+            wait = self._refusals.create_not_sent()
+            log.warning("batch_create_not_sent", local_id=local_id, error=str(exc), wait_s=wait)
+            return SubmitResult(waiting=True, retry_after_s=wait)
         except CreateOutcomeUnknown as exc:
             self._reconciler.create_unknown(local_id)
             log.warning("batch_create_unknown", local_id=local_id, error=str(exc))

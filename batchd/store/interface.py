@@ -198,7 +198,9 @@ class Store(Protocol):
     # -- intake --------------------------------------------------------------------------------
 
     async def enqueue(self, items: Iterable[tuple[str, str]]) -> EnqueueReport:
-        """Insert (custom_id, params) tasks; custom_ids stored or repeated are reported."""
+        """Insert (custom_id, params) tasks; custom_ids stored or repeated are reported.
+        Every line is one or the other, even when another producer commits the same
+        custom_id while this runs."""
 
     def iter_pending(
         self, *, page_size: int = 1000, page_bytes: int = 16 * 1024 * 1024
@@ -422,7 +424,8 @@ class Store(Protocol):
         """`cancel --all / --status`: every task waiting in `statuses` (pending, submitted)
         when the call began is canceled (pending) or flagged (submitted, as
         `request_cancel` does). Several short transactions, not one (users' writes get
-        through): a crash midway leaves what was done, and running it again finishes."""
+        through): a crash midway leaves what was done, and running it again finishes. A
+        task the daemon moves between pending and submitted meanwhile is still reached."""
 
     async def acknowledge_duplicates(
         self, api_batch_ids: Sequence[str], note: str

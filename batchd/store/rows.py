@@ -23,9 +23,9 @@ CANCEL_CHUNK = 5000
 # The error a task canceled at a user's request carries, whichever store and path set it.
 USER_CANCELED = "canceled at user request"
 WAITING_STATUSES = (TaskStatus.PENDING, TaskStatus.SUBMITTED)
-# Cancels one chunk of tasks in a status above an id, up to the last id, in one
-# transaction: (tasks changed, id to go on from).
-CancelChunk = Callable[[TaskStatus, int, int], Awaitable[tuple[int, int]]]
+# Cancels one chunk of the tasks in any of the statuses above an id, up to the last id,
+# in one transaction: (pending tasks canceled, submitted tasks flagged, id to go on from).
+CancelChunk = Callable[[Sequence[TaskStatus], int, int], Awaitable[tuple[int, int, int]]]
 
 
 def status_counts(rows: Iterable[Iterable[Any]]) -> dict[TaskStatus, int]:
@@ -77,15 +77,37 @@ async def cancel_in_chunks(
     statuses: Sequence[TaskStatus], last_id: int, cancel_chunk: CancelChunk
 ) -> WaitingCancelReport:
     """Cancel the tasks of `statuses` with ids up to `last_id` (those that existed when the
-    cancel began), one transaction of at most CANCEL_CHUNK tasks at a time; a crash midway
-    leaves the chunks done canceled, and running it again finishes the rest."""
-    counts = dict.fromkeys(WAITING_STATUSES, 0)
-    for status in dict.fromkeys(statuses):
-        after = 0
-        while after < last_id:
-            changed, after = await cancel_chunk(status, after, last_id)
-            counts[status] += changed
-    return WaitingCancelReport(counts[TaskStatus.PENDING], counts[TaskStatus.SUBMITTED])
+    cancel began), one transaction of a range of ids at a time; a crash midway leaves the
+    chunks done canceled, and running it again finishes the rest.
+
+    One walk by id over every status at once, each range's statuses decided in one
+    transaction: a task the daemon moves between them meanwhile (requeued submitted ->
+    pending, claimed pending -> submitted) is met in its range whatever its status then,
+    and a flag set on it before the walk passed survives any requeue (the task is canceled
+    instead). A walk per status missed a task requeued between the two (review 7, 8)."""
+    wanted = tuple(dict.fromkeys(statuses))
+    canceled = flagged = 0
+    after = 0
+    while after < last_id:
+        chunk_canceled, chunk_flagged, after = await cancel_chunk(wanted, after, last_id)
+        canceled += chunk_canceled
+        flagged += chunk_flagged
+    return WaitingCancelReport(canceled, flagged)
+
+
+def cancel_range(
+    rows: Iterable[tuple[int, str]], limit: int, last_id: int
+) -> tuple[list[int], int]:
+    """One range of a cancel's walk, from the ids read for it: up to `limit` per status
+    above the last range, in id order, as (id, status) rows read at one moment. Returns
+    the ids of the range and its last id (where the next range starts): every waiting id
+    up to it was read, since a status with fewer than `limit` ids had none left below
+    `last_id`, and one with `limit` none below its own last."""
+    by_status: dict[str, list[int]] = {}
+    for task_id, status in rows:
+        by_status.setdefault(str(status), []).append(int(task_id))
+    end = min((max(ids) for ids in by_status.values() if len(ids) >= limit), default=last_id)
+    return sorted(i for ids in by_status.values() for i in ids if i <= end), end
 
 
 def batch_origin(matched_lines: int, unmatched: int, ours: int, malformed: int) -> BatchOrigin:

@@ -224,7 +224,7 @@ def translate(
     if isinstance(exc, TimeoutError):
         return PostgresUnavailableError(
             f"{where}: no answer within {CONNECT_TIMEOUT_S:g} s (is the server up and the "
-            "port open?); retrying"
+            "port open?)"
         )
     if isinstance(exc, socket.gaierror):
         return PostgresUnavailableError(
@@ -232,7 +232,7 @@ def translate(
         )
     if isinstance(exc, OSError):
         return PostgresUnavailableError(
-            f"{where}: {detail} (is the server running and listening there?); retrying"
+            f"{where}: {detail} (is the server running and listening there?)"
         )
     # A session the server ended (restart, pg_terminate_backend) shows, depending on when
     # the driver notices, as ConnectionDoesNotExistError (08003, below), "connection is
@@ -240,13 +240,13 @@ def translate(
     if connection_lost or (
         isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
     ):
-        return PostgresUnavailableError(f"{where}: the connection was lost ({detail}); retrying")
+        return PostgresUnavailableError(f"{where}: the connection was lost ({detail})")
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return PostgresRefusedError(f"{where}: {detail}: correct the URL")
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         if state[:2] in _RETRYABLE_CLASSES:
-            return PostgresUnavailableError(f"{where}: {detail} (SQLSTATE {state}); retrying")
+            return PostgresUnavailableError(f"{where}: {detail} (SQLSTATE {state})")
         hint = _REFUSED_HINTS.get(state)
         if hint is not None or state[:2] == "28":
             return PostgresRefusedError(f"{where}: {detail}: {hint or 'check the credentials'}")

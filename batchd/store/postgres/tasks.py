@@ -34,10 +34,14 @@ SELECT id, custom_id, params, attempts, rows FROM (
 ) AS sized
 WHERE n = 1 OR running <= $3
 ORDER BY id"""
+# What was inserted is what the INSERT returns: under READ COMMITTED a custom_id another
+# producer commits while this runs is seen only by ON CONFLICT (which waits for that
+# transaction, then skips the row), never by a read before it (review 7, finding 4).
 _INSERT_TASKS = """
 INSERT INTO tasks (custom_id, params)
 SELECT c, p::jsonb FROM unnest($1::text[], $2::text[]) AS new(c, p)
-ON CONFLICT (custom_id) DO NOTHING"""
+ON CONFLICT (custom_id) DO NOTHING
+RETURNING custom_id"""
 
 
 class TaskIntake:
@@ -252,12 +256,8 @@ class TaskIntake:
 
 
 async def _insert_tasks(conn: Conn, fresh: dict[str, str]) -> tuple[set[str], int]:
-    rows = await conn.fetch(
-        "SELECT custom_id FROM tasks WHERE custom_id = ANY($1::text[])", list(fresh)
-    )
-    existing = {row[0] for row in rows}
-    new = [(cid, params) for cid, params in fresh.items() if cid not in existing]
-    status = await conn.execute(
-        _INSERT_TASKS, [cid for cid, _ in new], [params for _, params in new]
-    )
-    return existing, count_of(status)
+    """Insert `fresh`; (the custom_ids already stored, by anyone, however recently: every
+    one given but not inserted, inserted)."""
+    rows = await conn.fetch(_INSERT_TASKS, list(fresh), list(fresh.values()))
+    inserted = {row[0] for row in rows}
+    return fresh.keys() - inserted, len(inserted)

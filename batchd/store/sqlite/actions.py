@@ -11,6 +11,7 @@ from batchd.store.rows import (
     USER_CANCELED,
     acknowledge_report,
     cancel_in_chunks,
+    cancel_range,
     check_waiting,
 )
 from batchd.store.sqlite.database import Db, SqliteDatabase, json_list, run
@@ -26,48 +27,56 @@ class OperatorActions:
         """Cancel every task waiting in `statuses` (pending: canceled now; submitted:
         flagged, canceled when its result comes back) that existed when the call began.
 
-        In transactions of CANCEL_CHUNK tasks by id (the (status, id) index), so a queue of
-        a million never holds the write lock for long (users' INSERTs wait only for ~5,000
-        rows of one index range); tasks inserted after the call began are left alone.
+        In transactions of a range of ids holding at most CANCEL_CHUNK tasks of each status
+        (the (status, id) index), so a queue of a million never holds the write lock for
+        long (users' INSERTs wait only for ~5,000 rows of an index range per status); tasks
+        inserted after the call began are left alone.
         """
         check_waiting(statuses)
         rows = await self._db.read("SELECT coalesce(max(id), 0) FROM tasks")
 
-        async def cancel_chunk(status: TaskStatus, after: int, last_id: int) -> tuple[int, int]:
-            return await self._db.transact(self._cancel_chunk, status, after, last_id)
+        async def cancel_chunk(
+            wanted: Sequence[TaskStatus], after: int, last_id: int
+        ) -> tuple[int, int, int]:
+            return await self._db.transact(self._cancel_chunk, wanted, after, last_id)
 
         return await cancel_in_chunks(statuses, int(rows[0][0]), cancel_chunk)
 
     async def _cancel_chunk(
-        self, db: Db, status: TaskStatus, after: int, last_id: int
-    ) -> tuple[int, int]:
-        """One chunk of `status` tasks above id `after`; (tasks changed, id to go on from)."""
-        chunk = list(
-            await db.execute_fetchall(
-                "SELECT id FROM tasks WHERE status = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+        self, db: Db, statuses: Sequence[TaskStatus], after: int, last_id: int
+    ) -> tuple[int, int, int]:
+        """One range of ids above `after`, every status of `statuses` in it at once (the
+        write lock is held from the first read: nothing moves in between); (pending tasks
+        canceled, submitted tasks flagged, id to go on from)."""
+        rows: list[tuple[int, str]] = []
+        for status in statuses:  # one (status, id) index range each
+            found = await db.execute_fetchall(
+                "SELECT id, status FROM tasks WHERE status = ? AND id > ? AND id <= ?"
+                " ORDER BY id LIMIT ?",
                 (str(status), after, last_id, CANCEL_CHUNK),
             )
-        )
-        if not chunk:
-            return 0, last_id
-        ids = json_list(row[0] for row in chunk)
-        if status is TaskStatus.PENDING:
-            changed = await run(
+            rows.extend((int(row[0]), str(row[1])) for row in found)
+        ids, end = cancel_range(rows, CANCEL_CHUNK, last_id)
+        if not ids:
+            return 0, 0, end
+        chunk = json_list(ids)
+        canceled = flagged = 0
+        if TaskStatus.PENDING in statuses:
+            canceled = await run(
                 db,
                 "UPDATE tasks SET status = 'canceled', error = ?, completed_at = ?"
                 " WHERE id IN (SELECT value FROM json_each(?)) AND +status = 'pending'",
-                (USER_CANCELED, self._db.now(), ids),
+                (USER_CANCELED, self._db.now(), chunk),
             )
-        else:
-            changed = await run(
+        if TaskStatus.SUBMITTED in statuses:
+            flagged = await run(
                 db,
                 "UPDATE tasks SET cancel_requested = 1 WHERE id IN"
                 " (SELECT value FROM json_each(?)) AND +status = 'submitted'"
                 " AND cancel_requested = 0",
-                (ids,),
+                (chunk,),
             )
-        next_after = last_id if len(chunk) < CANCEL_CHUNK else int(chunk[-1][0])
-        return changed, next_after
+        return canceled, flagged, end
 
     async def acknowledge_duplicates(
         self, api_batch_ids: Sequence[str], note: str

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from batchd.api.wire import MessageBatch, parse_timestamp
 from batchd.domain import PendingTask
+from batchd.store.errors import StoreError
 from batchd.store.intake import enqueue_in_chunks
 from batchd.store.sqlite.batches import STATE_OF_PROCESSING, batch_params
 from batchd.store.sqlite.database import (
@@ -223,6 +224,9 @@ class TaskIntake:
 
 
 async def _insert_tasks(db: Db, fresh: dict[str, str]) -> tuple[set[str], int]:
+    """Insert `fresh`; (the custom_ids already stored, inserted). Read then insert is safe
+    here, unlike on PostgreSQL: the transaction holds the write lock from its BEGIN
+    IMMEDIATE, so no other producer commits a custom_id between the two."""
     rows = await db.execute_fetchall(
         "SELECT custom_id FROM tasks WHERE custom_id IN (SELECT value FROM json_each(?))",
         (json_list(fresh),),
@@ -230,6 +234,8 @@ async def _insert_tasks(db: Db, fresh: dict[str, str]) -> tuple[set[str], int]:
     existing = {row[0] for row in rows}
     new = [(cid, params) for cid, params in fresh.items() if cid not in existing]
     count = await run_many(db, "INSERT OR IGNORE INTO tasks (custom_id, params) VALUES (?, ?)", new)
+    if count != len(new):  # a line neither inserted nor a duplicate: never drop it silently
+        raise StoreError(f"enqueue: {len(new) - count} new task(s) were not inserted")
     return existing, count
 
 
