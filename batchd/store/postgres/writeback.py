@@ -428,10 +428,17 @@ async def _keep_received(
     conn: Conn, database: PostgresDatabase, local_id: int, received: Sequence[tuple[str, str]]
 ) -> None:
     """In the staging transaction: the lines as received of results made storable
-    (staging.py), kept as unmatched lines are."""
-    if received:
-        api_id = await conn.fetchval("SELECT api_batch_id FROM batches WHERE id = $1", local_id)
-        await _keep_unmatched(conn, api_id, received, database.now())
+    (staging.py), beside the unmatched lines. A copy: the line's usage is counted with its
+    task (the ledger's trigger), so this is not `_keep_unmatched`'s path for paid lines."""
+    if not received:
+        return
+    api_id = await conn.fetchval("SELECT api_batch_id FROM batches WHERE id = $1", local_id)
+    now = database.now()
+    await conn.executemany(
+        "INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        [(api_id, custom_id, line, now) for custom_id, line in received],
+    )
 
 
 async def _keep_unmatched(
