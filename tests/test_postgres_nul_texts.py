@@ -80,20 +80,31 @@ async def test_a_download_failure_or_a_loss_quoting_a_nul_is_noted(
     )
 
 
-def test_enqueue_of_params_postgresql_cannot_store_is_refused_clearly(
+def test_enqueue_of_what_postgresql_cannot_store_is_refused_clearly(
     cli_env: dict[str, str], store_backend: str
 ) -> None:
     params = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x\x00"}]}
-    line = orjson.dumps({"custom_id": "nul-1", "params": params})
-    assert b"\\u0000" in line
+    nul_params = orjson.dumps({"custom_id": "nul-1", "params": params})
+    nul_id = orjson.dumps({"custom_id": "nul\x00-2", "params": {**params, "messages": []}})
+    assert b"\\u0000" in nul_params
+    assert b"\\u0000" in nul_id
 
-    done = batchd("enqueue", "-", env=cli_env, stdin=line + b"\n")
+    done = [
+        batchd("enqueue", "-", env=cli_env, stdin=line + b"\n") for line in (nul_params, nul_id)
+    ]
 
     if store_backend == "sqlite":
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(b"enqueued 1 task(s)"), done.stdout
+        for each in done:
+            assert each.returncode == 0, each.stderr
+            assert each.stdout.startswith(b"enqueued 1 task(s)"), each.stdout
         return
-    assert done.returncode != 0
-    error = done.stderr.decode()
-    assert "the JSON holds the escape \\u0000, which jsonb cannot store" in error, error
-    assert "Traceback" not in error
+    expected = (
+        "the JSON holds the escape \\u0000, which jsonb cannot store: remove it",
+        "the text holds a NUL character, which PostgreSQL cannot store: remove it",
+    )
+    for each, words in zip(done, expected, strict=True):
+        error = each.stderr.decode()
+        assert each.returncode != 0
+        assert words in error, error
+        assert "Traceback" not in error
+        assert "internal error" not in error
