@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from batchd.api import BatchesClient, RetryPolicy
 from batchd.config import CollectorSettings, ResultsConfig
@@ -75,7 +76,8 @@ async def test_a_nul_in_a_result_or_an_error_never_holds_up_its_batch(
         [line("n1"), nul_line, line("n2"), errored_line("e1", NUL_ERROR), line("n3"), line("n4")]
     )
 
-    assert await collect_batch(store, peek, "msgbatch_nul", body, *ids) == 1
+    with capture_logs() as logs:
+        assert await collect_batch(store, peek, "msgbatch_nul", body, *ids) == 1
 
     assert peek.query("SELECT state FROM batches WHERE api_batch_id = 'msgbatch_nul'") == [
         ("completed",)
@@ -96,8 +98,15 @@ async def test_a_nul_in_a_result_or_an_error_never_holds_up_its_batch(
         assert text_of(peek, "z1") == NUL_TEXT
         assert e1["error"] == f"errored: invalid_request_error: {NUL_ERROR}"
         assert kept == []
+        assert "results_nul_escaped" not in [entry["event"] for entry in logs]
         return
     assert text_of(peek, "z1") == SHOWN_TEXT
+    escaped = [(e["count"], e["first"]) for e in logs if e["event"] == "results_nul_escaped"]
+    assert escaped == [(1, "z1"), (1, "e1")]  # once per chunk of 2 lines that held one
+    # Lines kept beside the unmatched ones: the batch shows as partly ours (documented).
+    assert peek.query("SELECT origin FROM batches WHERE api_batch_id = 'msgbatch_nul'") == [
+        ("partly_ours",)
+    ]
     assert e1["error"] == f"errored: invalid_request_error: {SHOWN_ERROR}"
     assert orjson.loads(e1["result"])["error"]["error"]["message"] == SHOWN_ERROR
     # The lines as received, NUL and all, are kept where an operator finds them.

@@ -64,6 +64,15 @@ async def staging_rows(
                 model,
             )
         )
+    if received:  # once a chunk: a batch of such lines must not flood the log
+        log.warning(
+            "results_nul_escaped",
+            batch=local_id,
+            count=len(received),
+            first=received[0][0],
+            advice="PostgreSQL cannot store a NUL character: each is written as the text"
+            " \\u0000; the lines as received are kept in unmatched_results (docs/postgresql.md)",
+        )
     return rows, unmatched, received
 
 
@@ -82,11 +91,5 @@ def _storable(
     custom_id = orjson.dumps(outcome.custom_id).decode()
     received.append(
         (outcome.custom_id, f'{{"custom_id":{custom_id},"result":{outcome.result_json}}}')
-    )
-    log.warning(
-        "result_nul_escaped",
-        custom_id=outcome.custom_id,
-        advice="PostgreSQL cannot store a NUL character: each is written as the text \\u0000;"
-        " the line as received is kept in unmatched_results (docs/postgresql.md)",
     )
     return result_json or outcome.result_json, error, model
