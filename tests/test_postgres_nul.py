@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from batchd.api import BatchesClient, RetryPolicy
 from batchd.config import CollectorSettings, ResultsConfig
-from batchd.domain import TaskStatus
+from batchd.domain import Outcome, TaskStatus
 from batchd.pipeline.collector import Collector
 from batchd.store import Store
 from batchd.store.postgres.storable import storable_json
@@ -163,6 +163,25 @@ async def test_a_nul_in_a_custom_id_a_model_or_a_malformed_line_is_kept_not_stal
     assert orjson.loads(kept["nobody\\u0000here"])["custom_id"] == "nobody\x00here"
     assert kept["malformed-line-3"] == '{"custom_id": "a2", \\u0000 "broken'
     assert orjson.loads(kept["m1"])["result"]["message"]["model"] == "claude\x00x"
+
+
+async def test_write_results_stores_a_nul_as_the_lanes_do(
+    store: Store, peek: Peek, store_backend: str
+) -> None:
+    """`write_results` (a few lines in one transaction, no lane) makes the same choice."""
+    local_id = await submitted_batch(store, "msgbatch_w", "w1", "w2")
+    result = orjson.loads(line("w1", NUL_TEXT))["result"]
+    nul_result = Outcome("w1", "succeeded", orjson.dumps(result).decode(), None, False, model="m")
+    refused = Outcome("w2", "errored", '{"type":"errored"}', f"errored: x: {NUL_ERROR}", False)
+
+    report = await store.write_results(local_id, [nul_result, refused], 3)
+
+    assert (report.written, report.requeued, report.unmatched) == (2, 0, ())
+    sqlite = store_backend == "sqlite"
+    assert text_of(peek, "w1") == (NUL_TEXT if sqlite else SHOWN_TEXT)
+    assert peek.task("w2")["error"] == f"errored: x: {NUL_ERROR if sqlite else SHOWN_ERROR}"
+    kept = peek.query("SELECT custom_id FROM unmatched_results ORDER BY custom_id")
+    assert kept == ([] if sqlite else [("w1",), ("w2",)])  # each line changed, as received
 
 
 @pytest.mark.parametrize(
