@@ -19,6 +19,7 @@ from batchd.store.postgres.database import (
     to_millis,
 )
 from batchd.store.postgres.settle import cancel_flagged, settle_intent
+from batchd.store.postgres.storable import storable_text
 from batchd.store.values import DuplicateBatch
 
 STATE_OF_PROCESSING = {
@@ -96,7 +97,7 @@ class BatchTracking:
             "UPDATE batches SET state = 'lost', note = $1 WHERE id = $2"
             " AND state IN ('in_progress', 'canceling', 'ended')"
             " RETURNING api_batch_id, candidate_for",
-            reason,
+            storable_text(reason),  # may quote the API
             local_id,
         )
         if found is None:
@@ -114,7 +115,7 @@ class BatchTracking:
             await conn.execute(
                 "UPDATE tasks SET status = 'pending', batch_id = NULL, error = $1"
                 " WHERE batch_id = $2 AND status = 'submitted'",
-                f"batch {api_id} lost: {reason}",
+                storable_text(f"batch {api_id} lost: {reason}"),
                 local_id,
             )
         )
@@ -139,7 +140,8 @@ class BatchTracking:
         )
 
     async def _counted(self, sql: str, local_id: int, note: str) -> int:
-        value = await self._db.transact(_fetchval, sql, note, local_id)
+        # A note may quote the API's error, whose text may hold a NUL (storable.py).
+        value = await self._db.transact(_fetchval, sql, storable_text(note), local_id)
         if value is None:
             raise StoreError(f"{self._db.shown}: no batch with local id {local_id}")
         return int(value)

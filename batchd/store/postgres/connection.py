@@ -58,6 +58,11 @@ _REFUSED_HINTS = {
     "3D000": "create the database (createdb) or correct the URL",
     "42501": "grant this role the privileges docs/postgresql.md lists",
     "3F000": "create the schema or correct [database] schema",
+    # Data PostgreSQL cannot hold (a NUL; SQLite stores it): retrying sends it again.
+    "22P05": "the JSON holds the escape \\u0000, which jsonb cannot store: remove it "
+    "(docs/postgresql.md, Per-column differences)",
+    "22021": "the text holds a NUL character, which PostgreSQL cannot store: remove it "
+    "(docs/postgresql.md, Per-column differences)",
 }
 
 

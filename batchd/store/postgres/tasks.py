@@ -19,6 +19,7 @@ from batchd.store.postgres.database import PostgresDatabase, Rollback, count_of,
 from batchd.store.postgres.harvest import record_candidate_in
 from batchd.store.postgres.leader import check_fence
 from batchd.store.postgres.settle import cancel_flagged
+from batchd.store.postgres.storable import storable_text
 from batchd.store.values import EnqueueReport
 
 # A page of at most $2 pending tasks, cut before the row whose params would take the
@@ -83,7 +84,7 @@ class TaskIntake:
             " FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)"
             " WHERE tasks.id = r.id AND tasks.status = 'pending'",
             [task_id for task_id, _ in reasons],
-            [reason for _, reason in reasons],
+            [storable_text(reason) for _, reason in reasons],  # may quote the API
             self._db.now(),
         )
         return count_of(status)
@@ -229,7 +230,7 @@ class TaskIntake:
         rejected = await conn.execute(
             "UPDATE batches SET state = 'rejected', note = $1, watch_until = $2"
             " WHERE id = $3 AND state = 'creating'",
-            reason,
+            storable_text(reason),  # quotes the API's refusal
             watch_until,
             local_id,
         )
@@ -243,7 +244,7 @@ class TaskIntake:
                 " WHERE tasks.custom_id = i.cid AND tasks.batch_id = $4"
                 " AND tasks.status = 'submitted'",
                 [custom_id for custom_id, _ in invalid],
-                [error for _, error in invalid],
+                [storable_text(error) for _, error in invalid],
                 now,
                 local_id,
             )

@@ -24,6 +24,8 @@ from batchd.store.postgres.connection import Conn, postgres_errors
 from batchd.store.postgres.database import PostgresDatabase, count_of, in_transaction
 from batchd.store.postgres.errors import PostgresUnavailableError
 from batchd.store.postgres.settle import decide_origin, settle_intent
+from batchd.store.postgres.staging import staging_rows
+from batchd.store.postgres.storable import storable_text
 from batchd.store.rows import USER_CANCELED
 from batchd.store.values import AppliedRange, FinishReport, StageReport
 
@@ -53,10 +55,6 @@ CREATE TEMP TABLE IF NOT EXISTS {name} (
     cache_read_input_tokens bigint,
     model text
 )"""
-_MEMBER_TASK_IDS = """
-SELECT t.custom_id, t.id FROM unnest($1::text[]) AS line(cid)
-JOIN tasks AS t ON t.custom_id = line.cid
-JOIN batch_tasks AS m ON m.batch_id = $2 AND m.task_id = t.id"""
 # The first line of a task wins; a repeated one (in this chunk or an earlier) is ignored.
 _KEEP_FIRST = """
 INSERT INTO pg_temp.staging SELECT DISTINCT ON (task_id) * FROM pg_temp.incoming
@@ -212,7 +210,8 @@ class PostgresWriteBackLane:
 
     async def _stage(self, conn: Conn, local_id: int, outcomes: Sequence[Outcome]) -> StageReport:
         await unflushed(conn)
-        rows, unmatched = await _staging_rows(conn, local_id, outcomes, self._seq)
+        rows, unmatched, received = await staging_rows(conn, local_id, outcomes, self._seq)
+        await _keep_received(conn, self._database, local_id, received)
         self._seq += len(outcomes)
         await conn.copy_records_to_table(
             "incoming", schema_name="pg_temp", records=rows, columns=_COLUMNS
@@ -248,39 +247,6 @@ async def create_staging(conn: Conn) -> None:
     """The session's `staging` and `incoming` TEMP tables (kept across transactions)."""
     await conn.execute(_CREATE_STAGING.format(name="pg_temp.staging", key=" PRIMARY KEY"))
     await conn.execute(_CREATE_STAGING.format(name="pg_temp.incoming", key=""))
-
-
-async def _staging_rows(
-    conn: Conn, local_id: int, outcomes: Sequence[Outcome], first_seq: int
-) -> tuple[list[tuple[Any, ...]], list[int]]:
-    found = await conn.fetch(_MEMBER_TASK_IDS, [o.custom_id for o in outcomes], local_id)
-    task_ids: dict[str, int] = {row[0]: row[1] for row in found}
-    rows: list[tuple[Any, ...]] = []
-    unmatched: list[int] = []
-    for position, outcome in enumerate(outcomes):
-        task_id = task_ids.get(outcome.custom_id)
-        if task_id is None:
-            unmatched.append(position)
-            continue
-        usage = outcome.usage
-        rows.append(
-            (
-                first_seq + position,
-                task_id,
-                local_id,
-                outcome.custom_id,
-                outcome.result_type,
-                outcome.result_json,
-                outcome.error,
-                outcome.retryable,
-                usage and usage.input_tokens,
-                usage and usage.output_tokens,
-                usage and usage.cache_creation_input_tokens,
-                usage and usage.cache_read_input_tokens,
-                outcome.model,
-            )
-        )
-    return rows, unmatched
 
 
 async def apply_range(
@@ -442,7 +408,8 @@ async def _write_results(
 ) -> WriteReport:
     await create_staging(conn)
     await conn.execute("TRUNCATE pg_temp.staging, pg_temp.incoming")
-    rows, unmatched_at = await _staging_rows(conn, local_id, outcomes, 0)
+    rows, unmatched_at, received = await staging_rows(conn, local_id, outcomes, 0)
+    await _keep_received(conn, database, local_id, received)
     await conn.copy_records_to_table(
         "incoming", schema_name="pg_temp", records=rows, columns=_COLUMNS
     )
@@ -457,13 +424,31 @@ async def _write_results(
     return WriteReport(written, requeued, ignored, unmatched, duplicates)
 
 
-async def _keep_unmatched(
-    conn: Conn, api_batch_id: str, lines: Sequence[tuple[str, str]], now: Any
+async def _keep_received(
+    conn: Conn, database: PostgresDatabase, local_id: int, received: Sequence[tuple[str, str]]
 ) -> None:
+    """In the staging transaction: the lines as received of results made storable
+    (staging.py), beside the unmatched lines. A copy: the line's usage is counted with its
+    task (the ledger's trigger), so this is not `_keep_unmatched`'s path for paid lines."""
+    if not received:
+        return
+    api_id = await conn.fetchval("SELECT api_batch_id FROM batches WHERE id = $1", local_id)
+    now = database.now()
     await conn.executemany(
         "INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
         " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        [(api_batch_id, custom_id, line, now) for custom_id, line in lines],
+        [(api_id, custom_id, line, now) for custom_id, line in received],
+    )
+
+
+async def _keep_unmatched(
+    conn: Conn, api_batch_id: str, lines: Sequence[tuple[str, str]], now: Any
+) -> None:
+    # A NUL (a malformed line's raw byte, an escape in a custom_id) as text: refused as it is.
+    await conn.executemany(
+        "INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        [(api_batch_id, storable_text(cid), storable_text(line), now) for cid, line in lines],
     )
 
 
