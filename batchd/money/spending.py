@@ -28,12 +28,20 @@ from batchd.money.pricing import (
 from batchd.money.pricing import (
     format_usd as usd,
 )
-from batchd.store import SizeTotals, StoreAccounts, UsageTotals
+from batchd.store import SchemaTooOldError, SizeTotals, StoreAccounts, UsageTotals
 
 
 async def usage_status(accounts: StoreAccounts, config: Config) -> dict[str, Any]:
+    """The ledger's totals and cost, and of them what was paid for lines no task holds."""
     table = PriceTable(config.pricing.models)
-    return usage_json(price_usage(_usage_rows(await accounts.usage_by_model()), table))
+    usage = usage_json(price_usage(_usage_rows(await accounts.usage_by_model()), table))
+    try:
+        kept = price_usage(_usage_rows(await accounts.kept_usage_by_model()), table)
+    except SchemaTooOldError:
+        usage["kept_aside"] = None  # a read-only look at a schema before migration 015
+    else:
+        usage["kept_aside"] = {**_tokens_json(kept.tokens), "cost_usd": _money(kept.cost_usd)}
+    return usage
 
 
 def _usage_rows(
@@ -131,6 +139,13 @@ def render_usage(usage: dict[str, Any]) -> list[str]:
         f"at standard API prices; saved {usd(usage['saving_usd'])} "
         f"(list prices of {usage['prices_as_of']} unless overridden in [pricing])",
     ]
+    kept = usage.get("kept_aside")
+    if kept and kept["requests"]:
+        lines.append(
+            f"  of which {kept['requests']:,} result(s), {usd(kept['cost_usd'])}, paid for lines"
+            " no task holds (a duplicate batch's, or a deleted task's: duplicate_results,"
+            " unmatched_results)"
+        )
     for line in usage["models"]:
         priced = (
             f"{usd(line['cost_usd'])} (as {line['priced_as']})" if line["priced_as"] else "UNPRICED"

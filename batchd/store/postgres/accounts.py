@@ -50,6 +50,15 @@ class PostgresAccounts:
         )
         return [UsageTotals(*row) for row in rows]
 
+    async def kept_usage_by_model(self) -> list[UsageTotals]:
+        """Of the ledger, the usage of billed lines no task holds, per model (015)."""
+        rows = await self._db.read(
+            "SELECT model, count(*), sum(input_tokens)::bigint, sum(output_tokens)::bigint,"
+            " sum(cache_creation_input_tokens)::bigint, sum(cache_read_input_tokens)::bigint"
+            " FROM kept_line_usage GROUP BY model ORDER BY model"
+        )
+        return [UsageTotals(*row) for row in rows]
+
     async def pending_sizes(self, limit: int | None = None) -> list[SizeTotals]:
         """Request sizes per model of pending tasks (the oldest `limit`, or all)."""
         rows = await self._db.read(
