@@ -15,15 +15,22 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from batchd.config import Config, DatabaseConfig
 from batchd.domain import BatchOrigin, BatchState, Outcome, Usage
-from batchd.store import KeptLine, Store
+from batchd.money.spending import usage_status
+from batchd.store import KeptLine, Store, open_store
+from batchd.store.postgres.migrations import shipped_migrations as postgres_migrations
+from batchd.store.sqlite.migrations import shipped_migrations as sqlite_migrations
 from tests.support.backends import Peek
+from tests.support.schema import UNDO_KEPT_LINE_USAGE
 from tests.support.store import START, add_tasks, api_batch, claim
 
 pytestmark = [pytest.mark.fake_clock, pytest.mark.both_stores]
 MAX_ATTEMPTS = 3
 USAGE = Usage(input_tokens=100, output_tokens=20, cache_creation_input_tokens=3,
               cache_read_input_tokens=7)  # fmt: skip
+MESSAGE = {"model": "claude-x", "usage": {"input_tokens": 100, "output_tokens": 20,
+           "cache_creation_input_tokens": 3, "cache_read_input_tokens": 7}}  # fmt: skip
 
 
 def paid(custom_id: str, source: str) -> Outcome:
@@ -31,7 +38,9 @@ def paid(custom_id: str, source: str) -> Outcome:
     return Outcome(
         custom_id=custom_id,
         result_type="succeeded",
-        result_json=orjson.dumps({"type": "succeeded", "from": source}).decode(),
+        result_json=orjson.dumps(
+            {"type": "succeeded", "from": source, "message": MESSAGE}
+        ).decode(),
         error=None,
         retryable=False,
         usage=USAGE,
@@ -40,9 +49,11 @@ def paid(custom_id: str, source: str) -> Outcome:
 
 
 def kept(outcome: Outcome) -> KeptLine:
-    """An unmatched line as the collector keeps it."""
-    line = orjson.dumps({"custom_id": outcome.custom_id, "result": outcome.result_json})
-    return KeptLine.of(outcome, line.decode())
+    """An unmatched line as the collector keeps it (the `result` text spliced in)."""
+    line = (
+        f'{{"custom_id":{orjson.dumps(outcome.custom_id).decode()},"result":{outcome.result_json}}}'
+    )
+    return KeptLine.of(outcome, line)
 
 
 def ledger(peek: Peek) -> tuple[int, int, int, int, int]:
@@ -160,3 +171,49 @@ async def test_a_batch_with_some_members_alive_and_no_line_of_theirs_is_still_fo
     assert finished.origin == BatchOrigin.FOREIGN
     assert finished.missing_requeued == ("b",)
     assert ledger(peek) == times(0)
+
+
+async def test_billed_lines_kept_by_an_older_batchd_are_counted_once_by_the_upgrade(
+    database_config: DatabaseConfig, peek: Peek
+) -> None:
+    store = await open_store(database_config)
+    try:
+        await add_tasks(store, "a", "b")
+        intent = await claim(store, "a", "b")
+        assert await store.mark_created(intent, api_batch("msgbatch_1", "ended"))
+        errored = Outcome("zz", "errored", '{"type": "errored"}', "boom", retryable=True)
+        lines = [kept(paid("x-1", "1")), kept(paid("x-2", "1")), kept(errored)]
+        await store.keep_unmatched("msgbatch_1", [*lines, KeptLine("malformed-line-9", "{")])
+    finally:
+        await store.close()
+    # As a batchd before migration 015 left it: the lines kept, none of them counted.
+    for statement in UNDO_KEPT_LINE_USAGE:
+        peek.execute(statement)
+    peek.execute("DELETE FROM usage_ledger")
+    peek.execute("DELETE FROM schema_migrations WHERE version = ?", newest(database_config))
+    for _ in range(2):  # the upgrade, then an open that has nothing left to apply
+        upgraded = await open_store(database_config)
+        await upgraded.close()
+    assert ledger(peek) == times(2)
+    assert peek.query("SELECT count(*) FROM unmatched_results") == [(4,)]
+
+
+async def test_status_reads_a_schema_before_015_without_the_kept_share(
+    database_config: DatabaseConfig, peek: Peek
+) -> None:
+    await (await open_store(database_config)).close()
+    for statement in UNDO_KEPT_LINE_USAGE:
+        peek.execute(statement)
+    peek.execute("DELETE FROM schema_migrations WHERE version = ?", newest(database_config))
+    store = await open_store(database_config, read_only=True)
+    try:
+        usage = await usage_status(store.accounts, Config())
+    finally:
+        await store.close()
+    assert (usage["requests"], usage["kept_aside"]) == (0, None)
+
+
+def newest(database: DatabaseConfig) -> int:
+    shipped = sqlite_migrations() if database.url is None else postgres_migrations()
+    assert shipped[-1].name == "kept_line_usage"
+    return shipped[-1].version
