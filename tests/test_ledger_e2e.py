@@ -110,7 +110,13 @@ async def test_a_late_create_and_its_resubmission_are_both_counted_once(
     assert usage["cost_usd"] == pytest.approx(cost_of(billed, model, config), abs=1e-6)
     assert usage["kept_aside"]["requests"] == TASKS
     assert usage["kept_aside"]["cost_usd"] == pytest.approx(usage["cost_usd"] / 2, abs=1e-6)
-    assert f"of which {TASKS} result(s)" in status(database_config, tmp_path)
+    assert (usage["kept_aside"]["duplicate"]["requests"], usage["kept_aside"]["unmatched"]) == (
+        TASKS,
+        {"requests": 0, "cost_usd": 0.0},
+    )
+    text = status(database_config, tmp_path)
+    assert f"of which {TASKS} result(s)" in text
+    assert f"{TASKS} duplicate (" in text
 
 
 async def test_deleting_the_tasks_of_a_batch_in_flight_keeps_it_ours_and_its_cost_counted(
@@ -143,3 +149,4 @@ async def test_deleting_the_tasks_of_a_batch_in_flight_keeps_it_ours_and_its_cos
     out = status(database_config, tmp_path)
     assert "KEY APPEARS SHARED" not in out
     assert f"of which {TASKS} result(s)" in out
+    assert f"0 duplicate ($0.0000, duplicate_results), {TASKS} unmatched" in out

@@ -99,9 +99,13 @@ async def test_a_duplicate_line_is_counted_once_even_when_downloaded_again(
     await store.write_results(late, [paid("a", "late")], MAX_ATTEMPTS)
     assert peek.query("SELECT count(*) FROM duplicate_results") == [(2,)]
     assert ledger(peek) == times(4)
-    assert [(u.model, u.requests) for u in await store.accounts.kept_usage_by_model()] == [
-        ("claude-x", 2)
-    ]
+    kept = {
+        kind: await store.accounts.kept_usage_by_model(kind) for kind in ("duplicate", "unmatched")
+    }
+    assert {kind: [(u.model, u.requests) for u in rows] for kind, rows in kept.items()} == {
+        "duplicate": [("claude-x", 2)],
+        "unmatched": [],
+    }
 
 
 async def test_an_unmatched_paid_line_is_counted_once_and_an_unpaid_one_not_at_all(

@@ -36,12 +36,27 @@ async def usage_status(accounts: StoreAccounts, config: Config) -> dict[str, Any
     table = PriceTable(config.pricing.models)
     usage = usage_json(price_usage(_usage_rows(await accounts.usage_by_model()), table))
     try:
-        kept = price_usage(_usage_rows(await accounts.kept_usage_by_model()), table)
+        kept = {
+            kept_in: price_usage(_usage_rows(await accounts.kept_usage_by_model(kept_in)), table)
+            for kept_in in _KEPT_IN
+        }
     except SchemaTooOldError:
         usage["kept_aside"] = None  # a read-only look at a schema before migration 015
-    else:
-        usage["kept_aside"] = {**_tokens_json(kept.tokens), "cost_usd": _money(kept.cost_usd)}
+        return usage
+    tokens = kept["duplicate"].tokens + kept["unmatched"].tokens
+    usage["kept_aside"] = {
+        **_tokens_json(tokens),
+        "cost_usd": _money(sum(report.cost_usd for report in kept.values())),
+        **{
+            kept_in: {"requests": report.tokens.requests, "cost_usd": _money(report.cost_usd)}
+            for kept_in, report in kept.items()
+        },
+    }
     return usage
+
+
+# Where billed lines no task holds are kept (kept_line_usage.kept_in, migration 015).
+_KEPT_IN = ("duplicate", "unmatched")
 
 
 def _usage_rows(
@@ -141,10 +156,12 @@ def render_usage(usage: dict[str, Any]) -> list[str]:
     ]
     kept = usage.get("kept_aside")
     if kept and kept["requests"]:
+        duplicate, unmatched = kept["duplicate"], kept["unmatched"]
         lines.append(
             f"  of which {kept['requests']:,} result(s), {usd(kept['cost_usd'])}, paid for lines"
-            " no task holds (a duplicate batch's, or a deleted task's: duplicate_results,"
-            " unmatched_results)"
+            f" no task holds: {duplicate['requests']:,} duplicate ({usd(duplicate['cost_usd'])},"
+            f" duplicate_results), {unmatched['requests']:,} unmatched"
+            f" ({usd(unmatched['cost_usd'])}, unmatched_results: e.g. tasks deleted in flight)"
         )
     for line in usage["models"]:
         priced = (
