@@ -116,8 +116,8 @@ class KeptLine(NamedTuple):
         return cls(outcome.custom_id, line, outcome.model, outcome.usage or Usage())
 
     def billed(self) -> tuple[str | None, int | None, int | None, int | None, int | None]:
-        """(model, input, output, cache-write, cache-read tokens) as kept beside the line:
-        every token count NULL when the line was not billed (what the ledger trigger reads)."""
+        """(model, input, output, cache-write, cache-read tokens) as `kept_line_usage` counts
+        a billed line; all None for a line not billed (the stores count only billed ones)."""
         if self.usage is None:
             return (None, None, None, None, None)
         u = self.usage
