@@ -28,12 +28,35 @@ from batchd.money.pricing import (
 from batchd.money.pricing import (
     format_usd as usd,
 )
-from batchd.store import SizeTotals, StoreAccounts, UsageTotals
+from batchd.store import SchemaTooOldError, SizeTotals, StoreAccounts, UsageTotals
 
 
 async def usage_status(accounts: StoreAccounts, config: Config) -> dict[str, Any]:
+    """The ledger's totals and cost, and of them what was paid for lines no task holds."""
     table = PriceTable(config.pricing.models)
-    return usage_json(price_usage(_usage_rows(await accounts.usage_by_model()), table))
+    usage = usage_json(price_usage(_usage_rows(await accounts.usage_by_model()), table))
+    try:
+        kept = {
+            kept_in: price_usage(_usage_rows(await accounts.kept_usage_by_model(kept_in)), table)
+            for kept_in in _KEPT_IN
+        }
+    except SchemaTooOldError:
+        usage["kept_aside"] = None  # a read-only look at a schema before migration 015
+        return usage
+    tokens = kept["duplicate"].tokens + kept["unmatched"].tokens
+    usage["kept_aside"] = {
+        **_tokens_json(tokens),
+        "cost_usd": _money(sum(report.cost_usd for report in kept.values())),
+        **{
+            kept_in: {"requests": report.tokens.requests, "cost_usd": _money(report.cost_usd)}
+            for kept_in, report in kept.items()
+        },
+    }
+    return usage
+
+
+# Where billed lines no task holds are kept (kept_line_usage.kept_in, migration 015).
+_KEPT_IN = ("duplicate", "unmatched")
 
 
 def _usage_rows(
@@ -131,6 +154,15 @@ def render_usage(usage: dict[str, Any]) -> list[str]:
         f"at standard API prices; saved {usd(usage['saving_usd'])} "
         f"(list prices of {usage['prices_as_of']} unless overridden in [pricing])",
     ]
+    kept = usage.get("kept_aside")
+    if kept and kept["requests"]:
+        duplicate, unmatched = kept["duplicate"], kept["unmatched"]
+        lines.append(
+            f"  of which {kept['requests']:,} result(s), {usd(kept['cost_usd'])}, paid for lines"
+            f" no task holds: {duplicate['requests']:,} duplicate ({usd(duplicate['cost_usd'])},"
+            f" duplicate_results), {unmatched['requests']:,} unmatched"
+            f" ({usd(unmatched['cost_usd'])}, unmatched_results: e.g. tasks deleted in flight)"
+        )
     for line in usage["models"]:
         priced = (
             f"{usd(line['cost_usd'])} (as {line['priced_as']})" if line["priced_as"] else "UNPRICED"

@@ -38,7 +38,7 @@ from batchd.pipeline.collectlease import (
 from batchd.pipeline.outcomes import MalformedResultLine, parse_result_line
 from batchd.pipeline.overlap import until_done_or_ended, until_staged
 from batchd.service.metrics import RESULTS_WRITTEN, Registry
-from batchd.store import FinishReport, Store, StoreError, WriteBackLane
+from batchd.store import FinishReport, KeptLine, Store, StoreError, WriteBackLane
 
 log = structlog.get_logger("batchd.pipeline.collector")
 
@@ -246,7 +246,7 @@ class Collector:
         # An expected data problem, not a crash: no traceback wanted.
         log.error("result_line_malformed", batch_id=api_batch_id, error=str(exc))
         await self._store.keep_unmatched(
-            api_batch_id, [(f"malformed-line-{number}", line.decode(errors="replace"))]
+            api_batch_id, [KeptLine(f"malformed-line-{number}", line.decode(errors="replace"))]
         )
 
     async def _stage(
@@ -266,7 +266,7 @@ class Collector:
             return
         unmatched = [outcomes[position] for position in report.unmatched]
         await self._store.keep_unmatched(
-            api_batch_id, [(outcome.custom_id, _line_of(outcome)) for outcome in unmatched]
+            api_batch_id, [KeptLine.of(outcome, _line_of(outcome)) for outcome in unmatched]
         )
         log.error(
             "results_unmatched",

@@ -26,6 +26,10 @@ class StoreAccounts(Protocol):
     async def usage_by_model(self, since_day: str | None = None) -> list[UsageTotals]:
         """Usage of succeeded results per model (the ledger), on or after `since_day`."""
 
+    async def kept_usage_by_model(self, kept_in: str) -> list[UsageTotals]:
+        """Of the ledger, the usage of billed lines no task holds, kept in `kept_in`
+        ('duplicate': duplicate_results, 'unmatched': unmatched_results), per model."""
+
     async def pending_sizes(self, limit: int | None = None) -> list[SizeTotals]:
         """Request sizes per model of pending tasks (the oldest `limit`, or all)."""
 

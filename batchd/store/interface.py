@@ -81,7 +81,9 @@ line ends the task`: it writes a task that still waits, whichever batch it waits
 exactly once (the task then points at the candidate, so no second line passes the guard of
 any batch), and withdraws a pending one from the queue in the same UPDATE. Every apply
 keeps, in its range's transaction, the lines for tasks another batch already answered in
-duplicate_results: the first result written wins, none is ever overwritten.
+duplicate_results: the first result written wins, none is ever overwritten. A kept line
+that was billed (succeeded) is counted in the usage ledger as it is kept (migration 015's
+triggers), so a line kept twice is counted once.
 
 **Flat costs** (issue 16). A database may hold millions of finished tasks and a queue of
 a million pending ones; what a second store must keep flat:
@@ -135,6 +137,7 @@ from batchd.store.values import (
     DuplicateBatch,
     EnqueueReport,
     FinishReport,
+    KeptLine,
     ResultLine,
     ResultRow,
     SchemaVersions,
@@ -329,8 +332,10 @@ class Store(Protocol):
         """No write of ours for `seconds`, so that users' writes waiting for the database
         get through (SQLite: its busy handler; a backend with row locks may just return)."""
 
-    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
-        """Keep (custom_id, line) result lines that matched no task of their batch."""
+    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[KeptLine]) -> None:
+        """Keep result lines that matched no task of their batch (a repeated one once),
+        and count the usage of the billed ones in the usage ledger in the same
+        transaction: paid is recorded, even for a line no task of ours can hold."""
 
     async def finish_batch(
         self,

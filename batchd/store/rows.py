@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from batchd.domain import FINAL_TASK_STATUSES, BatchOrigin, TaskStatus
+from batchd.domain import FINAL_TASK_STATUSES, TaskStatus
 from batchd.store.values import (
     AcknowledgeReport,
     CancelReport,
@@ -108,16 +108,6 @@ def cancel_range(
         by_status.setdefault(str(status), []).append(int(task_id))
     end = min((max(ids) for ids in by_status.values() if len(ids) >= limit), default=last_id)
     return sorted(i for ids in by_status.values() for i in ids if i <= end), end
-
-
-def batch_origin(matched_lines: int, unmatched: int, ours: int, malformed: int) -> BatchOrigin:
-    """What a finished batch's lines showed it to be. Foreign only when no line named a
-    task of its intent (`matched_lines`), some lines were kept unmatched, none of those
-    names any task of ours, and none is malformed (a malformed line names nobody: it proves
-    nothing foreign)."""
-    if matched_lines == 0 and unmatched and not ours and not malformed:
-        return BatchOrigin.FOREIGN
-    return BatchOrigin.PARTLY_OURS if unmatched else BatchOrigin.OURS
 
 
 async def result_lines(pages: AsyncIterator[list[ResultRow]]) -> AsyncIterator[ResultLine]:

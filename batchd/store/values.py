@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from batchd.domain import BatchRecord, WriteReport
+from batchd.domain import BatchRecord, Outcome, Usage, WriteReport
 
 # What `batchd.store` re-exports (its `__init__` imports this list rather than repeating it).
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "EnqueueReport",
     "FinishReport",
     "ForgottenBatches",
+    "KeptLine",
     "PendingFingerprint",
     "PrunableTask",
     "PruneExportPage",
@@ -92,6 +93,36 @@ class StageReport:
     staged: int  # lines kept for a task of the batch, to be applied
     repeated: int  # further lines for a task already staged: ignored
     unmatched: tuple[int, ...]  # positions in the chunk of lines that match no task of the batch
+
+
+class KeptLine(NamedTuple):
+    """A result line kept aside in unmatched_results, with what the API billed for it.
+
+    Only a succeeded line is billed (spec §5: errored, canceled and expired are not), so
+    `usage` is set for those alone: the store counts it in the usage ledger as it keeps the
+    line. A malformed line has none: nothing it says can be trusted to be a bill.
+    """
+
+    custom_id: str
+    line: str
+    model: str | None = None
+    usage: Usage | None = None  # None: not billed
+
+    @classmethod
+    def of(cls, outcome: Outcome, line: str) -> KeptLine:
+        """The kept form of a parsed line: its usage when it was billed (succeeded)."""
+        if outcome.result_type != "succeeded":
+            return cls(outcome.custom_id, line)
+        return cls(outcome.custom_id, line, outcome.model, outcome.usage or Usage())
+
+    def billed(self) -> tuple[str | None, int | None, int | None, int | None, int | None]:
+        """(model, input, output, cache-write, cache-read tokens) as `kept_line_usage` counts
+        a billed line; all None for a line not billed (the stores count only billed ones)."""
+        if self.usage is None:
+            return (None, None, None, None, None)
+        u = self.usage
+        return (self.model, u.input_tokens, u.output_tokens, u.cache_creation_input_tokens,
+                u.cache_read_input_tokens)  # fmt: skip
 
 
 class UsageTotals(NamedTuple):

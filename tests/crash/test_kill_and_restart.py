@@ -202,4 +202,5 @@ async def test_kills_inside_the_harvest_of_a_late_batch_lose_nothing_and_account
     assert ledger.duplicate_batches == 1
     assert harvests == [("completed", "ours")]
     assert ledger.submissions == 2 * HARVEST_TASKS  # the late batch and the resubmission
+    assert ledger.recorded == ledger.billed  # both batches paid, each line counted once
     print(f"\nharvest kill points: {log.kills} kills; {ledger}")

@@ -24,6 +24,7 @@ from batchd.domain import FINAL_TASK_STATUSES
 from batchd.fakeapi.server import FakeApiServer
 from batchd.store import open_store
 from tests.support.backends import Peek, SqlitePeek
+from tests.support.ledger import Tokens, billed_by_fake, recorded_in_ledger
 from tests.support.params import request_params
 
 BATCHD = [sys.executable, "-m", "batchd"]
@@ -223,11 +224,15 @@ class Ledger:
     unmatched_results: int
     duplicate_batches: int
     submissions: int
+    # Money: what the fake billed (succeeded lines, every batch), and the usage ledger.
+    billed: Tokens
+    recorded: Tokens
 
 
 def check_invariants(database: Path | Peek, server: FakeApiServer) -> Ledger:
-    """Every task final, every result its own, every submission known to the database
-    (a SQLite file's path, or a `Peek` at either store)."""
+    """Every task final, every result its own, every submission known to the database,
+    every billed result in its usage ledger (a SQLite file's path, or a `Peek` at either
+    store)."""
     peek = SqlitePeek(database) if isinstance(database, Path) else database
     tasks = peek.query("SELECT custom_id, status, result, attempts FROM tasks")
     batches = peek.query("SELECT id, state FROM batches")
@@ -256,6 +261,8 @@ def check_invariants(database: Path | Peek, server: FakeApiServer) -> Ledger:
         unmatched_results=unmatched,
         duplicate_batches=len(duplicates),
         submissions=sum(sent.values()),
+        billed=billed_by_fake(server.state),
+        recorded=recorded_in_ledger(peek),
     )
 
 
@@ -285,6 +292,7 @@ def assert_nothing_lost_or_duplicated(ledger: Ledger, expected_tasks: int) -> No
     assert ledger.unsettled_batches == []
     assert ledger.unmatched_results == 0
     assert ledger.duplicate_batches == 0
+    assert ledger.recorded == ledger.billed  # money paid is money recorded, once
 
 
 async def start_daemon(

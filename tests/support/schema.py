@@ -3,7 +3,7 @@ it again: the statements that undo a migration, on either dialect.
 
 Only migrations that cannot simply be applied again need undoing: 010 (indexes, IF NOT
 EXISTS), 011 (a no-op on SQLite; PostgreSQL's replaces its own triggers) and 012 (a
-fillfactor set again) can; 009's and 014's ADD COLUMNs cannot.
+fillfactor set again) can; 009's and 014's ADD COLUMNs and 015's table cannot.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ UNDO_COLLECT_LEASE: tuple[str, ...] = tuple(
 # 014_collector_liveness: whether a lease's holder held its liveness lock.
 UNDO_COLLECTOR_LIVENESS: tuple[str, ...] = ("ALTER TABLE batches DROP COLUMN collector_lock_held",)
 
+# 015_kept_line_usage: the usage of billed lines no task holds (its trigger goes with it).
+UNDO_KEPT_LINE_USAGE: tuple[str, ...] = ("DROP TABLE kept_line_usage",)
+
 # 008_duplicate_acknowledged, and everything after it that must be undone.
 UNDO_FROM_ACKNOWLEDGED: tuple[str, ...] = (
+    *UNDO_KEPT_LINE_USAGE,
     *UNDO_COLLECTOR_LIVENESS,
     *UNDO_COLLECT_LEASE,
     "ALTER TABLE duplicate_batches DROP COLUMN acknowledged_at",

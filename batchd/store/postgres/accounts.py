@@ -50,6 +50,17 @@ class PostgresAccounts:
         )
         return [UsageTotals(*row) for row in rows]
 
+    async def kept_usage_by_model(self, kept_in: str) -> list[UsageTotals]:
+        """Of the ledger, the usage of billed lines no task holds, kept in `kept_in`
+        ('duplicate': duplicate_results, 'unmatched': unmatched_results), per model."""
+        rows = await self._db.read(
+            "SELECT model, count(*), sum(input_tokens)::bigint, sum(output_tokens)::bigint,"
+            " sum(cache_creation_input_tokens)::bigint, sum(cache_read_input_tokens)::bigint"
+            " FROM kept_line_usage WHERE kept_in = $1 GROUP BY model ORDER BY model",
+            kept_in,
+        )
+        return [UsageTotals(*row) for row in rows]
+
     async def pending_sizes(self, limit: int | None = None) -> list[SizeTotals]:
         """Request sizes per model of pending tasks (the oldest `limit`, or all)."""
         rows = await self._db.read(

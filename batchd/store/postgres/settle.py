@@ -11,8 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from batchd.domain import BatchOrigin
+from batchd.store.origin import LinesSeen, batch_origin
+from batchd.store.postgres import kept_lines
 from batchd.store.postgres.connection import Conn
-from batchd.store.rows import USER_CANCELED, batch_origin
+from batchd.store.rows import USER_CANCELED
 
 # A candidate still to be read: its results may yet answer the intent's tasks.
 OPEN_STATES = ("in_progress", "canceling", "ended")
@@ -25,6 +27,13 @@ FROM batches AS b
 LEFT JOIN unmatched_results AS u ON u.api_batch_id = b.api_batch_id
 LEFT JOIN tasks AS t ON t.custom_id = u.custom_id
 WHERE b.id = $1 GROUP BY b.id"""
+# Whether the batch's intent claimed tasks, and whether any of them still exists (a user
+# may DELETE tasks in flight). EXISTS: one row read each, whatever the batch's size.
+_MEMBERS = """
+SELECT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = $1),
+    EXISTS (SELECT 1 FROM batch_tasks AS m JOIN tasks AS t ON t.id = m.task_id
+            WHERE m.batch_id = $1)"""
+
 _SETTLEABLE = """
 SELECT api_batch_id, origin FROM batches AS b WHERE id = $1
     AND state = 'completed' AND candidate_for IS NULL AND NOT EXISTS (
@@ -58,8 +67,14 @@ async def decide_origin(
     found = await conn.fetchrow(_LINES_OF, local_id)
     assert found is not None, local_id  # the caller just completed this batch
     api_id, unmatched, ours, malformed = found
-    origin = batch_origin(matched_lines, unmatched, ours, malformed)
+    members, live = False, False
+    if matched_lines == 0 and unmatched:  # only then can the members change the verdict
+        found = await conn.fetchrow(_MEMBERS, local_id)
+        assert found is not None  # EXISTS answers one row
+        members, live = found
+    origin = batch_origin(LinesSeen(matched_lines, unmatched, ours, malformed, members, live))
     if origin == BatchOrigin.FOREIGN:
+        await kept_lines.uncount_foreign(conn, api_id)
         await conn.execute("DELETE FROM unmatched_results WHERE api_batch_id = $1", api_id)
         await conn.execute(
             "INSERT INTO foreign_batches (api_batch_id, seen_at, how)"

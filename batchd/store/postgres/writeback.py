@@ -20,6 +20,7 @@ import asyncpg
 
 from batchd.crashpoints import crash_point
 from batchd.domain import Outcome, TaskStatus, WriteReport
+from batchd.store.postgres import kept_lines
 from batchd.store.postgres.connection import Conn, postgres_errors
 from batchd.store.postgres.database import PostgresDatabase, count_of, in_transaction
 from batchd.store.postgres.errors import PostgresUnavailableError
@@ -27,7 +28,7 @@ from batchd.store.postgres.settle import decide_origin, settle_intent
 from batchd.store.postgres.staging import staging_rows
 from batchd.store.postgres.storable import storable_text
 from batchd.store.rows import USER_CANCELED
-from batchd.store.values import AppliedRange, FinishReport, StageReport
+from batchd.store.values import AppliedRange, FinishReport, KeptLine, StageReport
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -123,16 +124,28 @@ RETURNING tasks.status"""
 # never written over the first result. A re-download of this batch's own line is not one.
 # The line is built as the collector keeps an unmatched one: custom_id first, then the
 # result's text as it came (`::json` checks it and keeps it unchanged).
+_DUPLICATE_LINES = f"""
+FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
+    AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
+    AND t.batch_id IS DISTINCT FROM $5"""
 _KEEP_DUPLICATES = f"""
 INSERT INTO duplicate_results (api_batch_id, custom_id, line, received_at)
 SELECT $1, s.custom_id,
     '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
     || '}}',
     $2::timestamptz
-FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
-WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
-    AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
-    AND t.batch_id IS DISTINCT FROM $5
+{_DUPLICATE_LINES}
+ON CONFLICT DO NOTHING"""
+# In the same transaction, the billed ones (succeeded) are counted: a row per line of the
+# API batch, whose trigger adds them to the usage ledger (migration 015); a line kept again
+# is left out, never counted twice. Run only when the range kept a new duplicate.
+_COUNT_DUPLICATES = f"""
+INSERT INTO kept_line_usage
+SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
+    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_DUPLICATE_LINES} AND s.result_type = 'succeeded'
 ON CONFLICT DO NOTHING"""
 
 
@@ -282,6 +295,8 @@ async def apply_range(
         duplicates = count_of(
             await conn.execute(_KEEP_DUPLICATES, api_id, now, first, last, local_id)
         )
+        if duplicates:
+            await conn.execute(_COUNT_DUPLICATES, api_id, now, first, last, local_id)
     requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
     ignored = count - len(changed) - duplicates
     report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
@@ -334,10 +349,12 @@ class WriteBack:
         holds only the rows of its own tasks."""
         self._db.check_open()
 
-    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
-        """Keep result lines that matched no task of their batch (never dropped)."""
-        if lines:
-            await self._db.transact(_keep_unmatched, api_batch_id, lines, self._db.now())
+    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[KeptLine]) -> None:
+        """Keep result lines that matched no task of their batch (never dropped), and
+        count the billed ones in the usage ledger, in one transaction."""
+        kept = [KeptLine(*line) for line in lines]  # a bare (custom_id, line): not billed
+        if kept:
+            await self._db.transact(kept_lines.keep_unmatched, api_batch_id, kept, self._db.now())
 
     async def finish_batch(
         self,
@@ -429,7 +446,7 @@ async def _keep_received(
 ) -> None:
     """In the staging transaction: the lines as received of results made storable
     (staging.py), beside the unmatched lines. A copy: the line's usage is counted with its
-    task (the ledger's trigger), so this is not `_keep_unmatched`'s path for paid lines."""
+    task (the ledger's trigger), so this is not `kept_lines.keep_unmatched`'s path, which counts paid lines."""
     if not received:
         return
     api_id = await conn.fetchval("SELECT api_batch_id FROM batches WHERE id = $1", local_id)
@@ -438,17 +455,6 @@ async def _keep_received(
         "INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
         " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         [(api_id, custom_id, line, now) for custom_id, line in received],
-    )
-
-
-async def _keep_unmatched(
-    conn: Conn, api_batch_id: str, lines: Sequence[tuple[str, str]], now: Any
-) -> None:
-    # A NUL (a malformed line's raw byte, an escape in a custom_id) as text: refused as it is.
-    await conn.executemany(
-        "INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        [(api_batch_id, storable_text(cid), storable_text(line), now) for cid, line in lines],
     )
 
 

@@ -8,11 +8,19 @@ why it sits apart from both.
 from __future__ import annotations
 
 from batchd.domain import BatchOrigin
-from batchd.store.rows import USER_CANCELED, batch_origin
+from batchd.store.origin import LinesSeen, batch_origin
+from batchd.store.rows import USER_CANCELED
+from batchd.store.sqlite import kept_lines
 from batchd.store.sqlite.database import Db, json_list, run, run_many
 
 # A candidate still to be read: its results may yet answer the intent's tasks.
 OPEN_STATES = ("in_progress", "canceling", "ended")
+# Whether the batch's intent claimed tasks, and whether any of them still exists (a user
+# may DELETE tasks in flight). EXISTS: one row read each, whatever the batch's size.
+_MEMBERS = """
+SELECT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = :local),
+    EXISTS (SELECT 1 FROM batch_tasks AS m JOIN tasks AS t ON t.id = m.task_id
+            WHERE m.batch_id = :local)"""
 
 
 async def cancel_flagged(db: Db, local_id: int, now: str, *, attempts_delta: int) -> None:
@@ -46,8 +54,14 @@ async def decide_origin(
         " LEFT JOIN tasks AS t ON t.custom_id = u.custom_id WHERE b.id = ?",
         (local_id,),
     )
-    origin = batch_origin(matched_lines, unmatched, ours, malformed)
+    members, live = (False, False)
+    if matched_lines == 0 and unmatched:  # only then can the members change the verdict
+        [(members, live)] = await db.execute_fetchall(_MEMBERS, {"local": local_id})
+    origin = batch_origin(
+        LinesSeen(matched_lines, unmatched, ours, malformed, bool(members), bool(live))
+    )
     if origin == BatchOrigin.FOREIGN:
+        await kept_lines.uncount_foreign(db, api_id)
         await run(db, "DELETE FROM unmatched_results WHERE api_batch_id = ?", (api_id,))
         await run(
             db,

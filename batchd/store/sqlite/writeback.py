@@ -15,7 +15,7 @@ from typing import cast
 from batchd.crashpoints import crash_point
 from batchd.domain import Outcome, TaskStatus, WriteReport
 from batchd.store.rows import USER_CANCELED
-from batchd.store.sqlite import staging
+from batchd.store.sqlite import kept_lines, staging
 from batchd.store.sqlite.database import (
     Connection,
     Db,
@@ -24,11 +24,10 @@ from batchd.store.sqlite.database import (
     json_list,
     run,
     run_many,
-    run_many_in,
 )
 from batchd.store.sqlite.settle import decide_origin, settle_intent
 from batchd.store.sqlite.staging import StagingKeys
-from batchd.store.values import AppliedRange, FinishReport, StageReport
+from batchd.store.values import AppliedRange, FinishReport, KeptLine, StageReport
 
 # Two: the apply is one writer at a time anyway; a third lane would only wait for it.
 _WRITE_BACK_LANES = 2
@@ -110,13 +109,24 @@ RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
 # never written over the first result. A re-download of this batch's own line is not one.
+_DUPLICATE_LINES = f"""
+FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
+    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled') AND t.batch_id IS NOT :local"""
 _KEEP_DUPLICATES = f"""
 INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received_at)
 SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
     :now
-FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
-WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
-    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled') AND t.batch_id IS NOT :local"""
+{_DUPLICATE_LINES}"""
+# In the same transaction, the billed ones (succeeded) are counted: a row per line of the
+# API batch, whose trigger adds it to the usage ledger (migration 015); a line kept again
+# is ignored, never counted twice. Run only when the range kept a new duplicate.
+_COUNT_DUPLICATES = f"""
+INSERT OR IGNORE INTO kept_line_usage
+SELECT :api_id, s.custom_id, 'duplicate', substr(:now, 1, 10), coalesce(s.model, ''),
+    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_DUPLICATE_LINES} AND s.result_type = 'succeeded'"""
 
 
 class SqliteWriteBackLane:
@@ -218,6 +228,8 @@ class SqliteWriteBackLane:
         changed = list(await db.execute_fetchall(apply, names))
         crash_point("harvest_range_applied" if intent_id is not None else "range_applied")
         duplicates = await run(db, _KEEP_DUPLICATES, {**names, "api_id": api_id})
+        if duplicates:
+            await run(db, _COUNT_DUPLICATES, {**names, "api_id": api_id})
         requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
         ignored = count - len(changed) - duplicates
         report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
@@ -319,15 +331,12 @@ class WriteBack:
         """`apply_staged` on the writer connection's own staging."""
         return await self._main_lane.apply_staged(local_id, max_attempts, max_rows, after_task_id)
 
-    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[tuple[str, str]]) -> None:
-        """Keep result lines that matched no task of their batch (never dropped)."""
+    async def keep_unmatched(self, api_batch_id: str, lines: Sequence[KeptLine]) -> None:
+        """Keep result lines that matched no task of their batch (never dropped), and
+        count the billed ones in the usage ledger, in one transaction."""
         now = self._db.now()
-        await self._db.transact(
-            run_many_in,
-            "INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
-            " VALUES (?, ?, ?, ?)",
-            [(api_batch_id, custom_id, line, now) for custom_id, line in lines],
-        )
+        kept = [KeptLine(*line) for line in lines]  # a bare (custom_id, line): not billed
+        await self._db.transact(kept_lines.keep_unmatched, api_batch_id, kept, now)
 
     async def finish_batch(
         self,

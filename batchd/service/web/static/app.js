@@ -74,7 +74,11 @@ function showUsage(usage) {
   const line = $("usage");
   if (!usage) { line.textContent = ""; return; }
   line.textContent = `all results so far: ${usd(usage.cost_usd)} for ${number(usage.requests)} requests` +
-    (usage.saving_usd ? `, ${usd(usage.saving_usd)} less than standard prices` : "");
+    (usage.saving_usd ? `, ${usd(usage.saving_usd)} less than standard prices` : "") +
+    // Paid results no task holds (a duplicate batch's, a deleted task's): in the total.
+    (usage.kept_aside && usage.kept_aside.requests
+      ? `; of which ${usd(usage.kept_aside.cost_usd)} for ${number(usage.kept_aside.requests)} no task holds`
+      : "");
 }
 
 function svg(name, attributes, text) {

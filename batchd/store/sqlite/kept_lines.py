@@ -1,0 +1,64 @@
+"""Result lines no task holds, and what they cost (migration 015), in the caller's
+transaction: unmatched lines kept with their billed usage counted, and a foreign batch's
+usage taken back out of the ledger. (A duplicate line is counted where it is kept, in the
+range's apply: `writeback.py`.)
+
+The API bills every succeeded line (spec §5). `kept_line_usage` holds one row per line of
+an API batch: its trigger adds it to `usage_ledger`, and a line kept again is ignored, so
+a re-download counts nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from batchd.store.sqlite.database import Db, run, run_many
+from batchd.store.values import KeptLine
+
+_KEEP_UNMATCHED = (
+    "INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
+    " VALUES (?, ?, ?, ?)"
+)
+_COUNT_UNMATCHED = (
+    "INSERT OR IGNORE INTO kept_line_usage VALUES (?, ?, 'unmatched', substr(?, 1, 10),"
+    " coalesce(?, ''), ?, ?, ?, ?)"
+)
+# Negative upserts of the batch's rows, per (day, model) they were counted in.
+_UNCOUNT = """
+INSERT INTO usage_ledger (day, model, requests, input_tokens, output_tokens,
+                          cache_creation_input_tokens, cache_read_input_tokens)
+SELECT day, model, -count(*), -sum(input_tokens), -sum(output_tokens),
+    -sum(cache_creation_input_tokens), -sum(cache_read_input_tokens)
+FROM kept_line_usage WHERE api_batch_id = ? AND kept_in = 'unmatched'
+GROUP BY day, model
+ON CONFLICT (day, model) DO UPDATE SET
+    requests = requests + excluded.requests,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    cache_creation_input_tokens =
+        cache_creation_input_tokens + excluded.cache_creation_input_tokens,
+    cache_read_input_tokens = cache_read_input_tokens + excluded.cache_read_input_tokens"""
+# The ledger rows that held nothing but this batch's lines.
+_EMPTIED = """
+DELETE FROM usage_ledger WHERE requests <= 0
+    AND (day, model) IN (SELECT day, model FROM kept_line_usage WHERE api_batch_id = ?)"""
+
+
+async def keep_unmatched(db: Db, api_batch_id: str, lines: Sequence[KeptLine], now: str) -> None:
+    """Keep lines that matched no task of their batch, and count the billed ones."""
+    await run_many(db, _KEEP_UNMATCHED, [(api_batch_id, k.custom_id, k.line, now) for k in lines])
+    billed = [(api_batch_id, k.custom_id, now, *k.billed()) for k in lines if k.usage is not None]
+    if billed:
+        await run_many(db, _COUNT_UNMATCHED, billed)
+
+
+async def uncount_foreign(db: Db, api_batch_id: str) -> None:
+    """A batch proven another client's: its kept lines' usage leaves the ledger (not ours
+    to pay); the caller drops the lines themselves."""
+    await run(db, _UNCOUNT, (api_batch_id,))
+    await run(db, _EMPTIED, (api_batch_id,))
+    await run(
+        db,
+        "DELETE FROM kept_line_usage WHERE api_batch_id = ? AND kept_in = 'unmatched'",
+        (api_batch_id,),
+    )
