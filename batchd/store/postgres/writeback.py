@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -26,7 +26,6 @@ from batchd.store.postgres.database import PostgresDatabase, count_of, in_transa
 from batchd.store.postgres.errors import PostgresUnavailableError
 from batchd.store.postgres.settle import decide_origin, settle_intent
 from batchd.store.postgres.staging import staging_rows
-from batchd.store.postgres.storable import storable_text
 from batchd.store.rows import USER_CANCELED
 from batchd.store.values import AppliedRange, FinishReport, KeptLine, StageReport
 
@@ -446,7 +445,8 @@ async def _keep_received(
 ) -> None:
     """In the staging transaction: the lines as received of results made storable
     (staging.py), beside the unmatched lines. A copy: the line's usage is counted with its
-    task (the ledger's trigger), so this is not `kept_lines.keep_unmatched`'s path, which counts paid lines."""
+    task (the ledger's trigger), so not through `kept_lines.keep_unmatched`, which counts
+    what it keeps."""
     if not received:
         return
     api_id = await conn.fetchval("SELECT api_batch_id FROM batches WHERE id = $1", local_id)
