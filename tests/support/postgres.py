@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -203,8 +204,19 @@ def create_database(server: PostgresServer, prefix: str = "batchd_test") -> str:
 
 
 def drop_database(server: PostgresServer, name: str) -> None:
-    # FORCE: a test that failed may have left a connection open (PostgreSQL 13+).
-    run_sync(lambda: _admin(server, f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)"))
+    """Drop it, whatever is still connected. A plain DROP first: it stops an autovacuum
+    worker on the database itself, where FORCE refuses a non-superuser ("must be a member
+    of the role whose process is being terminated": the worker has no role, PostgreSQL
+    15); then FORCE, for a connection a failed test left open (PostgreSQL 13+)."""
+    plain = f"DROP DATABASE IF EXISTS {quote_ident(name)}"
+    for sql in [plain, f"{plain} WITH (FORCE)"] * 10:
+        try:
+            run_sync(partial(_admin, server, sql))
+        except (asyncpg.ObjectInUseError, asyncpg.InsufficientPrivilegeError):
+            time.sleep(0.1)
+        else:
+            return
+    run_sync(lambda: _admin(server, f"{plain} WITH (FORCE)"))
 
 
 # -- fixtures (registered through tests/conftest.py's pytest_plugins) ----------------------
