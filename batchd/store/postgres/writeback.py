@@ -101,7 +101,8 @@ RETURNING tasks.status"""
 # `pending` (then it is withdrawn from the queue: no longer pending, never claimed). Only a
 # line that ends a task counts; a retryable error leaves the task to its own course. The
 # task then points at the candidate, so the candidate's own re-download is a no-op and
-# any other batch's line for it is a duplicate (below).
+# any other batch's line for it is a duplicate (below). Membership is checked again here: a
+# retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`).
 _ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
@@ -119,10 +120,12 @@ FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $1
     AND tasks.id BETWEEN $3 AND $4 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND {_ENDS_TASK} AND (tasks.status IN ('submitted', 'pending')) IS TRUE
+    AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $1 AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
 # never written over the first result. A re-download of this batch's own line is not one.
+# So is a line staged for a task whose membership a retry ended meanwhile (still waiting).
 # The line is built as the collector keeps an unmatched one: custom_id first, then the
 # result's text as it came (`::json` checks it and keeps it unchanged).
 _KEEP_DUPLICATES = f"""
@@ -133,8 +136,9 @@ SELECT $1, s.custom_id,
     $2::timestamptz
 FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
 WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
-    AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
     AND t.batch_id IS DISTINCT FROM $5
+    AND ((t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
+        OR NOT EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $5 AND m.task_id = t.id))
 ON CONFLICT DO NOTHING"""
 
 

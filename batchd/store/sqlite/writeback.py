@@ -88,7 +88,8 @@ RETURNING tasks.status"""
 # `pending` (then it is withdrawn from the queue: no longer pending, never claimed). Only a
 # line that ends a task counts; a retryable error leaves the task to its own course. The
 # task then points at the candidate, so the candidate's own re-download is a no-op and
-# any other batch's line for it is a duplicate (below).
+# any other batch's line for it is a duplicate (below). Membership is checked again here: a
+# retry may have ended it since the line was staged (operations.py, `END_MEMBERSHIPS`).
 _ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
@@ -106,17 +107,21 @@ FROM staging.results AS s
 WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local
     AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND {_ENDS_TASK} AND tasks.status IN ('submitted', 'pending')
+    AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = :local AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
 # never written over the first result. A re-download of this batch's own line is not one.
+# So is a line staged for a task whose membership a retry ended meanwhile (still waiting).
 _KEEP_DUPLICATES = f"""
 INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received_at)
 SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
     :now
 FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
 WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
-    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled') AND t.batch_id IS NOT :local"""
+    AND t.batch_id IS NOT :local AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')
+        OR NOT EXISTS (SELECT 1 FROM batch_tasks AS m
+            WHERE m.batch_id = :local AND m.task_id = t.id))"""
 
 
 class SqliteWriteBackLane:
