@@ -167,3 +167,45 @@ async def test_a_line_staged_before_the_retry_is_kept_as_a_duplicate_not_written
     assert (peek.task("a")["status"], peek.task("a")["result"]) == ("pending", None)
     kept = peek.query("SELECT custom_id FROM duplicate_results ORDER BY custom_id")
     assert kept == [("a",), ("b",)]
+
+
+async def test_a_candidate_never_answers_a_waiting_task_whose_params_the_user_changed(
+    store: Store, peek: Peek
+) -> None:
+    # Requeued by batchd (its create's outcome unknown), a may take a late batch's answer:
+    # the same request. Once the user corrects its params it is a new request (015's
+    # trigger), and the late batch's line for it is kept, not written; b's is written.
+    await add_tasks(store, "a", "b")
+    intent = await claim(store, "a", "b")
+    await store.release_intent(intent, "outcome unknown, nothing found", watch_until=START)
+    late = await candidate_of(store, intent, "msgbatch_late")
+    peek.execute("UPDATE tasks SET params = ? WHERE custom_id = 'a'", CHANGED)
+
+    report = await store.write_results(
+        late, [line("a", "old request"), line("b", "old request")], MAX_ATTEMPTS
+    )
+    assert (report.written, report.unmatched) == (1, ("a",))
+    assert (peek.task("a")["status"], peek.task("b")["status"]) == ("pending", "succeeded")
+    assert [t.custom_id async for t in store.iter_pending()] == ["a"]
+
+
+async def test_a_batch_in_flight_never_answers_its_task_with_the_old_params(
+    store: Store, peek: Peek
+) -> None:
+    await add_tasks(store, "a", "b")
+    batch = await claim(store, "a", "b")
+    assert await store.mark_created(batch, api_batch("msgbatch_own", "ended"))
+    peek.execute("UPDATE tasks SET params = ? WHERE custom_id = 'a'", CHANGED)
+
+    report = await store.write_results(
+        batch, [line("a", "old request"), line("b", "old request")], MAX_ATTEMPTS
+    )
+    assert (report.written, report.unmatched) == (1, ("a",))
+    await store.keep_unmatched("msgbatch_own", [("a", '{"custom_id": "a"}')])
+    # The batch ends with no line written to a: it goes out again, with its new params;
+    # paying twice is on record (missing_results, and the kept line).
+    finished = await store.finish_batch(batch, "no line for it", matched_lines=1)
+    assert finished.missing_requeued == ("a",)
+    assert finished.origin == BatchOrigin.PARTLY_OURS
+    assert (peek.task("a")["status"], peek.task("a")["result"]) == ("pending", None)
+    assert [t.params async for t in store.iter_pending()] == [peek.task("a")["params"]]
