@@ -138,7 +138,7 @@ async def _retry(db: Db, statuses: list[TaskStatus], custom_ids: list[str]) -> i
     )
     task_ids = [row[0] for row in requeued]
     if task_ids:
-        await db.execute(END_MEMBERSHIPS, (json_list(task_ids),))
+        await db.execute(_END_MEMBERSHIPS, (json_list(task_ids),))
     return len(task_ids)
 
 
@@ -149,7 +149,7 @@ async def _retry(db: Db, statuses: list[TaskStatus], custom_ids: list[str]) -> i
 # transaction: their late line for it is then unmatched (kept by the collector), never
 # written to it (review 7, finding 1). Completed, lost and released unwatched batches can
 # answer nothing more: their membership stays, the record of what they carried.
-END_MEMBERSHIPS = """
+_END_MEMBERSHIPS = """
 DELETE FROM batch_tasks
 WHERE task_id IN (SELECT value FROM json_each(?))
     AND batch_id IN (SELECT id FROM batches

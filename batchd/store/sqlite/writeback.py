@@ -89,7 +89,7 @@ RETURNING tasks.status"""
 # line that ends a task counts; a retryable error leaves the task to its own course. The
 # task then points at the candidate, so the candidate's own re-download is a no-op and
 # any other batch's line for it is a duplicate (below). Membership is checked again here: a
-# retry may have ended it since the line was staged (operations.py, `END_MEMBERSHIPS`).
+# retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`).
 _ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
