@@ -32,10 +32,13 @@ _CLAIM_SET = (
     " submitted_at = ?, error = NULL"
 )
 _CLAIM = f"{_CLAIM_SET} WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending'"
-_CLAIM_AS_READ = f"""{_CLAIM_SET}
-FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS version
-    FROM json_each(?)) AS seen
-WHERE tasks.id = seen.id AND tasks.status = 'pending' AND {_VERSION} = seen.version"""
+# The tasks of a chunk no longer as read: (id, version) pairs walked in order, each task by
+# its primary key (CROSS JOIN fixes that order: an UPDATE ... FROM the pairs was planned
+# through tasks_by_status, every pending task against every pair, minutes at 100,000).
+_CHANGED_SINCE_READ = f"""
+SELECT count(*) FROM json_each(?) AS seen
+CROSS JOIN tasks ON tasks.id = json_extract(seen.value, '$[0]')
+WHERE {_VERSION} IS NOT json_extract(seen.value, '$[1]')"""
 
 
 class TaskIntake:
@@ -116,6 +119,12 @@ class TaskIntake:
     async def _claim(
         self, db: Db, task_ids: Sequence[int], body_bytes: int, versions: Sequence[str]
     ) -> int:
+        # Each task as read: the body was built from that row's params (review 7, #6).
+        if versions:
+            pairs = json_list(zip(task_ids, versions, strict=True))
+            [(changed,)] = await db.execute_fetchall(_CHANGED_SINCE_READ, (pairs,))
+            if changed:
+                raise Rollback
         now = self._db.now()
         async with db.execute(
             "INSERT INTO batches (state, request_count, body_bytes, intent_at)"
@@ -126,12 +135,7 @@ class TaskIntake:
         assert local_id is not None
         # One JSON array parameter: no limit on bound variables, no temp table to fill.
         task_list = json_list(task_ids)
-        if versions:
-            # Each task as read: the body was built from that row's params (review 7, #6).
-            claimed_rows = json_list(zip(task_ids, versions, strict=True))
-            claimed = await run(db, _CLAIM_AS_READ, (local_id, now, claimed_rows))
-        else:
-            claimed = await run(db, _CLAIM, (local_id, now, task_list))
+        claimed = await run(db, _CLAIM, (local_id, now, task_list))
         if claimed != len(task_ids):
             raise Rollback
         await db.execute(
