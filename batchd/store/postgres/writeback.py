@@ -125,7 +125,6 @@ RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
 # never written over the first result. A re-download of this batch's own line is not one.
-# So is a line staged for a task whose membership a retry ended meanwhile (still waiting).
 # The line is built as the collector keeps an unmatched one: custom_id first, then the
 # result's text as it came (`::json` checks it and keeps it unchanged).
 _KEEP_DUPLICATES = f"""
@@ -136,9 +135,22 @@ SELECT $1, s.custom_id,
     $2::timestamptz
 FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
 WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
+    AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
     AND t.batch_id IS DISTINCT FROM $5
-    AND ((t.status IN ('succeeded', 'errored', 'expired', 'canceled')) IS TRUE
-        OR NOT EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $5 AND m.task_id = t.id))
+ON CONFLICT DO NOTHING"""
+# A line staged for a task whose membership a retry (or an edit of its params) ended since
+# (operations.py): the task waits for a new request, and the old one's answer is kept as a
+# duplicate. Looked for only when a range left lines neither written nor kept.
+_KEEP_NO_LONGER_MEMBERS = f"""
+INSERT INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT $1, s.custom_id,
+    '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
+    || '}}',
+    $2::timestamptz
+FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
+    AND (t.status IN ('pending', 'submitted')) IS TRUE AND t.batch_id IS DISTINCT FROM $5
+    AND NOT EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $5 AND m.task_id = t.id)
 ON CONFLICT DO NOTHING"""
 
 
@@ -320,6 +332,9 @@ async def apply_range(
         duplicates = count_of(
             await conn.execute(_KEEP_DUPLICATES, api_id, now, first, last, local_id)
         )
+        if len(changed) + duplicates < count:
+            keep = _KEEP_NO_LONGER_MEMBERS
+            duplicates += count_of(await conn.execute(keep, api_id, now, first, last, local_id))
     requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
     ignored = count - len(changed) - duplicates
     report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)

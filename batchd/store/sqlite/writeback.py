@@ -112,16 +112,26 @@ RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
 # never written over the first result. A re-download of this batch's own line is not one.
-# So is a line staged for a task whose membership a retry ended meanwhile (still waiting).
 _KEEP_DUPLICATES = f"""
 INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received_at)
 SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
     :now
 FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
 WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
-    AND t.batch_id IS NOT :local AND (t.status IN ('succeeded', 'errored', 'expired', 'canceled')
-        OR NOT EXISTS (SELECT 1 FROM batch_tasks AS m
-            WHERE m.batch_id = :local AND m.task_id = t.id))"""
+    AND t.status IN ('succeeded', 'errored', 'expired', 'canceled') AND t.batch_id IS NOT :local"""
+# A line staged for a task whose membership a retry (or an edit of its params) ended since
+# (operations.py): the task waits for a new request, and the old one's answer is kept as a
+# duplicate. Looked for only when a range left lines neither written nor kept (the common
+# range writes every line), so the apply's usual statements and plans stay as they were.
+_KEEP_NO_LONGER_MEMBERS = f"""
+INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
+    :now
+FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
+    AND t.status IN ('pending', 'submitted') AND t.batch_id IS NOT :local
+    AND NOT EXISTS (
+        SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = :local AND m.task_id = t.id)"""
 
 
 class SqliteWriteBackLane:
@@ -223,6 +233,8 @@ class SqliteWriteBackLane:
         changed = list(await db.execute_fetchall(apply, names))
         crash_point("harvest_range_applied" if intent_id is not None else "range_applied")
         duplicates = await run(db, _KEEP_DUPLICATES, {**names, "api_id": api_id})
+        if count - len(changed) - duplicates:
+            duplicates += await run(db, _KEEP_NO_LONGER_MEMBERS, {**names, "api_id": api_id})
         requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
         ignored = count - len(changed) - duplicates
         report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
