@@ -26,8 +26,8 @@ from batchd.store.values import EnqueueReport
 # A row as read (PendingTask.version): its revision (moved on by a user's UPDATE of params or
 # custom_id, migration 015) and its creation time, since a row deleted and inserted again
 # can reuse the id (INTEGER PRIMARY KEY without AUTOINCREMENT) but is created after the read.
+# An unedited row's is its creation time as stored: no text is built for each row read.
 _VERSION = "CASE revision WHEN 0 THEN created_at ELSE revision || ' ' || created_at END"
-# (The creation time alone for an unedited row: no text built per row read.)
 _CLAIM = (
     "UPDATE tasks SET status = 'submitted', batch_id = ?, attempts = attempts + 1,"
     " submitted_at = ?, error = NULL"
