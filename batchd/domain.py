@@ -65,6 +65,10 @@ class PendingTask:
     # Why the row cannot be read as a request at all (a BLOB, text that is not UTF-8):
     # it is marked invalid with this reason instead of stopping submission for everyone.
     unreadable: str | None = None
+    # The row as read, in the store's own terms (a revision its params' UPDATEs move on; on
+    # SQLite, whose ids can be reused, also when the row was created): the claim takes the
+    # task only if it is still this row, so no body goes out built from a changed request.
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,11 @@ from batchd.store import KeptLine, Store, open_store
 from batchd.store.postgres.migrations import shipped_migrations as postgres_migrations
 from batchd.store.sqlite.migrations import shipped_migrations as sqlite_migrations
 from tests.support.backends import Peek
-from tests.support.schema import UNDO_KEPT_LINE_USAGE
+from tests.support.schema import (
+    UNDO_KEPT_LINE_USAGE,
+    UNDO_TASK_REVISION,
+    UNDO_TASK_REVISION_POSTGRESQL,
+)
 from tests.support.store import START, add_tasks, api_batch, claim
 
 pytestmark = [pytest.mark.fake_clock, pytest.mark.both_stores]
@@ -191,10 +195,8 @@ async def test_billed_lines_kept_by_an_older_batchd_are_counted_once_by_the_upgr
     finally:
         await store.close()
     # As a batchd before migration 015 left it: the lines kept, none of them counted.
-    for statement in UNDO_KEPT_LINE_USAGE:
-        peek.execute(statement)
+    undo_from_015(peek, database_config)
     peek.execute("DELETE FROM usage_ledger")
-    peek.execute("DELETE FROM schema_migrations WHERE version = ?", newest(database_config))
     for _ in range(2):  # the upgrade, then an open that has nothing left to apply
         upgraded = await open_store(database_config)
         await upgraded.close()
@@ -206,9 +208,7 @@ async def test_status_reads_a_schema_before_015_without_the_kept_share(
     database_config: DatabaseConfig, peek: Peek
 ) -> None:
     await (await open_store(database_config)).close()
-    for statement in UNDO_KEPT_LINE_USAGE:
-        peek.execute(statement)
-    peek.execute("DELETE FROM schema_migrations WHERE version = ?", newest(database_config))
+    undo_from_015(peek, database_config)
     store = await open_store(database_config, read_only=True)
     try:
         usage = await usage_status(store.accounts, Config())
@@ -217,7 +217,13 @@ async def test_status_reads_a_schema_before_015_without_the_kept_share(
     assert (usage["requests"], usage["kept_aside"]) == (0, None)
 
 
-def newest(database: DatabaseConfig) -> int:
+def undo_from_015(peek: Peek, database: DatabaseConfig) -> None:
+    """The schema as a batchd before migration 015 left it (the migrations after it undone
+    too: a store applies only those past the newest it finds)."""
     shipped = sqlite_migrations() if database.url is None else postgres_migrations()
-    assert shipped[-1].name == "kept_line_usage"
-    return shipped[-1].version
+    [version] = [m.version for m in shipped if m.name == "kept_line_usage"]
+    assert [m.name for m in shipped if m.version > version] == ["task_revision"]
+    revision = UNDO_TASK_REVISION if database.url is None else UNDO_TASK_REVISION_POSTGRESQL
+    for statement in (*revision, *UNDO_KEPT_LINE_USAGE):
+        peek.execute(statement)
+    peek.execute("DELETE FROM schema_migrations WHERE version >= ?", version)

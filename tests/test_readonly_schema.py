@@ -17,9 +17,9 @@ from batchd.service.exits import EXIT_CONFIG
 from batchd.store import SchemaTooOldError, open_store
 from batchd.store.postgres.migrations import shipped_migrations as postgres_migrations
 from batchd.store.sqlite.migrations import shipped_migrations as sqlite_migrations
-from tests.support.backends import Peek
+from tests.support.backends import Peek, PostgresPeek
 from tests.support.cli import batchd
-from tests.support.schema import UNDO_FROM_ACKNOWLEDGED
+from tests.support.schema import UNDO_FROM_ACKNOWLEDGED, UNDO_FROM_ACKNOWLEDGED_POSTGRESQL
 from tests.support.store import add_tasks
 
 pytestmark = pytest.mark.both_stores
@@ -39,7 +39,8 @@ def newest(database: DatabaseConfig) -> int:
 def make_older(peek: Peek, version: int) -> int:
     """The schema as a batchd before the acknowledgement columns left it (and every later
     migration that cannot be applied again); returns its version."""
-    for statement in UNDO_FROM_ACKNOWLEDGED:
+    postgresql = isinstance(peek, PostgresPeek)
+    for statement in UNDO_FROM_ACKNOWLEDGED_POSTGRESQL if postgresql else UNDO_FROM_ACKNOWLEDGED:
         peek.execute(statement)
     peek.execute("DELETE FROM schema_migrations WHERE version >= ?", version)
     return int(peek.query("SELECT max(version) FROM schema_migrations")[0][0])

@@ -74,13 +74,14 @@ async def test_open_applies_migrations_once_and_records_them(db_path: Path, cloc
         (13, "prune_by_completion", "2026-11-24T15:40:37.123Z"),
         (14, "collector_liveness", "2026-11-24T15:40:37.123Z"),
         (15, "kept_line_usage", "2026-11-24T15:40:37.123Z"),
+        (16, "task_revision", "2026-11-24T15:40:37.123Z"),
     ]
     reopened = await SqliteStore.open(db_path, clock=clock)
     try:
         assert await reopened.migrate() == []
     finally:
         await reopened.close()
-    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(15,)]
+    assert query(db_path, "SELECT count(*) FROM schema_migrations") == [(16,)]
 
 
 async def test_upgrade_from_v1_remembers_tasks_of_batches_in_flight(db_path: Path):
@@ -133,7 +134,7 @@ async def test_newer_schema_is_refused_naming_both_versions(db_path: Path):
         conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', '2030-01-01T00:00:00Z')")
     conn.close()
     for migrate in (True, False):
-        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(15\)"):
+        with pytest.raises(SchemaTooNewError, match=r"version 99 is newer .* supports \(16\)"):
             await SqliteStore.open(db_path, migrate=migrate)
 
 

@@ -93,6 +93,7 @@ class Chunk:
 
     task_ids: list[int] = field(default_factory=list)
     custom_ids: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)  # each task's row as read (the claim's)
     invalid: list[tuple[int, str]] = field(default_factory=list)
     body: SpooledBody = field(default_factory=SpooledBody)
     full: bool = False  # a limit was reached: send now, no linger
@@ -229,6 +230,7 @@ async def _fill(
             unwritten_bytes = 0
         chunk.task_ids.append(task.id)
         chunk.custom_ids.append(task.custom_id)
+        chunk.versions.append(task.version)
         if len(chunk.task_ids) >= max_requests:
             chunk.full = True
             break

@@ -192,7 +192,7 @@ class Submitter:
         return now - self._pending_seen_at >= self._config.linger_s
 
     async def _create(self, chunk: Chunk) -> SubmitResult:
-        local_id = await self._store.record_intent(chunk.task_ids, chunk.body.size)
+        local_id = await self._store.record_intent(chunk.task_ids, chunk.body.size, chunk.versions)
         if local_id is None:
             log.info("intent_conflict", reason="a task changed while the batch was built")
             return SubmitResult(waiting=True)

@@ -217,8 +217,12 @@ class Store(Protocol):
 
     # -- submission (design 1-4) -----------------------------------------------------------------
 
-    async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
-        """Claim the tasks for a new `creating` batch (1); None if any stopped being pending."""
+    async def record_intent(
+        self, task_ids: Sequence[int], body_bytes: int, versions: Sequence[str] = ()
+    ) -> int | None:
+        """Claim the tasks for a new `creating` batch (1); None if any stopped being pending,
+        or (`versions`: each task's `PendingTask.version`, in order) is no longer the row read:
+        its params changed, or it was deleted and another row took its id."""
 
     async def mark_created(
         self,

@@ -3,7 +3,8 @@ it again: the statements that undo a migration, on either dialect.
 
 Only migrations that cannot simply be applied again need undoing: 010 (indexes, IF NOT
 EXISTS), 011 (a no-op on SQLite; PostgreSQL's replaces its own triggers) and 012 (a
-fillfactor set again) can; 009's and 014's ADD COLUMNs and 015's table cannot.
+fillfactor set again) can; 009's, 014's and 016's ADD COLUMNs and 015's table cannot
+(016's trigger names its column: dropped first, in each dialect's syntax).
 """
 
 from __future__ import annotations
@@ -20,13 +21,29 @@ UNDO_COLLECTOR_LIVENESS: tuple[str, ...] = ("ALTER TABLE batches DROP COLUMN col
 # 015_kept_line_usage: the usage of billed lines no task holds (its trigger goes with it).
 UNDO_KEPT_LINE_USAGE: tuple[str, ...] = ("DROP TABLE kept_line_usage",)
 
-# 008_duplicate_acknowledged, and everything after it that must be undone.
+# 016_task_revision: tasks.revision and the trigger that moves it on.
+UNDO_TASK_REVISION: tuple[str, ...] = (
+    "DROP TRIGGER IF EXISTS tasks_revised",
+    "ALTER TABLE tasks DROP COLUMN revision",
+)
+UNDO_TASK_REVISION_POSTGRESQL: tuple[str, ...] = (
+    "DROP TRIGGER IF EXISTS tasks_revised ON tasks",
+    "DROP FUNCTION IF EXISTS batchd_tasks_revised()",
+    "ALTER TABLE tasks DROP COLUMN revision",
+)
+
+# 008_duplicate_acknowledged, and everything after it that must be undone (SQLite).
 UNDO_FROM_ACKNOWLEDGED: tuple[str, ...] = (
+    *UNDO_TASK_REVISION,
     *UNDO_KEPT_LINE_USAGE,
     *UNDO_COLLECTOR_LIVENESS,
     *UNDO_COLLECT_LEASE,
     "ALTER TABLE duplicate_batches DROP COLUMN acknowledged_at",
     "ALTER TABLE duplicate_batches DROP COLUMN acknowledged_note",
+)
+UNDO_FROM_ACKNOWLEDGED_POSTGRESQL: tuple[str, ...] = (
+    *UNDO_TASK_REVISION_POSTGRESQL,
+    *UNDO_FROM_ACKNOWLEDGED[len(UNDO_TASK_REVISION) :],
 )
 
 # 010_completion_indexes' partial index on batches.origin: SQLite refuses to drop an

@@ -9,7 +9,7 @@ from datetime import datetime
 from batchd.domain import BatchRecord, TaskRow, TaskStatus
 from batchd.store.postgres.batches import BATCH_COLUMNS, batch_record
 from batchd.store.postgres.connection import Conn
-from batchd.store.postgres.database import PostgresDatabase, count_of
+from batchd.store.postgres.database import PostgresDatabase
 from batchd.store.postgres.keyset import rows_in_windows, window_page
 from batchd.store.postgres.listings import TASK_COLUMNS, task_row
 from batchd.store.rows import (
@@ -156,17 +156,43 @@ async def _mark_canceling(conn: Conn, local_id: int) -> None:
 
 
 async def _retry(conn: Conn, statuses: list[str], custom_ids: list[str] | None) -> int:
+    # A candidate recorded meanwhile copies its intent's members (harvest.py): its INSERT
+    # takes a key-share lock on the intent's row, so holding the intents for update makes
+    # the two take turns, and the DELETE's own snapshot then sees every candidate
+    # committed. Held before the tasks, in the order a batch's finish takes them (batch,
+    # then its tasks), so the two never wait for each other.
+    await conn.execute(_HOLD_INTENTS, statuses, custom_ids)
     # Usage and model go too: they would describe a result that is no longer there.
-    status = await conn.execute(
+    rows = await conn.fetch(
         "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
         " error = NULL, cancel_requested = false, completed_at = NULL, model = NULL,"
         " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
-        " cache_read_input_tokens = NULL"
-        " WHERE status = ANY($1::text[]) AND ($2::text[] IS NULL OR custom_id = ANY($2::text[]))",
+        f" cache_read_input_tokens = NULL WHERE {_RETRIED} RETURNING id",
         statuses,
         custom_ids,
     )
-    changed = count_of(status)
-    if changed:
-        await conn.execute(NOTIFY_TASKS)
-    return changed
+    task_ids = [row[0] for row in rows]
+    if not task_ids:
+        return 0
+    await conn.execute(_END_MEMBERSHIPS, task_ids)
+    await conn.execute(NOTIFY_TASKS)
+    return len(task_ids)
+
+
+_RETRIED = "status = ANY($1::text[]) AND ($2::text[] IS NULL OR custom_id = ANY($2::text[]))"
+# A retried task waits for a NEW request (the user may have changed its params): its old
+# one may still be answered by a batch not yet read to the end (its own batch in flight, a
+# candidate of one of its intents) or by a candidate still to be found (an intent watched,
+# whose members a candidate copies). Its membership of those ends here, in the retry's
+# transaction: their late line for it is then unmatched (kept by the collector), never
+# written to it (review 7, finding 1). Completed, lost and released unwatched batches can
+# answer nothing more: their membership stays, the record of what they carried.
+_STILL_READ = "state NOT IN ('completed', 'lost', 'rejected') OR watch_until IS NOT NULL"
+_HOLD_INTENTS = f"""
+SELECT 1 FROM batches AS b WHERE candidate_for IS NULL AND ({_STILL_READ}) AND EXISTS (
+    SELECT 1 FROM batch_tasks AS m JOIN tasks ON tasks.id = m.task_id
+    WHERE m.batch_id = b.id AND {_RETRIED})
+ORDER BY id FOR UPDATE"""
+_END_MEMBERSHIPS = f"""
+DELETE FROM batch_tasks
+WHERE task_id = ANY($1::bigint[]) AND batch_id IN (SELECT id FROM batches WHERE {_STILL_READ})"""

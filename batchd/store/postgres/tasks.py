@@ -26,10 +26,10 @@ from batchd.store.values import EnqueueReport
 # running total past $3 bytes (the first row is always sent). `rows`: the page's rows
 # before the cut, so a page shorter than $2 and not cut was the last.
 _PENDING_PAGE = """
-SELECT id, custom_id, params, attempts, rows FROM (
+SELECT id, custom_id, params, attempts, rows, revision FROM (
     SELECT id, custom_id, params, attempts, count(*) OVER () AS rows,
-        row_number() OVER w AS n, sum(octet_length(params)) OVER w AS running
-    FROM (SELECT id, custom_id, params::text AS params, attempts FROM tasks
+        row_number() OVER w AS n, sum(octet_length(params)) OVER w AS running, revision
+    FROM (SELECT id, custom_id, params::text AS params, attempts, revision FROM tasks
           WHERE status = 'pending' AND id > $1 ORDER BY id LIMIT $2) AS page
     WINDOW w AS (ORDER BY id)
 ) AS sized
@@ -43,6 +43,25 @@ INSERT INTO tasks (custom_id, params)
 SELECT c, p::jsonb FROM unnest($1::text[], $2::text[]) AS new(c, p)
 ON CONFLICT (custom_id) DO NOTHING
 RETURNING custom_id"""
+
+
+_CLAIM_SET = (
+    "UPDATE tasks SET status = 'submitted', batch_id = $1, attempts = attempts + 1,"
+    " submitted_at = $2, error = NULL"
+)
+# By id only, never a scan of the status index or of the table (the statistics of a queue
+# go stale within a run): the id range makes the primary key the cheapest path whatever
+# they say, and `IS TRUE` keeps the status test out of the index conditions. `{}`: the
+# revision read, if any (migration 015: a user's UPDATE of params moves it on; ids are an
+# identity, never reused, so the revision alone tells the row read from another).
+_CLAIM = (
+    f"{_CLAIM_SET} WHERE id BETWEEN $4 AND $5 AND id = ANY($3::bigint[])"
+    " AND (status = 'pending' {}) IS TRUE"
+)
+_CLAIM_AS_READ = f"""{_CLAIM_SET}
+FROM unnest($3::bigint[], $6::integer[]) AS seen(id, revision)
+WHERE tasks.id BETWEEN $4 AND $5 AND tasks.id = seen.id
+    AND (tasks.status = 'pending' AND tasks.revision = seen.revision) IS TRUE"""
 
 
 class TaskIntake:
@@ -67,8 +86,8 @@ class TaskIntake:
         after = 0
         while True:
             rows = await self._db.read_in_key_order(_PENDING_PAGE, after, page_size, page_bytes)
-            for task_id, custom_id, params, attempts, _ in rows:
-                yield PendingTask(task_id, custom_id, params, attempts)
+            for task_id, custom_id, params, attempts, _, revision in rows:
+                yield PendingTask(task_id, custom_id, params, attempts, None, str(revision))
             page = rows[-1][4] if rows else 0
             if page < page_size and len(rows) == page:
                 return  # the page held every pending row left, and none was cut
@@ -91,16 +110,23 @@ class TaskIntake:
 
     # -- submission (design steps 1-4) ---------------------------------------------------------
 
-    async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
-        """Claim the tasks for a new `creating` batch; None if any stopped being pending."""
+    async def record_intent(
+        self, task_ids: Sequence[int], body_bytes: int, versions: Sequence[str] = ()
+    ) -> int | None:
+        """Claim the tasks for a new `creating` batch; None if any stopped being pending or
+        (`versions`, as `iter_pending` read them) had its params changed since."""
         if not task_ids:
             raise ValueError("record_intent needs at least one task")
+        if versions and len(versions) != len(task_ids):
+            raise ValueError("record_intent needs one version per task")
         try:
-            return await self._db.transact(self._claim, ids(task_ids), body_bytes)
+            return await self._db.transact(self._claim, ids(task_ids), body_bytes, versions)
         except Rollback:
             return None
 
-    async def _claim(self, conn: Conn, task_ids: list[int], body_bytes: int) -> int:
+    async def _claim(
+        self, conn: Conn, task_ids: list[int], body_bytes: int, versions: Sequence[str]
+    ) -> int:
         # The intent: a create follows its COMMIT, and a server crash that lost it would
         # leave that create's batch with no row to record it in. Flushed whatever the
         # role's default says.
@@ -119,23 +145,16 @@ class TaskIntake:
             body_bytes,
             now,
         )
-        claimed = count_of(
-            await conn.execute(
-                "UPDATE tasks SET status = 'submitted', batch_id = $1, attempts = attempts + 1,"
-                " submitted_at = $2, error = NULL"
-                # By id only, never a scan of the status index or of the table (the
-                # statistics of a queue go stale within a run): the id range makes the
-                # primary key the cheapest path whatever they say, and `IS TRUE` keeps the
-                # status test out of the index conditions.
-                " WHERE id BETWEEN $4 AND $5 AND id = ANY($3::bigint[])"
-                " AND (status = 'pending') IS TRUE",
-                local_id,
-                now,
-                task_ids,
-                min(task_ids),
-                max(task_ids),
-            )
-        )
+        bounds = (min(task_ids), max(task_ids))
+        if any(version != "0" for version in versions):
+            # Some task's params were edited before the read: each checked at its revision.
+            revisions = [int(version) for version in versions]
+            status = await conn.execute(_CLAIM_AS_READ, local_id, now, task_ids, *bounds, revisions)
+        else:
+            # Unedited, as nearly always: the revision read was 0 (none given: unchecked).
+            as_read = "AND revision = 0" if versions else ""
+            status = await conn.execute(_CLAIM.format(as_read), local_id, now, task_ids, *bounds)
+        claimed = count_of(status)
         if claimed != len(task_ids):
             raise Rollback
         await conn.execute(

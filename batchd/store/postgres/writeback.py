@@ -99,7 +99,8 @@ RETURNING tasks.status"""
 # `pending` (then it is withdrawn from the queue: no longer pending, never claimed). Only a
 # line that ends a task counts; a retryable error leaves the task to its own course. The
 # task then points at the candidate, so the candidate's own re-download is a no-op and
-# any other batch's line for it is a duplicate (below).
+# any other batch's line for it is a duplicate (below). Membership is checked again here: a
+# retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`).
 _ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
@@ -117,6 +118,7 @@ FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $1
     AND tasks.id BETWEEN $3 AND $4 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND {_ENDS_TASK} AND (tasks.status IN ('submitted', 'pending')) IS TRUE
+    AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $1 AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
@@ -145,6 +147,30 @@ SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
     coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
     coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
 {_DUPLICATE_LINES} AND s.result_type = 'succeeded'
+ON CONFLICT DO NOTHING"""
+# A line staged for a task whose membership a retry (or an edit of its params) ended since
+# (operations.py): the task waits for a new request, and the old one's answer is kept as a
+# duplicate, and counted as the others. Looked for only when a range left lines neither
+# written nor kept.
+_NO_LONGER_MEMBERS_LINES = f"""
+FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
+    AND (t.status IN ('pending', 'submitted')) IS TRUE AND t.batch_id IS DISTINCT FROM $5
+    AND NOT EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $5 AND m.task_id = t.id)"""
+_KEEP_NO_LONGER_MEMBERS = f"""
+INSERT INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT $1, s.custom_id,
+    '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
+    || '}}',
+    $2::timestamptz
+{_NO_LONGER_MEMBERS_LINES}
+ON CONFLICT DO NOTHING"""
+_COUNT_NO_LONGER_MEMBERS = f"""
+INSERT INTO kept_line_usage
+SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
+    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_NO_LONGER_MEMBERS_LINES} AND s.result_type = 'succeeded'
 ON CONFLICT DO NOTHING"""
 
 
@@ -296,6 +322,12 @@ async def apply_range(
         )
         if duplicates:
             await conn.execute(_COUNT_DUPLICATES, api_id, now, first, last, local_id)
+        if len(changed) + duplicates < count:
+            keep = _KEEP_NO_LONGER_MEMBERS
+            no_longer = count_of(await conn.execute(keep, api_id, now, first, last, local_id))
+            if no_longer:
+                await conn.execute(_COUNT_NO_LONGER_MEMBERS, api_id, now, first, last, local_id)
+            duplicates += no_longer
     requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
     ignored = count - len(changed) - duplicates
     report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)

@@ -118,17 +118,39 @@ class UserOperations:
     async def retry_tasks(
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
-        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue,
+        each for a new request: no batch read for its old one may answer it (`_retry`)."""
         check_retryable(statuses)
-        which = " AND custom_id IN (SELECT value FROM json_each(?))" if custom_ids else ""
-        params = [json_list(statuses)] + ([json_list(custom_ids)] if custom_ids else [])
-        # Usage and model go too: they would describe a result that is no longer there.
-        return await self._db.transact(
-            run_in,
-            "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
-            " error = NULL, cancel_requested = 0, completed_at = NULL, model = NULL,"
-            " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
-            " cache_read_input_tokens = NULL"
-            f" WHERE status IN (SELECT value FROM json_each(?)){which}",
-            params,
-        )
+        return await self._db.transact(_retry, list(statuses), list(custom_ids))
+
+
+async def _retry(db: Db, statuses: list[TaskStatus], custom_ids: list[str]) -> int:
+    which = " AND custom_id IN (SELECT value FROM json_each(?))" if custom_ids else ""
+    params = [json_list(statuses)] + ([json_list(custom_ids)] if custom_ids else [])
+    # Usage and model go too: they would describe a result that is no longer there.
+    requeued = await db.execute_fetchall(
+        "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
+        " error = NULL, cancel_requested = 0, completed_at = NULL, model = NULL,"
+        " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
+        " cache_read_input_tokens = NULL"
+        f" WHERE status IN (SELECT value FROM json_each(?)){which} RETURNING id",
+        params,
+    )
+    task_ids = [row[0] for row in requeued]
+    if task_ids:
+        await db.execute(_END_MEMBERSHIPS, (json_list(task_ids),))
+    return len(task_ids)
+
+
+# A retried task waits for a NEW request (the user may have changed its params): its old
+# one may still be answered by a batch not yet read to the end (its own batch in flight, a
+# candidate of one of its intents) or by a candidate still to be found (an intent watched,
+# whose members a candidate copies). Its membership of those ends here, in the retry's
+# transaction: their late line for it is then unmatched (kept by the collector), never
+# written to it (review 7, finding 1). Completed, lost and released unwatched batches can
+# answer nothing more: their membership stays, the record of what they carried.
+_END_MEMBERSHIPS = """
+DELETE FROM batch_tasks
+WHERE task_id IN (SELECT value FROM json_each(?))
+    AND batch_id IN (SELECT id FROM batches
+        WHERE state NOT IN ('completed', 'lost', 'rejected') OR watch_until IS NOT NULL)"""

@@ -24,6 +24,20 @@ from batchd.store.sqlite.harvest import record_candidate_in
 from batchd.store.sqlite.settle import cancel_flagged
 from batchd.store.values import EnqueueReport
 
+# A row as read (PendingTask.version): its revision (moved on by a user's UPDATE of params or
+# custom_id, migration 015) and its creation time, since a row deleted and inserted again
+# can reuse the id (INTEGER PRIMARY KEY without AUTOINCREMENT) but is created after the read.
+# An unedited row's is its creation time as stored: no text is built for each row read.
+_VERSION = "CASE revision WHEN 0 THEN created_at ELSE revision || ' ' || created_at END"
+_CLAIM = (
+    "UPDATE tasks SET status = 'submitted', batch_id = ?, attempts = attempts + 1,"
+    " submitted_at = ?, error = NULL"
+    " WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending'"
+)
+# The claim that also says what each row was (a RETURNING of the rows it changed, no
+# second walk of them): compared with the versions read, in Python.
+_CLAIM_AS_READ = f"{_CLAIM} RETURNING id, {_VERSION}"
+
 
 class TaskIntake:
     """Tasks in, pending tasks out, and the claim that makes a batch (part of SqliteStore)."""
@@ -60,8 +74,8 @@ class TaskIntake:
             # As bytes, with their types: a user's INSERT may store a BLOB or text that is
             # not UTF-8, which sqlite3 would fail to decode for the whole page.
             rows = await self._db.read(
-                "SELECT id, CAST(custom_id AS BLOB), CAST(params AS BLOB), attempts,"
-                " typeof(custom_id), typeof(params) FROM tasks"
+                f"SELECT id, CAST(custom_id AS BLOB), CAST(params AS BLOB), attempts,"
+                f" typeof(custom_id), typeof(params), {_VERSION} FROM tasks"
                 " WHERE status = 'pending' AND id > ? AND id <= ? ORDER BY id",
                 (after, last),
             )
@@ -86,16 +100,23 @@ class TaskIntake:
 
     # -- submission (design steps 1-4) ---------------------------------------------------------
 
-    async def record_intent(self, task_ids: Sequence[int], body_bytes: int) -> int | None:
-        """Claim the tasks for a new `creating` batch; None if any stopped being pending."""
+    async def record_intent(
+        self, task_ids: Sequence[int], body_bytes: int, versions: Sequence[str] = ()
+    ) -> int | None:
+        """Claim the tasks for a new `creating` batch; None if any stopped being pending or
+        (`versions`, as `iter_pending` read them) is no longer the row read."""
         if not task_ids:
             raise ValueError("record_intent needs at least one task")
+        if versions and len(versions) != len(task_ids):
+            raise ValueError("record_intent needs one version per task")
         try:
-            return await self._db.transact(self._claim, task_ids, body_bytes)
+            return await self._db.transact(self._claim, task_ids, body_bytes, versions)
         except Rollback:
             return None
 
-    async def _claim(self, db: Db, task_ids: Sequence[int], body_bytes: int) -> int:
+    async def _claim(
+        self, db: Db, task_ids: Sequence[int], body_bytes: int, versions: Sequence[str]
+    ) -> int:
         now = self._db.now()
         async with db.execute(
             "INSERT INTO batches (state, request_count, body_bytes, intent_at)"
@@ -106,13 +127,15 @@ class TaskIntake:
         assert local_id is not None
         # One JSON array parameter: no limit on bound variables, no temp table to fill.
         task_list = json_list(task_ids)
-        claimed = await run(
-            db,
-            "UPDATE tasks SET status = 'submitted', batch_id = ?, attempts = attempts + 1,"
-            " submitted_at = ?, error = NULL"
-            " WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending'",
-            (local_id, now, task_list),
-        )
+        if not versions:
+            claimed = await run(db, _CLAIM, (local_id, now, task_list))
+        else:
+            # Each task as read: the body was built from that row's params (review 7, #6).
+            rows = list(await db.execute_fetchall(_CLAIM_AS_READ, (local_id, now, task_list)))
+            read = dict(zip(task_ids, versions, strict=True))
+            if any(read[task_id] != version for task_id, version in rows):
+                raise Rollback
+            claimed = len(rows)
         if claimed != len(task_ids):
             raise Rollback
         await db.execute(
@@ -241,7 +264,7 @@ async def _insert_tasks(db: Db, fresh: dict[str, str]) -> tuple[set[str], int]:
 
 def _pending_task(row: Row) -> PendingTask:
     """A pending row read as bytes with its column types, as `iter_pending` selects it."""
-    task_id, custom_id, params, attempts, id_type, params_type = row
+    task_id, custom_id, params, attempts, id_type, params_type, version = row
     for name, value, kind in (("custom_id", custom_id, id_type), ("params", params, params_type)):
         if kind != "text":
             reason = f"{name} is stored as a {kind.upper()}; store it as text (a str, not bytes)"
@@ -252,6 +275,8 @@ def _pending_task(row: Row) -> PendingTask:
             reason = f"{name} is not valid UTF-8 text (byte {exc.start}: {exc.reason})"
             break
     else:
-        return PendingTask(task_id, custom_id.decode(), params.decode(), attempts)
+        return PendingTask(task_id, custom_id.decode(), params.decode(), attempts, None, version)
     readable_id = custom_id.decode(errors="replace")
-    return PendingTask(task_id, readable_id, params.decode(errors="replace"), attempts, reason)
+    return PendingTask(
+        task_id, readable_id, params.decode(errors="replace"), attempts, reason, version
+    )

@@ -87,7 +87,8 @@ RETURNING tasks.status"""
 # `pending` (then it is withdrawn from the queue: no longer pending, never claimed). Only a
 # line that ends a task counts; a retryable error leaves the task to its own course. The
 # task then points at the candidate, so the candidate's own re-download is a no-op and
-# any other batch's line for it is a duplicate (below).
+# any other batch's line for it is a duplicate (below). Membership is checked again here: a
+# retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`).
 _ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
@@ -105,6 +106,7 @@ FROM staging.results AS s
 WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local
     AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND {_ENDS_TASK} AND tasks.status IN ('submitted', 'pending')
+    AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = :local AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch
 # already answered (final, pointing at another batch) is a paid duplicate: kept, counted,
@@ -127,6 +129,28 @@ SELECT :api_id, s.custom_id, 'duplicate', substr(:now, 1, 10), coalesce(s.model,
     coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
     coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
 {_DUPLICATE_LINES} AND s.result_type = 'succeeded'"""
+# A line staged for a task whose membership a retry (or an edit of its params) ended since
+# (operations.py): the task waits for a new request, and the old one's answer is kept as a
+# duplicate, and counted as the others. Looked for only when a range left lines neither
+# written nor kept (the common range writes every line), so the apply's usual statements
+# and plans stay as they were.
+_NO_LONGER_MEMBERS_LINES = f"""
+FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
+    AND t.status IN ('pending', 'submitted') AND t.batch_id IS NOT :local
+    AND NOT EXISTS (
+        SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = :local AND m.task_id = t.id)"""
+_KEEP_NO_LONGER_MEMBERS = f"""
+INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
+    :now
+{_NO_LONGER_MEMBERS_LINES}"""
+_COUNT_NO_LONGER_MEMBERS = f"""
+INSERT OR IGNORE INTO kept_line_usage
+SELECT :api_id, s.custom_id, 'duplicate', substr(:now, 1, 10), coalesce(s.model, ''),
+    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_NO_LONGER_MEMBERS_LINES} AND s.result_type = 'succeeded'"""
 
 
 class SqliteWriteBackLane:
@@ -230,6 +254,11 @@ class SqliteWriteBackLane:
         duplicates = await run(db, _KEEP_DUPLICATES, {**names, "api_id": api_id})
         if duplicates:
             await run(db, _COUNT_DUPLICATES, {**names, "api_id": api_id})
+        if count - len(changed) - duplicates:
+            no_longer = await run(db, _KEEP_NO_LONGER_MEMBERS, {**names, "api_id": api_id})
+            if no_longer:
+                await run(db, _COUNT_NO_LONGER_MEMBERS, {**names, "api_id": api_id})
+            duplicates += no_longer
         requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
         ignored = count - len(changed) - duplicates
         report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
