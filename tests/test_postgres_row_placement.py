@@ -119,8 +119,12 @@ async def test_new_tasks_and_their_claims_fill_new_pages_not_the_historys_holes(
         await store.close()
     claimed = postgres_peek.query(f"SELECT {_PAGE_OF} FROM tasks WHERE status = 'submitted'")
     assert len(claimed) == NEW
+    pending_pages = {page for (page,) in pending}
     for name, pages in (("new tasks", pending), ("claims", claimed)):
         numbers = {page for (page,) in pages}
         assert min(numbers) >= history_pages, f"{name} landed in the history's holes"
-        # ~14 rows of ~0.5 KB a page: together, not one a page (NEW pages before 012).
-        assert len(numbers) <= NEW // 8, f"{name} on {len(numbers)} pages"
+        # ~14 rows of ~0.5 KB a page: together, not one a page (NEW pages before 012). A
+        # claim's new row version may also stay on its own page, where the reserve left
+        # under the new tasks holds one (an UPDATE keeps a page's room for itself).
+        elsewhere = numbers - pending_pages if name == "claims" else numbers
+        assert len(elsewhere) <= NEW // 8, f"{name} on {len(elsewhere)} new pages"
