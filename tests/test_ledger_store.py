@@ -12,6 +12,8 @@ foreign. On both stores (real SQLite files, a real PostgreSQL schema per test), 
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -20,6 +22,7 @@ from batchd.domain import BatchOrigin, BatchState, Outcome, Usage
 from batchd.money.spending import usage_status
 from batchd.store import KeptLine, Store, open_store
 from batchd.store.postgres.migrations import shipped_migrations as postgres_migrations
+from batchd.store.sqlite import SqliteStore
 from batchd.store.sqlite.migrations import shipped_migrations as sqlite_migrations
 from tests.support.backends import Peek
 from tests.support.schema import (
@@ -197,11 +200,24 @@ async def test_billed_lines_kept_by_an_older_batchd_are_counted_once_by_the_upgr
     # As a batchd before migration 015 left it: the lines kept, none of them counted.
     undo_from_015(peek, database_config)
     peek.execute("DELETE FROM usage_ledger")
+    # A billed line holding the escape \u0000, as an older batchd kept one (both tables):
+    # PostgreSQL cannot read any field of it as text, so its upgrade leaves it out rather
+    # than stop; SQLite reads and counts it.
+    nul_line = kept(paid("x-nul", "1")).line.replace('"from":"1"', '"from":"1\\u0000"')
+    assert "\\u0000" in nul_line
+    for table in ("unmatched_results", "duplicate_results"):
+        peek.execute(
+            f"INSERT INTO {table} (api_batch_id, custom_id, line, received_at)"
+            " VALUES ('msgbatch_old', 'x-nul', ?, '2026-11-24T15:40:37.123Z')",
+            nul_line,
+        )
     for _ in range(2):  # the upgrade, then an open that has nothing left to apply
         upgraded = await open_store(database_config)
         await upgraded.close()
-    assert ledger(peek) == times(2)
-    assert peek.query("SELECT count(*) FROM unmatched_results") == [(4,)]
+    # One line of one API batch, though kept in both tables: counted once, where it can be.
+    nul_line_counted = 1 if database_config.url is None else 0
+    assert ledger(peek) == times(2 + nul_line_counted)
+    assert peek.query("SELECT count(*) FROM unmatched_results") == [(5,)]
 
 
 async def test_status_reads_a_schema_before_015_without_the_kept_share(
@@ -227,3 +243,16 @@ def undo_from_015(peek: Peek, database: DatabaseConfig) -> None:
     for statement in (*revision, *UNDO_KEPT_LINE_USAGE):
         peek.execute(statement)
     peek.execute("DELETE FROM schema_migrations WHERE version >= ?", version)
+
+
+async def test_a_billed_line_whose_model_holds_a_nul_is_kept_and_counted(
+    store: Store, peek: Peek
+) -> None:
+    # PostgreSQL's text refuses a NUL: kept as the text \u0000 there, as every other text
+    # the API sends (docs/postgresql.md), never a write-back failing each cycle.
+    line = dataclasses.replace(paid("x-1", "1"), model="claude\x00x")
+    await store.keep_unmatched("msgbatch_1", [kept(line)])
+    assert ledger(peek) == times(1)
+    [(model,)] = peek.query("SELECT model FROM kept_line_usage")
+    assert model in ("claude\x00x", "claude\\u0000x")
+    assert (model == "claude\x00x") == isinstance(store, SqliteStore)

@@ -50,7 +50,11 @@ CREATE TRIGGER kept_line_usage_ledger AFTER INSERT ON kept_line_usage
 -- Billed lines kept by an older batchd: counted now, once. A malformed line
 -- (`malformed-line-N`) proves no bill and is left out, as from now on; every other kept
 -- line was built by batchd from a parsed result (valid JSON; `json`, not `jsonb`, which
--- would refuse a \u0000 the API sent). A token count that is not an integer counts as zero.
+-- would refuse a \u0000 the API sent). A line holding the text \u0000 anywhere is left
+-- out too: reading any field of it as text refuses the whole line ("\u0000 cannot be
+-- converted to text"), and one such line would stop the upgrade (review 8); an older
+-- batchd kept such a line when a result stalled on it (docs/postgresql.md, "A NUL in a
+-- result"). A token count that is not an integer counts as zero.
 CREATE FUNCTION pg_temp.kept_tokens(line json, kind text) RETURNS bigint LANGUAGE sql AS $$
     SELECT CASE WHEN (line #>> ARRAY['result', 'message', 'usage', kind]) ~ '^-?[0-9]{1,18}$'
                 THEN (line #>> ARRAY['result', 'message', 'usage', kind])::bigint ELSE 0 END
@@ -64,12 +68,15 @@ SELECT k.api_batch_id, k.custom_id, k.kept_in, (k.received_at AT TIME ZONE 'UTC'
        pg_temp.kept_tokens(k.line, 'output_tokens'),
        pg_temp.kept_tokens(k.line, 'cache_creation_input_tokens'),
        pg_temp.kept_tokens(k.line, 'cache_read_input_tokens')
-FROM (SELECT api_batch_id, custom_id, line::json AS line, received_at, 'duplicate' AS kept_in
+FROM (SELECT api_batch_id, custom_id,
+             -- CASE, not a WHERE: the cast must never be tried on a line left out.
+             CASE WHEN strpos(line, '\u0000') = 0 THEN line::json END AS line,
+             received_at, 'duplicate' AS kept_in
       FROM duplicate_results
       UNION ALL
       SELECT api_batch_id, custom_id,
-             -- CASE, not a WHERE: the cast must never be tried on a malformed line.
-             CASE WHEN custom_id NOT LIKE 'malformed-line-%' THEN line::json END,
+             CASE WHEN custom_id NOT LIKE 'malformed-line-%' AND strpos(line, '\u0000') = 0
+                  THEN line::json END,
              received_at, 'unmatched'
       FROM unmatched_results) AS k
 WHERE k.line -> 'result' ->> 'type' = 'succeeded'

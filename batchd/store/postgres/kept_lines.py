@@ -57,10 +57,16 @@ async def keep_unmatched(
         " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         [(api_batch_id, storable_text(k.custom_id), storable_text(k.line), now) for k in lines],
     )
-    billed = [(storable_text(k.custom_id), *k.billed()) for k in lines if k.usage is not None]
+    billed = [_storable_billed(k) for k in lines if k.usage is not None]
     if billed:
         columns = [list(column) for column in zip(*billed, strict=True)]
         await conn.execute(_COUNT_UNMATCHED, api_batch_id, now, *columns)
+
+
+def _storable_billed(kept: KeptLine) -> tuple[object, ...]:
+    """(custom_id, model, tokens...) of a billed line, its texts as PostgreSQL holds them."""
+    model, *tokens = kept.billed()
+    return (storable_text(kept.custom_id), None if model is None else storable_text(model), *tokens)
 
 
 async def uncount_foreign(conn: Conn, api_batch_id: str) -> None:
