@@ -294,6 +294,7 @@ class Collector:
                 written=report.written,
                 requeued=report.requeued,
                 ignored=report.ignored,
+                unmatched=len(report.unmatched),  # tasks gone since staging: kept (store)
                 duplicates=report.duplicates,
             )
             if time.monotonic() - self._applying_since >= _WRITERS_WAIT_S:

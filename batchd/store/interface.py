@@ -166,7 +166,13 @@ class WriteBackLane(Protocol):
         self, local_id: int, max_attempts: int, max_rows: int, after_task_id: int = 0
     ) -> AppliedRange | None:
         """Apply the staged lines of the next `max_rows` task ids above `after_task_id`, in one
-        guarded transaction; None once none is left. Staging stays as it is."""
+        guarded transaction; None once none is left. Staging stays as it is.
+
+        A line is written only to its task still a member of the batch, unchanged: the
+        line of a task whose request was edited since it was staged is kept as a duplicate,
+        that of a task DELETEd or renamed since is kept unmatched (its custom_id in the
+        report's `unmatched`, already kept: nothing for the caller to keep), the billed
+        ones counted in the usage ledger, in the same transaction."""
 
 
 class Leadership(Protocol):

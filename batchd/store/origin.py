@@ -16,8 +16,10 @@ class LinesSeen:
     unmatched: int  # lines kept in unmatched_results
     ours: int  # of those, lines naming a task of ours outside the intent
     malformed: int  # of those, `malformed-line-N`: they name nobody
-    has_members: bool  # the intent claimed tasks (batch_tasks: a user's DELETE leaves them)
-    has_live_members: bool  # some of those tasks still exist
+    # The intent claimed tasks: batch_tasks rows (a user's DELETE leaves them), or tasks
+    # still in the batch whose membership an edit of their request ended (migration 016).
+    has_members: bool
+    has_live_members: bool  # some of those tasks still exist, still members (unchanged)
 
 
 def batch_origin(lines: LinesSeen) -> BatchOrigin:
@@ -28,7 +30,9 @@ def batch_origin(lines: LinesSeen) -> BatchOrigin:
     An intent whose tasks existed and were all DELETEd by the user while its batch was in
     flight (a supported delete: batch_tasks has no foreign key) is ours with its tasks
     deleted: no line can name a task that no longer exists, which proves nothing about the
-    key. Its lines stay kept (partly ours: lines no task holds), and paid is counted.
+    key. Its lines stay kept (partly ours: lines no task holds), and paid is counted. The
+    same when the user renamed them (an UPDATE of custom_id, in flight): its lines name
+    custom_ids no task holds any more, which proves nothing either.
     """
     if not lines.unmatched:
         return BatchOrigin.OURS

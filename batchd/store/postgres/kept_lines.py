@@ -2,7 +2,7 @@
 transaction, on PostgreSQL (the SQLite twin: `batchd/store/sqlite/kept_lines.py`):
 unmatched lines kept with their billed usage counted, and a foreign batch's usage taken
 back out of the ledger. (A duplicate line is counted where it is kept, in the range's
-apply: `writeback.py`.)
+apply: `writeback.py`; those a range left over, below.)
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchd.store.postgres.connection import Conn
+from batchd.store.postgres.database import count_of
 from batchd.store.postgres.storable import storable_text
 from batchd.store.values import KeptLine
 
@@ -24,6 +25,63 @@ SELECT $1, b.custom_id, 'unmatched', ($2::timestamptz AT TIME ZONE 'UTC')::date,
 FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
     AS b (custom_id, model, input_tokens, output_tokens, cache_creation_input_tokens,
           cache_read_input_tokens)
+ON CONFLICT DO NOTHING"""
+# A line that ends a task (a retryable error leaves the task to its own course).
+ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
+# The lines a range's apply (`writeback.py`) left neither written nor kept as duplicates,
+# looked for only then (the common range writes every line); every statement below takes
+# ($1 api_batch_id, $2 now, $3 and $4 the range's first and last task id, $5 the batch).
+#
+# A line staged for a task whose membership a retry (or an edit of its request) ended since
+# (operations.py, migration 016): the task waits for a new request (requeued, or still
+# `submitted` in this batch, requeued when it finishes), and the old one's answer is kept
+# as a duplicate, and counted as the others.
+_NO_LONGER_MEMBERS_LINES = f"""
+FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {ENDS_TASK} AND t.id BETWEEN $3 AND $4
+    AND (t.status IN ('pending', 'submitted')) IS TRUE
+    AND NOT EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $5 AND m.task_id = t.id)"""
+_KEEP_NO_LONGER_MEMBERS = f"""
+INSERT INTO duplicate_results (api_batch_id, custom_id, line, received_at)
+SELECT $1, s.custom_id,
+    '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
+    || '}}',
+    $2::timestamptz
+{_NO_LONGER_MEMBERS_LINES}
+ON CONFLICT DO NOTHING"""
+_COUNT_NO_LONGER_MEMBERS = f"""
+INSERT INTO kept_line_usage
+SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
+    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_NO_LONGER_MEMBERS_LINES} AND s.result_type = 'succeeded'
+ON CONFLICT DO NOTHING"""
+# A line whose task is gone since it was staged: DELETEd, or its custom_id changed (the
+# apply's guard left it alone). Paid all the same: kept as the collector keeps an
+# unmatched line (custom_id first, then the result's text as it came), and counted. A line
+# already kept as received (`writeback._keep_received`) stays as it was, counted all the
+# same. (The SELECT names $1 and $2 only so that all five arguments have a type.)
+_GONE_TASKS_LINES = """
+FROM pg_temp.staging AS s
+WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5
+    AND NOT EXISTS (
+        SELECT 1 FROM tasks AS t WHERE t.id = s.task_id AND t.custom_id = s.custom_id)"""
+_FIND_GONE_TASKS_LINES = f"""
+SELECT s.custom_id, $1::text, $2::timestamptz {_GONE_TASKS_LINES} ORDER BY s.task_id"""
+_KEEP_GONE_TASKS_LINES = f"""
+INSERT INTO unmatched_results (api_batch_id, custom_id, line, received_at)
+SELECT $1, s.custom_id,
+    '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
+    || '}}',
+    $2::timestamptz
+{_GONE_TASKS_LINES}
+ON CONFLICT DO NOTHING"""
+_COUNT_GONE_TASKS_LINES = f"""
+INSERT INTO kept_line_usage
+SELECT $1, s.custom_id, 'unmatched', ($2::timestamptz AT TIME ZONE 'UTC')::date,
+    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_GONE_TASKS_LINES} AND s.result_type = 'succeeded'
 ON CONFLICT DO NOTHING"""
 # Negative upserts of the batch's rows, per (day, model) they were counted in.
 _UNCOUNT = """
@@ -67,6 +125,21 @@ def _storable_billed(kept: KeptLine) -> tuple[object, ...]:
     """(custom_id, model, tokens...) of a billed line, its texts as PostgreSQL holds them."""
     model, *tokens = kept.billed()
     return (storable_text(kept.custom_id), None if model is None else storable_text(model), *tokens)
+
+
+async def keep_left_over_lines(conn: Conn, args: tuple[Any, ...]) -> tuple[int, tuple[str, ...]]:
+    """In a range's apply, the lines it left over kept: of tasks no longer members (their
+    old request's answer, kept as a duplicate) and of tasks gone (kept unmatched), the
+    billed ones counted. Returns (duplicates kept, the gone tasks' custom_ids: a line kept
+    by an earlier download is named again, as the collector names an unmatched line)."""
+    no_longer = count_of(await conn.execute(_KEEP_NO_LONGER_MEMBERS, *args))
+    if no_longer:
+        await conn.execute(_COUNT_NO_LONGER_MEMBERS, *args)
+    found = await conn.fetch(_FIND_GONE_TASKS_LINES, *args)
+    if found:
+        await conn.execute(_KEEP_GONE_TASKS_LINES, *args)
+        await conn.execute(_COUNT_GONE_TASKS_LINES, *args)
+    return no_longer, tuple(row[0] for row in found)
 
 
 async def uncount_foreign(conn: Conn, api_batch_id: str) -> None:

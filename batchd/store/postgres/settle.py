@@ -27,10 +27,13 @@ FROM batches AS b
 LEFT JOIN unmatched_results AS u ON u.api_batch_id = b.api_batch_id
 LEFT JOIN tasks AS t ON t.custom_id = u.custom_id
 WHERE b.id = $1 GROUP BY b.id"""
-# Whether the batch's intent claimed tasks, and whether any of them still exists (a user
-# may DELETE tasks in flight). EXISTS: one row read each, whatever the batch's size.
+# Whether the batch's intent claimed tasks, and whether any of them still exists as it
+# was claimed (a user may DELETE tasks in flight; an edit of a task's custom_id or params
+# ends its membership, migration 016, but leaves it `submitted` in the batch: claimed all
+# the same). EXISTS: one row read each (tasks_by_batch), whatever the batch's size.
 _MEMBERS = """
-SELECT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = $1),
+SELECT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = $1)
+        OR EXISTS (SELECT 1 FROM tasks WHERE batch_id = $1),
     EXISTS (SELECT 1 FROM batch_tasks AS m JOIN tasks AS t ON t.id = m.task_id
             WHERE m.batch_id = $1)"""
 

@@ -70,6 +70,8 @@ FROM (SELECT task_id FROM pg_temp.staging WHERE task_id > $1 ORDER BY task_id LI
 # not true either) but is never an index condition.
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < $2 AND NOT tasks.cancel_requested)"""
+# Still a member: a user's edit of a task's request (its params, migration 016's trigger)
+# ends its membership, and the old request's answer must not reach the new one.
 _APPLY_STAGED = f"""
 UPDATE tasks SET
     status = CASE
@@ -93,6 +95,7 @@ FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $4 AND $5 AND s.batch_id = $1
     AND tasks.id BETWEEN $4 AND $5 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND (tasks.batch_id = $1 AND tasks.status = 'submitted') IS TRUE
+    AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $1 AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # A candidate batch (a suspected duplicate, `harvest.py`) answers a task of its intent only
 # while the task still waits for a result: `submitted` in whichever batch, or requeued and
@@ -101,7 +104,7 @@ RETURNING tasks.status"""
 # task then points at the candidate, so the candidate's own re-download is a no-op and
 # any other batch's line for it is a duplicate (below). Membership is checked again here: a
 # retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`).
-_ENDS_TASK = "(s.result_type = 'succeeded' OR (s.result_type = 'errored' AND NOT s.retryable))"
+_ENDS_TASK = kept_lines.ENDS_TASK
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
     status = s.result_type,
@@ -147,30 +150,6 @@ SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
     coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
     coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
 {_DUPLICATE_LINES} AND s.result_type = 'succeeded'
-ON CONFLICT DO NOTHING"""
-# A line staged for a task whose membership a retry (or an edit of its params) ended since
-# (operations.py): the task waits for a new request, and the old one's answer is kept as a
-# duplicate, and counted as the others. Looked for only when a range left lines neither
-# written nor kept.
-_NO_LONGER_MEMBERS_LINES = f"""
-FROM pg_temp.staging AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
-WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $5 AND {_ENDS_TASK} AND t.id BETWEEN $3 AND $4
-    AND (t.status IN ('pending', 'submitted')) IS TRUE AND t.batch_id IS DISTINCT FROM $5
-    AND NOT EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $5 AND m.task_id = t.id)"""
-_KEEP_NO_LONGER_MEMBERS = f"""
-INSERT INTO duplicate_results (api_batch_id, custom_id, line, received_at)
-SELECT $1, s.custom_id,
-    '{{"custom_id":' || to_json(s.custom_id)::text || ',"result":' || s.result_json::json::text
-    || '}}',
-    $2::timestamptz
-{_NO_LONGER_MEMBERS_LINES}
-ON CONFLICT DO NOTHING"""
-_COUNT_NO_LONGER_MEMBERS = f"""
-INSERT INTO kept_line_usage
-SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
-    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_NO_LONGER_MEMBERS_LINES} AND s.result_type = 'succeeded'
 ON CONFLICT DO NOTHING"""
 
 
@@ -314,6 +293,7 @@ async def apply_range(
         changed = await conn.fetch(_APPLY_HARVESTED, local_id, now, first, last)
     crash_point("harvest_range_applied" if intent_id is not None else "range_applied")
     duplicates = 0
+    gone: tuple[str, ...] = ()  # lines of tasks gone since staging, kept unmatched
     if len(changed) < count:
         # Only a line that changed no task can be a duplicate (a task it changed now
         # points at this batch): the common range, every line written, skips the join.
@@ -323,14 +303,12 @@ async def apply_range(
         if duplicates:
             await conn.execute(_COUNT_DUPLICATES, api_id, now, first, last, local_id)
         if len(changed) + duplicates < count:
-            keep = _KEEP_NO_LONGER_MEMBERS
-            no_longer = count_of(await conn.execute(keep, api_id, now, first, last, local_id))
-            if no_longer:
-                await conn.execute(_COUNT_NO_LONGER_MEMBERS, api_id, now, first, last, local_id)
+            left_over = (api_id, now, first, last, local_id)
+            no_longer, gone = await kept_lines.keep_left_over_lines(conn, left_over)
             duplicates += no_longer
     requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
-    ignored = count - len(changed) - duplicates
-    report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
+    ignored = count - len(changed) - duplicates - len(gone)
+    report = WriteReport(len(changed) - requeued, requeued, ignored, gone, duplicates)
     return AppliedRange(last, report)
 
 
@@ -467,7 +445,9 @@ async def _write_results(
     report = applied.report if applied else WriteReport(0, 0, 0, ())
     written, requeued, duplicates = report.written, report.requeued, report.duplicates
     # A repeated unmatched line counts once, as a repeated matched one does.
-    unmatched = tuple(dict.fromkeys(outcomes[at].custom_id for at in unmatched_at))
+    unmatched = tuple(
+        dict.fromkeys([*(outcomes[at].custom_id for at in unmatched_at), *report.unmatched])
+    )
     ignored = len(outcomes) - written - requeued - duplicates - len(unmatched)
     return WriteReport(written, requeued, ignored, unmatched, duplicates)
 

@@ -1,7 +1,7 @@
 """Result lines no task holds, and what they cost (migration 015), in the caller's
 transaction: unmatched lines kept with their billed usage counted, and a foreign batch's
 usage taken back out of the ledger. (A duplicate line is counted where it is kept, in the
-range's apply: `writeback.py`.)
+range's apply: `writeback.py`; a line whose task went since it was staged, below.)
 
 The API bills every succeeded line (spec §5). `kept_line_usage` holds one row per line of
 an API batch: its trigger adds it to `usage_ledger`, and a line kept again is ignored, so
@@ -11,6 +11,7 @@ a re-download counts nothing twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from batchd.store.sqlite.database import Db, run, run_many
 from batchd.store.values import KeptLine
@@ -23,6 +24,25 @@ _COUNT_UNMATCHED = (
     "INSERT OR IGNORE INTO kept_line_usage VALUES (?, ?, 'unmatched', substr(?, 1, 10),"
     " coalesce(?, ''), ?, ?, ?, ?)"
 )
+# Staged lines of a range whose task is gone since they were staged: DELETEd, or its
+# custom_id changed (then the apply's guard left it alone). Kept as the collector keeps an
+# unmatched line: custom_id first, then the result's text as it came.
+_GONE_TASKS_LINES = """
+FROM staging.results AS s
+WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local
+    AND NOT EXISTS (
+        SELECT 1 FROM tasks AS t WHERE t.id = s.task_id AND t.custom_id = s.custom_id)"""
+_KEEP_GONE_TASKS_LINES = f"""
+INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received_at)
+SELECT :api_id, s.custom_id,
+    '{{"custom_id":' || json_quote(s.custom_id) || ',"result":' || s.result_json || '}}', :now
+{_GONE_TASKS_LINES}"""
+_COUNT_GONE_TASKS_LINES = f"""
+INSERT OR IGNORE INTO kept_line_usage
+SELECT :api_id, s.custom_id, 'unmatched', substr(:now, 1, 10), coalesce(s.model, ''),
+    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{_GONE_TASKS_LINES} AND s.result_type = 'succeeded'"""
 # Negative upserts of the batch's rows, per (day, model) they were counted in.
 _UNCOUNT = """
 INSERT INTO usage_ledger (day, model, requests, input_tokens, output_tokens,
@@ -50,6 +70,19 @@ async def keep_unmatched(db: Db, api_batch_id: str, lines: Sequence[KeptLine], n
     billed = [(api_batch_id, k.custom_id, now, *k.billed()) for k in lines if k.usage is not None]
     if billed:
         await run_many(db, _COUNT_UNMATCHED, billed)
+
+
+async def keep_gone_tasks_lines(db: Db, names: dict[str, Any]) -> tuple[str, ...]:
+    """In a range's apply (`writeback.py`, names: api_id, local, first, last, now): keep the
+    staged lines whose task is gone, counting the billed ones; returns their custom_ids
+    (a line kept before, by a download before this one, is named again, as the collector
+    names an unmatched line again)."""
+    found = await db.execute_fetchall(f"SELECT s.custom_id {_GONE_TASKS_LINES}", names)
+    gone = tuple(custom_id for (custom_id,) in found)
+    if gone:
+        await run(db, _KEEP_GONE_TASKS_LINES, names)
+        await run(db, _COUNT_GONE_TASKS_LINES, names)
+    return gone
 
 
 async def uncount_foreign(db: Db, api_batch_id: str) -> None:

@@ -15,10 +15,13 @@ from batchd.store.sqlite.database import Db, json_list, run, run_many
 
 # A candidate still to be read: its results may yet answer the intent's tasks.
 OPEN_STATES = ("in_progress", "canceling", "ended")
-# Whether the batch's intent claimed tasks, and whether any of them still exists (a user
-# may DELETE tasks in flight). EXISTS: one row read each, whatever the batch's size.
+# Whether the batch's intent claimed tasks, and whether any of them still exists as it
+# was claimed (a user may DELETE tasks in flight; an edit of a task's custom_id or params
+# ends its membership, migration 016, but leaves it `submitted` in the batch: claimed all
+# the same). EXISTS: one row read each (tasks_by_batch), whatever the batch's size.
 _MEMBERS = """
-SELECT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = :local),
+SELECT EXISTS (SELECT 1 FROM batch_tasks WHERE batch_id = :local)
+        OR EXISTS (SELECT 1 FROM tasks WHERE batch_id = :local),
     EXISTS (SELECT 1 FROM batch_tasks AS m JOIN tasks AS t ON t.id = m.task_id
             WHERE m.batch_id = :local)"""
 

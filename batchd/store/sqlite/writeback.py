@@ -55,10 +55,14 @@ FROM (SELECT task_id FROM staging.results WHERE task_id > ? ORDER BY task_id LIM
 # Another try: a transient failure, attempts left, and the user did not ask to cancel.
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < :max_attempts AND tasks.cancel_requested = 0)"""
-# The guard: only tasks of THIS batch still waiting, so a repeated line is a no-op.
+# The guard: only tasks of THIS batch still waiting, so a repeated line is a no-op, and
+# still members of it: a user's edit of a task's request (its params, migration 016's
+# trigger) ends its membership, and the old request's answer must not reach the new one.
 _STAGED_TASKS = """s.task_id BETWEEN :first AND :last AND s.batch_id = :local
     AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
-    AND tasks.batch_id = :local AND tasks.status = 'submitted'"""
+    AND tasks.batch_id = :local AND tasks.status = 'submitted'
+    AND EXISTS (
+        SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = :local AND m.task_id = tasks.id)"""
 # RETURNING the new status counts the requeued tasks (now 'pending') without a second join.
 _APPLY_STAGED = f"""
 UPDATE tasks SET
@@ -130,14 +134,15 @@ SELECT :api_id, s.custom_id, 'duplicate', substr(:now, 1, 10), coalesce(s.model,
     coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
 {_DUPLICATE_LINES} AND s.result_type = 'succeeded'"""
 # A line staged for a task whose membership a retry (or an edit of its params) ended since
-# (operations.py): the task waits for a new request, and the old one's answer is kept as a
+# (operations.py): the task waits for a new request (requeued, or still `submitted` in
+# this very batch, requeued when it finishes), and the old one's answer is kept as a
 # duplicate, and counted as the others. Looked for only when a range left lines neither
 # written nor kept (the common range writes every line), so the apply's usual statements
 # and plans stay as they were.
 _NO_LONGER_MEMBERS_LINES = f"""
 FROM staging.results AS s JOIN tasks AS t ON t.id = s.task_id AND t.custom_id = s.custom_id
 WHERE s.task_id BETWEEN :first AND :last AND s.batch_id = :local AND {_ENDS_TASK}
-    AND t.status IN ('pending', 'submitted') AND t.batch_id IS NOT :local
+    AND t.status IN ('pending', 'submitted')
     AND NOT EXISTS (
         SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = :local AND m.task_id = t.id)"""
 _KEEP_NO_LONGER_MEMBERS = f"""
@@ -254,14 +259,19 @@ class SqliteWriteBackLane:
         duplicates = await run(db, _KEEP_DUPLICATES, {**names, "api_id": api_id})
         if duplicates:
             await run(db, _COUNT_DUPLICATES, {**names, "api_id": api_id})
+        gone: tuple[str, ...] = ()  # lines of tasks gone since staging, kept unmatched
         if count - len(changed) - duplicates:
             no_longer = await run(db, _KEEP_NO_LONGER_MEMBERS, {**names, "api_id": api_id})
             if no_longer:
                 await run(db, _COUNT_NO_LONGER_MEMBERS, {**names, "api_id": api_id})
             duplicates += no_longer
+            # A task DELETEd (or its custom_id changed) since its line was staged: the
+            # paid line is kept as unmatched and counted, never only ignored.
+            if count - len(changed) - duplicates:
+                gone = await kept_lines.keep_gone_tasks_lines(db, {**names, "api_id": api_id})
         requeued = sum(1 for (status,) in changed if status == TaskStatus.PENDING)
-        ignored = count - len(changed) - duplicates
-        report = WriteReport(len(changed) - requeued, requeued, ignored, (), duplicates)
+        ignored = count - len(changed) - duplicates - len(gone)
+        report = WriteReport(len(changed) - requeued, requeued, ignored, gone, duplicates)
         return AppliedRange(last, report)
 
     async def write_results(
@@ -275,7 +285,9 @@ class SqliteWriteBackLane:
         report = applied.report if applied else WriteReport(0, 0, 0, ())
         written, requeued, duplicates = report.written, report.requeued, report.duplicates
         # A repeated unmatched line counts once, as a repeated matched one does.
-        unmatched = tuple(dict.fromkeys(outcomes[at].custom_id for at in staged.unmatched))
+        unmatched = tuple(
+            dict.fromkeys([*(outcomes[at].custom_id for at in staged.unmatched), *report.unmatched])
+        )
         ignored = len(outcomes) - written - requeued - duplicates - len(unmatched)
         return WriteReport(written, requeued, ignored, unmatched, duplicates)
 
