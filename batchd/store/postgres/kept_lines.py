@@ -15,6 +15,20 @@ from batchd.store.postgres.database import count_of
 from batchd.store.postgres.storable import storable_text
 from batchd.store.values import KeptLine
 
+
+def count_staged(kept_in: str, lines: str) -> str:
+    """SQL counting the billed (succeeded) staged lines `lines` (a FROM ... WHERE over
+    `pg_temp.staging AS s`) as `kept_in`, one row per line of the API batch ($1), dated
+    $2: a line counted before is left out."""
+    return f"""
+INSERT INTO kept_line_usage
+SELECT $1, s.custom_id, '{kept_in}', ($2::timestamptz AT TIME ZONE 'UTC')::date,
+    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{lines} AND s.result_type = 'succeeded'
+ON CONFLICT DO NOTHING"""
+
+
 # The billed lines of a chunk counted in one statement: the ledger's trigger runs per
 # statement (migration 015), and a line kept again is left out.
 _COUNT_UNMATCHED = """
@@ -49,13 +63,7 @@ SELECT $1, s.custom_id,
     $2::timestamptz
 {_NO_LONGER_MEMBERS_LINES}
 ON CONFLICT DO NOTHING"""
-_COUNT_NO_LONGER_MEMBERS = f"""
-INSERT INTO kept_line_usage
-SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
-    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_NO_LONGER_MEMBERS_LINES} AND s.result_type = 'succeeded'
-ON CONFLICT DO NOTHING"""
+_COUNT_NO_LONGER_MEMBERS = count_staged("duplicate", _NO_LONGER_MEMBERS_LINES)
 # A line whose task is gone since it was staged: DELETEd, or its custom_id changed (the
 # apply's guard left it alone). Paid all the same: kept as the collector keeps an
 # unmatched line (custom_id first, then the result's text as it came), and counted. A line
@@ -76,13 +84,7 @@ SELECT $1, s.custom_id,
     $2::timestamptz
 {_GONE_TASKS_LINES}
 ON CONFLICT DO NOTHING"""
-_COUNT_GONE_TASKS_LINES = f"""
-INSERT INTO kept_line_usage
-SELECT $1, s.custom_id, 'unmatched', ($2::timestamptz AT TIME ZONE 'UTC')::date,
-    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_GONE_TASKS_LINES} AND s.result_type = 'succeeded'
-ON CONFLICT DO NOTHING"""
+_COUNT_GONE_TASKS_LINES = count_staged("unmatched", _GONE_TASKS_LINES)
 # Negative upserts of the batch's rows, per (day, model) they were counted in.
 _UNCOUNT = """
 INSERT INTO usage_ledger AS l (day, model, requests, input_tokens, output_tokens,

@@ -144,13 +144,7 @@ ON CONFLICT DO NOTHING"""
 # In the same transaction, the billed ones (succeeded) are counted: a row per line of the
 # API batch, whose trigger adds them to the usage ledger (migration 015); a line kept again
 # is left out, never counted twice. Run only when the range kept a new duplicate.
-_COUNT_DUPLICATES = f"""
-INSERT INTO kept_line_usage
-SELECT $1, s.custom_id, 'duplicate', ($2::timestamptz AT TIME ZONE 'UTC')::date,
-    coalesce(s.model, ''), coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_DUPLICATE_LINES} AND s.result_type = 'succeeded'
-ON CONFLICT DO NOTHING"""
+_COUNT_DUPLICATES = kept_lines.count_staged("duplicate", _DUPLICATE_LINES)
 
 
 class PostgresWriteBackLane:

@@ -20,6 +20,18 @@ _KEEP_UNMATCHED = (
     "INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
     " VALUES (?, ?, ?, ?)"
 )
+def count_staged(kept_in: str, lines: str) -> str:
+    """SQL counting the billed (succeeded) staged lines `lines` (a FROM ... WHERE over
+    `staging.results AS s`) as `kept_in`, one row per line of the API batch (:api_id),
+    dated :now: a line counted before is ignored."""
+    return f"""
+INSERT OR IGNORE INTO kept_line_usage
+SELECT :api_id, s.custom_id, '{kept_in}', substr(:now, 1, 10), coalesce(s.model, ''),
+    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
+    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
+{lines} AND s.result_type = 'succeeded'"""
+
+
 _COUNT_UNMATCHED = (
     "INSERT OR IGNORE INTO kept_line_usage VALUES (?, ?, 'unmatched', substr(?, 1, 10),"
     " coalesce(?, ''), ?, ?, ?, ?)"
@@ -37,12 +49,7 @@ INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received
 SELECT :api_id, s.custom_id,
     '{{"custom_id":' || json_quote(s.custom_id) || ',"result":' || s.result_json || '}}', :now
 {_GONE_TASKS_LINES}"""
-_COUNT_GONE_TASKS_LINES = f"""
-INSERT OR IGNORE INTO kept_line_usage
-SELECT :api_id, s.custom_id, 'unmatched', substr(:now, 1, 10), coalesce(s.model, ''),
-    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_GONE_TASKS_LINES} AND s.result_type = 'succeeded'"""
+_COUNT_GONE_TASKS_LINES = count_staged("unmatched", _GONE_TASKS_LINES)
 # Negative upserts of the batch's rows, per (day, model) they were counted in.
 _UNCOUNT = """
 INSERT INTO usage_ledger (day, model, requests, input_tokens, output_tokens,

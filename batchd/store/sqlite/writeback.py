@@ -127,12 +127,7 @@ SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', jso
 # In the same transaction, the billed ones (succeeded) are counted: a row per line of the
 # API batch, whose trigger adds it to the usage ledger (migration 015); a line kept again
 # is ignored, never counted twice. Run only when the range kept a new duplicate.
-_COUNT_DUPLICATES = f"""
-INSERT OR IGNORE INTO kept_line_usage
-SELECT :api_id, s.custom_id, 'duplicate', substr(:now, 1, 10), coalesce(s.model, ''),
-    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_DUPLICATE_LINES} AND s.result_type = 'succeeded'"""
+_COUNT_DUPLICATES = kept_lines.count_staged("duplicate", _DUPLICATE_LINES)
 # A line staged for a task whose membership a retry (or an edit of its params) ended since
 # (operations.py): the task waits for a new request (requeued, or still `submitted` in
 # this very batch, requeued when it finishes), and the old one's answer is kept as a
@@ -150,12 +145,7 @@ INSERT OR IGNORE INTO duplicate_results (api_batch_id, custom_id, line, received
 SELECT :api_id, s.custom_id, json_object('custom_id', s.custom_id, 'result', json(s.result_json)),
     :now
 {_NO_LONGER_MEMBERS_LINES}"""
-_COUNT_NO_LONGER_MEMBERS = f"""
-INSERT OR IGNORE INTO kept_line_usage
-SELECT :api_id, s.custom_id, 'duplicate', substr(:now, 1, 10), coalesce(s.model, ''),
-    coalesce(s.input_tokens, 0), coalesce(s.output_tokens, 0),
-    coalesce(s.cache_creation_input_tokens, 0), coalesce(s.cache_read_input_tokens, 0)
-{_NO_LONGER_MEMBERS_LINES} AND s.result_type = 'succeeded'"""
+_COUNT_NO_LONGER_MEMBERS = kept_lines.count_staged("duplicate", _NO_LONGER_MEMBERS_LINES)
 
 
 class SqliteWriteBackLane:
