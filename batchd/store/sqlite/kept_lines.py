@@ -20,6 +20,8 @@ _KEEP_UNMATCHED = (
     "INSERT OR IGNORE INTO unmatched_results (api_batch_id, custom_id, line, received_at)"
     " VALUES (?, ?, ?, ?)"
 )
+
+
 def count_staged(kept_in: str, lines: str) -> str:
     """SQL counting the billed (succeeded) staged lines `lines` (a FROM ... WHERE over
     `staging.results AS s`) as `kept_in`, one row per line of the API batch (:api_id),
