@@ -108,7 +108,8 @@ async def test_prune_reads_the_completion_index_from_its_key_on_postgresql(
             await conn.execute(f"PREPARE s{n} AS {sql}")
             for mode in ("force_custom_plan", "force_generic_plan"):
                 await conn.execute(f"SET plan_cache_mode = {mode}")
-                rows = await conn.fetch(f"EXPLAIN EXECUTE s{n}({params})")
+                arguments = f"({params})" if args else ""  # the bounds: no parameter
+                rows = await conn.fetch(f"EXPLAIN EXECUTE s{n}{arguments}")
                 plan = "\n".join(row[0] for row in rows)
                 assert "Sort" not in plan, (sql, mode, plan)
                 assert "Seq Scan" not in plan, (sql, mode, plan)

@@ -55,8 +55,9 @@ async def test_prune_deletes_pages_in_larger_transactions_after_their_export(
         report = await prune_module.prune(
             store, datetime(2026, 6, 1, tzinfo=UTC), export=out, vacuum=False
         )
-    # Pages of 3 gathered until 7 ids or more: 9, 9, then the last 7.
-    assert transactions == [9, 9, 7]
+    # The first two pages of 3 at once, then pages gathered until 7 ids or more: 9, 9,
+    # then the last one.
+    assert transactions == [6, 9, 9, 1]
     assert report.deleted == 25
     assert peek.query("SELECT count(*) FROM tasks") == [(0,)]
     lines = export_path.read_bytes().splitlines()
@@ -86,9 +87,12 @@ async def test_an_export_reads_on_while_a_delete_runs_never_a_transaction_furthe
 
     async def delete_tasks(task_ids: Sequence[int], cutoff: datetime) -> int:
         before = len(pages_read)
-        if sum(pages_read) < 25:  # a transaction follows: its 3 pages are read meanwhile
+        following = min(3, 9 - before)  # 25 tasks: 8 pages of 3, then 1
+        if following:  # a transaction follows: its pages are read meanwhile
             await eventually(
-                lambda: len(pages_read) - before >= 3, "the next pages read during a delete", 10
+                lambda: len(pages_read) - before >= following,
+                "the next pages read during a delete",
+                10,
             )
         await asyncio.sleep(0.2)  # room for reads past the next transaction, if any were made
         pages_during.append(len(pages_read) - before)
@@ -101,8 +105,9 @@ async def test_an_export_reads_on_while_a_delete_runs_never_a_transaction_furthe
             store, datetime(2026, 6, 1, tzinfo=UTC), export=out, vacuum=False
         )
     assert report.deleted == report.exported == 25
-    # Transactions of 3 pages (9, 9, then 7 ids): the next one's 3 read during each delete.
-    assert pages_during == [3, 3, 0]
+    # Transactions of 2 pages (6 ids), then 3 pages (9, 9), then the last page (1 id): the
+    # next one's pages read during each delete, never more.
+    assert pages_during == [3, 3, 1, 0]
     assert peek.query("SELECT count(*) FROM tasks") == [(0,)]
 
 

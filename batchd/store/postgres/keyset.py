@@ -14,15 +14,14 @@ known in advance, so several pages are in flight at once on connections of their
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any, cast
+from typing import Any
 
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase
+from batchd.store.postgres.inflight import InOrder
 from batchd.store.sqlite.keyset import in_pages, merged_by_id
 
 Row = tuple[Any, ...]
@@ -101,13 +100,14 @@ async def rows_in_windows(
         lowest, highest = await _bounds(conns[0], statuses)
         if lowest is None or highest is None:
             return
+        reads = InOrder(conns)
         windows = _Windows(sql, statuses, window, lowest - 1, highest)
-        async with aclosing(windows.rows(conns)) as received:
+        async with aclosing(windows.rows(reads)) as received:
             try:
                 async for rows in received:
                     yield rows
             finally:
-                await windows.abandon()
+                await reads.abandon()
 
 
 async def _bounds(conn: Conn, statuses: Sequence[str]) -> tuple[int | None, int | None]:
@@ -127,7 +127,7 @@ async def _bounds(conn: Conn, statuses: Sequence[str]) -> tuple[int | None, int 
 
 
 class _Windows:
-    """The windows of one export: issued in order, received in order."""
+    """The windows of one export: issued in order, received in order (`InOrder`)."""
 
     def __init__(
         self, sql: str, statuses: Sequence[str], window: int, after: int, highest: int
@@ -142,30 +142,23 @@ class _Windows:
         self._window = window
         self._after = after  # windows up to this id are issued
         self._highest = highest
-        self._in_flight: deque[tuple[Conn, asyncio.Task[list[Row]]]] = deque()
 
-    async def rows(self, conns: list[Conn]) -> AsyncGenerator[list[Row], None]:
-        idle = list(conns)
+    async def rows(self, reads: InOrder) -> AsyncGenerator[list[Row], None]:
         jump = False
         while True:
-            while idle and self._after < self._highest:
-                conn = idle.pop()
-                if not await self._issue(conn, jump):
-                    idle.append(conn)
+            while (conn := reads.idle()) is not None and self._after < self._highest:
+                if not await self._issue(reads, conn, jump):
+                    break
                 jump = False
-            if not self._in_flight:
+            if not reads.in_flight():
                 return
-            # The statements just issued go out before the caller works on these rows.
-            await asyncio.sleep(0)
-            conn, task = self._in_flight.popleft()
-            rows = await task
-            idle.append(conn)
+            rows = await reads.next_rows()
             if rows:
                 yield rows
             else:
                 jump = True
 
-    async def _issue(self, conn: Conn, jump: bool) -> bool:
+    async def _issue(self, reads: InOrder, conn: Conn, jump: bool) -> bool:
         """The next window's statement sent on `conn`; False if none is left."""
         if jump:  # past ids with no task of these statuses at once (a pruned stretch)
             found = await conn.fetchval(self._next, self._after)
@@ -174,14 +167,5 @@ class _Windows:
                 return False
         start = self._after
         self._after = start + self._window
-        fetch = cast(Awaitable[list[Row]], conn.fetch(self._sql, start, self._after))
-        self._in_flight.append((conn, asyncio.ensure_future(fetch)))
+        reads.issue(self._sql, start, self._after)
         return True
-
-    async def abandon(self) -> None:
-        """Windows still in flight when the caller stopped early: their rows unread."""
-        tasks = [task for _, task in self._in_flight]
-        self._in_flight.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

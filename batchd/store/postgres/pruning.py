@@ -11,6 +11,7 @@ $2) ... ORDER BY completed_at, id LIMIT` walks the index from the key.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from batchd.crashpoints import crash_point
 from batchd.domain import FINAL_TASK_STATUSES
 from batchd.store.postgres.connection import Conn
 from batchd.store.postgres.database import PostgresDatabase, count_of, text_time
+from batchd.store.postgres.inflight import InOrder
 from batchd.store.rows import keyed_pages
 from batchd.store.values import PrunableTask, PruneExportPage
 
@@ -108,14 +110,89 @@ async def prunable_rows(
         yield [prunable_task(row[1:]) for row in rows]
 
 
+# Export pages in flight at once, each on a connection of its own (`InOrder`): the server
+# builds each line (jsonb's text of params and result, ~7 us a row) and one page at a time
+# left the client and the other core waiting (bench/README.md, "Session 8: prune").
+_PAGES_IN_FLIGHT = 3
+# Page bounds read ahead at a time: each a key of tasks_by_completion, from the index alone.
+_BOUNDS_AHEAD = 10
+
+
+def _bounds_sql(cutoff: datetime, page_size: int) -> tuple[str, str]:
+    """SQL of the keys that end the next pages of `page_size` entries (each page's last,
+    and the last entry's) among the next `_BOUNDS_AHEAD` pages: first, and after ($1, $2)."""
+    keys = _pages("completed_at, id", cutoff)
+    every = int(page_size)
+    wrap = (
+        "SELECT completed_at, id FROM (SELECT completed_at, id,"
+        " row_number() OVER (ORDER BY completed_at, id) AS n,"
+        " lead(id) OVER (ORDER BY completed_at, id) AS next FROM ({}) AS k) AS w"
+        f" WHERE n % {every} = 0 OR next IS NULL ORDER BY completed_at, id"
+    )
+    limit = every * _BOUNDS_AHEAD
+    return (
+        wrap.format(keys[0].replace("$1", str(limit))),
+        wrap.format(keys[1].replace("$3", str(limit))),
+    )
+
+
+def _page_between_sql(cutoff: datetime) -> tuple[str, str]:
+    """SQL of the lines of one page up to a key ($1, $2), and of one from after a key ($1,
+    $2) up to a key ($3, $4)."""
+    # As bytes, each with its line break: asyncpg hands a bytea over as it came, where a
+    # text was decoded to a str, then joined and encoded again.
+    start = (
+        f"SELECT completed_at, id, convert_to({_LINE} || E'\\n', 'UTF8') FROM {_lines_source()}"
+        f" WHERE completed_at < {_moment(cutoff)} AND {_FINAL_ROWS}"
+    )
+    order = " ORDER BY completed_at, id"
+    return (
+        start + " AND (completed_at, id) <= ($1, $2)" + order,
+        start + " AND (completed_at, id) > ($1, $2) AND (completed_at, id) <= ($3, $4)" + order,
+    )
+
+
 async def export_pages(
     db: PostgresDatabase, cutoff: datetime, page_size: int
 ) -> AsyncIterator[PruneExportPage]:
-    """`prunable_rows` as export lines, built by the server."""
-    sql = _pages(f"completed_at, id, {_LINE}", cutoff, _FINAL_ROWS, _lines_source())
-    async for rows in _keyed_pages(db, sql, page_size):
-        lines = "".join(f"{row[2]}\n" for row in rows)
-        yield PruneExportPage([int(row[1]) for row in rows], lines.encode())
+    """`prunable_rows` as export lines, built by the server, oldest first: the bounds of
+    the next pages read from the index, then `_PAGES_IN_FLIGHT` pages read at once.
+
+    A page holds what its range of tasks_by_completion holds when it is read: a task
+    changed meanwhile is exported as it is then (or left, if no longer final and old);
+    the ids of each page are those of its lines, so nothing is deleted unexported."""
+    bounds_sql = _bounds_sql(cutoff, page_size)
+    first, between = _page_between_sql(cutoff)
+    async with db.key_order_sessions(_PAGES_IN_FLIGHT) as conns:
+        reads = InOrder(conns)
+        try:
+            issued: Key | None = None  # the bound the last page issued ends at
+            ahead: deque[Key] = deque()
+            more = True  # bounds past the last read may remain
+            while True:
+                while (conn := reads.idle()) is not None and (ahead or more):
+                    if not ahead:
+                        sql = bounds_sql[0] if issued is None else bounds_sql[1]
+                        rows = await conn.fetch(sql, *(() if issued is None else issued))
+                        ahead.extend((row[0], row[1]) for row in rows)
+                        # Fewer bounds than asked for: the last entry's key ended them.
+                        more = len(rows) >= _BOUNDS_AHEAD
+                        if not ahead:
+                            break
+                    end = ahead.popleft()
+                    if issued is None:
+                        reads.issue(first, *end)
+                    else:
+                        reads.issue(between, *issued, *end)
+                    issued = end
+                if not reads.in_flight():
+                    return
+                page = await reads.next_rows()
+                if page:
+                    lines = b"".join(row[2] for row in page)
+                    yield PruneExportPage([int(row[1]) for row in page], lines)
+        finally:
+            await reads.abandon()
 
 
 async def delete_page(

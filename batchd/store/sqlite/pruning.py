@@ -53,21 +53,24 @@ _LINE = f"""CASE WHEN {_valid("params")} AND (result IS NULL OR {_valid("result"
     END"""
 # A spliced text may hold a line break (JSON's whitespace may be one; json_quote escapes
 # those of the other values): looked for in Python, in a whole page at once, where it is
-# a memchr (SQLite's instr() on each text cost more than building the line).
+# a memchr (SQLite's instr() on each text cost more than building the line). Read as a
+# BLOB, the line's bytes as SQLite holds them: a TEXT was decoded to a str, then joined
+# and encoded again (0.15 s of CPU per 100,000 lines).
+_LINE_BYTES = f"CAST(({_LINE}) AS BLOB)"
 
 
-def _spliced(line: str | None) -> bool:
-    return line is not None and "\n" not in line and "\r" not in line
+def _spliced(line: bytes | None) -> bool:
+    return line is not None and b"\n" not in line and b"\r" not in line
 
 
-def _page_text(lines: list[str | None]) -> str | None:
+def _page_text(lines: list[bytes | None]) -> bytes | None:
     """The page's lines, each ending in a newline, if every one of them can be spliced;
     None if one cannot (then each is looked at alone)."""
     texts = [line for line in lines if line is not None]
     if len(texts) != len(lines):
         return None
-    text = "\n".join(texts) + "\n"
-    if text.count("\n") != len(lines) or "\r" in text:
+    text = b"\n".join(texts) + b"\n"
+    if text.count(b"\n") != len(lines) or b"\r" in text:
         return None
     return text
 
@@ -106,7 +109,7 @@ def _keyed_pages(
 
 _KEYS = _pages("completed_at, id")
 _ROWS = _pages(f"completed_at, {PRUNE_COLUMNS}", f"+status IN ({_FINAL_SQL})")
-_LINES = _pages(f"completed_at, id, {_LINE}", f"+status IN ({_FINAL_SQL})")
+_LINES = _pages(f"completed_at, id, {_LINE_BYTES}", f"+status IN ({_FINAL_SQL})")
 
 
 async def prunable_ids(read: Read, cutoff: str, page_size: int) -> AsyncIterator[list[int]]:
@@ -130,30 +133,30 @@ async def export_pages(read: Read, cutoff: str, page_size: int) -> AsyncIterator
     spliced is read again whole and built by `prunelines.export_line`."""
     async for rows in _keyed_pages(read, _LINES, cutoff, page_size):
         task_ids = [row[1] for row in rows]
-        lines: list[str | None] = [row[2] for row in rows]
+        lines: list[bytes | None] = [row[2] for row in rows]
         text = _page_text(lines)
         if text is None:
             task_ids, text = await _built_here(read, task_ids, lines)
-        yield PruneExportPage(task_ids, text.encode())
+        yield PruneExportPage(task_ids, text)
 
 
 async def _built_here(
-    read: Read, task_ids: list[int], lines: list[str | None]
-) -> tuple[list[int], str]:
+    read: Read, task_ids: list[int], lines: list[bytes | None]
+) -> tuple[list[int], bytes]:
     """The page with the lines SQLite could not splice built by `export_line`."""
     unplain = [i for i, line in zip(task_ids, lines, strict=True) if not _spliced(line)]
     whole = await read(
         f"SELECT {PRUNE_COLUMNS} FROM tasks WHERE id IN (SELECT value FROM json_each(:ids))",
         {"ids": json_list(unplain)},
     )
-    built = {row[0]: export_line(PrunableTask(*row)).decode() for row in whole}
+    built = {row[0]: export_line(PrunableTask(*row)) for row in whole}
     # A row gone meanwhile (deleted by a user) is left out of the file and the page.
     kept = [
         (i, line if _spliced(line) else built.get(i))
         for i, line in zip(task_ids, lines, strict=True)
     ]
-    return [i for i, line in kept if line is not None], "".join(
-        f"{line}\n" for _, line in kept if line is not None
+    return [i for i, line in kept if line is not None], b"".join(
+        line + b"\n" for _, line in kept if line is not None
     )
 
 
