@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=["auto", "json", "console"],
         help="log lines as JSON, as console text, or auto: console on a terminal, JSON "
-        "otherwise (default: [logging] format; console for demo)",
+        "otherwise (default: [logging] format; console for demo and fake-api)",
     )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of a failure, not only its message"
@@ -223,7 +223,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "fake-api":
         from batchd.fakeapi.server import serve as serve_fake_api  # noqa: PLC0415
 
-        return asyncio.run(serve_fake_api(args))
+        # Its lines go to stdout, where its first one (the URL) has always been read.
+        log_format = args.log_format or "console"
+        json_logs = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+        configure_logging("json" if json_logs else "console", "info", stream=sys.stdout)
+        return asyncio.run(serve_fake_api(args, json_logs=json_logs))
     if args.command == "demo":
         configure_logging(args.log_format or "console", "info")
         from batchd.cli.demo import run_demo  # noqa: PLC0415
