@@ -336,7 +336,7 @@ async def _status(store: Store, args: argparse.Namespace, *, config: Config) -> 
         missing = set(args.custom_ids) - {r.custom_id for r in rows}
         for custom_id in sorted(missing):
             print(f"{custom_id}: no such task", file=sys.stderr)
-        return 1 if missing else 0
+        return _named_ids_exit(unknown=bool(missing), acted=bool(rows))
     snapshot = await commands.status_snapshot(store, config)
     print(orjson.dumps(snapshot).decode() if args.json else commands.render_status(snapshot))
     return 0
@@ -413,12 +413,21 @@ async def _results(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_ids_exit(*, unknown: bool, acted: bool) -> int:
+    """The exit code of a command given CUSTOM_IDs (`status`, `cancel`, `retry`), one rule
+    for scripts: 1 if an id is unknown or none of them could be acted on; 0 otherwise
+    (each id not acted on is still named)."""
+    return 1 if unknown or not acted else 0
+
+
 async def _cancel(store: Store, args: argparse.Namespace) -> int:
     if not args.custom_ids:
         return await operator_commands.cancel_waiting(store, args)
     report = await store.request_cancel(args.custom_ids)
     print(commands.render_cancel(report))
-    return 1 if report.unknown else 0
+    return _named_ids_exit(
+        unknown=bool(report.unknown), acted=bool(report.canceled or report.flagged)
+    )
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:
@@ -429,7 +438,7 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
     status_of = {row.custom_id: row.status for row in rows}
     count = await store.retry_tasks(statuses, asked)
     print(f"requeued {count} task(s)")
-    # As `status` and `cancel` do: an id asked for and not acted on is said, and exit 1.
+    # As `status` and `cancel` do: each id asked for and not acted on is named.
     skipped = [cid for cid in asked if cid in status_of and status_of[cid] not in statuses]
     for custom_id in skipped:
         status = status_of[custom_id]
@@ -442,7 +451,9 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
     unknown = [cid for cid in asked if cid not in status_of]
     for custom_id in unknown:
         print(f"{custom_id}: no such task", file=sys.stderr)
-    return 1 if skipped or unknown else 0
+    if not asked:
+        return 0  # every failed task was asked for: none is no failure
+    return _named_ids_exit(unknown=bool(unknown), acted=count > 0)
 
 
 if __name__ == "__main__":
