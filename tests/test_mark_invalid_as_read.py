@@ -22,7 +22,7 @@ from batchd.pipeline.chunker import build_chunk
 from batchd.store import Store
 from tests.support.backends import Peek
 from tests.support.params import request_params
-from tests.support.store import PARAMS, add_tasks
+from tests.support.store import PARAMS, add_tasks, claim
 
 pytestmark = pytest.mark.both_stores
 NO_MODEL = '{"max_tokens": 16, "messages": [{"role": "user", "content": "x"}]}'
@@ -145,3 +145,17 @@ async def test_the_budget_marks_a_task_over_the_limit_only_as_it_was_read(
         [t.id for t in again], [t.custom_id for t in again], [t.version for t in again]
     )
     assert peek.task("huge")["status"] == "invalid"
+
+
+async def test_a_refused_create_does_not_mark_a_task_edited_since_its_claim(
+    store: Store, peek: Peek
+) -> None:
+    # The API named "b" as the bad request of the create; the user had corrected it while
+    # the create was in flight (the edit ended its membership of the intent, migration 016).
+    await add_tasks(store, "a", "b", "c")
+    local_id = await claim(store, "a", "b", "c")
+    peek.execute("UPDATE tasks SET params = ? WHERE custom_id = 'b'", request_params("fixed"))
+    await store.release_intent(local_id, "create refused: 400", [("b", "refused: bad")])
+    assert (peek.task("b")["status"], peek.task("b")["error"]) == ("pending", None)
+    assert peek.task("b")["attempts"] == 0
+    assert [t.custom_id for t in await read(store)] == ["a", "b", "c"]

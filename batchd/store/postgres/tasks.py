@@ -276,11 +276,14 @@ class TaskIntake:
             return
         now = self._db.now()
         if invalid:
+            # Only a task still the request sent: a user's edit since the claim ended its
+            # membership (migration 016), and it goes back to pending with the others.
             await conn.execute(
                 "UPDATE tasks SET status = 'invalid', error = i.error, completed_at = $3,"
                 " attempts = attempts - 1 FROM unnest($1::text[], $2::text[]) AS i(cid, error)"
                 " WHERE tasks.custom_id = i.cid AND tasks.batch_id = $4"
-                " AND tasks.status = 'submitted'",
+                " AND tasks.status = 'submitted' AND EXISTS (SELECT 1 FROM batch_tasks AS m"
+                "   WHERE m.batch_id = $4 AND m.task_id = tasks.id)",
                 [custom_id for custom_id, _ in invalid],
                 [storable_text(error) for _, error in invalid],
                 now,

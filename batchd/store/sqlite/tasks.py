@@ -242,11 +242,15 @@ class TaskIntake:
         if not rejected:
             return
         now = self._db.now()
+        # Only a task still the request sent: a user's edit since the claim ended its
+        # membership (migration 016), and it goes back to pending with the others.
         await run_many(
             db,
             "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?,"
             " attempts = attempts - 1"
-            " WHERE custom_id = ? AND batch_id = ? AND status = 'submitted'",
+            " WHERE custom_id = ? AND batch_id = ? AND status = 'submitted'"
+            " AND EXISTS (SELECT 1 FROM batch_tasks AS m"
+            "   WHERE m.batch_id = tasks.batch_id AND m.task_id = tasks.id)",
             [(error, now, custom_id, local_id) for custom_id, error in invalid],
         )
         await cancel_flagged(db, local_id, now, attempts_delta=-1)
