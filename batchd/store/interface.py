@@ -259,8 +259,10 @@ class Store(Protocol):
         watch_until: datetime | None = None,
     ) -> None:
         """The create was refused: `rejected`, tasks back to pending without the attempt;
-        (custom_id, error) in `invalid` become `invalid`. `watch_until`: its outcome was
-        unknown and nothing was found; the intent stays watched until then."""
+        (custom_id, error) in `invalid` become `invalid`, each only if still the request
+        sent (a user's edit since the claim ended its membership: back to pending).
+        `watch_until`: its outcome was unknown and nothing was found; the intent stays
+        watched until then."""
 
     # -- candidates (docs/design.md, "Harvesting candidate batches") ---------------------------
 
