@@ -64,7 +64,7 @@ async def test_a_failure_marking_invalid_rows_closes_the_body(
 ) -> None:
     await store.enqueue([("ok-1", request_params("fine")), ("bad id!", request_params("x"))])
 
-    async def refused(invalid: list[tuple[int, str]]) -> int:
+    async def refused(invalid: list[tuple[int, str]], versions: list[str]) -> int:
         raise StoreError("database is read-only")
 
     monkeypatch.setattr(store, "mark_invalid", refused)

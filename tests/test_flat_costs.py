@@ -404,6 +404,7 @@ async def test_changes_to_named_tasks_are_planned_by_key_not_by_status(
         await store.request_cancel(["a", "b", "nobody"])
         await store.accounts.delete_tasks([a_id], datetime.now(UTC) + timedelta(days=1))
         await store.mark_invalid([(a_id, "x")])
+        await store.mark_invalid([(a_id, "x")], ["0"])  # as read: by id too
     checked = 0
     for sql, plan in sqlite_plans(db_path, seen):
         if "tasks" not in sql:

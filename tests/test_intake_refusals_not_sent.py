@@ -33,7 +33,7 @@ def _close_bodies() -> Iterator[None]:
 
 
 def one(*task_ids: int) -> Chunk:
-    made = Chunk(list(task_ids), [f"t-{n}" for n in task_ids])
+    made = Chunk(list(task_ids), [f"t-{n}" for n in task_ids], [f"v{n}" for n in task_ids])
     _made.append(made)
     return made
 

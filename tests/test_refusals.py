@@ -46,7 +46,7 @@ def _close_bodies() -> Iterator[None]:
 
 def one(*task_ids: int) -> Chunk:
     """A chunk of these tasks, as the chunker would build it (the body stays empty)."""
-    made = Chunk(list(task_ids), [f"t-{n}" for n in task_ids])
+    made = Chunk(list(task_ids), [f"t-{n}" for n in task_ids], [f"v{n}" for n in task_ids])
     _made.append(made)
     return made
 
@@ -102,6 +102,7 @@ def test_a_lone_refusal_is_a_suspect_blamed_once_a_control_is_accepted(refusals:
     culprit = accept(refusals, one(4))
     assert culprit is not None
     assert (culprit.task_id, culprit.reason) == (3, "refused by the API: bad")
+    assert culprit.version == "v3"  # the row as read for the refused create: blamed only so
     assert refusals.plan(8) == Plan((Pick(8),))  # judged: full batches again
 
 

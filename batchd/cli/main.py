@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=["auto", "json", "console"],
         help="log lines as JSON, as console text, or auto: console on a terminal, JSON "
-        "otherwise (default: [logging] format; console for demo)",
+        "otherwise (default: [logging] format; console for demo and fake-api)",
     )
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of a failure, not only its message"
@@ -223,7 +223,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "fake-api":
         from batchd.fakeapi.server import serve as serve_fake_api  # noqa: PLC0415
 
-        return asyncio.run(serve_fake_api(args))
+        # Its lines go to stdout, where its first one (the URL) has always been read.
+        log_format = args.log_format or "console"
+        json_logs = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+        configure_logging("json" if json_logs else "console", "info", stream=sys.stdout)
+        return asyncio.run(serve_fake_api(args, json_logs=json_logs))
     if args.command == "demo":
         configure_logging(args.log_format or "console", "info")
         from batchd.cli.demo import run_demo  # noqa: PLC0415
@@ -332,7 +336,7 @@ async def _status(store: Store, args: argparse.Namespace, *, config: Config) -> 
         missing = set(args.custom_ids) - {r.custom_id for r in rows}
         for custom_id in sorted(missing):
             print(f"{custom_id}: no such task", file=sys.stderr)
-        return 1 if missing else 0
+        return _named_ids_exit(unknown=bool(missing), acted=bool(rows))
     snapshot = await commands.status_snapshot(store, config)
     print(orjson.dumps(snapshot).decode() if args.json else commands.render_status(snapshot))
     return 0
@@ -409,12 +413,21 @@ async def _results(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_ids_exit(*, unknown: bool, acted: bool) -> int:
+    """The exit code of a command given CUSTOM_IDs (`status`, `cancel`, `retry`), one rule
+    for scripts: 1 if an id is unknown or none of them could be acted on; 0 otherwise
+    (each id not acted on is still named)."""
+    return 1 if unknown or not acted else 0
+
+
 async def _cancel(store: Store, args: argparse.Namespace) -> int:
     if not args.custom_ids:
         return await operator_commands.cancel_waiting(store, args)
     report = await store.request_cancel(args.custom_ids)
     print(commands.render_cancel(report))
-    return 1 if report.unknown else 0
+    return _named_ids_exit(
+        unknown=bool(report.unknown), acted=bool(report.canceled or report.flagged)
+    )
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:
@@ -425,7 +438,7 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
     status_of = {row.custom_id: row.status for row in rows}
     count = await store.retry_tasks(statuses, asked)
     print(f"requeued {count} task(s)")
-    # As `status` and `cancel` do: an id asked for and not acted on is said, and exit 1.
+    # As `status` and `cancel` do: each id asked for and not acted on is named.
     skipped = [cid for cid in asked if cid in status_of and status_of[cid] not in statuses]
     for custom_id in skipped:
         status = status_of[custom_id]
@@ -438,7 +451,9 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
     unknown = [cid for cid in asked if cid not in status_of]
     for custom_id in unknown:
         print(f"{custom_id}: no such task", file=sys.stderr)
-    return 1 if skipped or unknown else 0
+    if not asked:
+        return 0  # every failed task was asked for: none is no failure
+    return _named_ids_exit(unknown=bool(unknown), acted=count > 0)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import structlog
+
 from batchd.api.wire import MAX_BATCH_BYTES, RESULTS_RETENTION_DAYS
 from batchd.fakeapi.admin import add_admin_routes
 from batchd.fakeapi.app import FakeApi, create_app
@@ -31,6 +33,8 @@ from batchd.fakeapi.faults import (
 from batchd.fakeapi.persistence import StateFileError, load_state
 from batchd.fakeapi.state import FakeClock, FakeState, Timeline
 from batchd.serving import AppServer, StartStop
+
+log = structlog.get_logger("batchd.fakeapi")
 
 
 @dataclass(frozen=True)
@@ -132,25 +136,40 @@ def config_from_args(args: argparse.Namespace) -> FakeApiConfig:
     )
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM; print the base URL first. Returns the exit code."""
+async def serve(args: argparse.Namespace, *, json_logs: bool = False) -> int:
+    """Serve until SIGINT or SIGTERM; say the base URL first. Returns the exit code.
+
+    `json_logs`: its lines are JSON log lines (`batchd --log-format json fake-api`, with
+    structlog configured by the caller), else the plain text lines scripts have read.
+    """
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        print(f"batchd fake-api: {exc}", file=sys.stderr)
-        return 2
+        return _failed(str(exc), 2, json_logs=json_logs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         async with FakeApiServer(config) as server:
-            print(f"batchd fake-api listening on {server.base_url}", flush=True)
+            if json_logs:
+                log.info("fake_api_listening", base_url=server.base_url)
+            else:
+                print(f"batchd fake-api listening on {server.base_url}", flush=True)
             await stop.wait()
     except (OSError, StateFileError) as exc:
-        print(f"batchd fake-api: {exc}", file=sys.stderr)
-        return 1
+        return _failed(str(exc), 1, json_logs=json_logs)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+    if json_logs:
+        log.info("fake_api_stopped")
     return 0
+
+
+def _failed(message: str, exit_code: int, *, json_logs: bool) -> int:
+    """As the other commands fail: a log line (if JSON), and a human line on stderr."""
+    if json_logs:
+        log.error("fake_api_failed", error=message, exit_code=exit_code)
+    print(f"batchd fake-api: {message}", file=sys.stderr, flush=True)
+    return exit_code

@@ -197,13 +197,16 @@ class BudgetGate:
         self._next: tuple[PendingFingerprint, list[SizeTotals]] | None = None
         self.paused_reason: str | None = None
 
-    async def admit(self, task_ids: Sequence[int], custom_ids: Sequence[str]) -> Admission:
+    async def admit(
+        self, task_ids: Sequence[int], custom_ids: Sequence[str], versions: Sequence[str]
+    ) -> Admission:
         """Which of `task_ids` (a chunk the chunker built: valid tasks, oldest first) may go
         now without passing the limit: all, the first half, quarter, ..., or none when not
         even the first fits (then submission is paused, and it is logged).
 
         Tasks at the head whose bound alone passes the whole limit are marked invalid
         first, and the rest is weighed without them: waiting could never let them go.
+        `versions` (the chunk's, as read): one edited since is not marked, but judged again.
         """
         view_of = await self._viewer()
         start = 0  # the chunk's tasks before this one are refused
@@ -224,7 +227,7 @@ class BudgetGate:
             if not view.alone_over_limit:
                 view = await fitting_view(first, len(task_ids) - start, view_of)
         if refused:
-            await self._refuse(refused, custom_ids[:start])
+            await self._refuse(refused, versions[:start], custom_ids[:start])
             if start == len(task_ids):
                 return Admission((), len(refused))  # nothing weighed: no pause to note
         self._note(view)
@@ -232,8 +235,10 @@ class BudgetGate:
             return Admission((), len(refused))
         return Admission(task_ids[start : start + view.next_batch_requests], len(refused))
 
-    async def _refuse(self, reasons: list[tuple[int, str]], custom_ids: Sequence[str]) -> None:
-        marked = await self._store.mark_invalid(reasons)
+    async def _refuse(
+        self, reasons: list[tuple[int, str]], versions: Sequence[str], custom_ids: Sequence[str]
+    ) -> None:
+        marked = await self._store.mark_invalid(reasons, versions)
         log.warning(
             "tasks_over_budget",
             count=marked,

@@ -95,6 +95,7 @@ class Chunk:
     custom_ids: list[str] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # each task's row as read (the claim's)
     invalid: list[tuple[int, str]] = field(default_factory=list)
+    invalid_versions: list[str] = field(default_factory=list)  # each as read: marked only so
     body: SpooledBody = field(default_factory=SpooledBody)
     full: bool = False  # a limit was reached: send now, no linger
 
@@ -214,6 +215,7 @@ async def _fill(
             )
         if reason is not None:
             chunk.invalid.append((task.id, reason))
+            chunk.invalid_versions.append(task.version)
             continue
         separator = _SEPARATOR if chunk.task_ids else b""
         added = len(separator) + len(item)

@@ -77,6 +77,7 @@ class Suspect:
     message: str  # the API's message
     reason: str  # what the task's `error` will say if it is blamed
     accepted_before: int  # creates accepted by this process before the refusal
+    version: str  # the row as read for the refused create: blamed only if still that row
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +362,12 @@ class Refusals:
         if known is not None and known.accepted_before < self._accepted:
             return "culprit"
         self._suspects[task_id] = Suspect(
-            task_id, custom_id, message, _refusal_reason(exc, chunk), self._accepted
+            task_id,
+            custom_id,
+            message,
+            _refusal_reason(exc, chunk),
+            self._accepted,
+            chunk.versions[0],
         )
         while len(self._suspects) > _SUSPECTS_KEPT:
             del self._suspects[next(iter(self._suspects))]

@@ -95,7 +95,9 @@ class Submitter:
                 # marked and skipped): a batch never carries a request the budget did not
                 # count. Cut to what fits, oldest first. Tasks at the head that alone pass
                 # the whole limit are marked invalid: those admitted are the oldest pending.
-                admission = await self.budget.admit(chunk.task_ids, chunk.custom_ids)
+                admission = await self.budget.admit(
+                    chunk.task_ids, chunk.custom_ids, chunk.versions
+                )
                 if not admission.task_ids:
                     # The gate logs a pause; after a refusal, on at once to the tasks behind.
                     again_s = 0.0 if admission.refused else None
@@ -167,7 +169,7 @@ class Submitter:
                 chunk = await self._too_big_alone(chunk, too_big[0])
             crash_point("chunk_built")
             if chunk.invalid:
-                marked = await self._store.mark_invalid(chunk.invalid)
+                marked = await self._store.mark_invalid(chunk.invalid, chunk.invalid_versions)
                 log.warning("tasks_invalid", count=marked, first_reason=chunk.invalid[0][1])
         except BaseException:
             chunk.body.close()  # the caller never sees this chunk to close it
@@ -182,6 +184,7 @@ class Submitter:
         chunk.body.close()
         alone = await build_chunk(_one(task), max_requests=1, max_bytes=self._config.max_bytes)
         alone.invalid[:0] = chunk.invalid
+        alone.invalid_versions[:0] = chunk.invalid_versions
         return alone
 
     def _linger_over(self) -> bool:
@@ -236,7 +239,7 @@ class Submitter:
         culprit = self._refusals.create_accepted(batch_id, chunk)
         if culprit is None:
             return
-        await self._store.mark_invalid([(culprit.task_id, culprit.reason)])
+        await self._store.mark_invalid([(culprit.task_id, culprit.reason)], [culprit.version])
         log.warning(
             "task_refused", custom_id=culprit.custom_id, error=culprit.message, control=batch_id
         )

@@ -218,8 +218,15 @@ class Store(Protocol):
         most `page_size` rows and `page_bytes` of params unless one row alone is larger.
         A row that cannot be read as text comes with `unreadable` set, not an error."""
 
-    async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
-        """Pending tasks (id, reason) the chunker refused become `invalid`; returns count."""
+    async def mark_invalid(
+        self, reasons: Sequence[tuple[int, str]], versions: Sequence[str] = ()
+    ) -> int:
+        """Pending tasks (id, reason) the chunker, the budget or a refusal judged become
+        `invalid`; returns count. `versions` (each task's `PendingTask.version`, in order;
+        every pipeline caller gives them): only a task that is still the row read is marked,
+        as `record_intent` claims; one whose params or custom_id changed since, or (SQLite)
+        deleted with another row on its id, stays pending and is judged again at the next
+        read. Without them, any pending task of the id."""
 
     # -- submission (design 1-4) -----------------------------------------------------------------
 
@@ -252,8 +259,10 @@ class Store(Protocol):
         watch_until: datetime | None = None,
     ) -> None:
         """The create was refused: `rejected`, tasks back to pending without the attempt;
-        (custom_id, error) in `invalid` become `invalid`. `watch_until`: its outcome was
-        unknown and nothing was found; the intent stays watched until then."""
+        (custom_id, error) in `invalid` become `invalid`, each only if still the request
+        sent (a user's edit since the claim ended its membership: back to pending).
+        `watch_until`: its outcome was unknown and nothing was found; the intent stays
+        watched until then."""
 
     # -- candidates (docs/design.md, "Harvesting candidate batches") ---------------------------
 

@@ -78,3 +78,14 @@ def cli_env(
         "ANTHROPIC_BASE_URL": fake_api_process,
         "ANTHROPIC_API_KEY": "sk-test-secret-key",
     }
+
+
+def database_env(tmp_path: Path, database: DatabaseConfig) -> dict[str, str]:
+    """The environment of a `batchd` process on the test's store (a config file naming
+    its SQLite file, or its PostgreSQL database and schema); no API."""
+    config = tmp_path / "batchd.toml"
+    if database.url is None:
+        config.write_text(f'[database]\npath = "{database.path}"\n')
+    else:
+        config.write_text(f'[database]\nurl = "{database.url}"\nschema = "{database.schema}"\n')
+    return {**os.environ, "BATCHD_CONFIG": str(config)}

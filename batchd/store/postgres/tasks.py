@@ -62,6 +62,15 @@ _CLAIM_AS_READ = f"""{_CLAIM_SET}
 FROM unnest($3::bigint[], $6::integer[]) AS seen(id, revision)
 WHERE tasks.id BETWEEN $4 AND $5 AND tasks.id = seen.id
     AND (tasks.status = 'pending' AND tasks.revision = seen.revision) IS TRUE"""
+# A refused task becomes invalid; as read: only at the revision read (see mark_invalid).
+_MARK_INVALID = """
+UPDATE tasks SET status = 'invalid', error = r.reason, completed_at = $3
+FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)
+WHERE tasks.id = r.id AND tasks.status = 'pending'"""
+_MARK_INVALID_AS_READ = """
+UPDATE tasks SET status = 'invalid', error = r.reason, completed_at = $3
+FROM unnest($1::bigint[], $2::text[], $4::integer[]) AS r(id, reason, revision)
+WHERE tasks.id = r.id AND tasks.status = 'pending' AND tasks.revision = r.revision"""
 
 
 class TaskIntake:
@@ -93,19 +102,29 @@ class TaskIntake:
                 return  # the page held every pending row left, and none was cut
             after = rows[-1][0]
 
-    async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
-        """Pending tasks the chunker refused become `invalid` with the reason; returns count."""
-        return await self._db.transact(self._mark_invalid, reasons)
+    async def mark_invalid(
+        self, reasons: Sequence[tuple[int, str]], versions: Sequence[str] = ()
+    ) -> int:
+        """Pending tasks the chunker refused become `invalid` with the reason; returns count.
+        With `versions` (as `iter_pending` read them), only a task still at that revision."""
+        if versions and len(versions) != len(reasons):
+            raise ValueError("mark_invalid needs one version per task")
+        return await self._db.transact(self._mark_invalid, reasons, versions)
 
-    async def _mark_invalid(self, conn: Conn, reasons: Sequence[tuple[int, str]]) -> int:
-        status = await conn.execute(
-            "UPDATE tasks SET status = 'invalid', error = r.reason, completed_at = $3"
-            " FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)"
-            " WHERE tasks.id = r.id AND tasks.status = 'pending'",
-            [task_id for task_id, _ in reasons],
-            [storable_text(reason) for _, reason in reasons],  # may quote the API
-            self._db.now(),
-        )
+    async def _mark_invalid(
+        self, conn: Conn, reasons: Sequence[tuple[int, str]], versions: Sequence[str]
+    ) -> int:
+        task_ids = [task_id for task_id, _ in reasons]
+        texts = [storable_text(reason) for _, reason in reasons]  # may quote the API
+        if not versions:
+            status = await conn.execute(_MARK_INVALID, task_ids, texts, self._db.now())
+        else:
+            # The reason is about the params read: an edited task stays pending, judged
+            # again at the next read.
+            revisions = [int(version) for version in versions]
+            status = await conn.execute(
+                _MARK_INVALID_AS_READ, task_ids, texts, self._db.now(), revisions
+            )
         return count_of(status)
 
     # -- submission (design steps 1-4) ---------------------------------------------------------
@@ -257,11 +276,14 @@ class TaskIntake:
             return
         now = self._db.now()
         if invalid:
+            # Only a task still the request sent: a user's edit since the claim ended its
+            # membership (migration 016), and it goes back to pending with the others.
             await conn.execute(
                 "UPDATE tasks SET status = 'invalid', error = i.error, completed_at = $3,"
                 " attempts = attempts - 1 FROM unnest($1::text[], $2::text[]) AS i(cid, error)"
                 " WHERE tasks.custom_id = i.cid AND tasks.batch_id = $4"
-                " AND tasks.status = 'submitted'",
+                " AND tasks.status = 'submitted' AND EXISTS (SELECT 1 FROM batch_tasks AS m"
+                "   WHERE m.batch_id = $4 AND m.task_id = tasks.id)",
                 [custom_id for custom_id, _ in invalid],
                 [storable_text(error) for _, error in invalid],
                 now,

@@ -37,6 +37,11 @@ _CLAIM = (
 # The claim that also says what each row was (a RETURNING of the rows it changed, no
 # second walk of them): compared with the versions read, in Python.
 _CLAIM_AS_READ = f"{_CLAIM} RETURNING id, {_VERSION}"
+_MARK_INVALID = (
+    "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?"
+    " WHERE id = ? AND status = 'pending'"
+)
+_MARK_INVALID_AS_READ = f"{_MARK_INVALID} AND {_VERSION} = ?"
 
 
 class TaskIntake:
@@ -85,18 +90,25 @@ class TaskIntake:
                 return
             after = last
 
-    async def mark_invalid(self, reasons: Sequence[tuple[int, str]]) -> int:
-        """Pending tasks the chunker refused become `invalid` with the reason; returns count."""
-        return await self._db.transact(self._mark_invalid, reasons)
+    async def mark_invalid(
+        self, reasons: Sequence[tuple[int, str]], versions: Sequence[str] = ()
+    ) -> int:
+        """Pending tasks the chunker refused become `invalid` with the reason; returns count.
+        With `versions` (as `iter_pending` read them), only a task still the row read."""
+        if versions and len(versions) != len(reasons):
+            raise ValueError("mark_invalid needs one version per task")
+        return await self._db.transact(self._mark_invalid, reasons, versions)
 
-    async def _mark_invalid(self, db: Db, reasons: Sequence[tuple[int, str]]) -> int:
+    async def _mark_invalid(
+        self, db: Db, reasons: Sequence[tuple[int, str]], versions: Sequence[str]
+    ) -> int:
         now = self._db.now()
-        return await run_many(
-            db,
-            "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?"
-            " WHERE id = ? AND status = 'pending'",
-            [(reason, now, task_id) for task_id, reason in reasons],
-        )
+        if not versions:
+            return await run_many(db, _MARK_INVALID, [(r, now, i) for i, r in reasons])
+        # The reason is about the params read: an edited row (or a new row on a reused id)
+        # stays pending, judged again at the next read.
+        rows = [(r, now, i, v) for (i, r), v in zip(reasons, versions, strict=True)]
+        return await run_many(db, _MARK_INVALID_AS_READ, rows)
 
     # -- submission (design steps 1-4) ---------------------------------------------------------
 
@@ -230,11 +242,15 @@ class TaskIntake:
         if not rejected:
             return
         now = self._db.now()
+        # Only a task still the request sent: a user's edit since the claim ended its
+        # membership (migration 016), and it goes back to pending with the others.
         await run_many(
             db,
             "UPDATE tasks SET status = 'invalid', error = ?, completed_at = ?,"
             " attempts = attempts - 1"
-            " WHERE custom_id = ? AND batch_id = ? AND status = 'submitted'",
+            " WHERE custom_id = ? AND batch_id = ? AND status = 'submitted'"
+            " AND EXISTS (SELECT 1 FROM batch_tasks AS m"
+            "   WHERE m.batch_id = tasks.batch_id AND m.task_id = tasks.id)",
             [(error, now, custom_id, local_id) for custom_id, error in invalid],
         )
         await cancel_flagged(db, local_id, now, attempts_delta=-1)
