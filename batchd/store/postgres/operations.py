@@ -137,7 +137,7 @@ class UserOperations:
         """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
         check_retryable(statuses)
         wanted = [str(status) for status in statuses]
-        return await self._db.transact(_retry, wanted, list(custom_ids) if custom_ids else None)
+        return await self._db.transact(retry_in, wanted, list(custom_ids) if custom_ids else None)
 
     async def completed_since(self, since: datetime) -> tuple[int, datetime | None]:
         """Tasks that reached a final status at or after `since`, and the first such time:
@@ -155,16 +155,22 @@ async def _mark_canceling(conn: Conn, local_id: int) -> None:
     )
 
 
-async def _retry(conn: Conn, statuses: list[str], custom_ids: list[str] | None) -> int:
+async def retry_in(conn: Conn, statuses: list[str], custom_ids: list[str] | None) -> int:
+    """In the caller's transaction: `batchd retry` of the final tasks of `statuses` (only
+    `custom_ids`, if given); how many went back to the queue."""
     # A candidate recorded meanwhile copies its intent's members (harvest.py): its INSERT
     # takes a key-share lock on the intent's row, so holding the intents for update makes
     # the two take turns, and the DELETE's own snapshot then sees every candidate
     # committed. Held before the tasks, in the order a batch's finish takes them (batch,
     # then its tasks), so the two never wait for each other.
     await conn.execute(_HOLD_INTENTS, statuses, custom_ids)
-    # Usage and model go too: they would describe a result that is no longer there.
+    # Usage and model go too: they would describe a result that is no longer there. The
+    # revision moves on (a new request, as an edit makes one): an apply that waited for
+    # this row while the retry committed re-checks it on the row (writeback.py), where the
+    # membership ended below is still there in its snapshot.
     rows = await conn.fetch(
-        "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
+        "UPDATE tasks SET status = 'pending', attempts = 0, revision = revision + 1,"
+        " batch_id = NULL, result = NULL,"
         " error = NULL, cancel_requested = false, completed_at = NULL, model = NULL,"
         " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
         f" cache_read_input_tokens = NULL WHERE {_RETRIED} RETURNING id",

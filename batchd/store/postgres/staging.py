@@ -16,8 +16,11 @@ from batchd.store.postgres.storable import NUL, SHOWN, storable_json, storable_t
 
 log = structlog.get_logger("batchd.store.postgres.staging")
 
+# Each line's task and the revision of its request as this read found it a member: the
+# apply writes the line only to that revision (writeback.py), which PostgreSQL re-checks on
+# the task's row itself when the apply had to wait for it.
 _MEMBER_TASK_IDS = """
-SELECT t.custom_id, t.id FROM unnest($1::text[]) AS line(cid)
+SELECT t.custom_id, t.id, t.revision FROM unnest($1::text[]) AS line(cid)
 JOIN tasks AS t ON t.custom_id = line.cid
 JOIN batch_tasks AS m ON m.batch_id = $2 AND m.task_id = t.id"""
 
@@ -33,15 +36,16 @@ async def staging_rows(
         # No task's custom_id holds a NUL (text refuses it), nor may the query's parameter.
         custom_ids = [cid for cid in custom_ids if NUL not in cid]
     found = await conn.fetch(_MEMBER_TASK_IDS, custom_ids, local_id)
-    task_ids: dict[str, int] = {row[0]: row[1] for row in found}
+    task_ids: dict[str, tuple[int, int]] = {row[0]: (row[1], row[2]) for row in found}
     rows: list[tuple[Any, ...]] = []
     unmatched: list[int] = []
     received: list[tuple[str, str]] = []
     for position, outcome in enumerate(outcomes):
-        task_id = task_ids.get(outcome.custom_id)
-        if task_id is None:
+        member = task_ids.get(outcome.custom_id)
+        if member is None:
             unmatched.append(position)
             continue
+        task_id, revision = member
         usage = outcome.usage
         result_json, error, model = outcome.result_json, outcome.error, outcome.model
         # The common line costs one substring search of its result (bench/README.md).
@@ -51,6 +55,7 @@ async def staging_rows(
             (
                 first_seq + position,
                 task_id,
+                revision,
                 local_id,
                 outcome.custom_id,
                 outcome.result_type,

@@ -35,7 +35,7 @@ T = TypeVar("T")
 _WRITE_BACK_LANES = 2
 _RESULT_TYPES = frozenset({"succeeded", "errored", "canceled", "expired"})
 _COLUMNS = (
-    "seq", "task_id", "batch_id", "custom_id", "result_type", "result_json", "error",
+    "seq", "task_id", "revision", "batch_id", "custom_id", "result_type", "result_json", "error",
     "retryable", "input_tokens", "output_tokens", "cache_creation_input_tokens",
     "cache_read_input_tokens", "model",
 )  # fmt: skip
@@ -43,6 +43,7 @@ _CREATE_STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS {name} (
     seq integer NOT NULL,
     task_id bigint NOT NULL{key},
+    revision integer NOT NULL,
     batch_id bigint NOT NULL,
     custom_id text NOT NULL,
     result_type text NOT NULL,
@@ -71,7 +72,13 @@ FROM (SELECT task_id FROM pg_temp.staging WHERE task_id > $1 ORDER BY task_id LI
 _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
     AND tasks.attempts < $2 AND NOT tasks.cancel_requested)"""
 # Still a member: a user's edit of a task's request (its params, migration 016's trigger)
-# ends its membership, and the old request's answer must not reach the new one.
+# ends its membership, and the old request's answer must not reach the new one. The
+# membership alone is not enough under READ COMMITTED: an UPDATE that waited for a task's
+# row (a user's edit holding it) re-checks its WHERE on the row's new version
+# (EvalPlanQual), but reads batch_tasks as its snapshot showed it, the membership still
+# there (review 8, finding 6). So the line also names the revision its task had when
+# staging found it a member (staging.py), and `tasks.revision = s.revision` is checked on
+# the row itself: the edit moved it on, the line is left over and kept as the others.
 _APPLY_STAGED = f"""
 UPDATE tasks SET
     status = CASE
@@ -94,7 +101,7 @@ UPDATE tasks SET
 FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $4 AND $5 AND s.batch_id = $1
     AND tasks.id BETWEEN $4 AND $5 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
-    AND (tasks.batch_id = $1 AND tasks.status = 'submitted') IS TRUE
+    AND (tasks.batch_id = $1 AND tasks.status = 'submitted' AND tasks.revision = s.revision) IS TRUE
     AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $1 AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # A candidate batch (a suspected duplicate, `harvest.py`) answers a task of its intent only
@@ -103,7 +110,9 @@ RETURNING tasks.status"""
 # line that ends a task counts; a retryable error leaves the task to its own course. The
 # task then points at the candidate, so the candidate's own re-download is a no-op and
 # any other batch's line for it is a duplicate (below). Membership is checked again here: a
-# retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`).
+# retry may have ended it since the line was staged (operations.py, `_END_MEMBERSHIPS`);
+# and, as above, the revision on the row itself (an edit or a retry moves it on), for an
+# apply that waited for the row while one committed.
 _ENDS_TASK = kept_lines.ENDS_TASK
 _APPLY_HARVESTED = f"""
 UPDATE tasks SET
@@ -120,7 +129,8 @@ UPDATE tasks SET
 FROM pg_temp.staging AS s
 WHERE s.task_id BETWEEN $3 AND $4 AND s.batch_id = $1
     AND tasks.id BETWEEN $3 AND $4 AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
-    AND {_ENDS_TASK} AND (tasks.status IN ('submitted', 'pending')) IS TRUE
+    AND {_ENDS_TASK}
+    AND (tasks.status IN ('submitted', 'pending') AND tasks.revision = s.revision) IS TRUE
     AND EXISTS (SELECT 1 FROM batch_tasks AS m WHERE m.batch_id = $1 AND m.task_id = tasks.id)
 RETURNING tasks.status"""
 # After the range's UPDATE, in its transaction: a line that would end a task another batch

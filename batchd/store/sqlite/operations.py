@@ -127,9 +127,11 @@ class UserOperations:
 async def _retry(db: Db, statuses: list[TaskStatus], custom_ids: list[str]) -> int:
     which = " AND custom_id IN (SELECT value FROM json_each(?))" if custom_ids else ""
     params = [json_list(statuses)] + ([json_list(custom_ids)] if custom_ids else [])
-    # Usage and model go too: they would describe a result that is no longer there.
+    # Usage and model go too: they would describe a result that is no longer there. The
+    # revision moves on, a new request, as on PostgreSQL (where an apply re-checks it).
     requeued = await db.execute_fetchall(
-        "UPDATE tasks SET status = 'pending', attempts = 0, batch_id = NULL, result = NULL,"
+        "UPDATE tasks SET status = 'pending', attempts = 0, revision = revision + 1,"
+        " batch_id = NULL, result = NULL,"
         " error = NULL, cancel_requested = 0, completed_at = NULL, model = NULL,"
         " input_tokens = NULL, output_tokens = NULL, cache_creation_input_tokens = NULL,"
         " cache_read_input_tokens = NULL"

@@ -58,6 +58,11 @@ _RETRY = """(s.result_type <> 'succeeded' AND s.retryable
 # The guard: only tasks of THIS batch still waiting, so a repeated line is a no-op, and
 # still members of it: a user's edit of a task's request (its params, migration 016's
 # trigger) ends its membership, and the old request's answer must not reach the new one.
+# The EXISTS read here cannot be stale, as it can be on PostgreSQL (review 8, finding 6):
+# every apply is a BEGIN IMMEDIATE transaction holding SQLite's one write lock from its
+# start (database.py), so no user's edit or retry commits between this read of
+# batch_tasks and the write it decides; there is no row-level wait in a transaction that
+# started earlier. (PostgreSQL's apply also checks the task's revision on the row itself.)
 _STAGED_TASKS = """s.task_id BETWEEN :first AND :last AND s.batch_id = :local
     AND tasks.id = s.task_id AND tasks.custom_id = s.custom_id
     AND tasks.batch_id = :local AND tasks.status = 'submitted'
