@@ -209,3 +209,20 @@ async def test_a_batch_in_flight_never_answers_its_task_with_the_old_params(
     assert finished.origin == BatchOrigin.PARTLY_OURS
     assert (peek.task("a")["status"], peek.task("a")["result"]) == ("pending", None)
     assert [t.params async for t in store.iter_pending()] == [peek.task("a")["params"]]
+
+
+async def test_a_retry_moves_the_revision_on_and_the_task_is_claimed_at_it(
+    store: Store, peek: Peek
+) -> None:
+    # A new request, as an edit makes one: a PostgreSQL apply that waited for the row while
+    # the retry committed checks the revision on the row (tests/test_postgres_apply_race.py).
+    await add_tasks(store, "a")
+    local = await claim(store, "a")
+    assert await store.mark_created(local, api_batch("msgbatch_1", "ended"))
+    assert (await store.write_results(local, [line("a", "first")], MAX_ATTEMPTS)).written == 1
+    assert peek.task("a")["revision"] == 0
+    assert await store.retry_tasks([TaskStatus.SUCCEEDED], ["a"]) == 1
+    assert peek.task("a")["revision"] == 1
+    [pending] = [t async for t in store.iter_pending()]
+    assert await store.record_intent([pending.id], 1000, [pending.version]) is not None
+    assert (peek.task("a")["status"], peek.task("a")["attempts"]) == ("submitted", 1)

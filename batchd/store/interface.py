@@ -410,7 +410,9 @@ class Store(Protocol):
     async def retry_tasks(
         self, statuses: Sequence[TaskStatus], custom_ids: Sequence[str] = ()
     ) -> int:
-        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue."""
+        """Put final tasks (of `statuses`, optionally only `custom_ids`) back in the queue,
+        each as a new request: its revision moves on and its membership of every batch that
+        may still answer the old one ends, so no line of those is written to it."""
 
     def leadership(
         self, stop: asyncio.Event, on_standby: Callable[[str], None]
