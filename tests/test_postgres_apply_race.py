@@ -16,6 +16,9 @@ by the user's (`pg_blocking_pids`), and only then the user commits.
 - A retry (a new request too) committed while a candidate's apply waits: that apply's
   snapshot saw the task still waiting (`submitted`), the new row version is `pending`
   again, which a candidate's guard accepts; the candidate's old answer must not reach it.
+- The same shape outside the write-back: a refused create's release marks a named request
+  `invalid` only while it is still the request sent (a member); an edit committed while
+  that UPDATE waits leaves the task pending, to be sent with its new params.
 
 SQLite needs none of this: every write takes the database's one write lock (BEGIN
 IMMEDIATE), so an apply's membership check and its write see the same committed state.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -47,6 +50,7 @@ MAX_ATTEMPTS = 3
 EDITED = '{"edited": true}'
 USAGE = Usage(input_tokens=100, output_tokens=20)
 _BLOCKED_WAIT_S = 10.0
+T = TypeVar("T")
 
 
 def paid(custom_id: str, source: str) -> Outcome:
@@ -112,6 +116,31 @@ async def blocked_by(conn: asyncpg.Connection, holder_pid: int) -> None:
         await asyncio.sleep(0.01)
 
 
+async def while_held(
+    user: asyncpg.Connection,
+    change: Callable[[asyncpg.Connection], Awaitable[object]],
+    store_call: Callable[[], Awaitable[T]],
+) -> T:
+    """The user's `change` in an open transaction (its rows locked, its triggers run); then
+    `store_call` started, seen blocked on those rows, and the user's commit; its result."""
+    transaction = user.transaction()
+    await transaction.start()
+    try:
+        await change(user)
+    except BaseException:
+        await transaction.rollback()
+        raise
+    call = asyncio.ensure_future(store_call())
+    try:
+        await blocked_by(user, user.get_server_pid())
+    except BaseException:
+        await transaction.commit()  # the call then ends, and is awaited before failing
+        await asyncio.gather(call, return_exceptions=True)
+        raise
+    await transaction.commit()
+    return await call
+
+
 async def applied_while_held(
     store: Store,
     user: asyncpg.Connection,
@@ -119,29 +148,14 @@ async def applied_while_held(
     lines: list[Outcome],
     change: Callable[[asyncpg.Connection], Awaitable[object]],
 ) -> AppliedRange:
-    """Batch `local_id`'s `lines` staged on a lane; then the user's `change` in an open
-    transaction (its rows locked), the lane's apply started and seen blocked on them, the
-    user's commit; the apply's range."""
+    """Batch `local_id`'s `lines` staged on a lane, then applied while the user's `change`
+    holds their rows (`while_held`); the apply's range."""
     async with store.write_back_lane() as lane:
         staged = await lane.stage_results(local_id, lines)
         assert (staged.staged, staged.unmatched) == (len(lines), ())
-        transaction = user.transaction()
-        await transaction.start()
-        try:
-            await change(user)
-            apply = asyncio.ensure_future(lane.apply_staged(local_id, MAX_ATTEMPTS, 100))
-            try:
-                await blocked_by(user, user.get_server_pid())
-            except BaseException:
-                await transaction.rollback()
-                await apply
-                raise
-            await transaction.commit()
-        except BaseException:
-            if not transaction.is_completed():
-                await transaction.rollback()
-            raise
-        applied = await apply
+        applied = await while_held(
+            user, change, lambda: lane.apply_staged(local_id, MAX_ATTEMPTS, 100)
+        )
         assert applied is not None
         assert await lane.apply_staged(local_id, MAX_ATTEMPTS, 100, applied.last_task_id) is None
     return applied
@@ -237,3 +251,20 @@ async def test_a_retry_committed_while_a_candidates_apply_waits_is_never_answere
     assert [t.custom_id async for t in store.iter_pending()] == ["a"]
     assert (peek.task("b")["status"], source_of(peek, "b")) == ("succeeded", "late")
     assert kept_lines(peek) == [("duplicate", "msgbatch_late", "a", "late")]
+
+
+async def test_an_edit_committed_while_a_refused_create_is_released_is_not_marked_invalid(
+    store: Store, peek: Peek, user: asyncpg.Connection
+) -> None:
+    # The same shape outside the write-back: a create refused naming request a marks it
+    # invalid only while it is still the request sent (a member of the intent). An edit
+    # that commits while that UPDATE waits for a's row must leave it pending, to be sent
+    # with its new params, not invalid for the API's verdict on its old ones.
+    await add_tasks(store, "a", "b")
+    intent = await claim(store, "a", "b")
+    refused = [("a", "requests.0: bad params")]
+    await while_held(user, edit_params, lambda: store.release_intent(intent, "refused", refused))
+    a = peek.task("a")
+    assert (a["status"], a["error"], a["revision"], a["attempts"]) == ("pending", None, 1, 0)
+    assert as_json(a["params"]) == orjson.loads(EDITED)
+    assert (peek.task("b")["status"], peek.task("b")["attempts"]) == ("pending", 0)

@@ -277,7 +277,18 @@ class TaskIntake:
         now = self._db.now()
         if invalid:
             # Only a task still the request sent: a user's edit since the claim ended its
-            # membership (migration 016), and it goes back to pending with the others.
+            # membership (migration 016), and it goes back to pending with the others. The
+            # named rows are locked first, in a statement of their own: an UPDATE that
+            # waits for a row an edit holds re-checks its WHERE on the new row version but
+            # reads batch_tasks at its snapshot, the membership still there (review 8,
+            # finding 6); once the locks are held, the UPDATE's own snapshot (READ
+            # COMMITTED: taken per statement) sees every edit committed before them.
+            await conn.execute(
+                "SELECT 1 FROM tasks WHERE custom_id = ANY($1::text[]) AND batch_id = $2"
+                " ORDER BY id FOR UPDATE",
+                [custom_id for custom_id, _ in invalid],
+                local_id,
+            )
             await conn.execute(
                 "UPDATE tasks SET status = 'invalid', error = i.error, completed_at = $3,"
                 " attempts = attempts - 1 FROM unnest($1::text[], $2::text[]) AS i(cid, error)"
