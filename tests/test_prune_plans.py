@@ -28,7 +28,7 @@ def history(peek: Peek, *, old: int, recent: int) -> None:
     `recent` after it, then a few pending."""
     for count, completed in ((old // 2, "2026-01-01"), (old - old // 2, "2026-02-01"),
                              (recent, "2026-09-01")):  # fmt: skip
-        peek.execute_each(
+        peek.execute_together(
             "INSERT INTO tasks (custom_id, params, status, result, completed_at)"
             f" VALUES (?, '{{}}', 'succeeded', '{{}}', '{completed}T00:00:00.000Z')",
             [(f"{completed}-{n}",) for n in range(count)],

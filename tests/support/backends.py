@@ -50,6 +50,11 @@ class Peek:
         """A user's writes on one connection, each row in a transaction of its own."""
         raise NotImplementedError
 
+    def execute_together(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """A bulk load: every row in one transaction (a history of many thousand tasks,
+        where a commit per row cost PostgreSQL ~1.5 ms each)."""
+        raise NotImplementedError
+
 
 class SqlitePeek(Peek):
     def __init__(self, path: Path) -> None:
@@ -85,6 +90,14 @@ class SqlitePeek(Peek):
         finally:
             conn.close()
 
+    def execute_together(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        conn = self._connect()
+        try:
+            with conn:
+                conn.executemany(sql, rows)
+        finally:
+            conn.close()
+
 
 class PostgresPeek(Peek):
     def __init__(self, dsn: str, schema: str) -> None:
@@ -92,7 +105,12 @@ class PostgresPeek(Peek):
         self.schema = schema
 
     def _run(
-        self, sql: str, params: tuple[Any, ...], fetch: bool, rows: Sequence[Sequence[Any]] = ()
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        fetch: bool,
+        rows: Sequence[Sequence[Any]] = (),
+        together: bool = False,
     ) -> list[asyncpg.Record]:
         numbered = iter(range(1, 1000))
         sql = _PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql)
@@ -104,6 +122,10 @@ class PostgresPeek(Peek):
             try:
                 if fetch:
                     return list(await conn.fetch(sql, *params))
+                if together:
+                    async with conn.transaction():
+                        await conn.executemany(sql, rows)
+                    return []
                 for row in rows:
                     await conn.execute(sql, *row)
                 return []
@@ -124,6 +146,9 @@ class PostgresPeek(Peek):
 
     def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._run(sql, (), False, rows)
+
+    def execute_together(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._run(sql, (), False, rows, together=True)
 
 
 def _as_sqlite(value: Any) -> Any:
