@@ -5,6 +5,7 @@ line parsed and dumped again held (`prunelines.export_line`); on both stores."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from batchd.cli import prune as prune_module
-from batchd.store import PrunableTask, Store
+from batchd.store import PrunableTask, Store, StoreError
 from batchd.store.prunelines import USAGE_KEYS, export_line
 from tests.support.backends import Peek
 
@@ -145,3 +146,51 @@ async def test_numbers_and_nesting_past_a_readers_limits_are_kept_as_written(
         assert json.loads(deep_line)["params"] == json.loads(deep(1500))
     finally:
         sys.setrecursionlimit(limit)
+
+
+@pytest.mark.sqlite_only
+async def test_an_invalid_tasks_params_are_exported_whole_past_a_nul(
+    store: Store, peek: Peek, tmp_path: Path
+) -> None:
+    """A NUL inside params: SQLite's json_valid and printf stop there (`{}` would be the
+    line's params and the rest lost). batchd marks such a task invalid; its line is built
+    in Python, the whole text kept as a string."""
+    params = '{}\x00"more data"'
+    peek.execute(
+        "INSERT INTO tasks (custom_id, params, status, error, completed_at)"
+        f" VALUES ('nul', ?, 'invalid', 'not JSON', '{OLD}')",
+        params,
+    )
+    export_path = tmp_path / "pruned.jsonl"
+    with prune_module.open_export(export_path) as export:
+        report = await prune_module.prune(store, CUTOFF, export=export, vacuum=False)
+    assert (report.exported, report.deleted) == (1, 1)
+    [line] = export_path.read_bytes().splitlines()
+    assert json.loads(line)["params"] == params
+
+
+@pytest.mark.sqlite_only
+async def test_a_text_that_is_not_utf8_stops_the_export_and_its_task_stays(
+    store: Store, peek: Peek, db_path: Path, tmp_path: Path
+) -> None:
+    """A TEXT holding bytes that are not UTF-8 (bound by another client as bytes): the line
+    could not be JSON, so the prune stops with an error naming the column before deleting
+    the tasks of its page, and the file holds only valid lines."""
+    peek.execute(
+        "INSERT INTO tasks (custom_id, params, status, result, completed_at)"
+        f" VALUES ('good', '{{}}', 'succeeded', '{{}}', '2025-12-01T00:00:00.000Z')"
+    )
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute(
+            "INSERT INTO tasks (custom_id, params, status, result, completed_at)"
+            f" VALUES ('bad', CAST(X'7B2274223A2280FF227D' AS TEXT), 'succeeded', '{{}}',"
+            f" '{OLD}')"
+        )
+    conn.close()
+    export_path = tmp_path / "pruned.jsonl"
+    with pytest.raises(StoreError, match="UTF-8"), prune_module.open_export(export_path) as out:
+        await prune_module.prune(store, CUTOFF, export=out, vacuum=False)
+    lines = [json.loads(line.decode("utf-8")) for line in export_path.read_bytes().splitlines()]
+    assert "bad" not in [line["custom_id"] for line in lines]
+    assert sorted(row[0] for row in peek.query("SELECT custom_id FROM tasks")) == ["bad", "good"]

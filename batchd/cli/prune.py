@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -111,13 +112,18 @@ async def _export_then_delete(
     try:
         doomed: list[int] = []
         batch = _FIRST_DELETE_PAGES * _PAGE
-        async for page in accounts.iter_prunable_export(cutoff, page_size=_PAGE):
-            export.write(page.lines)
-            exported += len(page.task_ids)
-            doomed += page.task_ids
-            if len(doomed) >= batch:
-                await deletes.start(doomed)
-                doomed, batch = [], _DELETE_ROWS
+        # Closed at once on an error here (a full disk, a failed delete): PostgreSQL's pages
+        # in flight are abandoned and their connections go back to the pool now, not when
+        # the generator is collected.
+        pages = aclosing(accounts.iter_prunable_export(cutoff, page_size=_PAGE))
+        async with pages as exported_pages:
+            async for page in exported_pages:
+                export.write(page.lines)
+                exported += len(page.task_ids)
+                doomed += page.task_ids
+                if len(doomed) >= batch:
+                    await deletes.start(doomed)
+                    doomed, batch = [], _DELETE_ROWS
         if doomed:
             await deletes.start(doomed)
     finally:

@@ -5,7 +5,7 @@ history)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -60,9 +60,11 @@ class StoreAccounts(Protocol):
 
     def iter_prunable_export(
         self, cutoff: datetime, *, page_size: int = 5000
-    ) -> AsyncIterator[PruneExportPage]:
+    ) -> AsyncGenerator[PruneExportPage, None]:
         """`iter_prunable` as export lines (`batchd/store/prunelines.py`), built by the
-        database with the stored texts spliced wherever the line stays valid JSON."""
+        database with the stored texts spliced wherever the line stays valid JSON. A
+        generator: a caller that stops early closes it (`aclose`), which ends the reads
+        in flight and gives their connections back at once."""
 
     def delete_prunable(self, cutoff: datetime, *, transaction_rows: int) -> AsyncIterator[int]:
         """Delete the tasks `iter_prunable_ids` gives, each transaction finding and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 
 from batchd.store.postgres import pruning
@@ -129,7 +129,7 @@ class PostgresAccounts:
 
     async def iter_prunable_export(
         self, cutoff: datetime, *, page_size: int = 5000
-    ) -> AsyncIterator[PruneExportPage]:
+    ) -> AsyncGenerator[PruneExportPage, None]:
         """`iter_prunable` as export lines, built by the server (`pruning.export_pages`)."""
         async for page in pruning.export_pages(self._db, cutoff, page_size):
             yield page

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -138,7 +138,7 @@ class SqliteAccounts:
 
     async def iter_prunable_export(
         self, cutoff: datetime, *, page_size: int = 5000
-    ) -> AsyncIterator[PruneExportPage]:
+    ) -> AsyncGenerator[PruneExportPage, None]:
         """`iter_prunable` as export lines, built in SQL (`pruning.export_pages`)."""
         async for page in pruning.export_pages(self._read, format_time(cutoff), page_size):
             yield page

@@ -37,9 +37,13 @@ def _valid(text: str) -> str:
 
 # The export line of prunelines.py built by printf (one pass, where each `||` copied the
 # line so far): the stored texts spliced as they are, every other value quoted by
-# json_quote (NULL as null). NULL where a text is not valid JSON; `export_pages` sends a
-# line holding a line break to `export_line` too (prunelines.py).
-_LINE = f"""CASE WHEN {_valid("params")} AND (result IS NULL OR {_valid("result")})
+# json_quote (NULL as null). NULL where a text is not valid JSON, and where an invalid
+# task's params hold a NUL: json_valid and printf stop there (`{}\0...` passes as `{}`),
+# and batchd marks such params invalid (only there is the byte search worth its cost).
+# `export_pages` sends a line holding a line break or bytes that are not UTF-8 to
+# `export_line` too (prunelines.py).
+_LINE = f"""CASE WHEN (status <> 'invalid' OR instr(CAST(params AS BLOB), X'00') = 0)
+        AND {_valid("params")} AND (result IS NULL OR {_valid("result")})
     THEN printf('{{"custom_id":%s,"result":%s,"status":%s,"error":%s,"model":%s,"usage":%s,'
                 || '"created_at":%s,"completed_at":%s,"params":%s}}',
         json_quote(custom_id), coalesce(result, 'null'), json_quote(status), json_quote(error),
@@ -60,7 +64,19 @@ _LINE_BYTES = f"CAST(({_LINE}) AS BLOB)"
 
 
 def _spliced(line: bytes | None) -> bool:
-    return line is not None and b"\n" not in line and b"\r" not in line
+    return line is not None and b"\n" not in line and b"\r" not in line and _utf8(line)
+
+
+def _utf8(text: bytes) -> bool:
+    """Whether these bytes are UTF-8: SQLite keeps a TEXT's bytes as they were bound, and
+    json_valid and printf pass on what is not (a line must be JSON, so UTF-8)."""
+    if text.isascii():  # the common case, at memory speed
+        return True
+    try:
+        text.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _page_text(lines: list[bytes | None]) -> bytes | None:
@@ -70,7 +86,7 @@ def _page_text(lines: list[bytes | None]) -> bytes | None:
     if len(texts) != len(lines):
         return None
     text = b"\n".join(texts) + b"\n"
-    if text.count(b"\n") != len(lines) or b"\r" in text:
+    if text.count(b"\n") != len(lines) or b"\r" in text or not _utf8(text):
         return None
     return text
 
