@@ -65,6 +65,19 @@ async def test_a_batch_given_back_is_taken_again(store: Store) -> None:
     assert again.taken_over_from is None  # given back, not lapsed: no take-over
 
 
+async def test_a_holders_own_lease_not_in_skip_is_taken_again_at_once(store: Store) -> None:
+    """A collection of this daemon that stopped without giving its lease back (the database
+    went away under it): the batch is its own to take again at once, not after the lease
+    runs out; `skip` (the batches it is collecting) still passes over it."""
+    local_id = await submitted_batch(store, "msgbatch_own", "o1")
+    assert await store.take_ended_batch("daemon-1", LEASE_S) is not None
+    assert await store.take_ended_batch("daemon-1", LEASE_S, {local_id}) is None
+    again = await store.take_ended_batch("daemon-1", LEASE_S)
+    assert again is not None
+    assert (again.batch.local_id, again.taken_over_from) == (local_id, None)
+    assert await store.renew_collection(local_id, "daemon-1", LEASE_S)
+
+
 async def test_a_finish_without_a_holder_is_not_guarded_by_any_lease(store: Store) -> None:
     local_id = await submitted_batch(store, "msgbatch_f", "f1")
     await store.write_results(local_id, [outcome("f1")], max_attempts=3)

@@ -38,6 +38,8 @@ async def test_a_batch_under_a_live_lease_is_nobody_elses(store: Store) -> None:
     local_id = await submitted_batch(store, "msgbatch_a", "a1")
     assert await store.take_ended_batch("daemon-1", 30.0) is not None
     assert await store.take_ended_batch("daemon-2", 30.0) is None
+    assert await store.take_ended_batch("daemon-1", 30.0) is not None  # its own: held on
+    assert await store.take_ended_batch("daemon-2", 30.0) is None
     assert not await store.renew_collection(local_id, "daemon-2", 30.0)
     await store.give_back_collection(local_id, "daemon-2")  # not its lease: left alone
     assert await store.take_ended_batch("daemon-2", 30.0) is None
@@ -101,8 +103,8 @@ async def test_a_batch_is_taken_by_one_of_two_daemons_racing_for_it(
     try:
 
         async def take_all(into: Store, holder: str) -> list[int]:
-            taken = []
-            while found := await into.take_ended_batch(holder, 30.0):
+            taken: list[int] = []  # skipped as a collector skips what it is collecting
+            while found := await into.take_ended_batch(holder, 30.0, taken):
                 taken.append(found.batch.local_id)
             return taken
 

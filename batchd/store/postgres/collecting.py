@@ -40,7 +40,10 @@ WHERE id IN (SELECT id FROM due)
 RETURNING {BATCH_COLUMNS}"""
 # The previous holder read in the same statement (the CTE's row, locked): a lapsed lease,
 # or a live one whose holder is gone, of another daemon is a take-over, logged and counted
-# by the collector.
+# by the collector. A lease of `holder`'s own on a batch not in `skip` (the ones it is
+# collecting) is free to it at once, as the interface says: a collection of this process
+# that stopped without giving it back, when the database went away under it (a server
+# restart), which otherwise held the batch until the lease ran out (`lease_seconds`).
 #
 # Why this is right under READ COMMITTED with takers racing (docs/postgresql-design.md):
 # a holder flagged `collector_lock_held` held its lock in the very transaction that wrote
@@ -54,8 +57,8 @@ _TAKE = f"""
 WITH free AS (
     SELECT id, collector AS previous, collect_lease_until AS previous_until FROM batches
     WHERE state = 'ended' AND NOT (id = ANY($3::bigint[]))
-        AND (collect_lease_until IS NULL OR collect_lease_until <= now()
-             OR (collector_lock_held AND collector <> $1 AND {holder_lock_free("collector")}))
+        AND (collect_lease_until IS NULL OR collect_lease_until <= now() OR collector = $1
+             OR (collector_lock_held AND {holder_lock_free("collector")}))
     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
 UPDATE batches SET collector = $1, collect_lease_until = now() + make_interval(secs => $2),
     collector_lock_held = NOT {holder_lock_free("$1")}
