@@ -178,7 +178,7 @@ async def test_a_text_that_is_not_utf8_stops_the_export_and_its_task_stays(
     the tasks of its page, and the file holds only valid lines."""
     peek.execute(
         "INSERT INTO tasks (custom_id, params, status, result, completed_at)"
-        f" VALUES ('good', '{{}}', 'succeeded', '{{}}', '2025-12-01T00:00:00.000Z')"
+        " VALUES ('good', '{}', 'succeeded', '{}', '2025-12-01T00:00:00.000Z')"
     )
     conn = sqlite3.connect(db_path)
     with conn:
