@@ -4,7 +4,6 @@ do; the real `python -m batchd` process on a database the store filled, on both 
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,19 +12,10 @@ import pytest
 from batchd.config import DatabaseConfig
 from batchd.store import Store
 from tests.support.backends import Peek
-from tests.support.cli import batchd
+from tests.support.cli import batchd, database_env
 from tests.support.store import add_tasks, api_batch, claim, outcome
 
 pytestmark = pytest.mark.both_stores
-
-
-def environment(tmp_path: Path, database: DatabaseConfig) -> dict[str, str]:
-    config = tmp_path / "batchd.toml"
-    if database.url is None:
-        config.write_text(f'[database]\npath = "{database.path}"\n')
-    else:
-        config.write_text(f'[database]\nurl = "{database.url}"\nschema = "{database.schema}"\n')
-    return {**os.environ, "BATCHD_CONFIG": str(config)}
 
 
 def said(result: subprocess.CompletedProcess[bytes]) -> tuple[str, str]:
@@ -42,7 +32,7 @@ async def test_retry_reports_unknown_and_skipped_ids_and_exits_1(
         local_id, [outcome("err-1", "errored", error="bad request"), outcome("ok-1")], 2
     )
     assert report.written == 2
-    env = environment(tmp_path, database_config)
+    env = database_env(tmp_path, database_config)
 
     mixed = batchd("retry", "err-1", "ok-1", "wait-1", "nosuch", env=env)
     out, err = said(mixed)

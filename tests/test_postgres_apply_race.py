@@ -42,7 +42,7 @@ from batchd.store.postgres.connection import quote_ident
 from batchd.store.postgres.operations import retry_in
 from batchd.store.values import AppliedRange
 from tests.support.backends import Peek
-from tests.support.store import START, add_tasks, api_batch, claim
+from tests.support.store import START, add_tasks, answer, api_batch, claim
 
 pytestmark = [pytest.mark.fake_clock, pytest.mark.postgres,
               pytest.mark.parametrize("store_backend", ["postgresql"], indirect=True)]  # fmt: skip
@@ -55,15 +55,7 @@ T = TypeVar("T")
 
 def paid(custom_id: str, source: str) -> Outcome:
     """A succeeded (billed) line whose JSON says which batch it came from."""
-    return Outcome(
-        custom_id=custom_id,
-        result_type="succeeded",
-        result_json=orjson.dumps({"type": "succeeded", "from": source}).decode(),
-        error=None,
-        retryable=False,
-        usage=USAGE,
-        model="claude-x",
-    )
+    return answer(custom_id, source, USAGE)
 
 
 def as_json(value: Any) -> Any:

@@ -16,7 +16,7 @@ import pytest
 from batchd.domain import BatchOrigin, BatchState, Outcome, TaskStatus
 from batchd.store import Store
 from tests.support.backends import Peek
-from tests.support.store import START, add_tasks, api_batch, claim
+from tests.support.store import START, add_tasks, answer, api_batch, claim
 
 pytestmark = [pytest.mark.fake_clock, pytest.mark.both_stores]
 MAX_ATTEMPTS = 3
@@ -24,15 +24,7 @@ CHANGED = '{"model": "claude-x", "max_tokens": 16, "messages": [{"role": "user",
 
 
 def line(custom_id: str, source: str) -> Outcome:
-    """A succeeded line whose JSON says which batch (which request) it answers."""
-    return Outcome(
-        custom_id=custom_id,
-        result_type="succeeded",
-        result_json=orjson.dumps({"type": "succeeded", "from": source}).decode(),
-        error=None,
-        retryable=False,
-        model="claude-x",
-    )
+    return answer(custom_id, source)
 
 
 def source_of(peek: Peek, custom_id: str) -> str | None:

@@ -82,6 +82,19 @@ def outcome(
     )
 
 
+def answer(custom_id: str, source: str, usage: Usage | None = None) -> Outcome:
+    """A succeeded line whose JSON says which batch (which request) it answers."""
+    return Outcome(
+        custom_id=custom_id,
+        result_type="succeeded",
+        result_json=f'{{"type": "succeeded", "from": "{source}"}}',
+        error=None,
+        retryable=False,
+        usage=usage,
+        model="claude-x",
+    )
+
+
 async def add_tasks(store: Store, *custom_ids: str) -> None:
     report = await store.enqueue((custom_id, PARAMS) for custom_id in custom_ids)
     assert report.inserted == len(custom_ids)
