@@ -152,6 +152,30 @@ def _page_between_sql(cutoff: datetime) -> tuple[str, str]:
     )
 
 
+class _PageEnds:
+    """The key each next page ends at, read from the index `_BOUNDS_AHEAD` pages ahead."""
+
+    def __init__(self, cutoff: datetime, page_size: int) -> None:
+        self._sql = _bounds_sql(cutoff, page_size)
+        self._ahead: deque[Key] = deque()
+        self._read_to: Key | None = None  # the last bound read
+        self._more = True  # bounds past it may remain
+
+    async def next(self, conn: Conn) -> Key | None:
+        """The next page's last key (read on `conn` when none is ahead), None at the end."""
+        if not self._ahead and self._more:
+            if self._read_to is None:
+                rows = await conn.fetch(self._sql[0])
+            else:
+                rows = await conn.fetch(self._sql[1], *self._read_to)
+            self._ahead.extend((row[0], row[1]) for row in rows)
+            # Fewer bounds than asked for: the last entry's key ended them.
+            self._more = len(rows) >= _BOUNDS_AHEAD
+            if self._ahead:
+                self._read_to = self._ahead[-1]
+        return self._ahead.popleft() if self._ahead else None
+
+
 async def export_pages(
     db: PostgresDatabase, cutoff: datetime, page_size: int
 ) -> AsyncIterator[PruneExportPage]:
@@ -161,30 +185,19 @@ async def export_pages(
     A page holds what its range of tasks_by_completion holds when it is read: a task
     changed meanwhile is exported as it is then (or left, if no longer final and old);
     the ids of each page are those of its lines, so nothing is deleted unexported."""
-    bounds_sql = _bounds_sql(cutoff, page_size)
+    ends = _PageEnds(cutoff, page_size)
     first, between = _page_between_sql(cutoff)
     async with db.key_order_sessions(_PAGES_IN_FLIGHT) as conns:
         reads = InOrder(conns)
         try:
-            issued: Key | None = None  # the bound the last page issued ends at
-            ahead: deque[Key] = deque()
-            more = True  # bounds past the last read may remain
+            start: Key | None = None  # the key the next page starts after
             while True:
-                while (conn := reads.idle()) is not None and (ahead or more):
-                    if not ahead:
-                        sql = bounds_sql[0] if issued is None else bounds_sql[1]
-                        rows = await conn.fetch(sql, *(() if issued is None else issued))
-                        ahead.extend((row[0], row[1]) for row in rows)
-                        # Fewer bounds than asked for: the last entry's key ended them.
-                        more = len(rows) >= _BOUNDS_AHEAD
-                        if not ahead:
-                            break
-                    end = ahead.popleft()
-                    if issued is None:
+                while (conn := reads.idle()) is not None and (end := await ends.next(conn)):
+                    if start is None:
                         reads.issue(first, *end)
                     else:
-                        reads.issue(between, *issued, *end)
-                    issued = end
+                        reads.issue(between, *start, *end)
+                    start = end
                 if not reads.in_flight():
                     return
                 page = await reads.next_rows()
